@@ -1,0 +1,34 @@
+# beamvision developer entry points. Every target creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install lint format test demo clean
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/beamvision models
+	$(BIN)/beamvision export --architecture squeezenet --weights none --num_classes 10 \
+		--input_size 64 --output demo-output/squeezenet-untrained --overwrite
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,270 @@
+"""The beamvision model artifact: a directory that ``classify`` can run.
+
+Layout (local path or any Beam filesystem URI such as ``gs://``)::
+
+    DIR/model.keras     uint8 images [batch, H, W, 3] in, probabilities out,
+                        the architecture's normalisation inside the graph
+    DIR/manifest.json   what the model is (see ``Manifest``)
+
+``manifest.json`` is written last and records the size and SHA-256 of
+``model.keras``: it is the commit point, so a reader sees either no artifact or
+a complete one. ``load_artifact`` validates everything before returning and
+loads Keras models in safe mode only (no arbitrary code runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import tempfile
+from typing import Any
+
+import keras
+
+from models import storage
+from models.errors import ArtifactError
+from models.registry import get_spec
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.keras"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The content of ``manifest.json``.
+
+    Attributes:
+        name: model name shown in results (defaults to the architecture).
+        version: model version shown in results (defaults to the creation time).
+        architecture: registry name of the architecture.
+        input_size: square input side in pixels.
+        preprocessing: normalisation mode inside the graph.
+        labels: class names, index i naming output i.
+        weights: where the weights came from: ``imagenet``, ``none``
+            (random initialisation), ``file:URI`` or ``trained``.
+        created_at: ISO 8601 UTC time of export.
+        library_versions: versions of the libraries that wrote the artifact.
+        training: training configuration (empty when not trained here).
+        metrics: evaluation metrics (empty when not evaluated).
+        files: ``{"model.keras": {"bytes": N, "sha256": HEX}}``.
+        schema_version: version of this manifest format.
+    """
+
+    name: str
+    version: str
+    architecture: str
+    input_size: int
+    preprocessing: str
+    labels: list[str]
+    weights: str
+    created_at: str
+    library_versions: dict[str, str]
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        """Parses and validates manifest JSON; ``where`` names it in errors."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{where} must hold a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{where} has schema_version {version!r}; this beamvision reads {SCHEMA_VERSION}"
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = sorted(
+            n
+            for n, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in data
+        )
+        if missing:
+            raise ArtifactError(f"{where} lacks required fields: {', '.join(missing)}")
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ArtifactError(f"{where} has unknown fields: {', '.join(unknown)}")
+        manifest = cls(**data)
+        labels = manifest.labels
+        if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
+            raise ArtifactError(f"{where}: labels must be a non-empty list of non-empty strings")
+        if len(set(labels)) != len(labels):
+            raise ArtifactError(f"{where}: labels must be unique")
+        if not isinstance(manifest.input_size, int) or manifest.input_size < 1:
+            raise ArtifactError(f"{where}: input_size must be a positive integer")
+        return manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A loaded, validated model artifact."""
+
+    uri: str
+    model: keras.Model
+    manifest: Manifest
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a model artifact."""
+    import apache_beam
+    import tensorflow as tf
+
+    from pipelines import __version__
+
+    return {
+        "beamvision": __version__,
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "apache_beam": apache_beam.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def new_manifest(
+    model: keras.Model,
+    architecture: str,
+    labels: list[str],
+    weights: str,
+    name: str | None = None,
+    version: str | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    """A manifest for ``model``, as built by ``create_model(architecture, ...)``."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return Manifest(
+        name=name or architecture,
+        version=version or now.strftime("%Y%m%dT%H%M%SZ"),
+        architecture=architecture,
+        input_size=int(model.input_shape[1]),
+        preprocessing=get_spec(architecture).preprocessing,
+        labels=list(labels),
+        weights=weights,
+        created_at=now.isoformat(),
+        library_versions=library_versions(),
+        training=training or {},
+        metrics=metrics or {},
+    )
+
+
+def save_artifact(model: keras.Model, manifest: Manifest, uri: str, overwrite: bool = False) -> Manifest:
+    """Writes ``model`` and ``manifest`` as an artifact directory at ``uri``.
+
+    Returns:
+        The manifest as written, with the ``files`` section filled in.
+
+    Raises:
+        ArtifactError: if an artifact exists at ``uri`` and ``overwrite`` is False,
+            or the label count differs from the model's output size.
+    """
+    if int(model.output_shape[-1]) != manifest.num_classes:
+        raise ArtifactError(
+            f"model has {model.output_shape[-1]} outputs but the manifest has {manifest.num_classes} labels"
+        )
+    manifest_uri = storage.join(uri, MANIFEST_FILE)
+    if not overwrite and storage.exists(manifest_uri):
+        raise ArtifactError(f"an artifact already exists at {uri} (pass --overwrite to replace it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        local_model = os.path.join(tmp, MODEL_FILE)
+        model.save(local_model)
+        files = {
+            MODEL_FILE: {"bytes": os.path.getsize(local_model), "sha256": storage.sha256_file(local_model)}
+        }
+        manifest = dataclasses.replace(manifest, files=files)
+        if storage.exists(manifest_uri):
+            # Retract the old commit point first: a reader must never pair the
+            # old manifest with the new model file.
+            storage.delete(manifest_uri)
+        storage.write_atomic(storage.join(uri, MODEL_FILE), local_path=local_model)
+    storage.write_atomic(manifest_uri, manifest.to_json().encode("utf-8"))
+    return manifest
+
+
+def load_manifest(uri: str) -> Manifest:
+    """Reads and validates the manifest of the artifact at ``uri``.
+
+    Raises:
+        ArtifactError: one line saying what is wrong.
+    """
+    manifest_uri = storage.join(uri, MANIFEST_FILE)
+    if not storage.exists(manifest_uri):
+        if storage.exists(storage.join(uri, MODEL_FILE)):
+            raise ArtifactError(
+                f"incomplete model artifact at {uri}: {MODEL_FILE} without {MANIFEST_FILE} "
+                "(still being written, or the write failed)"
+            )
+        raise ArtifactError(f"no model artifact at {uri}: {MANIFEST_FILE} not found")
+    manifest = Manifest.from_json(storage.read_text(manifest_uri), manifest_uri)
+    if MODEL_FILE not in manifest.files:
+        raise ArtifactError(f"{manifest_uri} does not list {MODEL_FILE}")
+    return manifest
+
+
+def load_artifact(uri: str) -> Artifact:
+    """Loads and validates the artifact at ``uri`` (local or any Beam filesystem).
+
+    Raises:
+        ArtifactError: for a missing or partial directory, an unknown schema
+            version, a model file that does not match the manifest, a model that
+            needs unsafe deserialisation, or labels that do not match the model.
+    """
+    manifest = load_manifest(uri)
+    model_uri = storage.join(uri, MODEL_FILE)
+    if not storage.exists(model_uri):
+        raise ArtifactError(f"incomplete model artifact at {uri}: {MODEL_FILE} not found")
+    expected = manifest.files[MODEL_FILE]
+    with tempfile.TemporaryDirectory() as tmp:
+        local_model = os.path.join(tmp, MODEL_FILE)
+        storage.download(model_uri, local_model)
+        size, digest = os.path.getsize(local_model), storage.sha256_file(local_model)
+        if size != expected.get("bytes") or digest != expected.get("sha256"):
+            raise ArtifactError(
+                f"{model_uri} does not match its manifest ({size} bytes, sha256 {digest[:12]}…; "
+                f"expected {expected.get('bytes')} bytes, sha256 {str(expected.get('sha256'))[:12]}…)"
+            )
+        model = _load_keras_safely(local_model, model_uri)
+    _check_model_matches(model, manifest, uri)
+    return Artifact(uri=uri, model=model, manifest=manifest)
+
+
+def _load_keras_safely(local_path: str, uri: str) -> keras.Model:
+    try:
+        return keras.saving.load_model(local_path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a bad or unsafe file.
+        text = " ".join(str(exc).split())
+        if "safe_mode" in text or "unsafe" in text.lower():
+            raise ArtifactError(
+                f"{uri} needs unsafe deserialisation (e.g. a Lambda layer holding Python code); "
+                "beamvision loads models in Keras safe mode only"
+            ) from None
+        raise ArtifactError(f"cannot load {uri}: {text[:300]}") from None
+
+
+def _check_model_matches(model: keras.Model, manifest: Manifest, uri: str) -> None:
+    outputs = int(model.output_shape[-1])
+    if outputs != manifest.num_classes:
+        raise ArtifactError(
+            f"model artifact at {uri} has {manifest.num_classes} labels but its model has {outputs} outputs"
+        )
+    expected_shape = (None, manifest.input_size, manifest.input_size, 3)
+    if tuple(model.input_shape) != expected_shape or model.inputs[0].dtype != "uint8":
+        raise ArtifactError(
+            f"model artifact at {uri} must take uint8 images of shape {expected_shape}; "
+            f"its model takes {model.inputs[0].dtype} {tuple(model.input_shape)}"
+        )

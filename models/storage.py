@@ -1,0 +1,99 @@
+"""Whole-file I/O on any Beam filesystem (local paths, ``gs://``, ...).
+
+Model artifacts, label files and summaries all go through these helpers, so
+every storage backend that Beam's ``FileSystems`` knows works the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+_CHUNK = 1 << 24
+
+
+def _connect_anonymously_to_emulator() -> None:
+    """Skips Beam's credential probe when ``STORAGE_EMULATOR_HOST`` names a local GCS emulator.
+
+    Without credentials, Beam retries ``google.auth.default()`` with backoff for
+    about 25 seconds per process before connecting anonymously; an emulator
+    needs no credentials, so connect anonymously at once.
+    """
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    try:
+        from apache_beam.internal.gcp import auth
+    except ImportError:  # Beam without the gcp extra has no gs:// at all.
+        return
+    with auth._Credentials._credentials_lock:
+        if not auth._Credentials._credentials_init:
+            auth._Credentials._credentials = None
+            auth._Credentials._credentials_init = True
+
+
+_connect_anonymously_to_emulator()
+
+
+def exists(uri: str) -> bool:
+    """Whether a file exists at ``uri``."""
+    return FileSystems.exists(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins path components the way the filesystem of ``base`` does."""
+    return FileSystems.join(base, *parts)
+
+
+def delete(uri: str) -> None:
+    """Deletes the file at ``uri``."""
+    FileSystems.delete([uri])
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of the file at ``uri``."""
+    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    """The file at ``uri`` decoded as UTF-8."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def download(uri: str, local_path: str) -> None:
+    """Copies the file at ``uri`` to a local path, in chunks."""
+    source = FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED)
+    with source as src, open(local_path, "wb") as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def write_atomic(uri: str, data: bytes | None = None, local_path: str | None = None) -> None:
+    """Writes ``data`` (or the local file ``local_path``) to ``uri`` all at once.
+
+    The content goes to a temporary sibling first and is then renamed, so a
+    reader sees either no file or the complete one, never a partial write.
+    """
+    tmp_uri = f"{uri}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp_uri, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+        if local_path is None:
+            dst.write(data)
+        else:
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, dst, _CHUNK)
+    if exists(uri):
+        delete(uri)
+    FileSystems.rename([tmp_uri], [uri])
+
+
+def sha256_file(local_path: str) -> str:
+    """Hex SHA-256 digest of a local file."""
+    digest = hashlib.sha256()
+    with open(local_path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

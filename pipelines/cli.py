@@ -1,0 +1,65 @@
+"""``beamvision <command>``: dispatch to one module per command.
+
+Command modules are imported only when run, so ``beamvision --help`` is quick.
+User mistakes (``UsageError``, ``ModelError``) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from pipelines import __version__
+
+# name -> (module, one-line description)
+COMMANDS = {
+    "models": ("pipelines.list_models", "list the architectures: input sizes, preprocessing, parameters"),
+    "export": ("pipelines.export", "pack an architecture and its weights into a model artifact"),
+}
+
+USAGE = "usage: beamvision [-h] [--version] <command> [<args>]"
+
+
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [USAGE, "", "Distributed batch image classification on Apache Beam and Keras.", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Run 'beamvision <command> --help' for a command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one beamvision command; returns the process exit status."""
+    # TensorFlow's C++ start-up chatter (CUDA probing on CPU hosts) hides real output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"beamvision {__version__}")
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(
+            f"beamvision: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    from models import ModelError
+    from pipelines.options import UsageError
+
+    try:
+        module.run(argv[1:])
+    except (UsageError, ModelError) as exc:
+        message = str(exc)
+        prefix = "" if message.startswith("beamvision") else f"beamvision {command}: error: "
+        print(prefix + message, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

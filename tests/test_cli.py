@@ -1,0 +1,319 @@
+"""The beamvision CLI: help, models, export (none, file, ImageNet from Keras's cache), errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from models import create_model, get_spec, list_models, storage
+from models.artifact import load_artifact
+from models.labels import imagenet_labels
+from pipelines.cli import COMMANDS, main
+
+
+def _run_cli(*args, env=None):
+    """Runs ``beamvision ARGS`` as a user would: a separate process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _error_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_help_lists_every_command():
+    result = _run_cli("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main([command, "--help"])
+    assert excinfo.value.code == 0
+    assert f"beamvision {command}" in capsys.readouterr().out
+
+
+def test_models_json_matches_registry(capsys):
+    assert main(["models", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == list_models()
+    for record in records:
+        spec = get_spec(record["name"])
+        assert record == {
+            "name": spec.name,
+            "input_size": spec.default_input_size,
+            "min_input_size": spec.min_input_size,
+            "preprocessing": spec.preprocessing,
+            "params": spec.params,
+            "imagenet_weights": spec.imagenet_weights,
+        }
+
+
+def test_models_table(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == [
+        "name",
+        "input_size",
+        "min_input_size",
+        "preprocessing",
+        "params",
+        "imagenet_weights",
+    ]
+    assert len(lines) == 1 + len(list_models())
+    assert "vgg16         224         32              caffe          138,357,544  yes" in lines
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["nonsense"], "unknown command 'nonsense'"),
+        (["models", "--jsn"], "unrecognized arguments: --jsn"),
+        (
+            ["export", "--architecture", "resnet9000", "--weights", "none", "--output", "x"],
+            "argument --architecture: invalid choice: 'resnet9000'",
+        ),
+        (
+            ["export", "--architecture", "vgg16", "--weights", "none", "--output", "x", "--input_size", "-3"],
+            "argument --input_size: expected a positive integer, received '-3'",
+        ),
+        (
+            [
+                "export",
+                "--architecture",
+                "vgg16",
+                "--weights",
+                "none",
+                "--output",
+                "x",
+                "--num_classes",
+                "ten",
+            ],
+            "argument --num_classes: expected a positive integer, received 'ten'",
+        ),
+        (
+            [
+                "export",
+                "--architecture",
+                "inception_v3",
+                "--weights",
+                "none",
+                "--output",
+                "x",
+                "--input_size",
+                "64",
+            ],
+            "--input_size 64: inception_v3 needs at least 75",
+        ),
+        (
+            ["export", "--architecture", "alexnet", "--weights", "imagenet", "--output", "x"],
+            "--weights imagenet: no ImageNet weights are published for alexnet",
+        ),
+        (
+            [
+                "export",
+                "--architecture",
+                "vgg16",
+                "--weights",
+                "imagenet",
+                "--output",
+                "x",
+                "--num_classes",
+                "5",
+            ],
+            "--weights imagenet: takes the 1,000 ImageNet classes",
+        ),
+        (
+            [
+                "export",
+                "--architecture",
+                "squeezenet",
+                "--weights",
+                "none",
+                "--output",
+                "x",
+                "--labels",
+                "/no/such",
+            ],
+            "--labels /no/such: label file not found: /no/such",
+        ),
+        (
+            ["export", "--architecture", "squeezenet", "--weights", "/no/w.h5", "--output", "x"],
+            "weights file not found: /no/w.h5",
+        ),
+        (
+            ["export", "--weights", "none", "--output", "x"],
+            "the following arguments are required: --architecture",
+        ),
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_2(argv, expected, capsys):
+    assert expected in _error_line(capsys, argv)
+
+
+def test_user_mistake_in_a_real_process_has_no_traceback():
+    result = _run_cli(
+        "export", "--architecture", "vgg16", "--weights", "none", "--output", "x", "--input_size", "0"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "beamvision export: error: argument --input_size: expected a positive integer, received '0'"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_export_random_weights_with_label_file(tmp_path, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("zero\none\n\ntwo\n")
+    out = str(tmp_path / "artifact")
+    argv = [
+        "export",
+        "--architecture",
+        "squeezenet",
+        "--weights",
+        "none",
+        "--labels",
+        str(labels),
+        "--input_size",
+        "32",
+        "--output",
+        out,
+        "--name",
+        "digits",
+        "--version",
+        "3",
+    ]
+    assert main(argv) == 0
+    assert f"to {out}" in capsys.readouterr().out
+    manifest = load_artifact(out).manifest
+    assert (manifest.labels, manifest.weights, manifest.input_size) == (["zero", "one", "two"], "none", 32)
+    assert (manifest.name, manifest.version) == ("digits", "3")
+    assert "already exists" in _error_line(capsys, argv)
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_export_default_labels_are_numbered(tmp_path):
+    out = str(tmp_path / "a")
+    assert (
+        main(
+            [
+                "export",
+                "--architecture",
+                "mobilenet_v2",
+                "--weights",
+                "none",
+                "--num_classes",
+                "4",
+                "--input_size",
+                "32",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
+    assert load_artifact(out).manifest.labels == ["class_0", "class_1", "class_2", "class_3"]
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_export_weights_file(where, tmp_path, photo_batch, request):
+    base = request.getfixturevalue("gcs_bucket") if where == "gcs" else str(tmp_path)
+    source = create_model("squeezenet", num_classes=5, input_size=40)
+    local_weights = str(tmp_path / "trained.weights.h5")
+    source.save_weights(local_weights)
+    weights_uri = f"{base}/w/trained.weights.h5"
+    storage.write_atomic(weights_uri, local_path=local_weights)
+    out = f"{base}/artifact"
+    assert (
+        main(
+            [
+                "export",
+                "--architecture",
+                "squeezenet",
+                "--weights",
+                weights_uri,
+                "--num_classes",
+                "5",
+                "--input_size",
+                "40",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
+    artifact = load_artifact(out)
+    assert artifact.manifest.weights == f"file:{weights_uri}"
+    images = photo_batch(40)
+    np.testing.assert_array_equal(
+        artifact.model.predict(images, verbose=0), source.predict(images, verbose=0)
+    )
+
+
+def test_export_imagenet_uses_the_weights_file_in_keras_cache(tmp_path, photo_batch):
+    """Keras looks for ImageNet weights in $KERAS_HOME/models before downloading.
+
+    A weights file placed there under Keras's own name must be what the
+    artifact computes with: its predictions must equal those of Keras's
+    MobileNetV2 with the same weights on Keras's own preprocess_input.
+    """
+    from keras.src.legacy.saving import legacy_h5_format
+
+    reference = keras.applications.MobileNetV2(weights=None)
+    rng = np.random.default_rng(0)
+    # Distinct weights, so a silent fall-back to anything else would show.
+    reference.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in reference.get_weights()])
+    cache = tmp_path / "keras_home" / "models"
+    cache.mkdir(parents=True)
+    weights_file = cache / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
+    with h5py.File(weights_file, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, reference)
+
+    out = str(tmp_path / "mnv2")
+    result = _run_cli(
+        "export",
+        "--architecture",
+        "mobilenet_v2",
+        "--weights",
+        "imagenet",
+        "--output",
+        out,
+        env={"KERAS_HOME": str(tmp_path / "keras_home")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "exported mobilenet_v2" in result.stdout
+
+    artifact = load_artifact(out)
+    assert artifact.manifest.weights == "imagenet"
+    assert artifact.manifest.labels == list(imagenet_labels())
+    images = photo_batch(224)
+    expected = reference.predict(
+        keras.applications.mobilenet_v2.preprocess_input(images.astype("float32")), verbose=0
+    )
+    np.testing.assert_allclose(artifact.model.predict(images, verbose=0), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_imagenet_labels_ship_with_the_package():
+    labels = imagenet_labels()
+    assert len(labels) == len(set(labels)) == 1000
+    assert (labels[0], labels[207], labels[999]) == ("tench", "golden retriever", "toilet tissue")

@@ -1,0 +1,1 @@
+"""Reusable Beam transforms of beamvision and the plain functions they call."""
