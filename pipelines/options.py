@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
 from models import ModelError, get_spec, list_models
+from transforms.decode import DEFAULT_MAX_PIXELS
 
 
 class UsageError(Exception):
@@ -145,3 +148,119 @@ class ExportConfig:
 def config_error(flag: str, value, exc: ModelError) -> UsageError:
     """A ``UsageError`` for ``flag value`` from a model-layer error."""
     return UsageError(f"{flag} {value}: {exc}")
+
+
+# --- beamvision classify -------------------------------------------------------
+
+
+def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="Beam glob (*, **), local or gs://; a bare directory means every file under it. Repeatable.",
+    )
+    parser.add_argument("--input_list", metavar="FILE", help="text file of image URIs, one a line")
+    parser.add_argument(
+        "--model", required=True, metavar="MODEL", help="model artifact directory, local or URI"
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory, local or URI")
+    parser.add_argument(
+        "--top_k", type=positive_int, default=5, metavar="K", help="classes per image (default 5)"
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="images per inference batch (default 32)",
+    )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="also write each image's pooled features before the classifier",
+    )
+    parser.add_argument(
+        "--max_pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"larger images (width x height) are error rows (default {DEFAULT_MAX_PIXELS:,})",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace results, errors and summary already in --output"
+    )
+
+
+class ClassifyOptions(PipelineOptions):
+    """Beam's view of the classify flags (the same definitions as the CLI's)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        add_classify_arguments(parser)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+    inputs: tuple[str, ...]
+    input_list: str | None
+    model: str
+    output: str
+    top_k: int
+    batch_size: int
+    embeddings: bool
+    max_pixels: int
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClassifyConfig:
+        if not args.input and not args.input_list:
+            raise UsageError("give at least one --input PATTERN or an --input_list FILE")
+        return cls(
+            tuple(args.input),
+            args.input_list,
+            args.model,
+            args.output,
+            args.top_k,
+            args.batch_size,
+            args.embeddings,
+            args.max_pixels,
+            args.overwrite,
+        )
+
+
+def parse_pipeline_args(
+    prog: str, description: str, options_class: type[PipelineOptions], argv: list[str] | None
+) -> tuple[argparse.Namespace, PipelineOptions]:
+    """Parses a pipeline's own flags and Beam's, refusing unknown flags and bad values in one line.
+
+    Every ``PipelineOptions`` subclass (Beam's standard, Google Cloud, worker,
+    direct runner ... options, and ``options_class``) declares its flags on one
+    parser, as Beam itself does, so a typo in a Beam flag is an error here
+    rather than silently ignored.
+    """
+    argv = _normalise_flag_values(list(argv or []))
+    parser = _PipelineArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    classes = {str(options_class): options_class}  # the pipeline's own flags first in --help
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    return parser.parse_args(argv), PipelineOptions(argv)
+
+
+class _PipelineArgumentParser(_BeamArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _normalise_flag_values(argv: list[str]) -> list[str]:
+    """``--dry_run`` with no value means ``--dry_run=True`` (Beam's flag takes a value)."""
+    out = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else "--"
+        if arg == "--dry_run" and following.startswith("--"):
+            arg = "--dry_run=True"
+        out.append(arg)
+    return out

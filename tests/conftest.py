@@ -98,3 +98,11 @@ def photo_batch(photos):
         return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in photos])
 
     return batch
+
+
+@pytest.fixture(scope="session")
+def corpus(photos):
+    """The odd-and-broken file corpus: relative path -> (bytes, Expected)."""
+    from corpus import build_corpus
+
+    return build_corpus(photos)

@@ -1,0 +1,93 @@
+"""``beamvision classify``: image collections in storage to Parquet results.
+
+    beamvision classify --input 'gs://bucket/photos/**' --model gs://bucket/models/mnv2 \\
+        --output gs://bucket/runs/2026-11-28 [--runner DataflowRunner ...]
+
+ReadImages -> DecodeImages -> ClassifyImages -> WriteResults (see
+../shared/DESIGN.md). The model artifact is validated before any work starts;
+every input ends as a result row or an error row, and summary.json (printed at
+the end) counts both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import StandardOptions, TestOptions
+from apache_beam.runners.runner import PipelineResult
+
+from models import storage
+from models.artifact import Manifest, load_artifact
+from pipelines import options
+from transforms.decode import DecodeImages
+from transforms.inference import BeamvisionModelHandler, ClassifyImages
+from transforms.read import ReadImages
+from transforms.write import ERRORS_PREFIX, RESULTS_PREFIX, SUMMARY_FILE, WriteResults, format_summary
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, manifest: Manifest) -> None:
+    """Adds the classify steps for ``config`` to ``pipeline``."""
+    read = pipeline | "ReadImages" >> ReadImages(list(config.inputs), config.input_list)
+    decoded = read["files"] | "DecodeImages" >> DecodeImages(manifest.input_size, config.max_pixels)
+    handler = BeamvisionModelHandler(config.model, config.batch_size, config.top_k, config.embeddings)
+    classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
+        handler, manifest.name, manifest.version
+    )
+    errors = (read["errors"], decoded["errors"], classified["errors"]) | "AllErrors" >> beam.Flatten()
+    model = {
+        "name": manifest.name,
+        "version": manifest.version,
+        "architecture": manifest.architecture,
+        "uri": config.model,
+    }
+    _ = {"results": classified["results"], "errors": errors, "inputs": read["inputs"]} | "WriteResults" >> (
+        WriteResults(config.output, config.embeddings, model, started_at=time.time())
+    )
+
+
+def run(argv: list[str] | None = None) -> PipelineResult:
+    """Validates flags and the model artifact, runs the pipeline, prints the summary."""
+    args, pipeline_options = options.parse_pipeline_args(
+        "beamvision classify", __doc__.splitlines()[0], options.ClassifyOptions, argv
+    )
+    config = options.ClassifyConfig.from_args(args)
+    artifact = load_artifact(config.model)  # fails here, before any work, on a bad artifact
+    manifest = artifact.manifest
+    del artifact
+    if config.top_k > manifest.num_classes:
+        raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
+    _prepare_output(config)
+    dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
+    logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
+    pipeline = beam.Pipeline(options=pipeline_options)
+    build_pipeline(pipeline, config, manifest)
+    result = pipeline.run()
+    result.wait_until_finish()
+    if dry_run:
+        runner = pipeline_options.view_as(StandardOptions).runner
+        print(f"dry run: built the {runner} job graph; nothing was submitted")
+        return result
+    summary_uri = storage.join(config.output, SUMMARY_FILE)
+    if storage.exists(summary_uri):
+        print(format_summary(json.loads(storage.read_text(summary_uri))))
+    return result
+
+
+def _prepare_output(config: options.ClassifyConfig) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    patterns = [storage.join(config.output, f"{prefix}-*") for prefix in (RESULTS_PREFIX, ERRORS_PREFIX)]
+    existing = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
+    summary = storage.join(config.output, SUMMARY_FILE)
+    if storage.exists(summary):
+        existing.append(summary)
+    if existing and not config.overwrite:
+        raise options.UsageError(
+            f"--output {config.output}: already holds results ({len(existing)} files); "
+            "choose a new directory or pass --overwrite"
+        )
+    if existing:
+        FileSystems.delete(existing)

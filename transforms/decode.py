@@ -1,0 +1,207 @@
+"""Image decoding: bytes in, uint8 pixels at model input size out, or a clear error.
+
+``decode_image`` is the one decode-and-resize function of beamvision: the
+training pipeline (``prepare``) and inference (``classify``) both call it, so
+a model sees the same pixels in both.
+
+Policy, in order:
+
+1. Format allow-list: JPEG, PNG, GIF (first frame), WebP, BMP, TIFF. Empty,
+   non-image and other formats are errors (``EmptyFile``, ``NotAnImage``,
+   ``UnsupportedFormat``).
+2. Pixel-count limit, checked from the header before any pixel is decoded, so
+   a decompression bomb is an error (``DecompressionBomb``), not an OOM.
+3. JPEG draft mode: the DCT decoder downscales by 1/2, 1/4 or 1/8 while it
+   decodes, to the smallest scale still at least ``size`` on both sides.
+4. EXIF orientation applied; ``width``/``height`` are reported after it, at
+   full resolution.
+5. Every colour mode to RGB: alpha (and palette transparency) composited on
+   white; 16-bit and 32-bit integer images scaled from 0..65535 (or their own
+   maximum, if larger), float images from 0..1 (or their own range, if
+   outside it), never clipped; CMYK, YCbCr, LAB, palette and 1-bit converted.
+6. Resize policy: the whole image is resized to ``size`` x ``size`` (the
+   aspect ratio is not kept; nothing is cropped), with Pillow's antialiased
+   bilinear filter.
+
+Truncated or corrupt data is an error (``CorruptImage``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from transforms.write import ERRORS_TAG, METRICS_NAMESPACE, error_row
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold (about 0.25 GB as RGBA).
+
+# EXIF orientations 5..8 rotate by 90 or 270 degrees: width and height swap.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+class DecodeError(ValueError):
+    """A file cannot be turned into pixels. ``error_type`` names the reason."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """Pixels at model input size plus what the original image was."""
+
+    pixels: np.ndarray  # uint8 [size, size, 3]
+    width: int  # original width after EXIF orientation
+    height: int  # original height after EXIF orientation
+    format: str  # "JPEG", "PNG", ...
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decodes image bytes to RGB uint8 pixels of ``size`` x ``size``.
+
+    Args:
+        data: the file's bytes.
+        size: side of the square output, in pixels.
+        max_pixels: largest width x height accepted.
+
+    Returns:
+        The decoded image (see the module docstring for the policy).
+
+    Raises:
+        DecodeError: the file is empty, not an image, of an unsupported format,
+            too large, or corrupt; ``error_type`` says which.
+    """
+    if not data:
+        raise DecodeError("EmptyFile", "file is empty")
+    image = _open(data)
+    file_format = image.format
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            "DecompressionBomb",
+            f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}",
+        )
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        if image.format == "JPEG":
+            image.draft(image.mode if image.mode in ("L", "RGB") else None, (size, size))
+        image = ImageOps.exif_transpose(image)
+        rgb = to_rgb(image)
+        pixels = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    except DecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise DecodeError("CorruptImage", f"cannot decode {file_format} data: {exc}") from None
+    return DecodedImage(pixels=pixels, width=width, height=height, format=file_format)
+
+
+def _open(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        # Our own max_pixels check replaces Pillow's warning.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise DecodeError("DecompressionBomb", str(exc)) from None
+        except UnidentifiedImageError:
+            pass
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise DecodeError("CorruptImage", f"cannot read image header: {exc}") from None
+        try:
+            other = Image.open(io.BytesIO(data))
+        except Exception:  # Pillow raises many types for arbitrary bytes.
+            raise DecodeError("NotAnImage", "not a recognised image file") from None
+    raise DecodeError(
+        "UnsupportedFormat", f"{other.format} is not supported (allowed: {', '.join(ALLOWED_FORMATS)})"
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any Pillow image mode to 8-bit RGB (see the module docstring)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(image))).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scales a single-channel integer or float image to 0..255 without clipping.
+
+    Integers are taken as 16-bit (0..65535), floats as 0..1; values outside
+    that nominal range scale by the image's own range instead.
+    """
+    nominal_high = 1.0 if values.dtype.kind == "f" else 65535.0
+    values = values.astype(np.float64)
+    low, high = float(np.min(values)), float(np.max(values))
+    if low < 0 or high > nominal_high:
+        scale_low, span = low, (high - low) or 1.0
+    else:
+        scale_low, span = 0.0, nominal_high
+    return np.round((values - scale_low) / span * 255.0).astype(np.uint8)
+
+
+class DecodeImages(beam.PTransform):
+    """(ImageFile, bytes) to (ImageKey, uint8 pixels) at model input size; failures to error rows.
+
+    Returns a dict of PCollections: ``images`` and ``errors``.
+    """
+
+    def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__()
+        self._size = size
+        self._max_pixels = max_pixels
+
+    def expand(self, files):
+        decoded = files | "Decode" >> beam.ParDo(_DecodeFn(self._size, self._max_pixels)).with_outputs(
+            ERRORS_TAG, main="images"
+        )
+        return {"images": decoded.images, "errors": decoded[ERRORS_TAG]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageKey:
+    """What travels beside the pixels through inference, to fill the result row."""
+
+    uri: str
+    width: int
+    height: int
+    format: str
+
+
+class _DecodeFn(beam.DoFn):
+    def __init__(self, size: int, max_pixels: int):
+        self._size = size
+        self._max_pixels = max_pixels
+        self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
+
+    def process(self, element):
+        image_file, data = element
+        try:
+            image = decode_image(data, self._size, self._max_pixels)
+        except DecodeError as exc:
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG, error_row(image_file.uri, "decode", exc.error_type, str(exc))
+            )
+            return
+        self._decoded.inc()
+        yield ImageKey(image_file.uri, image.width, image.height, image.format), image.pixels

@@ -1,0 +1,124 @@
+"""``ReadImages``: input patterns and URI lists to (ImageFile, bytes), failures to error rows.
+
+Patterns are Beam globs (``*``, ``**``), local or on any Beam filesystem; a
+bare directory means every file under it, recursively. A list file holds one
+URI a line. Each file is read once even when several patterns or list lines
+name it: URIs (never file contents) are grouped, which is also the one fusion
+break of the read, spreading the reads over workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.write import ERRORS_TAG, METRICS_NAMESPACE, error_row
+
+_GLOB_CHARS = ("*", "?", "[")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+    """An input file: where it is, its size and its modification time (seconds since epoch)."""
+
+    uri: str
+    size_bytes: int
+    modified: float | None
+
+
+def expand_pattern(pattern: str) -> str:
+    """A user's ``--input`` as a Beam glob: a bare directory becomes ``DIR/**``.
+
+    A pattern with glob characters is kept. Without them it is a file if one
+    exists at that path; otherwise (a local directory, or a prefix on an
+    object store, where directories are not objects) every file under it.
+    """
+    if any(char in pattern for char in _GLOB_CHARS):
+        return pattern
+    if FileSystems.get_scheme(pattern) is None:  # local path
+        if os.path.isdir(pattern):
+            return os.path.join(glob.escape(pattern.rstrip(os.sep)), "**")
+        return pattern
+    if pattern.endswith("/") or not FileSystems.exists(pattern):
+        return pattern.rstrip("/") + "/**"
+    return pattern
+
+
+class ReadImages(beam.PTransform):
+    """Matches patterns and list files and reads every file once.
+
+    Returns a dict of PCollections: ``files`` (ImageFile, bytes) for each
+    readable input, ``inputs`` (one URI per distinct input, for counting) and
+    ``errors`` (error rows for inputs that could not be read).
+    """
+
+    def __init__(self, patterns: list[str], input_list: str | None = None):
+        super().__init__()
+        self._patterns = [expand_pattern(p) for p in patterns]
+        self._input_list = input_list
+
+    def expand(self, pbegin):
+        candidates = []
+        if self._patterns:
+            candidates.append(
+                pbegin
+                | "Patterns" >> beam.Create(self._patterns)
+                | "MatchPatterns" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
+                | "SkipFolderMarkers" >> beam.Filter(lambda m: not m.path.endswith("/"))
+                | "KeyMatches" >> beam.Map(lambda m: (m.path, m))
+            )
+        if self._input_list:
+            candidates.append(
+                pbegin
+                | "ReadInputList" >> beam.io.ReadFromText(self._input_list)
+                | "StripLines" >> beam.Map(str.strip)
+                | "SkipBlankLines" >> beam.Filter(bool)
+                | "KeyListed" >> beam.Map(lambda uri: (uri, None))
+            )
+        unique = (
+            candidates
+            | "AllCandidates" >> beam.Flatten()
+            | "OncePerUri" >> beam.CombinePerKey(_first_metadata)
+        )
+        read = unique | "ReadFiles" >> beam.ParDo(_ReadFileFn()).with_outputs(ERRORS_TAG, main="files")
+        return {
+            "files": read.files,
+            "inputs": unique | "InputUris" >> beam.Keys(),
+            "errors": read[ERRORS_TAG],
+        }
+
+
+def _first_metadata(values) -> FileMetadata | None:
+    """Any FileMetadata among the values (list lines carry None)."""
+    return next((v for v in values if v is not None), None)
+
+
+class _ReadFileFn(beam.DoFn):
+    def __init__(self):
+        self._read = Metrics.counter(METRICS_NAMESPACE, "images_read")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
+
+    def process(self, element):
+        uri, metadata = element
+        try:
+            if metadata is None:
+                matched = FileSystems.match([uri])[0].metadata_list
+                metadata = next((m for m in matched if m.path == uri), None)
+                if metadata is None:
+                    raise FileNotFoundError(f"no such file: {uri}")
+            with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                data = f.read()
+        except Exception as exc:  # Every storage failure becomes an error row.
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, "read", type(exc).__name__, str(exc)))
+            return
+        self._read.inc()
+        modified = getattr(metadata, "last_updated_in_seconds", None)
+        yield ImageFile(uri, metadata.size_in_bytes, modified), data

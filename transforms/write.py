@@ -1,0 +1,178 @@
+"""Output schemas (pyarrow) and ``WriteResults``: Parquet result and error shards plus summary.json.
+
+Layout under the output directory::
+
+    results-SSSSS-of-NNNNN.parquet   one row per classified image (RESULT_FIELDS)
+    errors-SSSSS-of-NNNNN.parquet    one row per input that could not be classified
+    summary.json                     written last, after every shard is in place
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+
+from models import storage
+
+METRICS_NAMESPACE = "beamvision"
+ERRORS_TAG = "errors"  # tagged output of every step that can fail on an input
+RESULTS_PREFIX = "results"
+ERRORS_PREFIX = "errors"
+SUMMARY_FILE = "summary.json"
+TOP_LABELS_IN_SUMMARY = 20
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+RESULT_FIELDS = [
+    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+    pa.field("top_k_labels", pa.list_(pa.string()), nullable=False),
+    pa.field("top_k_scores", pa.list_(pa.float32()), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("format", pa.string(), nullable=False),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("processed_at", _TIMESTAMP, nullable=False),
+]
+EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()), nullable=False)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("processed_at", _TIMESTAMP, nullable=False),
+    ]
+)
+
+
+def result_schema(embeddings: bool) -> pa.Schema:
+    """The results schema, with the ``embedding`` column when asked for."""
+    return pa.schema(RESULT_FIELDS + ([EMBEDDING_FIELD] if embeddings else []))
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def error_row(uri: str, stage: str, error_type: str, message: str) -> dict[str, Any]:
+    """One row of the errors output. ``stage`` is read, decode or inference."""
+    return {
+        "image_uri": uri,
+        "stage": stage,
+        "error_type": error_type,
+        "message": message[:2000],
+        "processed_at": utc_now(),
+    }
+
+
+def build_summary(
+    inputs: int,
+    results: int,
+    errors: int,
+    seconds: float,
+    model: dict[str, Any],
+    top_labels: list[tuple[str, int]],
+    output: str,
+) -> dict[str, Any]:
+    """The content of summary.json."""
+    return {
+        "inputs": inputs,
+        "results": results,
+        "errors": errors,
+        "complete": inputs == results + errors,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(inputs / seconds, 2) if seconds > 0 else None,
+        "model": model,
+        "top_labels": [{"label": label, "count": count} for label, count in top_labels],
+        "output": output,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few human-readable lines for the end of a run."""
+    labels = ", ".join(f"{x['label']} ({x['count']})" for x in summary["top_labels"][:5]) or "none"
+    status = "" if summary["complete"] else "  WARNING: inputs != results + errors"
+    return "\n".join(
+        [
+            f"classified {summary['results']:,} of {summary['inputs']:,} images, "
+            f"{summary['errors']:,} errors, in {summary['seconds']:.1f}s "
+            f"({summary['images_per_second'] or 0:.1f} images/s){status}",
+            f"model: {summary['model']['name']} version {summary['model']['version']}",
+            f"top labels: {labels}",
+            f"outputs: {summary['output']} (results-*.parquet, errors-*.parquet, {SUMMARY_FILE})",
+        ]
+    )
+
+
+class WriteResults(beam.PTransform):
+    """Writes result and error rows as Parquet shards, then summary.json.
+
+    Input: a dict with PCollections ``results`` and ``errors`` (row dicts) and
+    ``inputs`` (one element per input file, counted for the summary).
+    """
+
+    def __init__(self, output: str, embeddings: bool, model: dict[str, Any], started_at: float):
+        super().__init__()
+        self._output = output
+        self._embeddings = embeddings
+        self._model = model
+        self._started_at = started_at
+
+    def expand(self, pcolls):
+        results, errors, inputs = pcolls["results"], pcolls["errors"], pcolls["inputs"]
+        written_results = results | "WriteResultShards" >> beam.io.WriteToParquet(
+            storage.join(self._output, RESULTS_PREFIX),
+            result_schema(self._embeddings),
+            file_name_suffix=".parquet",
+        )
+        written_errors = errors | "WriteErrorShards" >> beam.io.WriteToParquet(
+            storage.join(self._output, ERRORS_PREFIX), ERROR_SCHEMA, file_name_suffix=".parquet"
+        )
+        count = beam.combiners.Count
+        top_labels = (
+            results
+            | "Labels" >> beam.Map(lambda row: row["label"])
+            | "CountLabels" >> count.PerElement()
+            | "TopLabels" >> beam.combiners.Top.Of(TOP_LABELS_IN_SUMMARY, key=lambda kv: (kv[1], kv[0]))
+        )
+        return (
+            inputs.pipeline
+            | "SummaryTrigger" >> beam.Create([None])
+            | "WriteSummary"
+            >> beam.ParDo(
+                _WriteSummaryFn(self._output, self._model, self._started_at),
+                inputs=beam.pvalue.AsSingleton(inputs | "CountInputs" >> count.Globally()),
+                results=beam.pvalue.AsSingleton(results | "CountResults" >> count.Globally()),
+                errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
+                top_labels=beam.pvalue.AsSingleton(top_labels),
+                # Side inputs are complete before the step runs: the summary
+                # is written only after every shard has been finalised.
+                result_files=beam.pvalue.AsList(written_results),
+                error_files=beam.pvalue.AsList(written_errors),
+            )
+        )
+
+
+class _WriteSummaryFn(beam.DoFn):
+    def __init__(self, output: str, model: dict[str, Any], started_at: float):
+        self._output = output
+        self._model = model
+        self._started_at = started_at
+
+    def process(self, _, inputs, results, errors, top_labels, result_files, error_files):
+        summary = build_summary(
+            inputs, results, errors, time.time() - self._started_at, self._model, top_labels, self._output
+        )
+        storage.write_atomic(
+            storage.join(self._output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")
+        )
+        yield summary
