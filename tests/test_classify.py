@@ -1,0 +1,316 @@
+"""beamvision classify end to end: the odd-and-broken corpus row by row, local and gs://,
+one and two workers, the Dataflow job graph, and user mistakes."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from corpus import write_corpus
+
+from models import create_model, storage
+from models.artifact import load_artifact, new_manifest, save_artifact
+from pipelines import classify
+from pipelines.cli import main
+from transforms.decode import decode_image
+
+SIZE = 32
+LABELS = [f"kind_{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model = create_model("mobilenet_v2", num_classes=len(LABELS), input_size=SIZE)
+    # Freshly initialised, the network gives every image nearly uniform
+    # probabilities; larger weights make its outputs differ, so rows are comparable.
+    model.set_weights([w * np.float32(3.0) if w.ndim > 1 else w for w in model.get_weights()])
+    uri = str(tmp_path_factory.mktemp("model") / "mnv2")
+    save_artifact(model, new_manifest(model, "mobilenet_v2", LABELS, "none", name="corpus", version="1"), uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(corpus, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("corpus"))
+    return root, write_corpus(root, corpus)
+
+
+def _read_rows(output: str, prefix: str) -> pd.DataFrame:
+    files = sorted(
+        m.path for m in storage.FileSystems.match([f"{output}/{prefix}-*.parquet"])[0].metadata_list
+    )
+    assert files, f"no {prefix} shards in {output}"
+    tables = []
+    for uri in files:
+        local = f"/tmp/{os.getpid()}-{os.path.basename(uri)}"
+        storage.download(uri, local)
+        tables.append(pq.read_table(local))
+        os.remove(local)
+    return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+
+
+def _decoded_pixels(uris) -> np.ndarray:
+    """What decode_image gives for each local file, as one uint8 batch."""
+    batch = []
+    for uri in uris:
+        with open(uri, "rb") as f:
+            batch.append(decode_image(f.read(), SIZE).pixels)
+    return np.stack(batch)
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(model_dir, corpus_dir, tmp_path_factory):
+    """One in-process run over the corpus, with overlapping patterns and a list file."""
+    root, expected = corpus_dir
+    work = tmp_path_factory.mktemp("run1")
+    listed = work / "list.txt"
+    missing = os.path.join(root, "gone.jpg")
+    first_ok = next(p for p, e in expected.items() if not e.error_type)
+    listed.write_text(f"{first_ok}\n\n{missing}\n{missing}\n")
+    output = str(work / "out")
+    argv = [
+        "--input",
+        root,
+        "--input",
+        os.path.join(root, "formats", "*.jpg"),
+        "--input_list",
+        str(listed),
+        "--model",
+        model_dir,
+        "--output",
+        output,
+        "--top_k",
+        "3",
+        "--batch_size",
+        "4",
+        "--embeddings",
+    ]
+    classify.run(argv)
+    return output, {**expected, missing: None}
+
+
+def test_every_input_is_exactly_one_row(one_worker_run):
+    output, expected = one_worker_run
+    results, errors = _read_rows(output, "results"), _read_rows(output, "errors")
+    uris = list(results.image_uri) + list(errors.image_uri)
+    assert sorted(uris) == sorted(expected)  # nothing lost, nothing twice
+    with open(os.path.join(output, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["inputs"] == len(expected)
+    assert (summary["results"], summary["errors"]) == (len(results), len(errors))
+    assert summary["complete"] is True
+    assert summary["model"]["name"] == "corpus" and summary["model"]["version"] == "1"
+    counts = sorted(results.label.value_counts().items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+    assert [(x["label"], x["count"]) for x in summary["top_labels"]] == counts[:20]
+
+
+def test_each_corpus_file_has_the_expected_row(one_worker_run):
+    output, expected = one_worker_run
+    results = _read_rows(output, "results").set_index("image_uri")
+    errors = _read_rows(output, "errors").set_index("image_uri")
+    for uri, outcome in expected.items():
+        if outcome is None:  # listed but missing
+            assert errors.loc[uri, "stage"] == "read"
+            assert errors.loc[uri, "error_type"] == "FileNotFoundError"
+        elif outcome.error_type:
+            assert errors.loc[uri, "stage"] == "decode", uri
+            assert errors.loc[uri, "error_type"] == outcome.error_type, uri
+            assert errors.loc[uri, "message"], uri
+        else:
+            row = results.loc[uri]
+            assert (row.width, row.height, row.format) == (outcome.width, outcome.height, outcome.format), uri
+            assert (row.model_name, row.model_version) == ("corpus", "1")
+
+
+def test_results_equal_model_predict_on_the_same_pixels(one_worker_run, model_dir):
+    output, _ = one_worker_run
+    results = _read_rows(output, "results")
+    artifact = load_artifact(model_dir)
+    pixels = _decoded_pixels(results.image_uri)
+    probabilities = artifact.model.predict(pixels, verbose=0)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :3]
+    labels_checked = 0
+    for i, row in enumerate(results.itertuples()):
+        top = probabilities[i][order[i]]
+        np.testing.assert_allclose(row.top_k_scores, top, rtol=1e-5, atol=1e-7)
+        assert list(row.top_k_scores) == sorted(row.top_k_scores, reverse=True)
+        assert row.score == row.top_k_scores[0] and row.label == row.top_k_labels[0]
+        distinct = np.diff(top) < -1e-6  # labels are only comparable where scores differ
+        if distinct[0]:
+            assert row.label == LABELS[order[i][0]]
+            labels_checked += 1
+        assert len(set(row.top_k_labels)) == 3
+    assert labels_checked >= len(results) // 2
+
+
+def test_embeddings_are_the_pooled_features_before_the_classifier(one_worker_run, model_dir):
+    output, _ = one_worker_run
+    results = _read_rows(output, "results").head(5)
+    model = load_artifact(model_dir).model
+    features = keras.Model(model.inputs, model.get_layer("predictions").input)
+    pixels = _decoded_pixels(results.image_uri)
+    np.testing.assert_allclose(
+        np.stack(results.embedding), features.predict(pixels, verbose=0), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_output_schema(one_worker_run):
+    output, _ = one_worker_run
+    shard = sorted(glob.glob(os.path.join(output, "results-*-of-*.parquet")))[0]
+    schema = pq.read_schema(shard)
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("image_uri", "string"),
+        ("label", "string"),
+        ("score", "float"),
+        ("top_k_labels", "list<item: string>"),
+        ("top_k_scores", "list<item: float>"),
+        ("width", "int32"),
+        ("height", "int32"),
+        ("format", "string"),
+        ("model_name", "string"),
+        ("model_version", "string"),
+        ("processed_at", "timestamp[us, tz=UTC]"),
+        ("embedding", "list<item: float>"),
+    ]
+    errors = pq.read_schema(sorted(glob.glob(os.path.join(output, "errors-*-of-*.parquet")))[0])
+    assert errors.names == ["image_uri", "stage", "error_type", "message", "processed_at"]
+
+
+def test_two_workers_give_the_same_rows_as_one(one_worker_run, model_dir, corpus_dir, tmp_path):
+    output, _ = one_worker_run
+    root, _ = corpus_dir
+    listed = os.path.join(os.path.dirname(output), "list.txt")
+    two = str(tmp_path / "two")
+    classify.run(
+        [
+            "--input",
+            root,
+            "--input",
+            os.path.join(root, "formats", "*.jpg"),
+            "--input_list",
+            listed,
+            "--model",
+            model_dir,
+            "--output",
+            two,
+            "--top_k",
+            "3",
+            "--batch_size",
+            "4",
+            "--embeddings",
+            "--direct_num_workers",
+            "2",
+            "--direct_running_mode",
+            "multi_processing",
+        ]
+    )
+
+    def comparable(out):
+        results = _read_rows(out, "results").drop(columns=["processed_at"]).sort_values("image_uri")
+        errors = _read_rows(out, "errors").drop(columns=["processed_at"]).sort_values("image_uri")
+        return results.reset_index(drop=True), errors.reset_index(drop=True)
+
+    (r1, e1), (r2, e2) = comparable(output), comparable(two)
+    pd.testing.assert_frame_equal(e1, e2)
+    pd.testing.assert_frame_equal(
+        r1.drop(columns=["top_k_scores", "embedding"]), r2.drop(columns=["top_k_scores", "embedding"])
+    )
+    np.testing.assert_allclose(np.stack(r1.top_k_scores), np.stack(r2.top_k_scores), rtol=1e-5)
+
+
+def test_gcs_input_model_and_output(corpus, model_dir, gcs_bucket, capsys):
+    for relative, (data, _) in list(corpus.items())[:8]:
+        storage.write_atomic(f"{gcs_bucket}/images/{relative}", data)
+    model_uri = f"{gcs_bucket}/models/mnv2"
+    artifact = load_artifact(model_dir)
+    save_artifact(artifact.model, artifact.manifest, model_uri)
+    output = f"{gcs_bucket}/runs/1"
+    assert (
+        main(["classify", "--input", f"{gcs_bucket}/images", "--model", model_uri, "--output", output]) == 0
+    )
+    printed = capsys.readouterr().out
+    results, errors = _read_rows(output, "results"), _read_rows(output, "errors")
+    expected = {f"{gcs_bucket}/images/{r}": e for r, (_, e) in list(corpus.items())[:8]}
+    assert sorted([*results.image_uri, *errors.image_uri]) == sorted(expected)
+    for row in results.itertuples():
+        assert (row.width, row.height) == (expected[row.image_uri].width, expected[row.image_uri].height)
+    summary = json.loads(storage.read_text(f"{output}/summary.json"))
+    assert summary["inputs"] == 8 and summary["complete"]
+    assert f"classified {len(results)} of 8 images" in printed
+
+
+def test_dataflow_job_graph_builds(model_dir, gcs_bucket, capsys):
+    result = classify.run(
+        [
+            "--input",
+            f"{gcs_bucket}/images/**",
+            "--model",
+            model_dir,
+            "--output",
+            f"{gcs_bucket}/out",
+            "--runner",
+            "DataflowRunner",
+            "--dry_run",
+            "--project",
+            "beamvision-test",
+            "--region",
+            "us-central1",
+            "--temp_location",
+            f"{gcs_bucket}/tmp",
+        ]
+    )
+    assert "dry run: built the DataflowRunner job graph" in capsys.readouterr().out
+    names = {t.unique_name for t in result.job.proto_pipeline.components.transforms.values()}
+    for step in ("ReadImages", "DecodeImages", "ClassifyImages", "WriteResults"):
+        assert step in names
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--top_k", "11"], "--top_k 11: the model has only 10 classes"),
+        (["--batch_size", "0"], "argument --batch_size: expected a positive integer, received '0'"),
+        (["--runer", "DataflowRunner"], "unrecognized arguments: --runer DataflowRunner"),
+        (["--direct_num_workers", "two"], "argument --direct_num_workers: invalid int value: 'two'"),
+    ],
+)
+def test_bad_flags_give_one_line(extra, expected, model_dir, tmp_path, capsys):
+    argv = [
+        "classify",
+        "--input",
+        str(tmp_path),
+        "--model",
+        model_dir,
+        "--output",
+        str(tmp_path / "o"),
+        *extra,
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_bad_model_fails_before_any_work(tmp_path, capsys):
+    output = tmp_path / "out"
+    assert (
+        main(
+            ["classify", "--input", str(tmp_path), "--model", str(tmp_path / "nope"), "--output", str(output)]
+        )
+        == 2
+    )
+    assert "no model artifact at" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_missing_input_and_existing_output(model_dir, one_worker_run, tmp_path, capsys):
+    assert main(["classify", "--model", model_dir, "--output", str(tmp_path)]) == 2
+    assert "give at least one --input PATTERN or an --input_list FILE" in capsys.readouterr().err
+    output, _ = one_worker_run
+    assert main(["classify", "--input", str(tmp_path), "--model", model_dir, "--output", output]) == 2
+    assert "already holds results" in capsys.readouterr().err
