@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format test demo clean
+.PHONY: install lint format test demo bench clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP)
 	$(BIN)/beamvision models
 	$(BIN)/beamvision export --architecture squeezenet --weights none --num_classes 10 \
 		--input_size 64 --output demo-output/squeezenet-untrained --overwrite
+
+# Benchmarks are never part of `make test`: they time whole processes and need minutes.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python benchmarks/throughput.py --images 800
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

@@ -28,6 +28,11 @@ EXTRAS_REQUIRE = {
         "scikit-image>=0.26.0",
         "ruff>=0.17.0",
     ],
+    # benchmarks/: the baseline uses Beam's TFModelHandlerNumpy, which imports tensorflow_hub.
+    "bench": [
+        "tensorflow-hub>=0.16.1",
+        "psutil>=5.9",
+    ],
 }
 
 setup(

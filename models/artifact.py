@@ -216,19 +216,32 @@ def load_manifest(uri: str) -> Manifest:
     return manifest
 
 
+# The last model loaded in this process, keyed by (uri, sha256, bytes): when
+# classify validates an artifact at launch and a DirectRunner worker in the
+# same process loads it again, the verified model is reused, not read twice.
+_last_loaded: tuple[tuple, keras.Model] | None = None
+
+
 def load_artifact(uri: str) -> Artifact:
     """Loads and validates the artifact at ``uri`` (local or any Beam filesystem).
+
+    The manifest is always read afresh; the model itself is reused when this
+    process has already verified and loaded the same file content.
 
     Raises:
         ArtifactError: for a missing or partial directory, an unknown schema
             version, a model file that does not match the manifest, a model that
             needs unsafe deserialisation, or labels that do not match the model.
     """
+    global _last_loaded
     manifest = load_manifest(uri)
     model_uri = storage.join(uri, MODEL_FILE)
+    expected = manifest.files[MODEL_FILE]
+    key = (uri, expected.get("sha256"), expected.get("bytes"))
+    if _last_loaded is not None and _last_loaded[0] == key:
+        return Artifact(uri=uri, model=_last_loaded[1], manifest=manifest)
     if not storage.exists(model_uri):
         raise ArtifactError(f"incomplete model artifact at {uri}: {MODEL_FILE} not found")
-    expected = manifest.files[MODEL_FILE]
     with tempfile.TemporaryDirectory() as tmp:
         local_model = os.path.join(tmp, MODEL_FILE)
         storage.download(model_uri, local_model)
@@ -240,6 +253,7 @@ def load_artifact(uri: str) -> Artifact:
             )
         model = _load_keras_safely(local_model, model_uri)
     _check_model_matches(model, manifest, uri)
+    _last_loaded = (key, model)
     return Artifact(uri=uri, model=model, manifest=manifest)
 
 

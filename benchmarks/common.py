@@ -1,0 +1,87 @@
+"""Shared benchmark helpers: photo-like JPEG corpora and timing whole processes.
+
+Images are made from the real photos that ship in scikit-image and
+scikit-learn: random crops, flips and brightness changes, resized and saved as
+JPEG, so that decode cost and content resemble a bucket of camera photos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+
+def sample_photos() -> list[np.ndarray]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    shipped = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    return shipped + list(load_sample_images().images)
+
+
+def make_jpegs(directory: str, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+    """Writes ``count`` photo-like JPEGs of ``size`` (width, height); reuses existing ones."""
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f"photo_{i:05d}.jpg") for i in range(count)]
+    if all(os.path.exists(p) for p in paths):
+        return paths
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(p) for p in sample_photos()]
+    for i, path in enumerate(paths):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        scale = rng.uniform(0.6, 1.0)
+        cw, ch = int(w * scale), int(h * scale)
+        x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        image = photo.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
+        image.save(path, "JPEG", quality=90)
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRun:
+    seconds: float
+    peak_rss_mb: float
+    output: str
+
+
+def run_process(args: list[str], env: dict | None = None) -> ProcessRun:
+    """Runs a command to completion: its wall time and the peak of its process tree's summed RSS."""
+    import psutil
+
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+    )
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - started
+    reader.join()
+    output = "".join(chunks)
+    if proc.returncode != 0:
+        sys.stderr.write(output[-4000:])
+        raise SystemExit(f"benchmark step failed: {' '.join(args)}")
+    return ProcessRun(seconds, peak / 2**20, output)
