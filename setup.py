@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "pillow>=12.3.0",
     "google-cloud-storage>=3.17.0",
     "numpy>=2.0",
+    "matplotlib>=3.9",  # evaluate's confusion-matrix PNG
 ]
 
 EXTRAS_REQUIRE = {
@@ -27,6 +28,7 @@ EXTRAS_REQUIRE = {
         "scikit-learn>=1.9.0",
         "scikit-image>=0.26.0",
         "ruff>=0.17.0",
+        "pandas>=2.2",
     ],
     # benchmarks/: the baseline uses Beam's TFModelHandlerNumpy, which imports tensorflow_hub.
     "bench": [

@@ -51,7 +51,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, mani
 def run(argv: list[str] | None = None) -> PipelineResult:
     """Validates flags and the model artifact, runs the pipeline, prints the summary."""
     args, pipeline_options = options.parse_pipeline_args(
-        "beamvision classify", __doc__.splitlines()[0], options.ClassifyOptions, argv
+        "beamvision classify", __doc__.splitlines()[0], options.add_classify_arguments, argv
     )
     config = options.ClassifyConfig.from_args(args)
     artifact = load_artifact(config.model)  # fails here, before any work, on a bad artifact

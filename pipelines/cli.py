@@ -16,6 +16,7 @@ from pipelines import __version__
 COMMANDS = {
     "models": ("pipelines.list_models", "list the architectures: input sizes, preprocessing, parameters"),
     "export": ("pipelines.export", "pack an architecture and its weights into a model artifact"),
+    "prepare": ("pipelines.prepare", "labelled images to split TFRecord shards for training (Beam)"),
     "classify": ("pipelines.classify", "classify image collections in storage into Parquet results (Beam)"),
 }
 

@@ -1,9 +1,10 @@
 """Command-line options: the one definition of every beamvision flag.
 
-Each command has an options class whose ``add_arguments`` declares its flags
-(for Beam pipelines, a ``PipelineOptions`` subclass whose
-``_add_argparse_args`` calls the same function, so Beam and the CLI see one
-set), and a frozen config dataclass, validated once, that the command runs on.
+Each command has one ``add_<command>_arguments`` function that declares its
+flags (the CLI, its ``--help`` and deploy/metadata.json all follow it) and a
+frozen config dataclass, validated once, that the command runs on. Beam
+pipelines parse their own flags first and hand the rest to Beam
+(``parse_pipeline_args``).
 
 User mistakes raise ``UsageError`` with one line naming the flag and the value
 received; the CLI prints it and exits with status 2, without a traceback.
@@ -193,14 +194,6 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class ClassifyOptions(PipelineOptions):
-    """Beam's view of the classify flags (the same definitions as the CLI's)."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        add_classify_arguments(parser)
-
-
 @dataclasses.dataclass(frozen=True)
 class ClassifyConfig:
     inputs: tuple[str, ...]
@@ -231,26 +224,33 @@ class ClassifyConfig:
 
 
 def parse_pipeline_args(
-    prog: str, description: str, options_class: type[PipelineOptions], argv: list[str] | None
+    prog: str, description: str, add_arguments, argv: list[str] | None
 ) -> tuple[argparse.Namespace, PipelineOptions]:
-    """Parses a pipeline's own flags and Beam's, refusing unknown flags and bad values in one line.
+    """Parses a pipeline's own flags, then Beam's, refusing unknown flags and bad values in one line.
 
-    Every ``PipelineOptions`` subclass (Beam's standard, Google Cloud, worker,
-    direct runner ... options, and ``options_class``) declares its flags on one
-    parser, as Beam itself does, so a typo in a Beam flag is an error here
-    rather than silently ignored.
+    The pipeline's flags are consumed here and never reach Beam (prepare's
+    ``--labels`` would clash with Dataflow's job ``--labels``). What remains
+    is checked against every Beam ``PipelineOptions`` class, as Beam itself
+    declares them, so a typo in a Beam flag is an error, not silently ignored.
     """
     argv = _normalise_flag_values(list(argv or []))
-    parser = _PipelineArgumentParser(prog=prog, description=description, allow_abbrev=False)
-    classes = {str(options_class): options_class}  # the pipeline's own flags first in --help
-    for cls in PipelineOptions.__subclasses__():
-        classes.setdefault(str(cls), cls)
-    for cls in classes.values():
-        cls._add_argparse_args(parser)
-    return parser.parse_args(argv), PipelineOptions(argv)
+    parser = OneLineParser(
+        prog=prog,
+        description=description,
+        allow_abbrev=False,
+        epilog="Beam pipeline options pass through: --runner, --direct_num_workers, --direct_running_mode, "
+        "--project, --region, --temp_location, --setup_file, --sdk_container_image, ...",
+    )
+    add_arguments(parser)
+    args, beam_argv = parser.parse_known_args(argv)
+    beam_parser = _BeamFlagsParser(prog=prog, allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(beam_parser)
+    beam_parser.parse_args(beam_argv)
+    return args, PipelineOptions(beam_argv)
 
 
-class _PipelineArgumentParser(_BeamArgumentParser):
+class _BeamFlagsParser(_BeamArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{self.prog}: error: {message}")
 
@@ -264,3 +264,79 @@ def _normalise_flag_values(argv: list[str]) -> list[str]:
             arg = "--dry_run=True"
         out.append(arg)
     return out
+
+
+# --- beamvision prepare --------------------------------------------------------
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), received {text!r}")
+    return value
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="ROOT",
+        help="dataset root: a folder per class (ROOT/<class>/...), local or gs://",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="CSV",
+        help="CSV of uri,label instead of class folders; relative URIs are under ROOT",
+    )
+    parser.add_argument("--output", required=True, metavar="PREFIX", help="where TFRecord shards and JSON go")
+    parser.add_argument(
+        "--image_size",
+        type=positive_int,
+        required=True,
+        metavar="N",
+        help="square side the images are decoded and resized to",
+    )
+    parser.add_argument("--val_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
+    parser.add_argument("--test_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="salt of the split hash (default 0)")
+    parser.add_argument(
+        "--max_pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"larger images are error rows (default {DEFAULT_MAX_PIXELS:,})",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    input: str
+    labels: str | None
+    output: str
+    image_size: int
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    max_pixels: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PrepareConfig:
+        if args.val_fraction + args.test_fraction >= 1.0:
+            raise UsageError(
+                f"--val_fraction {args.val_fraction} --test_fraction {args.test_fraction}: "
+                "together they must leave some training data (sum below 1)"
+            )
+        return cls(
+            args.input.rstrip("/"),
+            args.labels,
+            args.output.rstrip("/"),
+            args.image_size,
+            args.val_fraction,
+            args.test_fraction,
+            args.seed,
+            args.max_pixels,
+        )

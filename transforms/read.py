@@ -9,6 +9,7 @@ break of the read, spreading the reads over workers.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import glob
 import os
@@ -59,10 +60,18 @@ class ReadImages(beam.PTransform):
     ``errors`` (error rows for inputs that could not be read).
     """
 
-    def __init__(self, patterns: list[str], input_list: str | None = None):
+    def __init__(
+        self,
+        patterns: list[str],
+        input_list: str | None = None,
+        list_is_csv: bool = False,
+        list_root: str | None = None,
+    ):
         super().__init__()
         self._patterns = [expand_pattern(p) for p in patterns]
         self._input_list = input_list
+        self._list_is_csv = list_is_csv
+        self._list_root = list_root
 
     def expand(self, pbegin):
         candidates = []
@@ -78,8 +87,7 @@ class ReadImages(beam.PTransform):
             candidates.append(
                 pbegin
                 | "ReadInputList" >> beam.io.ReadFromText(self._input_list)
-                | "StripLines" >> beam.Map(str.strip)
-                | "SkipBlankLines" >> beam.Filter(bool)
+                | "ListedUris" >> beam.FlatMap(listed_uri, self._list_is_csv, self._list_root)
                 | "KeyListed" >> beam.Map(lambda uri: (uri, None))
             )
         unique = (
@@ -93,6 +101,26 @@ class ReadImages(beam.PTransform):
             "inputs": unique | "InputUris" >> beam.Keys(),
             "errors": read[ERRORS_TAG],
         }
+
+
+def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list[str]:
+    """The URI a list line names: the whole line, or a CSV's first field.
+
+    Blank lines and a CSV header (first field ``uri``) name nothing. A relative
+    path is taken relative to ``root`` when one is given.
+    """
+    if is_csv:
+        fields = next(csv.reader([line]), [])
+        uri = fields[0].strip() if fields else ""
+        if uri.lower() == "uri":
+            return []
+    else:
+        uri = line.strip()
+    if not uri:
+        return []
+    if root and FileSystems.get_scheme(uri) is None and not os.path.isabs(uri):
+        uri = FileSystems.join(root, uri)
+    return [uri]
 
 
 def _first_metadata(values) -> FileMetadata | None:
