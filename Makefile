@@ -26,9 +26,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/beamvision models
-	$(BIN)/beamvision export --architecture squeezenet --weights none --num_classes 10 \
-		--input_size 64 --output demo-output/squeezenet-untrained --overwrite
+	$(BIN)/beamvision demo --workdir demo-output
 
 # Benchmarks are never part of `make test`: they time whole processes and need minutes.
 bench: $(STAMP)

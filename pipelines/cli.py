@@ -17,7 +17,13 @@ COMMANDS = {
     "models": ("pipelines.list_models", "list the architectures: input sizes, preprocessing, parameters"),
     "export": ("pipelines.export", "pack an architecture and its weights into a model artifact"),
     "prepare": ("pipelines.prepare", "labelled images to split TFRecord shards for training (Beam)"),
+    "train": ("pipelines.train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
     "classify": ("pipelines.classify", "classify image collections in storage into Parquet results (Beam)"),
+    "evaluate": ("pipelines.evaluate", "score a classify output against ground truth"),
+    "demo": (
+        "pipelines.demo",
+        "the whole loop on real handwritten digits: prepare, train, classify, evaluate",
+    ),
 }
 
 USAGE = "usage: beamvision [-h] [--version] <command> [<args>]"

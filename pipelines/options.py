@@ -340,3 +340,156 @@ class PrepareConfig:
             args.seed,
             args.max_pixels,
         )
+
+
+# --- beamvision train ----------------------------------------------------------
+
+AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+
+
+def augment_list(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated augmentations, or ``none``."""
+    if text == "none":
+        return ()
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in names if x not in AUGMENTATIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected 'none' or a comma-separated subset of {','.join(AUGMENTATIONS)}, received {text!r}"
+        )
+    return names
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, received {text!r}")
+    return value
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="PREFIX", help="output of beamvision prepare")
+    parser.add_argument(
+        "--architecture",
+        required=True,
+        choices=list_models(),
+        metavar="NAME",
+        help=f"one of: {', '.join(list_models())}",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="model artifact directory to write")
+    parser.add_argument(
+        "--input_size",
+        type=positive_int,
+        metavar="N",
+        help="model input side (default: the prepared image_size)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="none",
+        metavar="{none,imagenet,ARTIFACT,PATH}",
+        help="start from random weights, ImageNet weights, an existing artifact (new head "
+        "for the new labels) or a weights file for this architecture",
+    )
+    parser.add_argument(
+        "--freeze_base",
+        action="store_true",
+        help="train only the new classification head (with --weights imagenet or ARTIFACT)",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=20, metavar="E", help="default 20")
+    parser.add_argument(
+        "--steps_per_epoch",
+        type=positive_int,
+        metavar="N",
+        help="batches per epoch (default: one pass over the training split)",
+    )
+    parser.add_argument("--batch_size", type=positive_int, default=64, metavar="B", help="default 64")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
+    parser.add_argument(
+        "--learning_rate",
+        type=non_negative_float,
+        default=1e-3,
+        metavar="LR",
+        help="peak learning rate of the warm-up + cosine schedule (default 0.001)",
+    )
+    parser.add_argument(
+        "--augment",
+        type=augment_list,
+        default=(),
+        metavar="LIST",
+        help=f"comma-separated subset of {','.join(AUGMENTATIONS)}, or none (default)",
+    )
+    parser.add_argument(
+        "--label_smoothing", type=non_negative_float, default=0.0, metavar="X", help="default 0"
+    )
+    parser.add_argument(
+        "--early_stopping_patience",
+        type=positive_int,
+        default=5,
+        metavar="P",
+        help="epochs without val_loss improvement before stopping; best weights kept (default 5)",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="default 0")
+    parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
+    parser.add_argument("--version", help="model version (default: the training time, UTC)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --output")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    architecture: str
+    output: str
+    input_size: int | None
+    weights: str
+    freeze_base: bool
+    epochs: int
+    steps_per_epoch: int | None
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    augment: tuple[str, ...]
+    label_smoothing: float
+    early_stopping_patience: int
+    seed: int
+    name: str | None
+    version: str | None
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        if args.label_smoothing >= 1:
+            raise UsageError(f"--label_smoothing {args.label_smoothing}: must be below 1")
+        if args.freeze_base and args.weights in ("none",):
+            raise UsageError("--freeze_base: needs pretrained weights (--weights imagenet or an artifact)")
+        spec = get_spec(args.architecture)
+        if args.input_size is not None and args.input_size < spec.min_input_size:
+            raise UsageError(
+                f"--input_size {args.input_size}: {spec.name} needs at least {spec.min_input_size}"
+            )
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "data": args.data.rstrip("/"), "output": args.output.rstrip("/")})
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "augment": list(self.augment)}
+
+
+# --- beamvision evaluate -------------------------------------------------------
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--results", required=True, metavar="DIR", help="output directory of beamvision classify"
+    )
+    parser.add_argument(
+        "--truth",
+        required=True,
+        metavar="{CSV,folders}",
+        help="CSV of uri,label, or 'folders': each image's parent folder is its class",
+    )
+    parser.add_argument(
+        "--output", metavar="DIR", help="where metrics.json and the PNG go (default --results)"
+    )

@@ -1,0 +1,99 @@
+"""Classification metrics, shared by ``train`` (test split) and ``evaluate`` (classify output).
+
+Plain numpy, so both commands report exactly the same figures the same way:
+accuracy, top-5 accuracy where there are more than 5 classes, per-class
+precision/recall/F1/support, macro averages and the confusion matrix (rows:
+true class, columns: predicted class).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def classification_metrics(y_true: np.ndarray, ranked: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Metrics for predictions ranked best first.
+
+    Args:
+        y_true: true class indices, shape [n].
+        ranked: predicted class indices, best first, shape [n, k] (k >= 1).
+        labels: class names; index i names class i.
+
+    Returns:
+        A JSON-ready dict.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    ranked = np.asarray(ranked, dtype=np.int64).reshape(len(y_true), -1)
+    n_classes = len(labels)
+    y_pred = ranked[:, 0] if len(y_true) else np.zeros(0, dtype=np.int64)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    true_positives = np.diag(confusion).astype(float)
+    predicted = confusion.sum(axis=0).astype(float)
+    support = confusion.sum(axis=1).astype(float)
+    precision = np.divide(true_positives, predicted, out=np.zeros(n_classes), where=predicted > 0)
+    recall = np.divide(true_positives, support, out=np.zeros(n_classes), where=support > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(n_classes), where=denominator > 0)
+    metrics: dict[str, Any] = {
+        "examples": len(y_true),
+        "accuracy": float(np.mean(y_pred == y_true)) if len(y_true) else None,
+    }
+    if n_classes > 5:
+        top5 = ranked[:, :5]
+        metrics["top5_accuracy"] = (
+            float(np.mean(np.any(top5 == y_true[:, None], axis=1))) if len(y_true) else None
+        )
+    present = support > 0
+    metrics["macro_precision"] = float(precision[present].mean()) if present.any() else None
+    metrics["macro_recall"] = float(recall[present].mean()) if present.any() else None
+    metrics["macro_f1"] = float(f1[present].mean()) if present.any() else None
+    metrics["per_class"] = {
+        label: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, label in enumerate(labels)
+    }
+    metrics["labels"] = list(labels)
+    metrics["confusion_matrix"] = confusion.tolist()
+    return metrics
+
+
+def save_confusion_png(metrics: dict[str, Any], path: str, title: str) -> None:
+    """Draws the confusion matrix of ``metrics`` to a local PNG file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(metrics["confusion_matrix"])
+    labels = metrics["labels"]
+    size = max(4.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = metrics.get("accuracy")
+    ax.set_title(f"{title} (accuracy {accuracy:.1%})" if accuracy is not None else title)
+    if len(labels) <= 30:
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (row, col), value in np.ndenumerate(matrix):
+            ax.text(
+                col,
+                row,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if value > threshold else "black",
+            )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,228 @@
+"""Keras training of a registered architecture on ``prepare`` output.
+
+Plain functions used by ``beamvision train``: dataset loading with tf.data,
+model construction for each starting point (random, ImageNet, an existing
+artifact, a weights file), the fit itself (warm-up + cosine learning rate,
+early stopping with the best weights restored, checkpoints that let an
+interrupted run resume), and evaluation on the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import keras
+import numpy as np
+
+from models import storage
+from models.artifact import MANIFEST_FILE, load_artifact
+from models.errors import ModelError
+from models.evaluation import classification_metrics
+from models.registry import IMAGENET_CLASSES, ArchitectureSpec, create_model, get_spec
+
+# Keras applications use BatchNorm momentum up to 0.999: on a small dataset
+# (a few hundred steps) the moving statistics never catch up with the weights
+# and inference-mode accuracy collapses. 0.9 tracks them within ~20 steps.
+BATCHNORM_MOMENTUM = 0.9
+
+
+def read_dataset_info(prefix: str) -> tuple[list[str], dict[str, Any]]:
+    """labels.json and stats.json of a prepared dataset.
+
+    Raises:
+        ModelError: when ``prefix`` holds no prepared dataset.
+    """
+    from transforms.dataset import LABELS_FILE, STATS_FILE
+
+    labels_uri, stats_uri = storage.join(prefix, LABELS_FILE), storage.join(prefix, STATS_FILE)
+    if not storage.exists(labels_uri) or not storage.exists(stats_uri):
+        raise ModelError(f"no prepared dataset at {prefix} (labels.json and stats.json not found)")
+    labels = json.loads(storage.read_text(labels_uri))
+    stats = json.loads(storage.read_text(stats_uri))
+    if len(labels) < 2:
+        raise ModelError(f"the dataset at {prefix} has {len(labels)} class; training needs at least 2")
+    return labels, stats
+
+
+def local_shards(prefix: str, split: str, cache_dir: str) -> list[str]:
+    """Local paths of a split's TFRecord shards, copied from remote storage if needed."""
+    from apache_beam.io.filesystems import FileSystems
+
+    matches = FileSystems.match([storage.join(prefix, f"{split}-*.tfrecord")])[0].metadata_list
+    paths = sorted(m.path for m in matches)
+    if FileSystems.get_scheme(prefix) is None:
+        return paths
+    os.makedirs(cache_dir, exist_ok=True)
+    local = []
+    for uri in paths:
+        target = os.path.join(cache_dir, f"{split}-{os.path.basename(uri)}")
+        storage.download(uri, target)
+        local.append(target)
+    return local
+
+
+def dataset_fingerprint(prefix: str, labels: list[str], stats: dict[str, Any]) -> str:
+    """SHA-256 over the labels, the stats and the names and sizes of every shard."""
+    from apache_beam.io.filesystems import FileSystems
+
+    matches = FileSystems.match([storage.join(prefix, "*.tfrecord")])[0].metadata_list
+    shards = sorted((os.path.basename(m.path), m.size_in_bytes) for m in matches)
+    payload = json.dumps({"labels": labels, "stats": stats, "shards": shards}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def make_dataset(files, image_size, input_size, num_classes, batch_size, training, augment=(), seed=0):
+    """tf.data pipeline: parallel reads and parsing, shuffling, augmentation, batching, prefetch.
+
+    Yields (uint8 images [b, input_size, input_size, 3], one-hot float labels [b, classes]).
+    """
+    import tensorflow as tf
+
+    from transforms.dataset import parse_example
+
+    autotune = tf.data.AUTOTUNE
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=autotune)
+    if training:
+        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(lambda s: parse_example(s, image_size), num_parallel_calls=autotune)
+    if input_size != image_size:
+        ds = ds.map(
+            lambda x, y: (
+                tf.cast(tf.round(tf.image.resize(x, [input_size] * 2, antialias=True)), tf.uint8),
+                y,
+            ),
+            num_parallel_calls=autotune,
+        )
+    ds = ds.batch(batch_size)
+    if training and augment:
+        augmenter = _augmenter(augment, seed)
+        ds = ds.map(
+            lambda x, y: (
+                tf.cast(
+                    tf.clip_by_value(tf.round(augmenter(tf.cast(x, tf.float32), training=True)), 0, 255),
+                    tf.uint8,
+                ),
+                y,
+            ),
+            num_parallel_calls=autotune,
+        )
+    ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=autotune)
+    return ds.prefetch(autotune)
+
+
+def _augmenter(names, seed: int) -> keras.Sequential:
+    layers = {
+        "flip": lambda: keras.layers.RandomFlip("horizontal", seed=seed),
+        "rotate": lambda: keras.layers.RandomRotation(0.08, fill_mode="nearest", seed=seed),
+        "zoom": lambda: keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed),
+        "contrast": lambda: keras.layers.RandomContrast(0.2, value_range=(0, 255), seed=seed),
+    }
+    return keras.Sequential([layers[name]() for name in names], name="augment")
+
+
+def with_new_head(model: keras.Model, spec: ArchitectureSpec, num_classes: int) -> keras.Model:
+    """The network up to its classifier's input, then a new classifier for ``num_classes``.
+
+    The new classifier keeps the architecture's classifier layer name, so the
+    embedding rule (the classifier's input) still holds for the result.
+    """
+    features = model.get_layer(spec.classifier_layer).input
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
+    features = keras.layers.Dropout(0.2, name="head_dropout")(features)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name=spec.classifier_layer)(features)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
+def build_model(config, num_classes: int, input_size: int) -> tuple[keras.Model, list[str]]:
+    """The model to train and the names of its new (head) layers, per ``config.weights``."""
+    spec = get_spec(config.architecture)
+    weights = config.weights
+    head = [spec.classifier_layer, "head_pool", "head_dropout"]
+    if weights == "none":
+        return create_model(spec.name, num_classes, input_size), []
+    if weights == "imagenet":
+        if input_size != spec.default_input_size:
+            raise ModelError(
+                f"--weights imagenet: {spec.name}'s ImageNet weights need input_size "
+                f"{spec.default_input_size} "
+                f"(prepare with --image_size {spec.default_input_size}, or pass --input_size)"
+            )
+        base = create_model(spec.name, IMAGENET_CLASSES, input_size, "imagenet")
+        return with_new_head(base, spec, num_classes), head
+    if storage.exists(storage.join(weights, MANIFEST_FILE)):
+        artifact = load_artifact(weights)
+        if artifact.manifest.architecture != spec.name or artifact.manifest.input_size != input_size:
+            raise ModelError(
+                f"--weights {weights}: that artifact is {artifact.manifest.architecture} at "
+                f"{artifact.manifest.input_size}px; this run trains {spec.name} at {input_size}px"
+            )
+        # A fresh copy: the artifact's model may be shared with other users in this process.
+        base = keras.models.clone_model(artifact.model)
+        base.set_weights(artifact.model.get_weights())
+        return with_new_head(base, spec, num_classes), head
+    return create_model(spec.name, num_classes, input_size, weights), []
+
+
+def prepare_for_training(model: keras.Model, head_layers: list[str], freeze_base: bool) -> None:
+    """Freezes all but the head if asked; sets BatchNorm momentum for small data."""
+    for layer in model.layers:
+        if freeze_base and head_layers:
+            layer.trainable = layer.name in head_layers
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = min(layer.momentum, BATCHNORM_MOMENTUM)
+
+
+def compile_model(model: keras.Model, config, num_classes: int, total_steps: int, warmup_steps: int) -> None:
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        warmup_target=config.learning_rate,
+        warmup_steps=warmup_steps,
+    )
+    optimizer = {
+        "adam": lambda: keras.optimizers.Adam(schedule),
+        "sgd": lambda: keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
+        "rmsprop": lambda: keras.optimizers.RMSprop(schedule),
+    }[config.optimizer]()
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=metrics,
+        jit_compile=False,  # XLA is slower than the default kernels on CPU hosts
+    )
+
+
+def checkpoint_dir(output: str) -> str:
+    """A local directory for resumable checkpoints of the run that writes ``output``."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if FileSystems.get_scheme(output) is None:
+        return os.path.abspath(output) + ".checkpoints"
+    key = hashlib.sha256(output.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "beamvision-checkpoints", key)
+
+
+def evaluate(model: keras.Model, dataset, labels: list[str]) -> dict[str, Any]:
+    """Metrics of ``model`` on a (non-repeating) dataset of (images, one-hot labels)."""
+    y_true, ranked = [], []
+    k = min(5, len(labels))
+    for images, onehot in dataset:
+        probabilities = model.predict_on_batch(images)
+        ranked.append(np.argsort(-probabilities, axis=1, kind="stable")[:, :k])
+        y_true.append(np.argmax(onehot.numpy(), axis=1))
+    if not y_true:
+        return classification_metrics(np.zeros(0), np.zeros((0, k)), labels)
+    return classification_metrics(np.concatenate(y_true), np.concatenate(ranked), labels)
+
+
+def steps_for(count: int, batch_size: int) -> int:
+    return max(1, math.ceil(count / batch_size))

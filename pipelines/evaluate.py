@@ -1,0 +1,100 @@
+"""``beamvision evaluate``: score a classify output against ground truth.
+
+    beamvision evaluate --results gs://bucket/runs/1 --truth truth.csv
+    beamvision evaluate --results out/ --truth folders     # the parent folder names the class
+
+Writes metrics.json and confusion_matrix.png (to --output, default the results
+directory): accuracy, top-5 accuracy where there are more than 5 classes,
+per-class precision/recall/F1, the confusion matrix, and how many images with
+a true label have no result (their errors are in errors-*.parquet).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import tempfile
+
+import numpy as np
+
+from models import storage
+from models.evaluation import classification_metrics, save_confusion_png
+from pipelines import options
+
+METRICS_FILE = "metrics.json"
+CONFUSION_FILE = "confusion_matrix.png"
+
+
+def read_results(results_dir: str):
+    """All result rows of a classify output, as one pandas DataFrame."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    shards = FileSystems.match([storage.join(results_dir, "results-*.parquet")])[0].metadata_list
+    if not shards:
+        raise options.UsageError(f"--results {results_dir}: no results-*.parquet shards there")
+    frames = [pq.read_table(io.BytesIO(storage.read_bytes(m.path))).to_pandas() for m in shards]
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_truth(truth: str, uris) -> dict[str, str]:
+    """uri -> true label, from a CSV of uri,label or, with ``folders``, each uri's parent folder."""
+    if truth == "folders":
+        return {uri: posixpath.basename(posixpath.dirname(uri)) for uri in uris}
+    if not storage.exists(truth):
+        raise options.UsageError(f"--truth {truth}: no such file (give a CSV of uri,label or 'folders')")
+    mapping = {}
+    for row in csv.reader(io.StringIO(storage.read_text(truth))):
+        if len(row) >= 2 and row[0].strip() and row[0].strip().lower() != "uri":
+            mapping[row[0].strip()] = row[1].strip()
+    if not mapping:
+        raise options.UsageError(f"--truth {truth}: no uri,label rows")
+    return mapping
+
+
+def score(results, truth: dict[str, str]) -> dict:
+    """Metrics of the results whose URI has a true label; counts the labelled URIs without a result."""
+    matched = results[results.image_uri.isin(truth.keys())]
+    labels = sorted(set(truth.values()) | set(matched.label))
+    index = {label: i for i, label in enumerate(labels)}
+    y_true = np.array([index[truth[uri]] for uri in matched.image_uri], dtype=np.int64)
+    ranked = np.array([[index[x] for x in row] for row in matched.top_k_labels], dtype=np.int64)
+    if len(matched) == 0:
+        ranked = np.zeros((0, 1), dtype=np.int64)
+    metrics = classification_metrics(y_true, ranked, labels)
+    if ranked.shape[1] < 5 and "top5_accuracy" in metrics:
+        metrics["top5_accuracy"] = None  # classify ran with --top_k below 5
+    metrics["labelled_without_result"] = len(set(truth) - set(results.image_uri))
+    metrics["results_without_label"] = int((~results.image_uri.isin(truth.keys())).sum())
+    return metrics
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Scores, writes metrics.json and the confusion-matrix PNG, prints a summary."""
+    args = options.parse("beamvision evaluate", __doc__.splitlines()[0], options.add_evaluate_arguments, argv)
+    output = (args.output or args.results).rstrip("/")
+    results = read_results(args.results)
+    truth = read_truth(args.truth, results.image_uri)
+    metrics = score(results, truth)
+    storage.write_atomic(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, CONFUSION_FILE)
+        save_confusion_png(metrics, png, f"{args.results}")
+        storage.write_atomic(storage.join(output, CONFUSION_FILE), local_path=png)
+    accuracy = metrics["accuracy"]
+    top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
+    print(
+        f"accuracy {accuracy:.1%}{top5} on {metrics['examples']:,} labelled images, macro F1 "
+        f"{metrics['macro_f1']:.3f}; {metrics['labelled_without_result']} labelled images have no result"
+        if accuracy is not None
+        else "no labelled image has a result"
+    )
+    print(
+        f"metrics: {storage.join(output, METRICS_FILE)}, "
+        f"confusion matrix: {storage.join(output, CONFUSION_FILE)}"
+    )
+    return metrics

@@ -1,0 +1,136 @@
+"""``beamvision train``: prepared TFRecords to a trained, evaluated, versioned model artifact.
+
+    beamvision train --data gs://bucket/data/flowers --architecture mobilenet_v2 --output gs://bucket/models/f1
+
+Trains with validation each epoch, keeps checkpoints so an interrupted run
+resumes where it stopped, stops early with the best weights restored,
+evaluates on the test split and exports the artifact that classify runs
+(training config, dataset fingerprint and metrics in its manifest, and
+metrics.json beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from models import ArtifactError, storage
+from models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
+from models.training import (
+    build_model,
+    checkpoint_dir,
+    compile_model,
+    dataset_fingerprint,
+    evaluate,
+    local_shards,
+    make_dataset,
+    prepare_for_training,
+    read_dataset_info,
+    steps_for,
+)
+from pipelines import options
+
+METRICS_FILE = "metrics.json"
+
+
+def run(argv: list[str] | None = None) -> Manifest:
+    """Trains, evaluates and exports; prints per-epoch progress and a summary."""
+    import keras
+
+    args = options.parse("beamvision train", __doc__.splitlines()[0], options.add_train_arguments, argv)
+    config = options.TrainConfig.from_args(args)
+    if not config.overwrite and storage.exists(storage.join(config.output, MANIFEST_FILE)):
+        raise ArtifactError(f"an artifact already exists at {config.output} (pass --overwrite to replace it)")
+    labels, stats = read_dataset_info(config.data)
+    image_size = stats["image_size"]
+    input_size = config.input_size or image_size
+    totals = stats["totals"]
+    if totals["train"] == 0:
+        raise options.UsageError(f"--data {config.data}: the training split is empty")
+    started = time.monotonic()
+    keras.utils.set_random_seed(config.seed)
+    model, head = build_model(config, len(labels), input_size)
+    prepare_for_training(model, head, config.freeze_base)
+
+    with tempfile.TemporaryDirectory() as cache:
+        shards = {split: local_shards(config.data, split, os.path.join(cache, split)) for split in totals}
+
+        def dataset(split, training):
+            return make_dataset(
+                shards[split],
+                image_size,
+                input_size,
+                len(labels),
+                config.batch_size,
+                training,
+                config.augment if training else (),
+                config.seed,
+            )
+
+        steps = config.steps_per_epoch or steps_for(totals["train"], config.batch_size)
+        compile_model(model, config, len(labels), steps * config.epochs, warmup_steps=min(steps, 100))
+        callbacks = [keras.callbacks.BackupAndRestore(checkpoint_dir(config.output))]
+        validation = dataset("val", False) if totals["val"] else None
+        if validation is not None:
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
+                )
+            )
+        print(
+            f"training {config.architecture} at {input_size}px on {totals['train']:,} images, "
+            f"{len(labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",
+            flush=True,
+        )
+        history = model.fit(
+            dataset("train", True),
+            validation_data=validation,
+            epochs=config.epochs,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=2,
+        )
+        evaluated_on = "test" if totals["test"] else "val" if totals["val"] else "train"
+        metrics = evaluate(model, dataset(evaluated_on, False), labels)
+    shutil.rmtree(checkpoint_dir(config.output), ignore_errors=True)
+    metrics = {"evaluated_on": evaluated_on, **metrics}
+    seconds = time.monotonic() - started
+    training = {
+        "config": config.to_dict(),
+        "input_size": input_size,
+        "epochs_run": len(history.history.get("loss", [])),
+        "history": {k: [round(float(v), 5) for v in vs] for k, vs in history.history.items()},
+        "seconds": round(seconds, 1),
+        "dataset": {
+            "prefix": config.data,
+            "fingerprint": dataset_fingerprint(config.data, labels, stats),
+            "image_size": image_size,
+            "totals": totals,
+        },
+    }
+    manifest = new_manifest(
+        model,
+        config.architecture,
+        labels,
+        "trained",
+        name=config.name,
+        version=config.version,
+        training=training,
+        metrics=metrics,
+    )
+    manifest = save_artifact(model, manifest, config.output, overwrite=config.overwrite)
+    storage.write_atomic(storage.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+    top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
+    print(
+        f"trained {config.architecture} in {seconds:.0f}s ({training['epochs_run']} epochs): "
+        f"{evaluated_on} accuracy {metrics['accuracy']:.1%}{top5} on {metrics['examples']:,} images, "
+        f"macro F1 {metrics['macro_f1']:.3f}"
+    )
+    print(
+        f"artifact: {config.output} ({manifest.name} version {manifest.version}); metrics: "
+        f"{storage.join(config.output, METRICS_FILE)}"
+    )
+    return manifest

@@ -1,0 +1,412 @@
+"""prepare, train and evaluate on real handwritten digits (scikit-learn's load_digits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from models import get_spec, list_models
+from models.artifact import load_artifact
+from models.evaluation import classification_metrics
+from pipelines import classify, evaluate, prepare, train
+from pipelines.cli import main
+from pipelines.demo import render_digits
+from transforms.dataset import assign_split, parse_example
+from transforms.decode import decode_image
+
+
+def _render_subset(root: str, classes: int, per_class: int) -> str:
+    """The first ``per_class`` digits of each of the first ``classes`` classes, as PNG folders."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    seen: dict[int, int] = {}
+    for index, (image, target) in enumerate(zip(digits.images, digits.target, strict=True)):
+        if target >= classes or seen.get(target, 0) >= per_class:
+            continue
+        seen[target] = seen.get(target, 0) + 1
+        os.makedirs(os.path.join(root, str(target)), exist_ok=True)
+        Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8)).save(
+            os.path.join(root, str(target), f"digit_{index:04d}.png")
+        )
+    return root
+
+
+def _json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _records(prefix: str, split: str, size: int):
+    files = sorted(tf.io.gfile.glob(os.path.join(prefix, f"{split}-*.tfrecord")))
+    uris, pixels, labels = [], [], []
+    for raw in tf.data.TFRecordDataset(files):
+        example = tf.train.Example.FromString(raw.numpy())
+        uris.append(example.features.feature["uri"].bytes_list.value[0].decode())
+        image, label = parse_example(raw, size)
+        pixels.append(image.numpy())
+        labels.append(int(label))
+    return uris, pixels, labels
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """All 1,797 digits: 90% in class folders, every tenth image held out."""
+    root = str(tmp_path_factory.mktemp("digits"))
+    train_root, holdout_root = render_digits(root)
+    return train_root, holdout_root
+
+
+@pytest.fixture(scope="module")
+def prepared(digits, tmp_path_factory):
+    train_root, _ = digits
+    output = str(tmp_path_factory.mktemp("prepared") / "data")
+    prepare.run(["--input", train_root, "--output", output, "--image_size", "32"])
+    return output
+
+
+def test_prepare_writes_splits_labels_and_stats(prepared, digits):
+    train_root, _ = digits
+    with open(os.path.join(prepared, "labels.json")) as f:
+        labels = json.load(f)
+    with open(os.path.join(prepared, "stats.json")) as f:
+        stats = json.load(f)
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(train_root) for n in names)
+    assert labels == [str(i) for i in range(10)]
+    assert stats["inputs"] == stats["examples"] == len(files) == 1617
+    assert stats["errors"] == 0
+    assert sum(stats["totals"].values()) == len(files)
+    for split in ("train", "val", "test"):
+        uris, _, split_labels = _records(prepared, split, 32)
+        assert len(uris) == stats["totals"][split]
+        assert all(assign_split(os.path.relpath(u, train_root), 0.1, 0.1, 0) == split for u in uris)
+        assert all(
+            labels[label] == os.path.basename(os.path.dirname(u))
+            for u, label in zip(uris, split_labels, strict=True)
+        )
+        counts = {name: sum(labels[x] == name for x in split_labels) for name in labels}
+        assert counts == stats["counts"][split]
+    assert 0.75 < stats["totals"]["train"] / len(files) < 0.85
+
+
+def test_training_and_inference_see_the_same_pixels(prepared):
+    """The TFRecord pixels are exactly what classify's decode gives for the same file."""
+    uris, pixels, _ = _records(prepared, "val", 32)
+    for uri, stored in zip(uris[:25], pixels[:25], strict=True):
+        with open(uri, "rb") as f:
+            np.testing.assert_array_equal(stored, decode_image(f.read(), 32).pixels)
+
+
+def test_split_is_a_stable_function_of_path_and_seed():
+    keys = [f"{c}/img_{i}.png" for c in range(10) for i in range(1000)]
+    splits = [assign_split(k, 0.1, 0.2, seed=7) for k in keys]
+    assert splits == [assign_split(k, 0.1, 0.2, seed=7) for k in keys]
+    assert abs(splits.count("test") / len(keys) - 0.2) < 0.02
+    assert abs(splits.count("val") / len(keys) - 0.1) < 0.02
+    assert splits != [assign_split(k, 0.1, 0.2, seed=8) for k in keys]
+
+
+def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path):
+    root = _render_subset(str(tmp_path / "root"), classes=2, per_class=6)
+    with open(os.path.join(root, "0", "broken.png"), "wb") as f:
+        f.write(b"\x89PNG not really")
+    stray = os.path.join(root, "1", sorted(os.listdir(os.path.join(root, "1")))[0])
+    with open(stray, "rb") as src, open(os.path.join(root, "stray.png"), "wb") as f:  # not in a class folder
+        f.write(src.read())
+    out = str(tmp_path / "data")
+    prepare.run(
+        [
+            "--input",
+            root,
+            "--output",
+            out,
+            "--image_size",
+            "16",
+            "--val_fraction",
+            "0",
+            "--test_fraction",
+            "0.5",
+        ]
+    )
+    stats = _json(os.path.join(out, "stats.json"))
+    assert (stats["inputs"], stats["examples"], stats["errors"]) == (14, 12, 2)
+    errors = pd.read_parquet(next(os.path.join(out, n) for n in os.listdir(out) if n.startswith("errors-")))
+    assert sorted(zip(errors.stage, errors.error_type, strict=True)) == [
+        ("decode", "NotAnImage"),
+        ("label", "NoLabel"),
+    ]
+
+    csv_path = tmp_path / "labels.csv"
+    rows = ["uri,label"] + [
+        f"{c}/{n},{'odd' if c == '1' else 'even'}"
+        for c in ("0", "1")
+        for n in sorted(os.listdir(os.path.join(root, c)))
+        if n.startswith("digit")
+    ]
+    csv_path.write_text("\n".join(rows) + "\n")
+    out_csv = str(tmp_path / "data_csv")
+    prepare.run(["--input", root, "--labels", str(csv_path), "--output", out_csv, "--image_size", "16"])
+    assert _json(os.path.join(out_csv, "labels.json")) == ["even", "odd"]
+    assert _json(os.path.join(out_csv, "stats.json"))["examples"] == 12
+
+
+def test_metrics_agree_with_scikit_learn():
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 7, 500)
+    ranked = np.stack(
+        [np.where(rng.random(500) < 0.7, y_true, rng.integers(0, 7, 500)), *rng.integers(0, 7, (4, 500))],
+        axis=1,
+    )
+    metrics = classification_metrics(y_true, ranked, [f"c{i}" for i in range(7)])
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, ranked[:, 0], zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(np.mean(ranked[:, 0] == y_true))
+    assert metrics["top5_accuracy"] == pytest.approx(np.mean((ranked == y_true[:, None]).any(axis=1)))
+    assert metrics["confusion_matrix"] == confusion_matrix(y_true, ranked[:, 0]).tolist()
+    for i in range(7):
+        row = metrics["per_class"][f"c{i}"]
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
+            (precision[i], recall[i], f1[i], support[i])
+        )
+    assert metrics["macro_f1"] == pytest.approx(f1.mean())
+
+
+def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, capsys):
+    """From scratch, a few CPU minutes: train, classify held-out images, evaluate."""
+    _, holdout = digits
+    model_dir = str(tmp_path / "model")
+    manifest = train.run(
+        [
+            "--data",
+            prepared,
+            "--architecture",
+            "mobilenet_v2",
+            "--output",
+            model_dir,
+            "--epochs",
+            "10",
+            "--augment",
+            "rotate,zoom",
+            "--name",
+            "digits",
+            "--version",
+            "t1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "Epoch 1/10" in out and "trained mobilenet_v2" in out
+    assert manifest.metrics["evaluated_on"] == "test"
+    assert manifest.metrics["accuracy"] >= 0.8
+    assert manifest.training["dataset"]["fingerprint"] and manifest.training["config"]["epochs"] == 10
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        assert json.load(f)["accuracy"] == manifest.metrics["accuracy"]
+
+    results = str(tmp_path / "results")
+    classify.run(["--input", holdout, "--model", model_dir, "--output", results])
+    metrics = evaluate.run(["--results", results, "--truth", "folders"])
+    rows = pd.concat(
+        pd.read_parquet(os.path.join(results, n)) for n in os.listdir(results) if n.startswith("results-")
+    )
+    truth = rows.image_uri.map(lambda u: os.path.basename(os.path.dirname(u)))
+    assert metrics["examples"] == len(rows) == 180
+    assert metrics["accuracy"] == pytest.approx(float((rows.label == truth).mean()))
+    assert metrics["accuracy"] >= 0.8
+    with open(os.path.join(results, "confusion_matrix.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    csv_truth = tmp_path / "truth.csv"
+    csv_truth.write_text(
+        "uri,label\n" + "\n".join(f"{u},{t}" for u, t in zip(rows.image_uri, truth, strict=True)) + "\n"
+    )
+    assert (
+        evaluate.run(["--results", results, "--truth", str(csv_truth), "--output", str(tmp_path / "ev")])[
+            "accuracy"
+        ]
+        == metrics["accuracy"]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_datasets(tmp_path_factory):
+    """Three digit classes, 12 images each, prepared at every minimum input size the registry needs."""
+    root = _render_subset(str(tmp_path_factory.mktemp("tiny")), classes=3, per_class=12)
+    datasets = {}
+    for size in sorted({get_spec(name).min_input_size for name in list_models()}):
+        out = str(tmp_path_factory.mktemp(f"tiny{size}") / "data")
+        prepare.run(
+            [
+                "--input",
+                root,
+                "--output",
+                out,
+                "--image_size",
+                str(size),
+                "--val_fraction",
+                "0.2",
+                "--test_fraction",
+                "0.2",
+            ]
+        )
+        datasets[size] = out
+    return root, datasets
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_architecture_trains_exports_and_classifies(name, tiny_datasets, tmp_path):
+    root, datasets = tiny_datasets
+    size = get_spec(name).min_input_size
+    model_dir = str(tmp_path / name)
+    train.run(
+        [
+            "--data",
+            datasets[size],
+            "--architecture",
+            name,
+            "--output",
+            model_dir,
+            "--epochs",
+            "1",
+            "--steps_per_epoch",
+            "2",
+            "--batch_size",
+            "8",
+        ]
+    )
+    artifact = load_artifact(model_dir)
+    assert artifact.manifest.labels == ["0", "1", "2"] and artifact.manifest.input_size == size
+    results = str(tmp_path / "results")
+    classify.run(["--input", root, "--model", model_dir, "--output", results, "--top_k", "2"])
+    summary = _json(os.path.join(results, "summary.json"))
+    assert (summary["inputs"], summary["results"], summary["errors"]) == (36, 36, 0)
+
+
+def test_transfer_from_an_artifact_with_a_frozen_base(tiny_datasets, prepared, tmp_path):
+    _, datasets = tiny_datasets
+    source = str(tmp_path / "source")
+    train.run(
+        [
+            "--data",
+            prepared,
+            "--architecture",
+            "squeezenet",
+            "--output",
+            source,
+            "--epochs",
+            "1",
+            "--steps_per_epoch",
+            "2",
+        ]
+    )
+    base_before = load_artifact(source).model.get_layer("fire9_expand3x3").get_weights()[0].copy()
+    target = str(tmp_path / "target")
+    manifest = train.run(
+        [
+            "--data",
+            datasets[32],
+            "--architecture",
+            "squeezenet",
+            "--output",
+            target,
+            "--weights",
+            source,
+            "--freeze_base",
+            "--epochs",
+            "1",
+            "--steps_per_epoch",
+            "3",
+            "--batch_size",
+            "8",
+        ]
+    )
+    assert manifest.labels == ["0", "1", "2"]
+    model = load_artifact(target).model
+    np.testing.assert_array_equal(model.get_layer("fire9_expand3x3").get_weights()[0], base_before)
+    assert model.output_shape == (None, 3)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_datasets, tmp_path):
+    _, datasets = tiny_datasets
+    output = str(tmp_path / "resumed")
+    argv = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "train",
+        "--data",
+        datasets[32],
+        "--architecture",
+        "squeezenet",
+        "--output",
+        output,
+        "--epochs",
+        "4",
+        "--steps_per_epoch",
+        "2",
+        "--batch_size",
+        "8",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # epoch 1 is done and checkpointed once epoch 2 starts
+        if line.startswith("Epoch 2/4"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert os.path.isdir(output + ".checkpoints")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "Epoch 1/4" not in result.stdout and "Epoch 2/4" in result.stdout
+    assert load_artifact(output).manifest.training["epochs_run"] == 3
+    assert not os.path.exists(output + ".checkpoints")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["train", "--data", "d", "--architecture", "squeezenet", "--output", "o", "--augment", "blur"],
+            "argument --augment: expected 'none' or a comma-separated subset of flip,rotate,zoom,contrast",
+        ),
+        (
+            ["train", "--data", "/nope", "--architecture", "squeezenet", "--output", "/tmp/o-nope"],
+            "no prepared dataset at /nope",
+        ),
+        (
+            ["train", "--data", "d", "--architecture", "squeezenet", "--output", "o", "--freeze_base"],
+            "--freeze_base: needs pretrained weights",
+        ),
+        (
+            ["prepare", "--input", "i", "--output", "o", "--image_size", "32", "--val_fraction", "1.5"],
+            "argument --val_fraction: expected a fraction in [0, 1), received '1.5'",
+        ),
+        (
+            [
+                "prepare",
+                "--input",
+                "i",
+                "--output",
+                "o",
+                "--image_size",
+                "32",
+                "--val_fraction",
+                "0.5",
+                "--test_fraction",
+                "0.5",
+            ],
+            "together they must leave some training data",
+        ),
+        (["evaluate", "--results", "/nope", "--truth", "folders"], "no results-*.parquet shards there"),
+    ],
+)
+def test_training_commands_refuse_bad_flags_in_one_line(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
