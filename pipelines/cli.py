@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one beamvision command; returns the process exit status."""
     # TensorFlow's C++ start-up chatter (CUDA probing on CPU hosts) hides real output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Progress lines must show as they happen, also when output goes to a file or a pipe.
+    sys.stdout.reconfigure(line_buffering=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_help())

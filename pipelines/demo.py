@@ -20,7 +20,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo-output", metavar="DIR", help="default demo-output")
     parser.add_argument("--architecture", default="mobilenet_v2", metavar="NAME", help="default mobilenet_v2")
     parser.add_argument("--image_size", type=options.positive_int, default=32, metavar="N", help="default 32")
-    parser.add_argument("--epochs", type=options.positive_int, default=25, metavar="E", help="default 25")
+    parser.add_argument("--epochs", type=options.positive_int, default=30, metavar="E", help="default 30")
 
 
 def render_digits(root: str, holdout_every: int = 10) -> tuple[str, str]:
@@ -31,8 +31,10 @@ def render_digits(root: str, holdout_every: int = 10) -> tuple[str, str]:
 
     digits = load_digits()
     train_root, holdout_root = os.path.join(root, "digits"), os.path.join(root, "holdout")
+    seen: dict[int, int] = {}
     for index, (image, target) in enumerate(zip(digits.images, digits.target, strict=True)):
-        folder = holdout_root if index % holdout_every == 0 else train_root
+        seen[target] = seen.get(target, 0) + 1  # every tenth image of each class is held out
+        folder = holdout_root if seen[target] % holdout_every == 0 else train_root
         os.makedirs(os.path.join(folder, str(target)), exist_ok=True)
         pixels = np.round(image * (255 / 16)).astype(np.uint8)  # 17 grey levels (0..16) to 0..255
         Image.fromarray(pixels).save(os.path.join(folder, str(target), f"digit_{index:04d}.png"))
@@ -62,8 +64,12 @@ def run(argv: list[str] | None = None) -> dict:
             str(args.epochs),
             "--augment",
             "rotate,zoom",
+            "--label_smoothing",
+            "0.1",
+            "--learning_rate",
+            "0.002",
             "--early_stopping_patience",
-            "8",
+            "10",
             "--name",
             "digits",
             "--version",

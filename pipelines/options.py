@@ -17,7 +17,7 @@ import dataclasses
 
 from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-from models import ModelError, get_spec, list_models
+from models import get_spec, list_models
 from transforms.decode import DEFAULT_MAX_PIXELS
 
 
@@ -32,15 +32,24 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
-    return value
+def _checked_number(convert, is_valid, expected: str):
+    """An argparse type that converts text and rejects invalid values, naming the value received."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, received {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
+fraction = _checked_number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
+non_negative_float = _checked_number(float, lambda v: v >= 0.0, "a non-negative number")
 
 
 def parse(prog: str, description: str, add_arguments, argv: list[str] | None) -> argparse.Namespace:
@@ -144,11 +153,6 @@ class ExportConfig:
             args.version,
             args.overwrite,
         )
-
-
-def config_error(flag: str, value, exc: ModelError) -> UsageError:
-    """A ``UsageError`` for ``flag value`` from a model-layer error."""
-    return UsageError(f"{flag} {value}: {exc}")
 
 
 # --- beamvision classify -------------------------------------------------------
@@ -269,17 +273,6 @@ def _normalise_flag_values(argv: list[str]) -> list[str]:
 # --- beamvision prepare --------------------------------------------------------
 
 
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), received {text!r}")
-    return value
-
-
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
@@ -359,16 +352,6 @@ def augment_list(text: str) -> tuple[str, ...]:
             f"expected 'none' or a comma-separated subset of {','.join(AUGMENTATIONS)}, received {text!r}"
         )
     return names
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, received {text!r}")
-    return value
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -92,6 +92,7 @@ def run(argv: list[str] | None = None) -> Manifest:
             steps_per_epoch=steps,
             callbacks=callbacks,
             verbose=2,
+            shuffle=False,  # the tf.data pipeline shuffles
         )
         evaluated_on = "test" if totals["test"] else "val" if totals["val"] else "train"
         metrics = evaluate(model, dataset(evaluated_on, False), labels)

@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 
-import h5py
 import keras
 import numpy as np
 import pytest
+from keras_cache import write_mobilenet_v2_weights
 
 from models import create_model, get_spec, list_models, storage
 from models.artifact import load_artifact
@@ -277,18 +277,7 @@ def test_export_imagenet_uses_the_weights_file_in_keras_cache(tmp_path, photo_ba
     artifact computes with: its predictions must equal those of Keras's
     MobileNetV2 with the same weights on Keras's own preprocess_input.
     """
-    from keras.src.legacy.saving import legacy_h5_format
-
-    reference = keras.applications.MobileNetV2(weights=None)
-    rng = np.random.default_rng(0)
-    # Distinct weights, so a silent fall-back to anything else would show.
-    reference.set_weights([w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in reference.get_weights()])
-    cache = tmp_path / "keras_home" / "models"
-    cache.mkdir(parents=True)
-    weights_file = cache / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
-    with h5py.File(weights_file, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, reference)
-
+    reference = write_mobilenet_v2_weights(str(tmp_path / "keras_home"))
     out = str(tmp_path / "mnv2")
     result = _run_cli(
         "export",

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from keras_cache import write_mobilenet_v2_weights
 
 from models import get_spec, list_models
 from models.artifact import load_artifact
@@ -82,7 +83,7 @@ def test_prepare_writes_splits_labels_and_stats(prepared, digits):
         stats = json.load(f)
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(train_root) for n in names)
     assert labels == [str(i) for i in range(10)]
-    assert stats["inputs"] == stats["examples"] == len(files) == 1617
+    assert stats["inputs"] == stats["examples"] == len(files) == 1621
     assert stats["errors"] == 0
     assert sum(stats["totals"].values()) == len(files)
     for split in ("train", "val", "test"):
@@ -194,7 +195,7 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
             "--output",
             model_dir,
             "--epochs",
-            "10",
+            "8",
             "--augment",
             "rotate,zoom",
             "--name",
@@ -204,10 +205,10 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
         ]
     )
     out = capsys.readouterr().out
-    assert "Epoch 1/10" in out and "trained mobilenet_v2" in out
+    assert "Epoch 1/8" in out and "trained mobilenet_v2" in out
     assert manifest.metrics["evaluated_on"] == "test"
     assert manifest.metrics["accuracy"] >= 0.8
-    assert manifest.training["dataset"]["fingerprint"] and manifest.training["config"]["epochs"] == 10
+    assert manifest.training["dataset"]["fingerprint"] and manifest.training["config"]["epochs"] == 8
     with open(os.path.join(model_dir, "metrics.json")) as f:
         assert json.load(f)["accuracy"] == manifest.metrics["accuracy"]
 
@@ -218,7 +219,7 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
         pd.read_parquet(os.path.join(results, n)) for n in os.listdir(results) if n.startswith("results-")
     )
     truth = rows.image_uri.map(lambda u: os.path.basename(os.path.dirname(u)))
-    assert metrics["examples"] == len(rows) == 180
+    assert metrics["examples"] == len(rows) == 176
     assert metrics["accuracy"] == pytest.approx(float((rows.label == truth).mean()))
     assert metrics["accuracy"] >= 0.8
     with open(os.path.join(results, "confusion_matrix.png"), "rb") as f:
@@ -410,3 +411,58 @@ def test_training_commands_refuse_bad_flags_in_one_line(argv, expected, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_transfer_from_imagenet_weights_in_keras_cache(tiny_datasets, tmp_path):
+    """--weights imagenet --freeze_base: the base keeps the ImageNet weights; a new head learns 3 classes."""
+    root, _ = tiny_datasets
+    data = str(tmp_path / "data224")
+    prepare.run(
+        [
+            "--input",
+            root,
+            "--output",
+            data,
+            "--image_size",
+            "224",
+            "--val_fraction",
+            "0.2",
+            "--test_fraction",
+            "0.2",
+        ]
+    )
+    reference = write_mobilenet_v2_weights(str(tmp_path / "keras_home"))
+    output = str(tmp_path / "transfer")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "train",
+            "--data",
+            data,
+            "--architecture",
+            "mobilenet_v2",
+            "--output",
+            output,
+            "--weights",
+            "imagenet",
+            "--freeze_base",
+            "--epochs",
+            "1",
+            "--steps_per_epoch",
+            "2",
+            "--batch_size",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "KERAS_HOME": str(tmp_path / "keras_home")},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    model = load_artifact(output).model
+    assert model.output_shape == (None, 3)
+    np.testing.assert_array_equal(
+        model.get_layer("Conv_1").get_weights()[0], reference.get_layer("Conv_1").get_weights()[0]
+    )

@@ -1,5 +1,7 @@
 """Image decoding: bytes in, uint8 pixels at model input size out, or a clear error.
 
+``decode_image`` (a plain function) does the work; ``DecodeImages`` applies it
+in a pipeline, on threads ahead of inference, sending failures to error rows.
 ``decode_image`` is the one decode-and-resize function of beamvision: the
 training pipeline (``prepare``) and inference (``classify``) both call it, so
 a model sees the same pixels in both.
