@@ -195,9 +195,13 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
             "--output",
             model_dir,
             "--epochs",
-            "8",
+            "10",
             "--augment",
             "rotate,zoom",
+            "--label_smoothing",
+            "0.1",
+            "--learning_rate",
+            "0.002",
             "--name",
             "digits",
             "--version",
@@ -205,10 +209,10 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
         ]
     )
     out = capsys.readouterr().out
-    assert "Epoch 1/8" in out and "trained mobilenet_v2" in out
+    assert "Epoch 1/10" in out and "trained mobilenet_v2" in out
     assert manifest.metrics["evaluated_on"] == "test"
     assert manifest.metrics["accuracy"] >= 0.8
-    assert manifest.training["dataset"]["fingerprint"] and manifest.training["config"]["epochs"] == 8
+    assert manifest.training["dataset"]["fingerprint"] and manifest.training["config"]["epochs"] == 10
     with open(os.path.join(model_dir, "metrics.json")) as f:
         assert json.load(f)["accuracy"] == manifest.metrics["accuracy"]
 
