@@ -52,9 +52,14 @@ fraction = _checked_number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1
 non_negative_float = _checked_number(float, lambda v: v >= 0.0, "a non-negative number")
 
 
+def _summary(doc_line: str) -> str:
+    """A module docstring's first line without its leading ``command``: label, for --help."""
+    return doc_line.split(": ", 1)[1] if doc_line.startswith("``") and ": " in doc_line else doc_line
+
+
 def parse(prog: str, description: str, add_arguments, argv: list[str] | None) -> argparse.Namespace:
     """Parses ``argv`` with the flags ``add_arguments`` declares; unknown flags are errors."""
-    parser = OneLineParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=_summary(description))
     add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -240,7 +245,7 @@ def parse_pipeline_args(
     argv = _normalise_flag_values(list(argv or []))
     parser = OneLineParser(
         prog=prog,
-        description=description,
+        description=_summary(description),
         allow_abbrev=False,
         epilog="Beam pipeline options pass through: --runner, --direct_num_workers, --direct_running_mode, "
         "--project, --region, --temp_location, --setup_file, --sdk_container_image, ...",
