@@ -64,6 +64,25 @@ def parse(prog: str, description: str, add_arguments, argv: list[str] | None) ->
     return parser.parse_args(argv)
 
 
+# --- flags shared by commands that write model artifacts ---------------------
+
+
+def _add_architecture_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--architecture",
+        required=True,
+        choices=list_models(),
+        metavar="NAME",
+        help=f"one of: {', '.join(list_models())}",
+    )
+
+
+def _add_artifact_identity_arguments(parser: argparse.ArgumentParser, made_by: str) -> None:
+    parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
+    parser.add_argument("--version", help=f"model version recorded in results (default: {made_by} time, UTC)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --output")
+
+
 # --- beamvision models ---------------------------------------------------------
 
 
@@ -80,13 +99,7 @@ WEIGHTS_HELP = (
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--architecture",
-        required=True,
-        choices=list_models(),
-        metavar="NAME",
-        help=f"one of: {', '.join(list_models())}",
-    )
+    _add_architecture_argument(parser)
     parser.add_argument("--weights", required=True, metavar="{imagenet,none,PATH}", help=WEIGHTS_HELP)
     classes = parser.add_mutually_exclusive_group()
     classes.add_argument(
@@ -108,9 +121,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="square input side in pixels (default: the architecture's)",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="artifact directory, local or URI")
-    parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
-    parser.add_argument("--version", help="model version recorded in results (default: export time, UTC)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --output")
+    _add_artifact_identity_arguments(parser, "export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,13 +372,7 @@ def augment_list(text: str) -> tuple[str, ...]:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="PREFIX", help="output of beamvision prepare")
-    parser.add_argument(
-        "--architecture",
-        required=True,
-        choices=list_models(),
-        metavar="NAME",
-        help=f"one of: {', '.join(list_models())}",
-    )
+    _add_architecture_argument(parser)
     parser.add_argument("--output", required=True, metavar="DIR", help="model artifact directory to write")
     parser.add_argument(
         "--input_size",
@@ -421,9 +426,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="epochs without val_loss improvement before stopping; best weights kept (default 5)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default 0")
-    parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
-    parser.add_argument("--version", help="model version (default: the training time, UTC)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --output")
+    _add_artifact_identity_arguments(parser, "training")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from models.artifact import load_artifact
 from models.evaluation import classification_metrics
 from pipelines import classify, evaluate, prepare, train
 from pipelines.cli import main
-from pipelines.demo import render_digits
+from pipelines.demo import DIGITS_SCHEDULE, render_digits
 from transforms.dataset import assign_split, parse_example
 from transforms.decode import decode_image
 
@@ -196,12 +196,7 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
             model_dir,
             "--epochs",
             "10",
-            "--augment",
-            "rotate,zoom",
-            "--label_smoothing",
-            "0.1",
-            "--learning_rate",
-            "0.002",
+            *DIGITS_SCHEDULE,
             "--name",
             "digits",
             "--version",
