@@ -64,7 +64,7 @@ def parse(prog: str, description: str, add_arguments, argv: list[str] | None) ->
     return parser.parse_args(argv)
 
 
-# --- flags shared by commands that write model artifacts ---------------------
+# --- flags shared by several commands -----------------------------------------
 
 
 def _add_architecture_argument(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +81,17 @@ def _add_artifact_identity_arguments(parser: argparse.ArgumentParser, made_by: s
     parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
     parser.add_argument("--version", help=f"model version recorded in results (default: {made_by} time, UTC)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --output")
+
+
+def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """The decompression-bomb limit of decode_image, shared by classify and prepare."""
+    parser.add_argument(
+        "--max_pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"larger images (width x height) are error rows (default {DEFAULT_MAX_PIXELS:,})",
+    )
 
 
 # --- beamvision models ---------------------------------------------------------
@@ -202,13 +213,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write each image's pooled features before the classifier",
     )
-    parser.add_argument(
-        "--max_pixels",
-        type=positive_int,
-        default=DEFAULT_MAX_PIXELS,
-        metavar="N",
-        help=f"larger images (width x height) are error rows (default {DEFAULT_MAX_PIXELS:,})",
-    )
+    _add_max_pixels_argument(parser)
     parser.add_argument(
         "--overwrite", action="store_true", help="replace results, errors and summary already in --output"
     )
@@ -312,13 +317,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
     parser.add_argument("--test_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="salt of the split hash (default 0)")
-    parser.add_argument(
-        "--max_pixels",
-        type=positive_int,
-        default=DEFAULT_MAX_PIXELS,
-        metavar="N",
-        help=f"larger images are error rows (default {DEFAULT_MAX_PIXELS:,})",
-    )
+    _add_max_pixels_argument(parser)
 
 
 @dataclasses.dataclass(frozen=True)
