@@ -31,7 +31,7 @@ from transforms.dataset import (
 )
 from transforms.decode import DecodeImages
 from transforms.read import ReadImages, listed_uri
-from transforms.write import ERROR_SCHEMA, ERRORS_PREFIX, ERRORS_TAG, error_row
+from transforms.write import ERRORS_TAG, WriteErrors, error_row
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> None:
@@ -71,13 +71,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
             >> beam.io.WriteToTFRecord(shard_prefix(config.output, split), file_name_suffix=".tfrecord")
         )
     errors = (read["errors"], decoded["errors"], labelled[ERRORS_TAG]) | "AllErrors" >> beam.Flatten()
-    written.append(
-        errors
-        | "WriteErrors"
-        >> beam.io.WriteToParquet(
-            storage.join(config.output, ERRORS_PREFIX), ERROR_SCHEMA, file_name_suffix=".parquet"
-        )
-    )
+    written.append(errors | "WriteErrorShards" >> WriteErrors(config.output))
     count = beam.combiners.Count
     _ = (
         pipeline

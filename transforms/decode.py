@@ -102,8 +102,6 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         image = ImageOps.exif_transpose(image)
         rgb = to_rgb(image)
         pixels = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except DecodeError:
-        raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise DecodeError("CorruptImage", f"cannot decode {file_format} data: {exc}") from None
     return DecodedImage(pixels=pixels, width=width, height=height, format=file_format)

@@ -17,6 +17,7 @@ Failed batches go to the error output (stage ``inference``), one row per image.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -197,8 +198,6 @@ class _FormatResultFn(beam.DoFn):
         yield row
 
     def _log_progress(self):
-        import logging
-
         self._count += 1
         now = time.monotonic()
         if now - self._last_log >= self.LOG_EVERY_SECONDS:

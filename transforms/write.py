@@ -113,6 +113,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
+class WriteErrors(beam.PTransform):
+    """Writes error rows as ``errors-SSSSS-of-NNNNN.parquet`` under ``output``; yields the file names."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self._output = output
+
+    def expand(self, errors):
+        return errors | "WriteParquet" >> beam.io.WriteToParquet(
+            storage.join(self._output, ERRORS_PREFIX), ERROR_SCHEMA, file_name_suffix=".parquet"
+        )
+
+
 class WriteResults(beam.PTransform):
     """Writes result and error rows as Parquet shards, then summary.json.
 
@@ -134,9 +147,7 @@ class WriteResults(beam.PTransform):
             result_schema(self._embeddings),
             file_name_suffix=".parquet",
         )
-        written_errors = errors | "WriteErrorShards" >> beam.io.WriteToParquet(
-            storage.join(self._output, ERRORS_PREFIX), ERROR_SCHEMA, file_name_suffix=".parquet"
-        )
+        written_errors = errors | "WriteErrorShards" >> WriteErrors(self._output)
         count = beam.combiners.Count
         top_labels = (
             results
