@@ -22,8 +22,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The suite runs on every core (at most 4 workers: each holds a TensorFlow process).
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 demo: $(STAMP)
 	$(BIN)/beamvision demo --workdir demo-output

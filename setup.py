@@ -1,12 +1,30 @@
 """Distribution "beamvision": batch image classification on Apache Beam and Keras.
 
-Installs the packages ``pipelines`` (entry points), ``transforms`` (Beam
-transforms) and ``models`` (architecture registry and artifact format), and the
-``beamvision`` console script. The same file is what ``--setup_file`` ships to
-Dataflow workers.
+Installs one import package, ``beamvision``, and the ``beamvision`` console
+script. The repository keeps the product's layout (top-level ``pipelines/``,
+``transforms/`` and ``models/``); ``package_dir`` maps each folder to its place
+under ``beamvision`` (``models/`` -> ``beamvision.models``), so nothing generic
+lands at the top of site-packages. The same file is what ``--setup_file`` ships
+to Dataflow workers (as an sdist) and what the Docker image installs.
 """
 
+import pathlib
+import re
+
 from setuptools import setup
+
+HERE = pathlib.Path(__file__).parent
+# The version lives in one place, beamvision/__init__.py.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "beamvision" / "__init__.py").read_text(), re.M)[1]
+
+# Import package -> source folder. beamvision/ holds only the package root
+# (version, storage); the three layers live in the product's top-level folders.
+PACKAGE_DIR = {
+    "beamvision": "beamvision",
+    "beamvision.models": "models",
+    "beamvision.transforms": "transforms",
+    "beamvision.pipelines": "pipelines",
+}
 
 # Lower bounds are the versions the test suite runs against (see README).
 INSTALL_REQUIRES = [
@@ -24,6 +42,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=9.0",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.8",  # make test runs on every core
         "gcp-storage-emulator>=2026.7.19",
         "scikit-learn>=1.9.0",
         "scikit-image>=0.26.0",
@@ -39,12 +58,13 @@ EXTRAS_REQUIRE = {
 
 setup(
     name="beamvision",
-    version="0.1.0",
+    version=VERSION,
     description="Distributed batch image classification on Apache Beam and TensorFlow/Keras",
     python_requires=">=3.10",
-    packages=["pipelines", "transforms", "models"],
-    package_data={"models": ["labels/*.txt"]},
+    packages=list(PACKAGE_DIR),
+    package_dir=PACKAGE_DIR,
+    package_data={"beamvision.models": ["labels/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["beamvision = pipelines.cli:main"]},
+    entry_points={"console_scripts": ["beamvision = beamvision.pipelines.cli:main"]},
 )

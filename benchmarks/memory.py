@@ -36,7 +36,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "beamvision",
                 "export",
                 "--architecture",
                 "mobilenet_v2",
@@ -57,7 +57,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "beamvision",
                 "classify",
                 "--input_list",
                 listing,

@@ -35,10 +35,10 @@ def _prepare(workdir: str, count: int) -> dict:
     import keras
     import numpy as np
 
-    from models import create_model
-    from models.artifact import new_manifest, save_artifact
-    from models.labels import imagenet_labels
-    from transforms.decode import decode_image
+    from beamvision.models import create_model
+    from beamvision.models.artifact import new_manifest, save_artifact
+    from beamvision.models.labels import imagenet_labels
+    from beamvision.transforms.decode import decode_image
 
     images = make_jpegs(os.path.join(workdir, "images"), count, (1600, 1200))
     artifact = os.path.join(workdir, "model")
@@ -104,8 +104,8 @@ def run_ceiling(artifact: str, pixels_path: str, batch_size: int) -> None:
     """The artifact's model alone on pre-decoded batches, compiled as beamvision compiles it."""
     import numpy as np
 
-    from models.artifact import load_artifact
-    from transforms.inference import Classifier
+    from beamvision.models.artifact import load_artifact
+    from beamvision.transforms.inference import Classifier
 
     pixels = np.load(pixels_path)
     classify = Classifier(load_artifact(artifact), batch_size, top_k=5, embeddings=False)
@@ -161,7 +161,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "beamvision",
             "classify",
             "--input",
             paths["images"],

@@ -1,6 +1,6 @@
 """Flex Template entry point: ``beamvision classify`` with the template's parameters as flags."""
 
-from pipelines.classify import run
+from beamvision.pipelines.classify import run
 
 if __name__ == "__main__":
     run()

@@ -1,16 +1,20 @@
 """beamvision models: the architecture registry and the model artifact format.
 
+The bottom layer: it imports ``beamvision.storage`` and nothing else of
+beamvision.
+
 Importing the package registers every architecture (one module per family) and
 the custom preprocessing layer that artifacts need to load.
 """
 
-from models import alexnet, keras_applications, squeezenet  # noqa: F401  (registration)
-from models.errors import ArtifactError, ModelError
-from models.registry import ArchitectureSpec, create_model, get_spec, list_models, register
+from beamvision.models import alexnet, keras_applications, squeezenet  # noqa: F401  (registration)
+from beamvision.models.errors import ArtifactError, ModelArgumentError, ModelError
+from beamvision.models.registry import ArchitectureSpec, create_model, get_spec, list_models, register
 
 __all__ = [
     "ArchitectureSpec",
     "ArtifactError",
+    "ModelArgumentError",
     "ModelError",
     "create_model",
     "get_spec",

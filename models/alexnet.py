@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from models.registry import ArchitectureSpec, register
+from beamvision.models.registry import ArchitectureSpec, register
 
 
 def _bin_matrix(size_in: int, size_out: int) -> np.ndarray:

@@ -24,9 +24,9 @@ from typing import Any
 
 import keras
 
-from models import storage
-from models.errors import ArtifactError
-from models.registry import get_spec
+from beamvision import __version__, storage
+from beamvision.models.errors import ArtifactError
+from beamvision.models.registry import get_spec
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.keras"
@@ -124,8 +124,6 @@ def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a model artifact."""
     import apache_beam
     import tensorflow as tf
-
-    from pipelines import __version__
 
     return {
         "beamvision": __version__,

@@ -10,3 +10,18 @@ class ModelError(ValueError):
 
 class ArtifactError(ModelError):
     """A model artifact is missing, partial, of an unknown schema or unsafe."""
+
+
+class ModelArgumentError(ModelError):
+    """An argument that an architecture cannot take.
+
+    ``argument`` is its name in ``create_model`` (``num_classes``,
+    ``input_size``, ``weights``), which is also the name of the command-line
+    flag that sets it, so the CLI reports it as ``--input_size 64: ...``.
+    """
+
+    def __init__(self, argument: str, value, reason: str):
+        super().__init__(f"{argument} {value}: {reason}")
+        self.argument = argument
+        self.value = value
+        self.reason = reason

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keras
 
-from models.registry import ArchitectureSpec, register
+from beamvision.models.registry import ArchitectureSpec, register
 
 
 def _keras_builder(constructor):

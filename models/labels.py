@@ -9,14 +9,14 @@ from __future__ import annotations
 import functools
 import importlib.resources
 
-from models import storage
-from models.errors import ModelError
+from beamvision import storage
+from beamvision.models.errors import ModelError
 
 
 @functools.cache
 def imagenet_labels() -> tuple[str, ...]:
     """The 1,000 ImageNet-1k class names, in the order of Keras's ImageNet outputs."""
-    text = importlib.resources.files("models").joinpath("labels/imagenet.txt").read_text("utf-8")
+    text = importlib.resources.files("beamvision.models").joinpath("labels/imagenet.txt").read_text("utf-8")
     return tuple(line for line in text.splitlines() if line)
 
 

@@ -5,7 +5,7 @@ An architecture is data. Each family module registers its specs with
 input, the architecture's normalisation as the first layer (see
 ``models.preprocessing``), then the network, ending in class probabilities.
 
-    >>> from models import create_model, list_models
+    >>> from beamvision.models import create_model, list_models
     >>> list_models()
     ['alexnet', 'densenet121', ...]
     >>> model = create_model("mobilenet_v2", num_classes=10, input_size=64)
@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 import keras
 
-from models import storage
-from models.errors import ModelError
-from models.preprocessing import PREPROCESSING_MODES, Preprocess
+from beamvision import storage
+from beamvision.models.errors import ModelArgumentError, ModelError
+from beamvision.models.preprocessing import PREPROCESSING_MODES, Preprocess
 
 # builder(inputs, num_classes, weights) -> keras.Model whose inputs are the
 # source inputs of ``inputs`` and whose output is class probabilities.
@@ -70,6 +70,38 @@ class ArchitectureSpec:
                 "min_input_size must be positive and at most default_input_size. "
                 f"Received: min_input_size={self.min_input_size}, "
                 f"default_input_size={self.default_input_size}"
+            )
+
+    def check_arguments(
+        self, num_classes: int | None = None, input_size: int | None = None, weights: str | None = None
+    ) -> None:
+        """Refuses arguments this architecture cannot take; None means "not given".
+
+        The one home of these rules: ``create_model`` calls it, and so do the
+        ``export`` and ``train`` flags, before any work starts.
+
+        Raises:
+            ModelArgumentError: naming the argument, the value received and why.
+        """
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ModelArgumentError("num_classes", num_classes, "must be a positive integer")
+        if input_size is not None and (not isinstance(input_size, int) or input_size < self.min_input_size):
+            raise ModelArgumentError(
+                "input_size", input_size, f"{self.name} needs at least {self.min_input_size}"
+            )
+        if weights != "imagenet":
+            return
+        if not self.imagenet_weights:
+            raise ModelArgumentError("weights", weights, f"no ImageNet weights are published for {self.name}")
+        if num_classes is not None and num_classes != IMAGENET_CLASSES:
+            raise ModelArgumentError(
+                "num_classes",
+                num_classes,
+                f"ImageNet weights for {self.name} have {IMAGENET_CLASSES} classes",
+            )
+        if input_size is not None and input_size != self.default_input_size:
+            raise ModelArgumentError(
+                "input_size", input_size, f"ImageNet weights for {self.name} need {self.default_input_size}"
             )
 
 
@@ -123,11 +155,12 @@ def create_model(
         ``[batch, num_classes]`` float32 probabilities out.
 
     Raises:
-        ModelError: for an unknown name or arguments the architecture cannot take.
+        ModelError: for an unknown name; ModelArgumentError for arguments the
+            architecture cannot take.
     """
     spec = get_spec(name)
     size = spec.default_input_size if input_size is None else input_size
-    _validate(spec, num_classes, size, weights)
+    spec.check_arguments(num_classes, size, weights)
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
     normalised = Preprocess(spec.preprocessing, name="preprocess")(inputs)
     if weights == "imagenet":
@@ -137,21 +170,6 @@ def create_model(
     if weights not in (None, "imagenet"):
         _load_weights_file(model, weights)
     return model
-
-
-def _validate(spec: ArchitectureSpec, num_classes: int, size: int, weights: str | None) -> None:
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(size, int) or size < spec.min_input_size:
-        raise ModelError(f"input_size {size!r} is below the minimum {spec.min_input_size} for {spec.name}")
-    if weights == "imagenet":
-        if not spec.imagenet_weights:
-            raise ModelError(f"no ImageNet weights are published for {spec.name}")
-        if num_classes != IMAGENET_CLASSES or size != spec.default_input_size:
-            raise ModelError(
-                f"ImageNet weights for {spec.name} need {IMAGENET_CLASSES} classes at "
-                f"input_size {spec.default_input_size}, got {num_classes} classes at {size}"
-            )
 
 
 def _build_with_imagenet_weights(spec: ArchitectureSpec, inputs, num_classes: int) -> keras.Model:

@@ -15,7 +15,7 @@ import math
 import keras
 from keras import layers
 
-from models.registry import ArchitectureSpec, register
+from beamvision.models.registry import ArchitectureSpec, register
 
 # (squeeze, expand) channels of fire modules 2..9; "pool" marks a max pool.
 _LAYOUT = [

@@ -4,13 +4,14 @@
         --output gs://bucket/runs/2026-11-28 [--runner DataflowRunner ...]
 
 ReadImages -> DecodeImages -> ClassifyImages -> WriteResults (see
-../shared/DESIGN.md). The model artifact is validated before any work starts;
+docs/architecture.md). The model artifact is validated before any work starts;
 every input ends as a result row or an error row, and summary.json (printed at
 the end) counts both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,13 +20,19 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions, TestOptions
 from apache_beam.runners.runner import PipelineResult
 
-from models import storage
-from models.artifact import Manifest, load_artifact
-from pipelines import options
-from transforms.decode import DecodeImages
-from transforms.inference import BeamvisionModelHandler, ClassifyImages
-from transforms.read import ReadImages
-from transforms.write import ERRORS_PREFIX, RESULTS_PREFIX, SUMMARY_FILE, WriteResults, format_summary
+from beamvision import storage
+from beamvision.models.artifact import Manifest, load_artifact
+from beamvision.pipelines import options
+from beamvision.transforms.decode import DecodeImages
+from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages
+from beamvision.transforms.read import ReadImages
+from beamvision.transforms.write import (
+    ERRORS_PREFIX,
+    RESULTS_PREFIX,
+    SUMMARY_FILE,
+    WriteResults,
+    format_summary,
+)
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, manifest: Manifest) -> None:
@@ -57,7 +64,9 @@ def run(argv: list[str] | None = None) -> PipelineResult:
     artifact = load_artifact(config.model)  # fails here, before any work, on a bad artifact
     manifest = artifact.manifest
     del artifact
-    if config.top_k > manifest.num_classes:
+    if config.top_k is None:
+        config = dataclasses.replace(config, top_k=min(options.DEFAULT_TOP_K, manifest.num_classes))
+    elif config.top_k > manifest.num_classes:
         raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
     _prepare_output(config)
     dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)

@@ -10,20 +10,17 @@ import importlib
 import os
 import sys
 
-from pipelines import __version__
+from beamvision import __version__
 
-# name -> (module, one-line description)
+# name -> (module in beamvision.pipelines, one-line description)
 COMMANDS = {
-    "models": ("pipelines.list_models", "list the architectures: input sizes, preprocessing, parameters"),
-    "export": ("pipelines.export", "pack an architecture and its weights into a model artifact"),
-    "prepare": ("pipelines.prepare", "labelled images to split TFRecord shards for training (Beam)"),
-    "train": ("pipelines.train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
-    "classify": ("pipelines.classify", "classify image collections in storage into Parquet results (Beam)"),
-    "evaluate": ("pipelines.evaluate", "score a classify output against ground truth"),
-    "demo": (
-        "pipelines.demo",
-        "the whole loop on real handwritten digits: prepare, train, classify, evaluate",
-    ),
+    "models": ("list_models", "list the architectures: input sizes, preprocessing, parameters"),
+    "export": ("export", "pack an architecture and its weights into a model artifact"),
+    "prepare": ("prepare", "labelled images to split TFRecord shards for training (Beam)"),
+    "train": ("train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
+    "classify": ("classify", "classify image collections in storage into Parquet results (Beam)"),
+    "evaluate": ("evaluate", "score a classify output against ground truth"),
+    "demo": ("demo", "the whole loop on real handwritten digits: prepare, train, classify, evaluate"),
 }
 
 USAGE = "usage: beamvision [-h] [--version] <command> [<args>]"
@@ -57,14 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    from models import ModelError
-    from pipelines.options import UsageError
+    module = importlib.import_module(f"beamvision.pipelines.{COMMANDS[command][0]}")
+    from beamvision.models import ModelArgumentError, ModelError
+    from beamvision.pipelines.options import UsageError
 
     try:
         module.run(argv[1:])
     except (UsageError, ModelError) as exc:
-        message = str(exc)
+        # A model argument has the name of the flag that sets it.
+        message = f"--{exc}" if isinstance(exc, ModelArgumentError) else str(exc)
         prefix = "" if message.startswith("beamvision") else f"beamvision {command}: error: "
         print(prefix + message, file=sys.stderr)
         return 2

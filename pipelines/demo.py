@@ -8,24 +8,16 @@ and prints the held-out accuracy and where everything went.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
 
-from pipelines import classify, evaluate, options, prepare, train
+from beamvision.pipelines import classify, evaluate, options, prepare, train
 
 # Small rotations and zooms (never flips: a mirrored 2 is no digit), label
 # smoothing and a higher peak learning rate: mobilenet_v2 at 32 px from scratch
 # then reaches about 97-98% test accuracy on the digits in 30 epochs.
 DIGITS_SCHEDULE = ("--augment", "rotate,zoom", "--label_smoothing", "0.1", "--learning_rate", "0.002")
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="demo-output", metavar="DIR", help="default demo-output")
-    parser.add_argument("--architecture", default="mobilenet_v2", metavar="NAME", help="default mobilenet_v2")
-    parser.add_argument("--image_size", type=options.positive_int, default=32, metavar="N", help="default 32")
-    parser.add_argument("--epochs", type=options.positive_int, default=30, metavar="E", help="default 30")
 
 
 def render_digits(root: str, holdout_every: int = 10) -> tuple[str, str]:
@@ -47,26 +39,27 @@ def render_digits(root: str, holdout_every: int = 10) -> tuple[str, str]:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    args = options.parse("beamvision demo", __doc__.splitlines()[0], add_demo_arguments, argv)
+    args = options.parse("beamvision demo", __doc__.splitlines()[0], options.add_demo_arguments, argv)
+    config = options.DemoConfig.from_args(args)
     started = time.monotonic()
-    work = os.path.abspath(args.workdir)
+    work = os.path.abspath(config.workdir)
     shutil.rmtree(work, ignore_errors=True)
     print(f"1/5 rendering scikit-learn's handwritten digits as PNG files under {work}", flush=True)
     digits, holdout = render_digits(work)
     data, model, results = (os.path.join(work, name) for name in ("data", "model", "results"))
     print("2/5 prepare", flush=True)
-    prepare.run(["--input", digits, "--output", data, "--image_size", str(args.image_size)])
+    prepare.run(["--input", digits, "--output", data, "--image_size", str(config.image_size)])
     print("3/5 train", flush=True)
     train.run(
         [
             "--data",
             data,
             "--architecture",
-            args.architecture,
+            config.architecture,
             "--output",
             model,
             "--epochs",
-            str(args.epochs),
+            str(config.epochs),
             *DIGITS_SCHEDULE,
             "--early_stopping_patience",
             "10",

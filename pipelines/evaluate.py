@@ -20,9 +20,9 @@ import tempfile
 
 import numpy as np
 
-from models import storage
-from models.evaluation import classification_metrics, save_confusion_png
-from pipelines import options
+from beamvision import storage
+from beamvision.pipelines import options
+from beamvision.transforms.evaluation import classification_metrics, save_confusion_png
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"

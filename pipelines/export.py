@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import time
 
-from models import create_model
-from models.artifact import Manifest, new_manifest, save_artifact
-from models.labels import imagenet_labels, numbered_labels, read_labels_file
-from pipelines import options
+from beamvision.models import create_model
+from beamvision.models.artifact import Manifest, new_manifest, save_artifact
+from beamvision.models.labels import imagenet_labels, numbered_labels, read_labels_file
+from beamvision.pipelines import options
 
 
 def run(argv: list[str] | None = None) -> Manifest:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from models import get_spec, list_models
-from pipelines import options
+from beamvision.models import get_spec, list_models
+from beamvision.pipelines import options
 
 COLUMNS = ("name", "input_size", "min_input_size", "preprocessing", "params", "imagenet_weights")
 

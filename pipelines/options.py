@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from models import get_spec, list_models
-from transforms.decode import DEFAULT_MAX_PIXELS
+from beamvision.models import ModelArgumentError, get_spec, list_models
+from beamvision.models.registry import IMAGENET_CLASSES
+from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 
 
 class UsageError(Exception):
@@ -67,13 +68,14 @@ def parse(prog: str, description: str, add_arguments, argv: list[str] | None) ->
 # --- flags shared by several commands -----------------------------------------
 
 
-def _add_architecture_argument(parser: argparse.ArgumentParser) -> None:
+def _add_architecture_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument(
         "--architecture",
-        required=True,
+        required=default is None,
+        default=default,
         choices=list_models(),
         metavar="NAME",
-        help=f"one of: {', '.join(list_models())}",
+        help=f"one of: {', '.join(list_models())}" + (f" (default {default})" if default else ""),
     )
 
 
@@ -152,23 +154,15 @@ class ExportConfig:
         spec = get_spec(args.architecture)
         weights = None if args.weights == "none" else args.weights
         input_size = args.input_size or spec.default_input_size
-        if input_size < spec.min_input_size:
-            raise UsageError(f"--input_size {input_size}: {spec.name} needs at least {spec.min_input_size}")
+        spec.check_arguments(input_size=input_size, weights=weights)
         labels = args.labels
         if weights == "imagenet":
-            if not spec.imagenet_weights:
-                raise UsageError(f"--weights imagenet: no ImageNet weights are published for {spec.name}")
-            if args.num_classes not in (None, 1000) or labels not in (None, "imagenet"):
+            if args.num_classes not in (None, IMAGENET_CLASSES) or labels not in (None, "imagenet"):
                 raise UsageError(
                     "--weights imagenet: takes the 1,000 ImageNet classes; drop --num_classes/--labels"
                 )
-            if input_size != spec.default_input_size:
-                raise UsageError(
-                    f"--input_size {input_size}: ImageNet weights for {spec.name} "
-                    f"need {spec.default_input_size}"
-                )
             labels = "imagenet"
-        num_classes = 1000 if labels == "imagenet" else args.num_classes or 1000
+        num_classes = IMAGENET_CLASSES if labels == "imagenet" else args.num_classes or IMAGENET_CLASSES
         return cls(
             spec.name,
             weights,
@@ -183,6 +177,8 @@ class ExportConfig:
 
 
 # --- beamvision classify -------------------------------------------------------
+
+DEFAULT_TOP_K = 5
 
 
 def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,7 +195,10 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="output directory, local or URI")
     parser.add_argument(
-        "--top_k", type=positive_int, default=5, metavar="K", help="classes per image (default 5)"
+        "--top_k",
+        type=positive_int,
+        metavar="K",
+        help=f"classes per image (default {DEFAULT_TOP_K}, or every class of a smaller model)",
     )
     parser.add_argument(
         "--batch_size",
@@ -225,7 +224,7 @@ class ClassifyConfig:
     input_list: str | None
     model: str
     output: str
-    top_k: int
+    top_k: int | None  # None: DEFAULT_TOP_K, or every class of a smaller model
     batch_size: int
     embeddings: bool
     max_pixels: int
@@ -275,9 +274,22 @@ def parse_pipeline_args(
     return args, PipelineOptions(beam_argv)
 
 
-class _BeamFlagsParser(_BeamArgumentParser):
+class _BeamFlagsParser(OneLineParser):
+    """Checks the flags left for Beam against Beam's own option classes, with public argparse only.
+
+    Beam's option classes declare templated flags with
+    ``add_value_provider_argument``, a method of Beam's private parser; to check
+    a flag's name and value, it is an ordinary argument.
+    """
+
+    def add_value_provider_argument(self, *args, **kwargs):
+        if not args[0].startswith("-"):  # Beam makes positional template arguments optional
+            kwargs.setdefault("nargs", "?")
+        self.add_argument(*args, **kwargs)
+
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: error: {message}")
+        if not message.startswith("ambiguous option: "):  # as Beam's parser: never guess a prefix
+            super().error(message)
 
 
 def _normalise_flag_values(argv: list[str]) -> list[str]:
@@ -455,11 +467,10 @@ class TrainConfig:
             raise UsageError(f"--label_smoothing {args.label_smoothing}: must be below 1")
         if args.freeze_base and args.weights in ("none",):
             raise UsageError("--freeze_base: needs pretrained weights (--weights imagenet or an artifact)")
-        spec = get_spec(args.architecture)
-        if args.input_size is not None and args.input_size < spec.min_input_size:
-            raise UsageError(
-                f"--input_size {args.input_size}: {spec.name} needs at least {spec.min_input_size}"
-            )
+        # The prepared image size, the default input size, is checked once the data is read.
+        get_spec(args.architecture).check_arguments(
+            input_size=args.input_size, weights="imagenet" if args.weights == "imagenet" else None
+        )
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
         return cls(**{**values, "data": args.data.rstrip("/"), "output": args.output.rstrip("/")})
 
@@ -483,3 +494,29 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", metavar="DIR", help="where metrics.json and the PNG go (default --results)"
     )
+
+
+# --- beamvision demo -----------------------------------------------------------
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="demo-output", metavar="DIR", help="default demo-output")
+    _add_architecture_argument(parser, default="mobilenet_v2")
+    parser.add_argument("--image_size", type=positive_int, default=32, metavar="N", help="default 32")
+    parser.add_argument("--epochs", type=positive_int, default=30, metavar="E", help="default 30")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    workdir: str
+    architecture: str
+    image_size: int
+    epochs: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DemoConfig:
+        try:  # the demo trains at the size it prepares
+            get_spec(args.architecture).check_arguments(input_size=args.image_size)
+        except ModelArgumentError as exc:
+            raise UsageError(f"--image_size {args.image_size}: {exc.reason}") from None
+        return cls(args.workdir, args.architecture, args.image_size, args.epochs)

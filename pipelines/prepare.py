@@ -17,9 +17,9 @@ import json
 import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
-from models import storage
-from pipelines import options
-from transforms.dataset import (
+from beamvision import storage
+from beamvision.pipelines import options
+from beamvision.transforms.dataset import (
     LABELS_FILE,
     SPLITS,
     STATS_FILE,
@@ -29,9 +29,10 @@ from transforms.dataset import (
     serialize_example,
     shard_prefix,
 )
-from transforms.decode import DecodeImages
-from transforms.read import ReadImages, listed_uri
-from transforms.write import ERRORS_TAG, WriteErrors, error_row
+from beamvision.transforms.decode import DecodeImages
+from beamvision.transforms.read import ReadImages, listed_uri
+from beamvision.transforms.rows import ERRORS_TAG, error_row
+from beamvision.transforms.write import WriteErrors
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> None:

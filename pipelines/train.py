@@ -17,9 +17,11 @@ import shutil
 import tempfile
 import time
 
-from models import ArtifactError, storage
-from models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
-from models.training import (
+from beamvision import storage
+from beamvision.models import ArtifactError
+from beamvision.models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
+from beamvision.pipelines import options
+from beamvision.transforms.training import (
     build_model,
     checkpoint_dir,
     compile_model,
@@ -31,7 +33,6 @@ from models.training import (
     read_dataset_info,
     steps_for,
 )
-from pipelines import options
 
 METRICS_FILE = "metrics.json"
 

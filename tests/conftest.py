@@ -1,16 +1,23 @@
-"""Shared pytest fixtures: a real GCS-protocol server, quiet TensorFlow, temp dirs.
+"""Shared pytest fixtures: a real GCS-protocol server, real photos, ImageNet weights offline.
 
 ``gcs_bucket`` starts ``gcp-storage-emulator`` on 127.0.0.1 once per session and
 points the Google Cloud Storage client (which Beam's ``gs://`` filesystem uses)
-at it through ``STORAGE_EMULATOR_HOST``; nothing is mocked.
+at it through ``STORAGE_EMULATOR_HOST``; nothing is mocked. ``KERAS_HOME`` is a
+temporary directory, so the ImageNet code path loads weight files that the
+tests place where Keras looks, and never touches the user's own cache.
+
+With ``make test`` the suite runs on every core (pytest-xdist): each worker
+process has its own emulator, Keras home and module fixtures.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -24,11 +31,34 @@ def _free_port() -> int:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Set before beamvision is imported: models.storage then connects to the
-# emulator anonymously instead of probing for credentials.
 _EMULATOR_PORT = _free_port()
 os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{_EMULATOR_PORT}"
 os.environ.setdefault("GOOGLE_CLOUD_PROJECT", "beamvision-test")
+# No credential lookup may probe the GCE metadata server from a test machine.
+os.environ["NO_GCE_CHECK"] = "true"
+# Keras reads KERAS_HOME once, at import: every test of this process finds the
+# ImageNet weight files that ``imagenet_mobilenet_v2`` places here.
+_KERAS_HOME = tempfile.mkdtemp(prefix="beamvision-keras-home-")
+os.environ["KERAS_HOME"] = _KERAS_HOME
+
+
+def _connect_to_the_emulator_anonymously() -> None:
+    """Skips Beam's credential probe in this test process: the emulator needs no credentials.
+
+    Without credentials, Beam retries ``google.auth.default()`` with backoff for
+    about 25 seconds per process before it connects anonymously. Beam has no
+    public switch for its GCS filesystem (``--no_auth`` covers only the
+    Dataflow client), so the tests set its cached answer, "no credentials",
+    themselves. This is a test-only shortcut; beamvision itself never does it.
+    """
+    from apache_beam.internal.gcp import auth
+
+    with auth._Credentials._credentials_lock:
+        auth._Credentials._credentials = None
+        auth._Credentials._credentials_init = True
+
+
+_connect_to_the_emulator_anonymously()
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +136,17 @@ def corpus(photos):
     from corpus import build_corpus
 
     return build_corpus(photos)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_keras_home():
+    yield
+    shutil.rmtree(_KERAS_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def imagenet_mobilenet_v2():
+    """MobileNetV2 "ImageNet" weights written where Keras looks; yields the Keras reference model."""
+    from keras_cache import write_mobilenet_v2_weights
+
+    return write_mobilenet_v2_weights(_KERAS_HOME)

@@ -9,8 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from models import ArtifactError, create_model, storage
-from models.artifact import (
+from beamvision import storage
+from beamvision.models import ArtifactError, create_model
+from beamvision.models.artifact import (
     MANIFEST_FILE,
     MODEL_FILE,
     SCHEMA_VERSION,

@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import write_corpus
 
-from models import create_model, storage
-from models.artifact import load_artifact, new_manifest, save_artifact
-from pipelines import classify
-from pipelines.cli import main
-from transforms.decode import decode_image
+from beamvision import storage
+from beamvision.models import create_model
+from beamvision.models.artifact import load_artifact, new_manifest, save_artifact
+from beamvision.pipelines import classify
+from beamvision.pipelines.cli import main
+from beamvision.transforms.decode import decode_image
 
 SIZE = 32
 LABELS = [f"kind_{i}" for i in range(10)]

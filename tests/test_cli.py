@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
-from keras_cache import write_mobilenet_v2_weights
 
-from models import create_model, get_spec, list_models, storage
-from models.artifact import load_artifact
-from models.labels import imagenet_labels
-from pipelines.cli import COMMANDS, main
+from beamvision import storage
+from beamvision.models import create_model, get_spec, list_models
+from beamvision.models.artifact import load_artifact
+from beamvision.models.labels import imagenet_labels
+from beamvision.pipelines.cli import COMMANDS, main
 
 
-def _run_cli(*args, env=None):
-    """Runs ``beamvision ARGS`` as a user would: a separate process."""
+def _run_cli(*args):
+    """Runs ``python -m beamvision ARGS``: a separate process, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "beamvision", *args], capture_output=True, text=True, timeout=600
     )
 
 
@@ -270,27 +265,19 @@ def test_export_weights_file(where, tmp_path, photo_batch, request):
     )
 
 
-def test_export_imagenet_uses_the_weights_file_in_keras_cache(tmp_path, photo_batch):
+def test_export_imagenet_uses_the_weights_file_in_keras_cache(
+    imagenet_mobilenet_v2, tmp_path, photo_batch, capsys
+):
     """Keras looks for ImageNet weights in $KERAS_HOME/models before downloading.
 
     A weights file placed there under Keras's own name must be what the
     artifact computes with: its predictions must equal those of Keras's
     MobileNetV2 with the same weights on Keras's own preprocess_input.
     """
-    reference = write_mobilenet_v2_weights(str(tmp_path / "keras_home"))
+    reference = imagenet_mobilenet_v2
     out = str(tmp_path / "mnv2")
-    result = _run_cli(
-        "export",
-        "--architecture",
-        "mobilenet_v2",
-        "--weights",
-        "imagenet",
-        "--output",
-        out,
-        env={"KERAS_HOME": str(tmp_path / "keras_home")},
-    )
-    assert result.returncode == 0, result.stderr
-    assert "exported mobilenet_v2" in result.stdout
+    assert main(["export", "--architecture", "mobilenet_v2", "--weights", "imagenet", "--output", out]) == 0
+    assert "exported mobilenet_v2" in capsys.readouterr().out
 
     artifact = load_artifact(out)
     assert artifact.manifest.weights == "imagenet"

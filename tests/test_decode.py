@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transforms.decode import DecodeError, decode_image, to_rgb
+from beamvision.transforms.decode import DecodeError, decode_image, to_rgb
 
 SIZE = 32
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from pipelines.options import add_classify_arguments
+from beamvision.pipelines.options import add_classify_arguments
 
 DEPLOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
 
@@ -32,4 +32,4 @@ def test_flex_template_entry_point_runs_classify():
         dockerfile = f.read()
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/beamvision/deploy/classify_main.py" in dockerfile
     with open(os.path.join(DEPLOY, "classify_main.py")) as f:
-        assert "from pipelines.classify import run" in f.read()
+        assert "from beamvision.pipelines.classify import run" in f.read()

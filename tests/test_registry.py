@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from keras.applications import imagenet_utils
 
-from models import ArchitectureSpec, ModelError, create_model, get_spec, list_models, register
-from models.alexnet import AdaptivePool
-from models.preprocessing import PREPROCESSING_MODES, Preprocess
+from beamvision.models import ArchitectureSpec, ModelError, create_model, get_spec, list_models, register
+from beamvision.models.alexnet import AdaptivePool
+from beamvision.models.preprocessing import PREPROCESSING_MODES, Preprocess
 
 # Published parameter counts at the default input size with 1,000 classes
 # (Keras applications' documentation; torchvision for AlexNet and SqueezeNet 1.1).
@@ -59,7 +59,7 @@ def test_forward_pass_at_minimum_size_gives_probabilities(name, photo_batch):
 @pytest.mark.parametrize("name", list_models())
 def test_below_minimum_input_size_is_refused(name):
     spec = get_spec(name)
-    with pytest.raises(ModelError, match=f"input_size {spec.min_input_size - 1} is below the minimum"):
+    with pytest.raises(ModelError, match=f"input_size {spec.min_input_size - 1}: {name} needs at least"):
         create_model(name, input_size=spec.min_input_size - 1)
 
 
@@ -72,12 +72,16 @@ def test_unknown_architecture_lists_known_ones():
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ModelError, match="num_classes must be a positive integer"):
+    with pytest.raises(ModelError, match="num_classes 0: must be a positive integer"):
         create_model("squeezenet", num_classes=0, input_size=32)
     with pytest.raises(ModelError, match="no ImageNet weights are published for alexnet"):
         create_model("alexnet", weights="imagenet")
-    with pytest.raises(ModelError, match="need 1000 classes at input_size 224"):
+    with pytest.raises(
+        ModelError, match="num_classes 10: ImageNet weights for mobilenet_v2 have 1000 classes"
+    ):
         create_model("mobilenet_v2", num_classes=10, weights="imagenet")
+    with pytest.raises(ModelError, match="input_size 96: ImageNet weights for mobilenet_v2 need 224"):
+        create_model("mobilenet_v2", input_size=96, weights="imagenet")
     with pytest.raises(ModelError, match="weights file not found"):
         create_model("squeezenet", input_size=32, weights="/nonexistent/w.weights.h5")
 

@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from transforms.write import METRICS_NAMESPACE
+from beamvision.transforms.rows import METRICS_NAMESPACE
 
 
 class ThreadPoolDoFn(beam.DoFn):

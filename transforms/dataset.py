@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
-from models import storage
+from beamvision import storage
 
 SPLITS = ("train", "val", "test")
 LABELS_FILE = "labels.json"

@@ -39,8 +39,8 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from transforms.concurrency import ThreadPoolDoFn
-from transforms.write import ERRORS_TAG, error_row
+from beamvision.transforms.concurrency import ThreadPoolDoFn
+from beamvision.transforms.rows import ERRORS_TAG, error_row
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold (about 0.25 GB as RGBA).

@@ -27,7 +27,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from transforms.write import METRICS_NAMESPACE, error_row, utc_now
+from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, utc_now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Classifier:
         import keras
         import tensorflow as tf
 
-        from models import get_spec
+        from beamvision.models import get_spec
 
         manifest = artifact.manifest
         self.batch_size = batch_size
@@ -102,7 +102,7 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Classifier]):
         self._batch_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_batch_ms")
 
     def load_model(self) -> Classifier:
-        from models.artifact import load_artifact
+        from beamvision.models.artifact import load_artifact
 
         return Classifier(load_artifact(self._model_uri), self._batch_size, self._top_k, self._embeddings)
 

@@ -19,8 +19,8 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.concurrency import ThreadPoolDoFn
-from transforms.write import ERRORS_TAG, error_row
+from beamvision.transforms.concurrency import ThreadPoolDoFn
+from beamvision.transforms.rows import ERRORS_TAG, error_row
 
 _GLOB_CHARS = ("*", "?", "[")
 

@@ -1,77 +1,29 @@
-"""Output schemas (pyarrow) and ``WriteResults``: Parquet result and error shards plus summary.json.
+"""``WriteResults`` and ``WriteErrors``: Parquet result and error shards, then summary.json.
 
 Layout under the output directory::
 
     results-SSSSS-of-NNNNN.parquet   one row per classified image (RESULT_FIELDS)
     errors-SSSSS-of-NNNNN.parquet    one row per input that could not be classified
     summary.json                     written last, after every shard is in place
+
+The row schemas are in ``beamvision.transforms.rows``.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from typing import Any
 
 import apache_beam as beam
-import pyarrow as pa
 
-from models import storage
+from beamvision import storage
+from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
-METRICS_NAMESPACE = "beamvision"
-ERRORS_TAG = "errors"  # tagged output of every step that can fail on an input
 RESULTS_PREFIX = "results"
 ERRORS_PREFIX = "errors"
 SUMMARY_FILE = "summary.json"
 TOP_LABELS_IN_SUMMARY = 20
-
-_TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-RESULT_FIELDS = [
-    pa.field("image_uri", pa.string(), nullable=False),
-    pa.field("label", pa.string(), nullable=False),
-    pa.field("score", pa.float32(), nullable=False),
-    pa.field("top_k_labels", pa.list_(pa.string()), nullable=False),
-    pa.field("top_k_scores", pa.list_(pa.float32()), nullable=False),
-    pa.field("width", pa.int32(), nullable=False),
-    pa.field("height", pa.int32(), nullable=False),
-    pa.field("format", pa.string(), nullable=False),
-    pa.field("model_name", pa.string(), nullable=False),
-    pa.field("model_version", pa.string(), nullable=False),
-    pa.field("processed_at", _TIMESTAMP, nullable=False),
-]
-EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()), nullable=False)
-
-ERROR_SCHEMA = pa.schema(
-    [
-        pa.field("image_uri", pa.string(), nullable=False),
-        pa.field("stage", pa.string(), nullable=False),
-        pa.field("error_type", pa.string(), nullable=False),
-        pa.field("message", pa.string(), nullable=False),
-        pa.field("processed_at", _TIMESTAMP, nullable=False),
-    ]
-)
-
-
-def result_schema(embeddings: bool) -> pa.Schema:
-    """The results schema, with the ``embedding`` column when asked for."""
-    return pa.schema(RESULT_FIELDS + ([EMBEDDING_FIELD] if embeddings else []))
-
-
-def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def error_row(uri: str, stage: str, error_type: str, message: str) -> dict[str, Any]:
-    """One row of the errors output. ``stage`` is read, decode or inference."""
-    return {
-        "image_uri": uri,
-        "stage": stage,
-        "error_type": error_type,
-        "message": message[:2000],
-        "processed_at": utc_now(),
-    }
 
 
 def build_summary(

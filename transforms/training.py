@@ -19,11 +19,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from models import storage
-from models.artifact import MANIFEST_FILE, load_artifact
-from models.errors import ModelError
-from models.evaluation import classification_metrics
-from models.registry import IMAGENET_CLASSES, ArchitectureSpec, create_model, get_spec
+from beamvision import storage
+from beamvision.models.artifact import MANIFEST_FILE, load_artifact
+from beamvision.models.errors import ModelError
+from beamvision.models.registry import IMAGENET_CLASSES, ArchitectureSpec, create_model, get_spec
+from beamvision.transforms.dataset import LABELS_FILE, STATS_FILE, parse_example
+from beamvision.transforms.evaluation import classification_metrics
 
 # Keras applications use BatchNorm momentum up to 0.999: on a small dataset
 # (a few hundred steps) the moving statistics never catch up with the weights
@@ -37,8 +38,6 @@ def read_dataset_info(prefix: str) -> tuple[list[str], dict[str, Any]]:
     Raises:
         ModelError: when ``prefix`` holds no prepared dataset.
     """
-    from transforms.dataset import LABELS_FILE, STATS_FILE
-
     labels_uri, stats_uri = storage.join(prefix, LABELS_FILE), storage.join(prefix, STATS_FILE)
     if not storage.exists(labels_uri) or not storage.exists(stats_uri):
         raise ModelError(f"no prepared dataset at {prefix} (labels.json and stats.json not found)")
@@ -82,8 +81,6 @@ def make_dataset(files, image_size, input_size, num_classes, batch_size, trainin
     Yields (uint8 images [b, input_size, input_size, 3], one-hot float labels [b, classes]).
     """
     import tensorflow as tf
-
-    from transforms.dataset import parse_example
 
     autotune = tf.data.AUTOTUNE
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=autotune)
@@ -147,12 +144,6 @@ def build_model(config, num_classes: int, input_size: int) -> tuple[keras.Model,
     if weights == "none":
         return create_model(spec.name, num_classes, input_size), []
     if weights == "imagenet":
-        if input_size != spec.default_input_size:
-            raise ModelError(
-                f"--weights imagenet: {spec.name}'s ImageNet weights need input_size "
-                f"{spec.default_input_size} "
-                f"(prepare with --image_size {spec.default_input_size}, or pass --input_size)"
-            )
         base = create_model(spec.name, IMAGENET_CLASSES, input_size, "imagenet")
         return with_new_head(base, spec, num_classes), head
     if storage.exists(storage.join(weights, MANIFEST_FILE)):

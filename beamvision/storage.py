@@ -7,7 +7,6 @@ every storage backend that Beam's ``FileSystems`` knows works the same way.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import uuid
 
@@ -15,28 +14,6 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 _CHUNK = 1 << 24
-
-
-def _connect_anonymously_to_emulator() -> None:
-    """Skips Beam's credential probe when ``STORAGE_EMULATOR_HOST`` names a local GCS emulator.
-
-    Without credentials, Beam retries ``google.auth.default()`` with backoff for
-    about 25 seconds per process before connecting anonymously; an emulator
-    needs no credentials, so connect anonymously at once.
-    """
-    if not os.environ.get("STORAGE_EMULATOR_HOST"):
-        return
-    try:
-        from apache_beam.internal.gcp import auth
-    except ImportError:  # Beam without the gcp extra has no gs:// at all.
-        return
-    with auth._Credentials._credentials_lock:
-        if not auth._Credentials._credentials_init:
-            auth._Credentials._credentials = None
-            auth._Credentials._credentials_init = True
-
-
-_connect_anonymously_to_emulator()
 
 
 def exists(uri: str) -> bool:

@@ -1,0 +1,16 @@
+"""beamvision: distributed batch image classification on Apache Beam and TensorFlow/Keras.
+
+The one import package of the distribution. Its subpackages are layered, and
+each imports only the layers below it:
+
+- ``beamvision.pipelines``: the commands (``beamvision <command>``), thin.
+- ``beamvision.transforms``: Beam transforms and the plain functions they call.
+- ``beamvision.models``: the architecture registry and the model artifact format.
+- ``beamvision.storage``: whole-file I/O on any Beam filesystem, used by all three.
+
+In the source tree the three subpackages are the top-level folders
+``pipelines/``, ``transforms/`` and ``models/`` (setup.py maps them here).
+This module holds the version and imports nothing, so importing it is free.
+"""
+
+__version__ = "0.1.0"

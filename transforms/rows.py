@@ -1,0 +1,65 @@
+"""What the pipelines emit: result and error row schemas, ``error_row``, the error tag and metrics namespace.
+
+Every step that can fail on an input (read, decode, label, inference) sends an
+``error_row`` to its output tagged ``ERRORS_TAG``; ``WriteResults`` and
+``WriteErrors`` write rows with these schemas. Beam metrics of every step are
+counted under ``METRICS_NAMESPACE``. This module depends on nothing else in
+beamvision, so every transform can use it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pyarrow as pa
+
+METRICS_NAMESPACE = "beamvision"
+ERRORS_TAG = "errors"  # tagged output of every step that can fail on an input
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+RESULT_FIELDS = [
+    pa.field("image_uri", pa.string(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+    pa.field("top_k_labels", pa.list_(pa.string()), nullable=False),
+    pa.field("top_k_scores", pa.list_(pa.float32()), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("format", pa.string(), nullable=False),
+    pa.field("model_name", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("processed_at", _TIMESTAMP, nullable=False),
+]
+EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()), nullable=False)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("processed_at", _TIMESTAMP, nullable=False),
+    ]
+)
+
+
+def result_schema(embeddings: bool) -> pa.Schema:
+    """The results schema, with the ``embedding`` column when asked for."""
+    return pa.schema(RESULT_FIELDS + ([EMBEDDING_FIELD] if embeddings else []))
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def error_row(uri: str, stage: str, error_type: str, message: str) -> dict[str, Any]:
+    """One row of the errors output. ``stage`` is read, decode, label or inference."""
+    return {
+        "image_uri": uri,
+        "stage": stage,
+        "error_type": error_type,
+        "message": message[:2000],
+        "processed_at": utc_now(),
+    }
