@@ -467,7 +467,7 @@ class TrainConfig:
             raise UsageError(f"--label_smoothing {args.label_smoothing}: must be below 1")
         if args.freeze_base and args.weights in ("none",):
             raise UsageError("--freeze_base: needs pretrained weights (--weights imagenet or an artifact)")
-        # The prepared image size, the default input size, is checked once the data is read.
+        # Without --input_size, train uses the prepared size: create_model checks it once the data is read.
         get_spec(args.architecture).check_arguments(
             input_size=args.input_size, weights="imagenet" if args.weights == "imagenet" else None
         )

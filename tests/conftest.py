@@ -61,6 +61,11 @@ def _connect_to_the_emulator_anonymously() -> None:
 _connect_to_the_emulator_anonymously()
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first: the xdist workers then share them out, instead of one ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A running gcp-storage-emulator; yields its http://host:port."""

@@ -183,6 +183,7 @@ def test_output_schema(one_worker_run):
     assert errors.names == ["image_uri", "stage", "error_type", "message", "processed_at"]
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_same_rows_as_one(one_worker_run, model_dir, corpus_dir, tmp_path):
     output, _ = one_worker_run
     root, _ = corpus_dir

@@ -167,6 +167,7 @@ _EVERY_COMMAND = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_users_own_models_package_does_not_shadow_beamvision(installs, tmp_path):
     python, site = installs["setup_file"]
     users = tmp_path / "project"

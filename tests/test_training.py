@@ -168,6 +168,7 @@ def test_metrics_agree_with_scikit_learn():
 DIGITS_EPOCHS = 6
 
 
+@pytest.mark.slow
 def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, capsys):
     """From scratch, a few CPU minutes: train, classify held-out images, evaluate."""
     _, holdout = digits
@@ -249,6 +250,7 @@ def tiny(tmp_path_factory):
     return root, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_every_architecture_trains_exports_and_classifies(name, tiny, tmp_path):
     """Two SGD steps, export, classify. (SGD: Keras traces Adam's update about twice as slowly.)"""
@@ -333,6 +335,7 @@ def test_transfer_from_an_artifact_with_a_frozen_base(tiny, prepared, tmp_path):
     assert model.output_shape == (None, 3)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     _, data = tiny
     output = str(tmp_path / "resumed")
