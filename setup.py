@@ -2,9 +2,12 @@
 
 Installs one import package, ``beamvision``, and the ``beamvision`` console
 script. The repository keeps the product's layout (top-level ``pipelines/``,
-``transforms/`` and ``models/``); ``package_dir`` maps each folder to its place
-under ``beamvision`` (``models/`` -> ``beamvision.models``), so nothing generic
-lands at the top of site-packages. The same file is what ``--setup_file`` ships
+``transforms/`` and ``models/``, and ``core/`` for the package root);
+``package_dir`` maps each folder to its place under ``beamvision``
+(``models/`` -> ``beamvision.models``), so nothing generic lands at the top of
+site-packages. No source folder is named ``beamvision``: run from a checkout or
+from the Docker image's WORKDIR, ``import beamvision`` still finds the installed
+package, never a partial one in the current directory. The same file is what ``--setup_file`` ships
 to Dataflow workers (as an sdist) and what the Docker image installs.
 """
 
@@ -14,13 +17,13 @@ import re
 from setuptools import setup
 
 HERE = pathlib.Path(__file__).parent
-# The version lives in one place, beamvision/__init__.py.
-VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "beamvision" / "__init__.py").read_text(), re.M)[1]
+# The version lives in one place, core/__init__.py (beamvision.__version__).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "core" / "__init__.py").read_text(), re.M)[1]
 
-# Import package -> source folder. beamvision/ holds only the package root
-# (version, storage); the three layers live in the product's top-level folders.
+# Import package -> source folder. core/ holds the package root (version,
+# storage); the three layers live in the product's top-level folders.
 PACKAGE_DIR = {
-    "beamvision": "beamvision",
+    "beamvision": "core",
     "beamvision.models": "models",
     "beamvision.transforms": "transforms",
     "beamvision.pipelines": "pipelines",

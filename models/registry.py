@@ -3,7 +3,7 @@
 An architecture is data. Each family module registers its specs with
 ``register``; ``create_model`` builds any of them the same way: a uint8 image
 input, the architecture's normalisation as the first layer (see
-``models.preprocessing``), then the network, ending in class probabilities.
+``beamvision.models.preprocessing``), then the network, ending in class probabilities.
 
     >>> from beamvision.models import create_model, list_models
     >>> list_models()

@@ -55,14 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     module = importlib.import_module(f"beamvision.pipelines.{COMMANDS[command][0]}")
-    from beamvision.models import ModelArgumentError, ModelError
+    from beamvision.models import ModelError
     from beamvision.pipelines.options import UsageError
 
     try:
         module.run(argv[1:])
     except (UsageError, ModelError) as exc:
-        # A model argument has the name of the flag that sets it.
-        message = f"--{exc}" if isinstance(exc, ModelArgumentError) else str(exc)
+        message = str(exc)
         prefix = "" if message.startswith("beamvision") else f"beamvision {command}: error: "
         print(prefix + message, file=sys.stderr)
         return 2

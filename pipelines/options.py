@@ -68,6 +68,20 @@ def parse(prog: str, description: str, add_arguments, argv: list[str] | None) ->
 # --- flags shared by several commands -----------------------------------------
 
 
+def check_model_arguments(architecture: str, flags: dict[str, str] | None = None, **arguments) -> None:
+    """``ArchitectureSpec.check_arguments``, failing with a UsageError that names the flag.
+
+    A model argument is set by the flag of the same name (``--input_size``);
+    ``flags`` maps an argument that a command sets with another flag to that
+    flag and its value, as the message should name them.
+    """
+    try:
+        get_spec(architecture).check_arguments(**arguments)
+    except ModelArgumentError as exc:
+        source = (flags or {}).get(exc.argument, f"--{exc.argument} {exc.value}")
+        raise UsageError(f"{source}: {exc.reason}") from None
+
+
 def _add_architecture_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument(
         "--architecture",
@@ -154,7 +168,7 @@ class ExportConfig:
         spec = get_spec(args.architecture)
         weights = None if args.weights == "none" else args.weights
         input_size = args.input_size or spec.default_input_size
-        spec.check_arguments(input_size=input_size, weights=weights)
+        check_model_arguments(spec.name, input_size=input_size, weights=weights)
         labels = args.labels
         if weights == "imagenet":
             if args.num_classes not in (None, IMAGENET_CLASSES) or labels not in (None, "imagenet"):
@@ -467,10 +481,8 @@ class TrainConfig:
             raise UsageError(f"--label_smoothing {args.label_smoothing}: must be below 1")
         if args.freeze_base and args.weights in ("none",):
             raise UsageError("--freeze_base: needs pretrained weights (--weights imagenet or an artifact)")
-        # Without --input_size, train uses the prepared size: create_model checks it once the data is read.
-        get_spec(args.architecture).check_arguments(
-            input_size=args.input_size, weights="imagenet" if args.weights == "imagenet" else None
-        )
+        # Without --input_size, train uses the prepared size, checked once the data is read.
+        check_model_arguments(args.architecture, input_size=args.input_size, weights=args.weights)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
         return cls(**{**values, "data": args.data.rstrip("/"), "output": args.output.rstrip("/")})
 
@@ -515,8 +527,8 @@ class DemoConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DemoConfig:
-        try:  # the demo trains at the size it prepares
-            get_spec(args.architecture).check_arguments(input_size=args.image_size)
-        except ModelArgumentError as exc:
-            raise UsageError(f"--image_size {args.image_size}: {exc.reason}") from None
+        # The demo trains at the size it prepares.
+        check_model_arguments(
+            args.architecture, {"input_size": f"--image_size {args.image_size}"}, input_size=args.image_size
+        )
         return cls(args.workdir, args.architecture, args.image_size, args.epochs)

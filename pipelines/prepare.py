@@ -6,7 +6,7 @@ Input is a folder per class (``ROOT/<class>/...``) or a CSV of ``uri,label``.
 Images are decoded by ``decode_image`` (the function classify uses), assigned
 to train/val/test by a hash of their path under ROOT (stable across reruns and
 runners), and written as TFRecord shards with labels.json and stats.json (see
-``transforms.dataset``). Bad images become error rows; they never stop the job.
+``beamvision.transforms.dataset``). Bad images become error rows; they never stop the job.
 """
 
 from __future__ import annotations

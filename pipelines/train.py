@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from beamvision import storage
-from beamvision.models import ArtifactError
+from beamvision.models import ArtifactError, ModelArgumentError, get_spec
 from beamvision.models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
 from beamvision.pipelines import options
 from beamvision.transforms.training import (
@@ -51,6 +51,14 @@ def run(argv: list[str] | None = None) -> Manifest:
     totals = stats["totals"]
     if totals["train"] == 0:
         raise options.UsageError(f"--data {config.data}: the training split is empty")
+    if config.input_size is None:  # the prepared size is the input size: the same rules apply
+        try:
+            get_spec(config.architecture).check_arguments(input_size=image_size, weights=config.weights)
+        except ModelArgumentError as exc:
+            raise options.UsageError(
+                f"--data {config.data}: its images are {image_size}px, and {exc.reason} "
+                "(pass --input_size to resize them, or prepare with --image_size)"
+            ) from None
     started = time.monotonic()
     keras.utils.set_random_seed(config.seed)
     model, head = build_model(config, len(labels), input_size)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 import re
 import shutil
@@ -23,11 +24,11 @@ import pytest
 from digits import render_subset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-with open(os.path.join(REPO, "beamvision", "__init__.py")) as _f:
+with open(os.path.join(REPO, "core", "__init__.py")) as _f:
     VERSION = re.search(r'__version__ = "(.+)"', _f.read())[1]
 
-# Source folder -> import package, and the layer of each (higher may import lower, never the reverse).
-LAYERS = {"beamvision": 0, "models": 1, "transforms": 2, "pipelines": 3}
+# Source folder -> its layer (higher may import lower, never the reverse); core/ is the package root.
+LAYERS = {"core": 0, "models": 1, "transforms": 2, "pipelines": 3}
 
 
 def _docker_context(target: str) -> str:
@@ -80,17 +81,29 @@ def _pip(command: str, *args: str, python: str = sys.executable) -> None:
     )
 
 
-def _install(source: str, venv: str, wheels: str) -> tuple[str, str]:
+@dataclasses.dataclass(frozen=True)
+class Install:
+    python: str  # the venv's interpreter
+    site: str  # its site-packages
+    installed: list[str]  # what the install put into site-packages
+
+
+def _install(source: str, venv: str, wheels: str) -> Install:
     """Builds a wheel from ``source`` (an sdist or a source tree); installs it alone into a new venv.
 
     The build runs here, with this environment's setuptools (no download); the
     install, as on a worker or in the image, puts only what the wheel holds.
+    Then a .pth file lends the venv this environment's packages (TensorFlow,
+    Beam, ...), which the install itself leaves out.
     """
     _pip("wheel", "--no-build-isolation", "--wheel-dir", wheels, source)
     (wheel,) = [os.path.join(wheels, n) for n in os.listdir(wheels) if n.endswith(".whl")]
     python, site = _fresh_venv(venv)
     _pip("install", wheel, python=python)
-    return python, site
+    installed = sorted(os.listdir(site))
+    with open(os.path.join(site, "dependencies.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    return Install(python, site, installed)
 
 
 @pytest.fixture(scope="module")
@@ -110,23 +123,52 @@ def installs(tmp_path_factory):
     )
     sdists = [name for name in os.listdir(staging) if name.endswith(".tar.gz")]
     assert len(sdists) == 1, os.listdir(staging)
-    return {
+    installs = {
         name: _install(source, str(work / name), str(work / f"{name}-wheel"))
         for name, source in [("setup_file", os.path.join(staging, sdists[0])), ("docker", context)]
     }
+    return installs, context
 
 
 @pytest.mark.parametrize("how", ["setup_file", "docker"])
 def test_only_beamvision_lands_in_site_packages(installs, how):
-    python, site = installs[how]
-    assert sorted(os.listdir(site)) == ["beamvision", f"beamvision-{VERSION}.dist-info"]
-    package = os.path.join(site, "beamvision")
+    install = installs[0][how]
+    assert install.installed == ["beamvision", f"beamvision-{VERSION}.dist-info"]
+    package = os.path.join(install.site, "beamvision")
     expected = {"models", "transforms", "pipelines", "storage.py", "__init__.py", "__main__.py"}
     assert expected <= set(os.listdir(package))
     assert os.path.isfile(os.path.join(package, "models", "labels", "imagenet.txt"))
-    with open(os.path.join(site, f"beamvision-{VERSION}.dist-info", "entry_points.txt")) as f:
+    with open(os.path.join(install.site, f"beamvision-{VERSION}.dist-info", "entry_points.txt")) as f:
         assert "beamvision = beamvision.pipelines.cli:main" in f.read()
-    assert os.path.isfile(os.path.join(os.path.dirname(python), "beamvision"))
+    assert os.path.isfile(os.path.join(os.path.dirname(install.python), "beamvision"))
+
+
+@pytest.mark.slow
+def test_the_image_runs_from_its_workdir(installs):
+    """In the image, Beam's worker and ``python -m beamvision`` start in the WORKDIR beside the sources.
+
+    The current directory comes first on sys.path there; the installed package
+    must still be the one imported, with every subpackage.
+    """
+    docker, context = installs[0]["docker"], installs[1]
+    listed = subprocess.run(
+        [docker.python, "-m", "beamvision", "models"],
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "mobilenet_v2" in listed.stdout
+    where = subprocess.run(
+        [docker.python, "-c", "import beamvision.transforms.inference as m; print(m.__file__)"],
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert where.stdout.strip().startswith(docker.site)
 
 
 _USERS_OWN_CODE = {
@@ -169,14 +211,11 @@ _EVERY_COMMAND = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_users_own_models_package_does_not_shadow_beamvision(installs, tmp_path):
-    python, site = installs["setup_file"]
+    python = installs[0]["setup_file"].python
     users = tmp_path / "project"
     for relative, text in _USERS_OWN_CODE.items():
         (users / relative).parent.mkdir(parents=True, exist_ok=True)
         (users / relative).write_text(text)
-    # The fresh venv holds beamvision alone; its dependencies come from this environment.
-    with open(os.path.join(site, "dependencies.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
     env = {**os.environ, "PYTHONPATH": str(users)}
     beamvision = os.path.join(os.path.dirname(python), "beamvision")
 
@@ -219,12 +258,12 @@ def _beamvision_imports(path: str) -> set[str]:
             if parts[0] in ("models", "pipelines", "transforms"):
                 found.add(f"bare {parts[0]}")
             elif parts[0] == "beamvision" and len(parts) > 1:
-                found.add(parts[1] if parts[1] in LAYERS else "beamvision")
+                found.add(parts[1] if parts[1] in LAYERS else "core")
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Source folder -> the beamvision packages its modules import (``beamvision`` is the root)."""
+    """Source folder -> the source folders its modules import from (``core`` is the package root)."""
     graph = {}
     for folder in LAYERS:
         imported = set()
@@ -242,8 +281,8 @@ def test_layers_import_downwards_only():
         upward = {name for name in imported if LAYERS[name] > LAYERS[folder]}
         assert not upward, f"{folder} imports {upward}"
     assert graph == {
-        "beamvision": set(),
-        "models": {"beamvision"},
-        "transforms": {"beamvision", "models"},
-        "pipelines": {"beamvision", "models", "transforms"},
+        "core": set(),
+        "models": {"core"},
+        "transforms": {"core", "models"},
+        "pipelines": {"core", "models", "transforms"},
     }

@@ -407,6 +407,18 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
             "together they must leave some training data",
         ),
         (["evaluate", "--results", "/nope", "--truth", "folders"], "no results-*.parquet shards there"),
+        (
+            ["train", "--data", "d", "--architecture", "squeezenet", "--output", "o", "--input_size", "16"],
+            "--input_size 16: squeezenet needs at least 32",
+        ),
+        (
+            [
+                *("train", "--data", "d", "--architecture", "mobilenet_v2", "--output", "o"),
+                *("--weights", "imagenet", "--input_size", "96"),
+            ],
+            "--input_size 96: ImageNet weights for mobilenet_v2 need 224",
+        ),
+        (["demo", "--architecture", "inception_v3"], "--image_size 32: inception_v3 needs at least 75"),
     ],
 )
 def test_training_commands_refuse_bad_flags_in_one_line(argv, expected, capsys):
@@ -436,7 +448,8 @@ def test_transfer_from_imagenet_weights_in_keras_cache(imagenet_mobilenet_v2, ti
     ]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == (
-        "beamvision train: error: --input_size 32: ImageNet weights for mobilenet_v2 need 224"
+        f"beamvision train: error: --data {data}: its images are 32px, and ImageNet weights for "
+        "mobilenet_v2 need 224 (pass --input_size to resize them, or prepare with --image_size)"
     )
     flags = [
         "--input_size",

@@ -9,8 +9,9 @@ each imports only the layers below it:
 - ``beamvision.storage``: whole-file I/O on any Beam filesystem, used by all three.
 
 In the source tree the three subpackages are the top-level folders
-``pipelines/``, ``transforms/`` and ``models/`` (setup.py maps them here).
-This module holds the version and imports nothing, so importing it is free.
+``pipelines/``, ``transforms/`` and ``models/``, and this package root is
+``core/`` (setup.py maps them). This module holds the version and imports
+nothing, so importing it is free.
 """
 
 __version__ = "0.1.0"
