@@ -55,8 +55,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, mani
     )
 
 
-def run(argv: list[str] | None = None) -> PipelineResult:
-    """Validates flags and the model artifact, runs the pipeline, prints the summary."""
+def run(argv: list[str] | None = None) -> PipelineResult | None:
+    """Validates flags and the model artifact, runs the pipeline, prints the summary.
+
+    ``argv`` defaults to the process's own arguments (the Flex Template
+    launcher runs ``deploy/classify_main.py --input=... --model=...``). With
+    ``--dry_run`` nothing runs and nothing under ``--output`` is read or
+    written: DataflowRunner builds its job without submitting it (the result
+    is returned); other runners only build the job graph (None is returned).
+    """
     args, pipeline_options = options.parse_pipeline_args(
         "beamvision classify", __doc__.splitlines()[0], options.add_classify_arguments, argv
     )
@@ -68,20 +75,32 @@ def run(argv: list[str] | None = None) -> PipelineResult:
         config = dataclasses.replace(config, top_k=min(options.DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:
         raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
-    _prepare_output(config)
     dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
+    if not dry_run:
+        _prepare_output(config)
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, manifest)
+    if dry_run:
+        return _dry_run(pipeline)
     result = pipeline.run()
     result.wait_until_finish()
-    if dry_run:
-        runner = pipeline_options.view_as(StandardOptions).runner
-        print(f"dry run: built the {runner} job graph; nothing was submitted")
-        return result
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):
         print(format_summary(json.loads(storage.read_text(summary_uri))))
+    return result
+
+
+def _dry_run(pipeline: beam.Pipeline) -> PipelineResult | None:
+    """Builds the job graph without running it; Beam's direct runners would ignore --dry_run and run."""
+    runner = pipeline.options.view_as(StandardOptions).runner or "DirectRunner"
+    if type(pipeline.runner).__name__ == "DataflowRunner":
+        result = pipeline.run()  # Dataflow's own dry run: the job is built, not submitted
+        steps = len(result.job.proto_pipeline.components.transforms)
+    else:
+        result = None
+        steps = len(pipeline.to_runner_api().components.transforms)
+    print(f"dry run: built the {runner} job graph ({steps} steps); nothing was run or written")
     return result
 
 

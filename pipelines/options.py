@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -46,6 +47,23 @@ def _checked_number(convert, is_valid, expected: str):
         return value
 
     return parse
+
+
+def boolean(text: str) -> bool:
+    """argparse type of every on/off flag: true/false (any case) or 1/0, as Flex Templates pass them."""
+    value = text.strip().lower()
+    if value in ("true", "1"):
+        return True
+    if value in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, received {text!r}")
+
+
+def _add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An on/off flag: bare (on), or with a value, ``--flag=true`` / ``--flag=false`` / 1 / 0."""
+    parser.add_argument(
+        flag, type=boolean, nargs="?", const=True, default=False, metavar="true|false", help=help
+    )
 
 
 positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
@@ -96,7 +114,7 @@ def _add_architecture_argument(parser: argparse.ArgumentParser, default: str | N
 def _add_artifact_identity_arguments(parser: argparse.ArgumentParser, made_by: str) -> None:
     parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
     parser.add_argument("--version", help=f"model version recorded in results (default: {made_by} time, UTC)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --output")
+    _add_switch(parser, "--overwrite", "replace an existing artifact at --output")
 
 
 def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +132,7 @@ def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_models_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    _add_switch(parser, "--json", "print a JSON list instead of a table")
 
 
 # --- beamvision export ---------------------------------------------------------
@@ -221,15 +239,9 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="images per inference batch (default 32)",
     )
-    parser.add_argument(
-        "--embeddings",
-        action="store_true",
-        help="also write each image's pooled features before the classifier",
-    )
+    _add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
     _add_max_pixels_argument(parser)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace results, errors and summary already in --output"
-    )
+    _add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +283,7 @@ def parse_pipeline_args(
     is checked against every Beam ``PipelineOptions`` class, as Beam itself
     declares them, so a typo in a Beam flag is an error, not silently ignored.
     """
-    argv = _normalise_flag_values(list(argv or []))
+    argv = _normalise_dry_run(sys.argv[1:] if argv is None else list(argv))
     parser = OneLineParser(
         prog=prog,
         description=_summary(description),
@@ -306,14 +318,31 @@ class _BeamFlagsParser(OneLineParser):
             super().error(message)
 
 
-def _normalise_flag_values(argv: list[str]) -> list[str]:
-    """``--dry_run`` with no value means ``--dry_run=True`` (Beam's flag takes a value)."""
-    out = []
-    for i, arg in enumerate(argv):
-        following = argv[i + 1] if i + 1 < len(argv) else "--"
-        if arg == "--dry_run" and following.startswith("--"):
-            arg = "--dry_run=True"
-        out.append(arg)
+def _normalise_dry_run(argv: list[str]) -> list[str]:
+    """Beam's ``--dry_run`` as one of our switches: bare, true/false or 1/0.
+
+    Beam's own flag takes any text and treats every non-empty value as true, so
+    ``--dry_run=false`` from a launcher would be a dry run; here it is dropped.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--dry_run" or arg.startswith("--dry_run="):
+            if "=" in arg:
+                text = arg.split("=", 1)[1]
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+                text = argv[i]
+            else:
+                text = "true"
+            try:
+                if boolean(text):
+                    out.append("--dry_run=True")
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"argument --dry_run: {exc}") from None
+        else:
+            out.append(arg)
+        i += 1
     return out
 
 
@@ -412,10 +441,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="start from random weights, ImageNet weights, an existing artifact (new head "
         "for the new labels) or a weights file for this architecture",
     )
-    parser.add_argument(
+    _add_switch(
+        parser,
         "--freeze_base",
-        action="store_true",
-        help="train only the new classification head (with --weights imagenet or ARTIFACT)",
+        "train only the new classification head (with --weights imagenet or ARTIFACT)",
     )
     parser.add_argument("--epochs", type=positive_int, default=20, metavar="E", help="default 20")
     parser.add_argument(

@@ -1,10 +1,14 @@
-"""deploy/: the Flex Template's parameters are exactly the flags of beamvision classify."""
+"""deploy/: Flex Template parameters are classify's flags; its entry point runs as the launcher runs it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 from beamvision.pipelines.options import add_classify_arguments
 
@@ -33,3 +37,127 @@ def test_flex_template_entry_point_runs_classify():
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/beamvision/deploy/classify_main.py" in dockerfile
     with open(os.path.join(DEPLOY, "classify_main.py")) as f:
         assert "from beamvision.pipelines.classify import run" in f.read()
+
+
+def _flags(text: str):
+    from beamvision.pipelines import options
+
+    return options.parse_pipeline_args(
+        "t", "t", add_classify_arguments, ["--model", "m", "--output", "o", *text.split()]
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "embeddings", "overwrite", "dry_run"),
+    [
+        ("", False, False, False),
+        ("--embeddings --overwrite --dry_run", True, True, True),
+        ("--embeddings=true --overwrite=false --dry_run=false", True, False, False),
+        ("--embeddings=TRUE --overwrite=False --dry_run=True", True, False, True),
+        ("--embeddings 1 --overwrite 0 --dry_run 1", True, False, True),
+    ],
+)
+def test_on_off_flags_take_true_false_as_flex_templates_pass_them(given, embeddings, overwrite, dry_run):
+    from apache_beam.options.pipeline_options import TestOptions
+
+    args, beam_options = _flags(given)
+    assert (args.embeddings, args.overwrite) == (embeddings, overwrite)
+    assert bool(beam_options.view_as(TestOptions).dry_run) is dry_run
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("--embeddings=yes", "argument --embeddings: expected true or false, received 'yes'"),
+        ("--dry_run=maybe", "argument --dry_run: expected true or false, received 'maybe'"),
+    ],
+)
+def test_an_on_off_flag_with_another_value_is_one_line(given, expected):
+    from beamvision.pipelines.options import UsageError
+
+    with pytest.raises(UsageError, match=expected):
+        _flags(given)
+
+
+@pytest.fixture(scope="module")
+def flex_inputs(photos, tmp_path_factory):
+    """Real photos as JPEG files, a list file naming two of them, and a small model artifact."""
+    from PIL import Image
+
+    from beamvision.models import create_model
+    from beamvision.models.artifact import new_manifest, save_artifact
+
+    work = tmp_path_factory.mktemp("flex")
+    images = work / "photos"
+    images.mkdir()
+    for i, photo in enumerate(photos):
+        Image.fromarray(photo).save(images / f"photo_{i}.jpg", quality=90)
+    (work / "list.txt").write_text(f"{images / 'photo_0.jpg'}\n{images / 'photo_1.jpg'}\n")
+    model = create_model("squeezenet", num_classes=4, input_size=32)
+    labels = ["astronaut", "coffee", "cat", "rocket"]
+    save_artifact(
+        model,
+        new_manifest(model, "squeezenet", labels, "none", name="flex", version="1"),
+        str(work / "model"),
+    )
+    return work, len(photos)
+
+
+def _launch(*flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python deploy/classify_main.py --name=value ...``: how the Flex Template launcher runs it."""
+    return subprocess.run(
+        [sys.executable, os.path.join(DEPLOY, "classify_main.py"), *flags],
+        cwd=os.path.dirname(DEPLOY),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_inputs):
+    import pandas as pd
+
+    work, count = flex_inputs
+    values = {
+        "input": f"{work}/photos/*.jpg",
+        "input_list": f"{work}/list.txt",
+        "model": f"{work}/model",
+        "output": f"{work}/out",
+        "top_k": "2",
+        "batch_size": "4",
+        "embeddings": "true",
+        "max_pixels": "50000000",
+        "overwrite": "false",
+    }
+    with open(os.path.join(DEPLOY, "metadata.json")) as f:
+        assert sorted(p["name"] for p in json.load(f)["parameters"]) == sorted(values)
+    ran = _launch(*(f"--{name}={value}" for name, value in values.items()))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert f"classified {count} of {count} images" in ran.stdout
+    results = pd.concat(
+        pd.read_parquet(os.path.join(work, "out", n))
+        for n in os.listdir(work / "out")
+        if n.startswith("results-")
+    )
+    assert len(results) == count and {len(x) for x in results.top_k_labels} == {2}
+    assert len(results.embedding.iloc[0]) > 0
+    again = _launch(*(f"--{name}={value}" for name, value in {**values, "overwrite": "True"}.items()))
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_flex_entry_point_builds_the_dataflow_job_graph(flex_inputs):
+    work, _ = flex_inputs
+    ran = _launch(
+        "--input=gs://bucket/photos/**",
+        f"--model={work}/model",
+        "--output=gs://bucket/out",
+        "--runner=DataflowRunner",
+        "--dry_run=True",
+        "--project=beamvision-test",
+        "--region=us-central1",
+        "--temp_location=gs://bucket/tmp",
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "dry run: built the DataflowRunner job graph" in ran.stdout
