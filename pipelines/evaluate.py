@@ -26,6 +26,7 @@ from beamvision.transforms.evaluation import classification_metrics, save_confus
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
+RESULT_COLUMNS = ["image_uri", "label", "top_k_labels"]  # all that scoring needs (never the embeddings)
 
 
 def read_results(results_dir: str):
@@ -37,7 +38,10 @@ def read_results(results_dir: str):
     shards = FileSystems.match([storage.join(results_dir, "results-*.parquet")])[0].metadata_list
     if not shards:
         raise options.UsageError(f"--results {results_dir}: no results-*.parquet shards there")
-    frames = [pq.read_table(io.BytesIO(storage.read_bytes(m.path))).to_pandas() for m in shards]
+    frames = [
+        pq.read_table(io.BytesIO(storage.read_bytes(m.path)), columns=RESULT_COLUMNS).to_pandas()
+        for m in shards
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -62,7 +66,8 @@ def score(results, truth: dict[str, str]) -> dict:
     labels = sorted(set(truth.values()) | set(matched.label))
     index = {label: i for i, label in enumerate(labels)}
     y_true = np.array([index[truth[uri]] for uri in matched.image_uri], dtype=np.int64)
-    ranked = np.array([[index[x] for x in row] for row in matched.top_k_labels], dtype=np.int64)
+    # A lower-ranked label that is no image's truth can never be a hit: -1 stands for it.
+    ranked = np.array([[index.get(x, -1) for x in row] for row in matched.top_k_labels], dtype=np.int64)
     if len(matched) == 0:
         ranked = np.zeros((0, 1), dtype=np.int64)
     metrics = classification_metrics(y_true, ranked, labels)

@@ -64,15 +64,38 @@ def classification_metrics(y_true: np.ndarray, ranked: np.ndarray, labels: list[
     return metrics
 
 
+# Beyond this many classes the picture shows the most frequent ones and "other";
+# metrics.json keeps the whole matrix.
+CLASSES_IN_PICTURE = 30
+
+
+def most_frequent_classes(matrix: np.ndarray, labels: list[str], limit: int) -> tuple[np.ndarray, list[str]]:
+    """The confusion matrix over the ``limit - 1`` classes with the most images, the rest summed as "other".
+
+    A class's count is its true plus its predicted images; the kept classes stay
+    in their original order, and every image is still counted once.
+    """
+    if len(labels) <= limit:
+        return matrix, list(labels)
+    counts = matrix.sum(axis=0) + matrix.sum(axis=1)
+    keep = np.sort(np.argsort(-counts, kind="stable")[: limit - 1])
+    position = np.full(len(labels), len(keep))
+    position[keep] = np.arange(len(keep))
+    small = np.zeros((limit, limit), dtype=matrix.dtype)
+    np.add.at(small, (position[:, None], position[None, :]), matrix)
+    return small, [labels[i] for i in keep] + [f"other ({len(labels) - len(keep)} classes)"]
+
+
 def save_confusion_png(metrics: dict[str, Any], path: str, title: str) -> None:
-    """Draws the confusion matrix of ``metrics`` to a local PNG file."""
+    """Draws the confusion matrix of ``metrics`` to a local PNG file, readable at any class count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    matrix = np.asarray(metrics["confusion_matrix"])
-    labels = metrics["labels"]
+    matrix, labels = most_frequent_classes(
+        np.asarray(metrics["confusion_matrix"]), metrics["labels"], CLASSES_IN_PICTURE
+    )
     size = max(4.0, 0.45 * len(labels) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
