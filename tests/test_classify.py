@@ -273,6 +273,25 @@ def test_dataflow_job_graph_builds(model_dir, gcs_bucket, capsys):
         assert step in names
 
 
+def test_a_batch_that_fails_gives_one_inference_error_row_per_image(model_dir):
+    """Pixels of the wrong size make the compiled model refuse the batch: a real inference failure."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from beamvision.transforms.decode import ImageKey
+    from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages
+
+    keys = [ImageKey(f"/images/{i}.png", 16, 16, "PNG") for i in range(6)]
+    handler = BeamvisionModelHandler(model_dir, batch_size=4, top_k=3)
+    with TestPipeline() as p:
+        images = p | beam.Create([(key, np.zeros((SIZE // 2, SIZE // 2, 3), np.uint8)) for key in keys])
+        out = images | ClassifyImages(handler, "corpus", "1")
+        assert_that(out["results"], equal_to([]), label="NoResults")
+        rows = out["errors"] | beam.Map(lambda row: (row["image_uri"], row["stage"], bool(row["message"])))
+        assert_that(rows, equal_to([(key.uri, "inference", True) for key in keys]), label="OneRowEach")
+
+
 def test_a_dry_run_reads_and_writes_nothing_under_output(one_worker_run, model_dir, corpus_dir, capsys):
     output, _ = one_worker_run
     root, _ = corpus_dir

@@ -43,6 +43,11 @@ from beamvision.transforms.concurrency import ThreadPoolDoFn
 from beamvision.transforms.rows import ERRORS_TAG, error_row
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+# Our own max_pixels check replaces Pillow's bomb warning. It is filtered once,
+# here, because warnings.catch_warnings is not thread-safe and decode_image runs
+# on the decode pool's threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold (about 0.25 GB as RGBA).
 
 # EXIF orientations 5..8 rotate by 90 or 270 degrees: width and height swap.
@@ -102,27 +107,37 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         image = ImageOps.exif_transpose(image)
         rgb = to_rgb(image)
         pixels = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise DecodeError("CorruptImage", f"cannot decode {file_format} data: {exc}") from None
+    except MemoryError:
+        raise DecodeError(
+            "OutOfMemory", f"{width}x{height} {file_format} image did not fit in memory"
+        ) from None
+    except Exception as exc:  # Pillow raises many types on damaged data (struct.error, IndexError, ...)
+        raise DecodeError("CorruptImage", f"cannot decode {file_format} data: {_describe(exc)}") from None
     return DecodedImage(pixels=pixels, width=width, height=height, format=file_format)
 
 
+def _describe(exc: Exception) -> str:
+    """An exception as text; Pillow's OSError messages say enough, others need their type."""
+    return (
+        str(exc)
+        if isinstance(exc, OSError | SyntaxError | ValueError | EOFError)
+        else f"{type(exc).__name__}: {exc}"
+    )
+
+
 def _open(data: bytes) -> Image.Image:
-    with warnings.catch_warnings():
-        # Our own max_pixels check replaces Pillow's warning.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except Image.DecompressionBombError as exc:
-            raise DecodeError("DecompressionBomb", str(exc)) from None
-        except UnidentifiedImageError:
-            pass
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise DecodeError("CorruptImage", f"cannot read image header: {exc}") from None
-        try:
-            other = Image.open(io.BytesIO(data))
-        except Exception:  # Pillow raises many types for arbitrary bytes.
-            raise DecodeError("NotAnImage", "not a recognised image file") from None
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise DecodeError("DecompressionBomb", str(exc)) from None
+    except UnidentifiedImageError:
+        pass
+    except Exception as exc:  # a damaged header: Pillow raises many types
+        raise DecodeError("CorruptImage", f"cannot read image header: {_describe(exc)}") from None
+    try:
+        other = Image.open(io.BytesIO(data))
+    except Exception:  # Pillow raises many types for arbitrary bytes.
+        raise DecodeError("NotAnImage", "not a recognised image file") from None
     raise DecodeError(
         "UnsupportedFormat", f"{other.format} is not supported (allowed: {', '.join(ALLOWED_FORMATS)})"
     )
@@ -201,10 +216,11 @@ class _DecodeFn(ThreadPoolDoFn):
         image_file, data = element
         try:
             image = decode_image(data, self._size, self._max_pixels)
-        except DecodeError as exc:
+        except Exception as exc:  # every input ends in exactly one row, whatever the decoder throws
+            error_type = exc.error_type if isinstance(exc, DecodeError) else type(exc).__name__
             return [
                 beam.pvalue.TaggedOutput(
-                    ERRORS_TAG, error_row(image_file.uri, "decode", exc.error_type, str(exc))
+                    ERRORS_TAG, error_row(image_file.uri, "decode", error_type, str(exc))
                 )
             ]
         return [(ImageKey(image_file.uri, image.width, image.height, image.format), image.pixels)]
