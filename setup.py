@@ -52,6 +52,8 @@ EXTRAS_REQUIRE = {
         "ruff>=0.17.0",
         "pandas>=2.2",
     ],
+    # beamvision demo: its data, scikit-learn's handwritten digits.
+    "demo": ["scikit-learn>=1.9.0"],
     # benchmarks/: the baseline uses Beam's TFModelHandlerNumpy, which imports tensorflow_hub.
     "bench": [
         "tensorflow-hub>=0.16.1",

@@ -87,8 +87,17 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     result.wait_until_finish()
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):
-        print(format_summary(json.loads(storage.read_text(summary_uri))))
+        summary = json.loads(storage.read_text(summary_uri))
+        if summary["inputs"] == 0:
+            raise options.UsageError(f"{_inputs_flags(config)}: matched no file; nothing was classified")
+        print(format_summary(summary))
     return result
+
+
+def _inputs_flags(config: options.ClassifyConfig) -> str:
+    """The input flags as the user gave them, for a message."""
+    given = [f"--input {pattern}" for pattern in config.inputs]
+    return " ".join(given + ([f"--input_list {config.input_list}"] if config.input_list else []))
 
 
 def _dry_run(pipeline: beam.Pipeline) -> PipelineResult | None:

@@ -39,8 +39,16 @@ def render_digits(root: str, holdout_every: int = 10) -> tuple[str, str]:
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """Runs the whole loop in ``--workdir`` and returns the held-out metrics."""
     args = options.parse("beamvision demo", __doc__.splitlines()[0], options.add_demo_arguments, argv)
     config = options.DemoConfig.from_args(args)
+    try:  # the demo's data ships in scikit-learn, which beamvision itself does not need
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise options.UsageError(
+            "the demo trains on scikit-learn's handwritten digits: pip install 'beamvision[demo]' "
+            "(or scikit-learn)"
+        ) from None
     started = time.monotonic()
     work = os.path.abspath(config.workdir)
     shutil.rmtree(work, ignore_errors=True)

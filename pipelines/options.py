@@ -18,7 +18,9 @@ import sys
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beamvision import storage
 from beamvision.models import ModelArgumentError, get_spec, list_models
+from beamvision.models.artifact import MANIFEST_FILE
 from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 
@@ -508,8 +510,14 @@ class TrainConfig:
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         if args.label_smoothing >= 1:
             raise UsageError(f"--label_smoothing {args.label_smoothing}: must be below 1")
-        if args.freeze_base and args.weights in ("none",):
-            raise UsageError("--freeze_base: needs pretrained weights (--weights imagenet or an artifact)")
+        if args.freeze_base and (
+            args.weights == "none"
+            or (args.weights != "imagenet" and not storage.exists(storage.join(args.weights, MANIFEST_FILE)))
+        ):
+            raise UsageError(
+                f"--freeze_base: needs --weights imagenet or an artifact to put a new head on "
+                f"(--weights {args.weights} is not one)"
+            )
         # Without --input_size, train uses the prepared size, checked once the data is read.
         check_model_arguments(args.architecture, input_size=args.input_size, weights=args.weights)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}

@@ -168,6 +168,9 @@ def run(argv: list[str] | None = None) -> PipelineResult:
     stats_uri = storage.join(config.output, STATS_FILE)
     if storage.exists(stats_uri):
         stats = json.loads(storage.read_text(stats_uri))
+        if stats["inputs"] == 0:
+            source = f"--labels {config.labels}" if config.labels else f"--input {config.input}"
+            raise options.UsageError(f"{source}: names no file; nothing was prepared")
         totals = ", ".join(f"{split} {n:,}" for split, n in stats["totals"].items())
         print(
             f"prepared {stats['examples']:,} of {stats['inputs']:,} images "

@@ -24,6 +24,7 @@ from beamvision.pipelines import options
 from beamvision.transforms.training import (
     build_model,
     checkpoint_dir,
+    checkpoint_root,
     compile_model,
     dataset_fingerprint,
     evaluate,
@@ -81,7 +82,8 @@ def run(argv: list[str] | None = None) -> Manifest:
 
         steps = config.steps_per_epoch or steps_for(totals["train"], config.batch_size)
         compile_model(model, config, len(labels), steps * config.epochs, warmup_steps=min(steps, 100))
-        callbacks = [keras.callbacks.BackupAndRestore(checkpoint_dir(config.output))]
+        resumable = {k: v for k, v in config.to_dict().items() if k != "overwrite"}
+        callbacks = [keras.callbacks.BackupAndRestore(checkpoint_dir(config.output, resumable))]
         validation = dataset("val", False) if totals["val"] else None
         if validation is not None:
             callbacks.append(
@@ -105,7 +107,7 @@ def run(argv: list[str] | None = None) -> Manifest:
         )
         evaluated_on = "test" if totals["test"] else "val" if totals["val"] else "train"
         metrics = evaluate(model, dataset(evaluated_on, False), labels)
-    shutil.rmtree(checkpoint_dir(config.output), ignore_errors=True)
+    shutil.rmtree(checkpoint_root(config.output), ignore_errors=True)
     metrics = {"evaluated_on": evaluated_on, **metrics}
     seconds = time.monotonic() - started
     training = {

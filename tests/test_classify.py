@@ -344,6 +344,28 @@ def test_bad_model_fails_before_any_work(tmp_path, capsys):
     assert not output.exists()
 
 
+def test_listed_uris_are_file_names_not_globs(model_dir, photos, tmp_path):
+    from PIL import Image
+
+    names = ["a[1].jpg", "what?.jpg", "star*.jpg", "a1.jpg"]  # a[1] as a glob would match a1.jpg
+    for name, photo in zip(names, photos, strict=False):
+        Image.fromarray(photo).save(tmp_path / name)
+    listed = [str(tmp_path / name) for name in names[:3]]
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    output = str(tmp_path / "out")
+    classify.run(["--input_list", str(tmp_path / "list.txt"), "--model", model_dir, "--output", output])
+    assert sorted(_read_rows(output, "results").image_uri) == sorted(listed)
+    with open(os.path.join(output, "summary.json")) as f:
+        assert json.load(f)["errors"] == 0
+
+
+def test_a_pattern_that_matches_nothing_says_so_in_one_line(model_dir, tmp_path, capsys):
+    pattern = str(tmp_path / "nothing-here" / "*.jpg")
+    assert main(["classify", "--input", pattern, "--model", model_dir, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"beamvision classify: error: --input {pattern}: matched no file; nothing was classified"
+
+
 def test_missing_input_and_existing_output(model_dir, one_worker_run, tmp_path, capsys):
     assert main(["classify", "--model", model_dir, "--output", str(tmp_path)]) == 2
     assert "give at least one --input PATTERN or an --input_list FILE" in capsys.readouterr().err

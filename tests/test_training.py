@@ -142,6 +142,43 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path):
     assert _json(os.path.join(out_csv, "stats.json"))["examples"] == 12
 
 
+def test_prepare_of_nothing_says_so_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [
+        "prepare",
+        "--input",
+        str(tmp_path / "empty"),
+        "--output",
+        str(tmp_path / "d"),
+        "--image_size",
+        "16",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"beamvision prepare: error: --input {tmp_path / 'empty'}: names no file; nothing was prepared"
+    )
+
+
+def test_demo_without_scikit_learn_says_what_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as on a plain `pip install beamvision`
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'beamvision[demo]'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "demo").exists()
+
+
+def test_checkpoints_resume_only_the_same_training_config():
+    from beamvision.transforms.training import checkpoint_dir, checkpoint_root
+
+    config = {"architecture": "squeezenet", "epochs": 4, "learning_rate": 0.001}
+    same = checkpoint_dir("/runs/model", dict(config))
+    assert same == checkpoint_dir("/runs/model", config)
+    assert same != checkpoint_dir("/runs/model", {**config, "learning_rate": 0.01})
+    assert same != checkpoint_dir("/runs/other", config)
+    assert os.path.dirname(same) == checkpoint_root("/runs/model") == "/runs/model.checkpoints"
+
+
 def test_metrics_agree_with_scikit_learn():
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -384,7 +421,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
         ),
         (
             ["train", "--data", "d", "--architecture", "squeezenet", "--output", "o", "--freeze_base"],
-            "--freeze_base: needs pretrained weights",
+            "--freeze_base: needs --weights imagenet or an artifact to put a new head on (--weights none",
         ),
         (
             ["prepare", "--input", "i", "--output", "o", "--image_size", "32", "--val_fraction", "1.5"],
@@ -407,6 +444,13 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
             "together they must leave some training data",
         ),
         (["evaluate", "--results", "/nope", "--truth", "folders"], "no results-*.parquet shards there"),
+        (
+            [
+                *("train", "--data", "d", "--architecture", "squeezenet", "--output", "o"),
+                *("--weights", "/no/trained.weights.h5", "--freeze_base"),
+            ],
+            "(--weights /no/trained.weights.h5 is not one)",
+        ),
         (
             ["train", "--data", "d", "--architecture", "squeezenet", "--output", "o", "--input_size", "16"],
             "--input_size 16: squeezenet needs at least 32",

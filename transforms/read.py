@@ -138,7 +138,8 @@ class _ReadFileFn(ThreadPoolDoFn):
         uri, metadata = element
         try:
             if metadata is None:
-                matched = FileSystems.match([uri])[0].metadata_list
+                # A listed URI names one file: [, * and ? in it are characters, not a glob.
+                matched = FileSystems.match([glob.escape(uri)])[0].metadata_list
                 metadata = next((m for m in matched if m.path == uri), None)
                 if metadata is None:
                     raise FileNotFoundError(f"no such file: {uri}")

@@ -192,14 +192,25 @@ def compile_model(model: keras.Model, config, num_classes: int, total_steps: int
     )
 
 
-def checkpoint_dir(output: str) -> str:
-    """A local directory for resumable checkpoints of the run that writes ``output``."""
+def checkpoint_root(output: str) -> str:
+    """The local directory that holds resumable checkpoints of runs writing ``output``."""
     from apache_beam.io.filesystems import FileSystems
 
     if FileSystems.get_scheme(output) is None:
         return os.path.abspath(output) + ".checkpoints"
     key = hashlib.sha256(output.encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "beamvision-checkpoints", key)
+
+
+def checkpoint_dir(output: str, config: dict[str, Any]) -> str:
+    """Checkpoints of the run that writes ``output`` with exactly ``config``.
+
+    A rerun with the same training config resumes where the interrupted run
+    stopped; a run with another config starts afresh in a directory of its
+    own, never from the other run's weights.
+    """
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(checkpoint_root(output), key)
 
 
 def evaluate(model: keras.Model, dataset, labels: list[str]) -> dict[str, Any]:
