@@ -8,8 +8,9 @@ Layout (local path or any Beam filesystem URI such as ``gs://``)::
 
 ``manifest.json`` is written last and records the size and SHA-256 of
 ``model.keras``: it is the commit point, so a reader sees either no artifact or
-a complete one. ``load_artifact`` validates everything before returning and
-loads Keras models in safe mode only (no arbitrary code runs).
+a complete one. ``verify_artifact`` checks an artifact without building its
+model (what a launcher does); ``load_artifact`` validates everything and loads
+the Keras model in safe mode only (no arbitrary code runs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import tempfile
+import zipfile
 from typing import Any
 
 import keras
@@ -214,45 +216,93 @@ def load_manifest(uri: str) -> Manifest:
     return manifest
 
 
-# The last model loaded in this process, keyed by (uri, sha256, bytes): when
-# classify validates an artifact at launch and a DirectRunner worker in the
-# same process loads it again, the verified model is reused, not read twice.
-_last_loaded: tuple[tuple, keras.Model] | None = None
+def verify_artifact(uri: str) -> Manifest:
+    """Validates the artifact at ``uri`` without building its model: what a launcher checks.
+
+    Reads the manifest (schema version, fields, labels), checks that
+    ``model.keras`` has the size and SHA-256 the manifest records, and reads the
+    model's Keras config (never its code) for what safe mode would refuse and
+    for the uint8 image input of the manifest's size. Workers then build the
+    model with ``load_artifact``, in safe mode.
+
+    Raises:
+        ArtifactError: one line saying what is wrong.
+    """
+    manifest = load_manifest(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _keras_config(_download_verified(uri, manifest, tmp), storage.join(uri, MODEL_FILE))
+    if any(layer.get("class_name") == "Lambda" for layer in _layers(config)):
+        raise _unsafe(storage.join(uri, MODEL_FILE))
+    inputs = [layer for layer in _layers(config) if layer.get("class_name") == "InputLayer"]
+    expected = [None, manifest.input_size, manifest.input_size, 3]
+    received = [(x["config"].get("batch_shape"), x["config"].get("dtype")) for x in inputs[:1]]
+    if received != [(expected, "uint8")]:
+        raise ArtifactError(
+            f"model artifact at {uri} must take uint8 images of shape {tuple(expected)}; "
+            f"its model takes {received[0] if received else 'no image input'}"
+        )
+    return manifest
 
 
 def load_artifact(uri: str) -> Artifact:
     """Loads and validates the artifact at ``uri`` (local or any Beam filesystem).
-
-    The manifest is always read afresh; the model itself is reused when this
-    process has already verified and loaded the same file content.
 
     Raises:
         ArtifactError: for a missing or partial directory, an unknown schema
             version, a model file that does not match the manifest, a model that
             needs unsafe deserialisation, or labels that do not match the model.
     """
-    global _last_loaded
     manifest = load_manifest(uri)
     model_uri = storage.join(uri, MODEL_FILE)
-    expected = manifest.files[MODEL_FILE]
-    key = (uri, expected.get("sha256"), expected.get("bytes"))
-    if _last_loaded is not None and _last_loaded[0] == key:
-        return Artifact(uri=uri, model=_last_loaded[1], manifest=manifest)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _load_keras_safely(_download_verified(uri, manifest, tmp), model_uri)
+    _check_model_matches(model, manifest, uri)
+    return Artifact(uri=uri, model=model, manifest=manifest)
+
+
+def _download_verified(uri: str, manifest: Manifest, tmp: str) -> str:
+    """Copies model.keras into ``tmp``; checks its size and SHA-256 against the manifest."""
+    model_uri = storage.join(uri, MODEL_FILE)
     if not storage.exists(model_uri):
         raise ArtifactError(f"incomplete model artifact at {uri}: {MODEL_FILE} not found")
-    with tempfile.TemporaryDirectory() as tmp:
-        local_model = os.path.join(tmp, MODEL_FILE)
-        storage.download(model_uri, local_model)
-        size, digest = os.path.getsize(local_model), storage.sha256_file(local_model)
-        if size != expected.get("bytes") or digest != expected.get("sha256"):
-            raise ArtifactError(
-                f"{model_uri} does not match its manifest ({size} bytes, sha256 {digest[:12]}…; "
-                f"expected {expected.get('bytes')} bytes, sha256 {str(expected.get('sha256'))[:12]}…)"
-            )
-        model = _load_keras_safely(local_model, model_uri)
-    _check_model_matches(model, manifest, uri)
-    _last_loaded = (key, model)
-    return Artifact(uri=uri, model=model, manifest=manifest)
+    expected = manifest.files[MODEL_FILE]
+    local_model = os.path.join(tmp, MODEL_FILE)
+    storage.download(model_uri, local_model)
+    size, digest = os.path.getsize(local_model), storage.sha256_file(local_model)
+    if size != expected.get("bytes") or digest != expected.get("sha256"):
+        raise ArtifactError(
+            f"{model_uri} does not match its manifest ({size} bytes, sha256 {digest[:12]}…; "
+            f"expected {expected.get('bytes')} bytes, sha256 {str(expected.get('sha256'))[:12]}…)"
+        )
+    return local_model
+
+
+def _keras_config(local_path: str, uri: str) -> dict[str, Any]:
+    """The architecture config inside a .keras file (a zip), read as JSON."""
+    try:
+        with zipfile.ZipFile(local_path) as archive:
+            return json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot load {uri}: not a Keras model file ({exc})") from None
+
+
+def _layers(config: Any):
+    """Every layer config (a dict with a class_name) nested anywhere in a Keras config."""
+    if isinstance(config, dict):
+        if "class_name" in config:
+            yield config
+        for value in config.values():
+            yield from _layers(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _layers(value)
+
+
+def _unsafe(uri: str) -> ArtifactError:
+    return ArtifactError(
+        f"{uri} needs unsafe deserialisation (e.g. a Lambda layer holding Python code); "
+        "beamvision loads models in Keras safe mode only"
+    )
 
 
 def _load_keras_safely(local_path: str, uri: str) -> keras.Model:
@@ -261,10 +311,7 @@ def _load_keras_safely(local_path: str, uri: str) -> keras.Model:
     except Exception as exc:  # Keras raises many types for a bad or unsafe file.
         text = " ".join(str(exc).split())
         if "safe_mode" in text or "unsafe" in text.lower():
-            raise ArtifactError(
-                f"{uri} needs unsafe deserialisation (e.g. a Lambda layer holding Python code); "
-                "beamvision loads models in Keras safe mode only"
-            ) from None
+            raise _unsafe(uri) from None
         raise ArtifactError(f"cannot load {uri}: {text[:300]}") from None
 
 

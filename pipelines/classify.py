@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import StandardOptions, TestOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
-from beamvision.models.artifact import Manifest, load_artifact
+from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines import options
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages
@@ -68,9 +68,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         "beamvision classify", __doc__.splitlines()[0], options.add_classify_arguments, argv
     )
     config = options.ClassifyConfig.from_args(args)
-    artifact = load_artifact(config.model)  # fails here, before any work, on a bad artifact
-    manifest = artifact.manifest
-    del artifact
+    # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
+    manifest = verify_artifact(config.model)
     if config.top_k is None:
         config = dataclasses.replace(config, top_k=min(options.DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:

@@ -20,6 +20,7 @@ from beamvision.models.artifact import (
     load_manifest,
     new_manifest,
     save_artifact,
+    verify_artifact,
 )
 
 LABELS = ["cat", "coffee", "rocket"]
@@ -161,8 +162,9 @@ def test_model_file_that_does_not_match_manifest(small_model, tmp_path):
     _save(small_model, uri)
     with open(os.path.join(uri, MODEL_FILE), "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(ArtifactError, match="does not match its manifest"):
-        load_artifact(uri)
+    for check in (load_artifact, verify_artifact):
+        with pytest.raises(ArtifactError, match="does not match its manifest"):
+            check(uri)
 
 
 def test_model_needing_unsafe_deserialisation(tmp_path):
@@ -184,8 +186,32 @@ def test_model_needing_unsafe_deserialisation(tmp_path):
         library_versions={},
     )
     save_artifact(unsafe, manifest, uri)
-    with pytest.raises(ArtifactError, match="needs unsafe deserialisation"):
-        load_artifact(uri)
+    for check in (load_artifact, verify_artifact):  # verify reads the config, never builds the model
+        with pytest.raises(ArtifactError, match="needs unsafe deserialisation"):
+            check(uri)
+
+
+def test_verify_checks_without_building_the_model(small_model, tmp_path, monkeypatch):
+    uri = str(tmp_path / "m")
+    written = _save(small_model, uri)
+
+    def build(*args, **kwargs):
+        raise AssertionError("verify_artifact built the model")
+
+    monkeypatch.setattr(keras.saving, "load_model", build)
+    assert verify_artifact(uri) == written
+
+    float_input = keras.Model(*_float_model())
+    other = str(tmp_path / "float")
+    save_artifact(float_input, new_manifest(float_input, "squeezenet", LABELS, "none"), other)
+    with pytest.raises(ArtifactError, match=r"must take uint8 images of shape \(None, 48, 48, 3\)"):
+        verify_artifact(other)
+
+
+def _float_model():
+    inputs = keras.Input((48, 48, 3), dtype="float32")
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    return inputs, keras.layers.Dense(len(LABELS), activation="softmax")(x)
 
 
 def test_gcs_round_trip_lists_only_final_files(small_model, gcs_bucket):

@@ -332,6 +332,18 @@ def test_bad_flags_give_one_line(extra, expected, model_dir, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and expected in err
 
 
+def test_the_launcher_validates_the_artifact_without_building_the_model(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    def build(*args, **kwargs):
+        raise AssertionError("the launcher built the model")
+
+    monkeypatch.setattr(keras.saving, "load_model", build)  # a dry run runs no worker: only the launcher
+    argv = ["--input", str(tmp_path), "--model", model_dir, "--output", str(tmp_path / "o"), "--dry_run"]
+    assert classify.run(argv) is None
+    assert "dry run: built the DirectRunner job graph" in capsys.readouterr().out
+
+
 def test_bad_model_fails_before_any_work(tmp_path, capsys):
     output = tmp_path / "out"
     assert (
