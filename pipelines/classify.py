@@ -76,7 +76,12 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
     dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
     if not dry_run:
-        _prepare_output(config)
+        options.claim_output(
+            config.output,
+            [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE],
+            config.overwrite,
+            "results",
+        )
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, manifest)
@@ -110,20 +115,3 @@ def _dry_run(pipeline: beam.Pipeline) -> PipelineResult | None:
         steps = len(pipeline.to_runner_api().components.transforms)
     print(f"dry run: built the {runner} job graph ({steps} steps); nothing was run or written")
     return result
-
-
-def _prepare_output(config: options.ClassifyConfig) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    patterns = [storage.join(config.output, f"{prefix}-*") for prefix in (RESULTS_PREFIX, ERRORS_PREFIX)]
-    existing = [m.path for match in FileSystems.match(patterns) for m in match.metadata_list]
-    summary = storage.join(config.output, SUMMARY_FILE)
-    if storage.exists(summary):
-        existing.append(summary)
-    if existing and not config.overwrite:
-        raise options.UsageError(
-            f"--output {config.output}: already holds results ({len(existing)} files); "
-            "choose a new directory or pass --overwrite"
-        )
-    if existing:
-        FileSystems.delete(existing)

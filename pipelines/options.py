@@ -130,6 +130,25 @@ def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> None:
+    """Refuses an ``--output`` that already holds a run's files, unless ``--overwrite``; then clears them.
+
+    ``names`` are file names or globs under ``output`` (``results-*``); a rerun
+    must never mix its files with stale ones of an earlier run.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    matches = FileSystems.match([storage.join(output, name) for name in names])
+    existing = sorted({m.path for match in matches for m in match.metadata_list})
+    if existing and not overwrite:
+        raise UsageError(
+            f"--output {output}: already holds {holds} ({len(existing)} files); "
+            "choose a new place or pass --overwrite"
+        )
+    if existing:
+        FileSystems.delete(existing)
+
+
 # --- beamvision models ---------------------------------------------------------
 
 
@@ -375,6 +394,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="salt of the split hash (default 0)")
     _add_max_pixels_argument(parser)
+    _add_switch(parser, "--overwrite", "replace a prepared dataset already at --output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +407,7 @@ class PrepareConfig:
     test_fraction: float
     seed: int
     max_pixels: int
+    overwrite: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PrepareConfig:
@@ -404,6 +425,7 @@ class PrepareConfig:
             args.test_fraction,
             args.seed,
             args.max_pixels,
+            args.overwrite,
         )
 
 

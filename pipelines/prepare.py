@@ -32,7 +32,7 @@ from beamvision.transforms.dataset import (
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.read import ReadImages, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
-from beamvision.transforms.write import WriteErrors
+from beamvision.transforms.write import ERRORS_PREFIX, WriteErrors
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> None:
@@ -161,6 +161,9 @@ def run(argv: list[str] | None = None) -> PipelineResult:
         "beamvision prepare", __doc__.splitlines()[0], options.add_prepare_arguments, argv
     )
     config = options.PrepareConfig.from_args(args)
+    # Stale shards of an earlier run (another shard count) would be read by train.
+    prepared = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]
+    options.claim_output(config.output, prepared, config.overwrite, "a prepared dataset")
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config)
     result = pipeline.run()

@@ -142,6 +142,21 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path):
     assert _json(os.path.join(out_csv, "stats.json"))["examples"] == 12
 
 
+def test_prepare_refuses_a_used_output_unless_overwrite(tmp_path, capsys):
+    root = render_subset(str(tmp_path / "root"), classes=2, per_class=5)
+    out = tmp_path / "data"
+    argv = ["prepare", "--input", root, "--output", str(out), "--image_size", "16"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert f"--output {out}: already holds a prepared dataset" in capsys.readouterr().err
+    stale = out / "train-00007-of-00008.tfrecord"  # as an earlier run with another shard count left it
+    stale.write_bytes(b"stale")
+    assert main([*argv, "--overwrite=true"]) == 0
+    assert not stale.exists()
+    assert _json(str(out / "stats.json"))["examples"] == 10
+
+
 def test_prepare_of_nothing_says_so_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     argv = [
