@@ -221,8 +221,9 @@ def verify_artifact(uri: str) -> Manifest:
 
     Reads the manifest (schema version, fields, labels), checks that
     ``model.keras`` has the size and SHA-256 the manifest records, and reads the
-    model's Keras config (never its code) for what safe mode would refuse and
-    for the uint8 image input of the manifest's size. Workers then build the
+    model's Keras config (never its code) for what safe mode would refuse, for
+    the uint8 image input of the manifest's size and for one output per label.
+    Workers then build the
     model with ``load_artifact``, in safe mode.
 
     Raises:
@@ -231,9 +232,21 @@ def verify_artifact(uri: str) -> Manifest:
     manifest = load_manifest(uri)
     with tempfile.TemporaryDirectory() as tmp:
         config = _keras_config(_download_verified(uri, manifest, tmp), storage.join(uri, MODEL_FILE))
-    if any(layer.get("class_name") == "Lambda" for layer in _layers(config)):
+    layers = list(_layers(config))
+    if any(layer.get("class_name") in ("Lambda", "__lambda__") for layer in layers):
         raise _unsafe(storage.join(uri, MODEL_FILE))
-    inputs = [layer for layer in _layers(config) if layer.get("class_name") == "InputLayer"]
+    classifier = get_spec(manifest.architecture).classifier_layer
+    outputs = [
+        layer["config"].get("units") or layer["config"].get("filters")
+        for layer in layers
+        if isinstance(layer.get("config"), dict) and layer["config"].get("name") == classifier
+    ]
+    if outputs and outputs[-1] != manifest.num_classes:
+        raise ArtifactError(
+            f"model artifact at {uri} has {manifest.num_classes} labels "
+            f"but its model has {outputs[-1]} outputs"
+        )
+    inputs = [layer for layer in layers if layer.get("class_name") == "InputLayer"]
     expected = [None, manifest.input_size, manifest.input_size, 3]
     received = [(x["config"].get("batch_shape"), x["config"].get("dtype")) for x in inputs[:1]]
     if received != [(expected, "uint8")]:

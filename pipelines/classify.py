@@ -17,7 +17,6 @@ import logging
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import StandardOptions, TestOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
@@ -33,6 +32,9 @@ from beamvision.transforms.write import (
     WriteResults,
     format_summary,
 )
+
+# Every file a classify run writes under --output.
+OUTPUTS = [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE]
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, manifest: Manifest) -> None:
@@ -74,25 +76,19 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         config = dataclasses.replace(config, top_k=min(options.DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:
         raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
-    dry_run = bool(pipeline_options.view_as(TestOptions).dry_run)
-    if not dry_run:
-        options.claim_output(
-            config.output,
-            [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE],
-            config.overwrite,
-            "results",
-        )
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config, manifest)
-    if dry_run:
-        return _dry_run(pipeline)
+    build_pipeline(pipeline, config, manifest)  # a missing --input_list fails here, before any deletion
+    if options.is_dry_run(pipeline_options):
+        return options.build_only(pipeline)
+    options.claim_output(config.output, OUTPUTS, config.overwrite, "results")
     result = pipeline.run()
     result.wait_until_finish()
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_text(summary_uri))
-        if summary["inputs"] == 0:
+        if summary["inputs"] == 0:  # leave no empty run behind, so the corrected rerun is not refused
+            options.claim_output(config.output, OUTPUTS, True, "results")
             raise options.UsageError(f"{_inputs_flags(config)}: matched no file; nothing was classified")
         print(format_summary(summary))
     return result
@@ -102,16 +98,3 @@ def _inputs_flags(config: options.ClassifyConfig) -> str:
     """The input flags as the user gave them, for a message."""
     given = [f"--input {pattern}" for pattern in config.inputs]
     return " ".join(given + ([f"--input_list {config.input_list}"] if config.input_list else []))
-
-
-def _dry_run(pipeline: beam.Pipeline) -> PipelineResult | None:
-    """Builds the job graph without running it; Beam's direct runners would ignore --dry_run and run."""
-    runner = pipeline.options.view_as(StandardOptions).runner or "DirectRunner"
-    if type(pipeline.runner).__name__ == "DataflowRunner":
-        result = pipeline.run()  # Dataflow's own dry run: the job is built, not submitted
-        steps = len(result.job.proto_pipeline.components.transforms)
-    else:
-        result = None
-        steps = len(pipeline.to_runner_api().components.transforms)
-    print(f"dry run: built the {runner} job graph ({steps} steps); nothing was run or written")
-    return result

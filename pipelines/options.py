@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import sys
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
 from beamvision.models import ModelArgumentError, get_spec, list_models
@@ -138,7 +140,7 @@ def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> 
     """
     from apache_beam.io.filesystems import FileSystems
 
-    matches = FileSystems.match([storage.join(output, name) for name in names])
+    matches = FileSystems.match([storage.join(glob.escape(output), name) for name in names])
     existing = sorted({m.path for match in matches for m in match.metadata_list})
     if existing and not overwrite:
         raise UsageError(
@@ -319,6 +321,28 @@ def parse_pipeline_args(
         cls._add_argparse_args(beam_parser)
     beam_parser.parse_args(beam_argv)
     return args, PipelineOptions(beam_argv)
+
+
+def is_dry_run(pipeline_options: PipelineOptions) -> bool:
+    return bool(pipeline_options.view_as(TestOptions).dry_run)
+
+
+def build_only(pipeline) -> PipelineResult | None:
+    """What ``--dry_run`` does: build the job graph, run nothing, touch no output.
+
+    DataflowRunner builds its job without submitting it (its result is
+    returned); Beam's direct runners would ignore --dry_run and run, so for
+    them the graph is only built (None is returned).
+    """
+    runner = pipeline.options.view_as(StandardOptions).runner or "DirectRunner"
+    if type(pipeline.runner).__name__ == "DataflowRunner":
+        result = pipeline.run()
+        steps = len(result.job.proto_pipeline.components.transforms)
+    else:
+        result = None
+        steps = len(pipeline.to_runner_api().components.transforms)
+    print(f"dry run: built the {runner} job graph ({steps} steps); nothing was run or written")
+    return result
 
 
 class _BeamFlagsParser(OneLineParser):

@@ -34,6 +34,9 @@ from beamvision.transforms.read import ReadImages, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
 from beamvision.transforms.write import ERRORS_PREFIX, WriteErrors
 
+# Every file a prepare run writes under --output.
+OUTPUTS = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]
+
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> None:
     """Adds the prepare steps for ``config`` to ``pipeline``."""
@@ -155,23 +158,25 @@ class _WriteStatsFn(beam.DoFn):
         yield stats
 
 
-def run(argv: list[str] | None = None) -> PipelineResult:
-    """Runs prepare and prints what it wrote."""
+def run(argv: list[str] | None = None) -> PipelineResult | None:
+    """Runs prepare and prints what it wrote; with --dry_run, only builds the job graph (see classify)."""
     args, pipeline_options = options.parse_pipeline_args(
         "beamvision prepare", __doc__.splitlines()[0], options.add_prepare_arguments, argv
     )
     config = options.PrepareConfig.from_args(args)
-    # Stale shards of an earlier run (another shard count) would be read by train.
-    prepared = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]
-    options.claim_output(config.output, prepared, config.overwrite, "a prepared dataset")
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config)
+    build_pipeline(pipeline, config)  # a missing --labels CSV fails here, before any deletion
+    if options.is_dry_run(pipeline_options):
+        return options.build_only(pipeline)
+    # Stale shards of an earlier run (another shard count) would be read by train.
+    options.claim_output(config.output, OUTPUTS, config.overwrite, "a prepared dataset")
     result = pipeline.run()
     result.wait_until_finish()
     stats_uri = storage.join(config.output, STATS_FILE)
     if storage.exists(stats_uri):
         stats = json.loads(storage.read_text(stats_uri))
-        if stats["inputs"] == 0:
+        if stats["inputs"] == 0:  # leave no empty dataset behind, so the corrected rerun is not refused
+            options.claim_output(config.output, OUTPUTS, True, "a prepared dataset")
             source = f"--labels {config.labels}" if config.labels else f"--input {config.input}"
             raise options.UsageError(f"{source}: names no file; nothing was prepared")
         totals = ", ".join(f"{split} {n:,}" for split, n in stats["totals"].items())

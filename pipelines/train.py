@@ -60,6 +60,7 @@ def run(argv: list[str] | None = None) -> Manifest:
                 f"--data {config.data}: its images are {image_size}px, and {exc.reason} "
                 "(pass --input_size to resize them, or prepare with --image_size)"
             ) from None
+    fingerprint = dataset_fingerprint(config.data, labels, stats)
     started = time.monotonic()
     keras.utils.set_random_seed(config.seed)
     model, head = build_model(config, len(labels), input_size)
@@ -82,7 +83,10 @@ def run(argv: list[str] | None = None) -> Manifest:
 
         steps = config.steps_per_epoch or steps_for(totals["train"], config.batch_size)
         compile_model(model, config, len(labels), steps * config.epochs, warmup_steps=min(steps, 100))
-        resumable = {k: v for k, v in config.to_dict().items() if k != "overwrite"}
+        # What shapes the weights: the training flags, the input size and the data (never the
+        # artifact's name, version or --overwrite). A rerun with all of these equal resumes.
+        resumable = {k: v for k, v in config.to_dict().items() if k not in ("name", "version", "overwrite")}
+        resumable.update(input_size=input_size, dataset=fingerprint)
         callbacks = [keras.callbacks.BackupAndRestore(checkpoint_dir(config.output, resumable))]
         validation = dataset("val", False) if totals["val"] else None
         if validation is not None:
@@ -118,7 +122,7 @@ def run(argv: list[str] | None = None) -> Manifest:
         "seconds": round(seconds, 1),
         "dataset": {
             "prefix": config.data,
-            "fingerprint": dataset_fingerprint(config.data, labels, stats),
+            "fingerprint": fingerprint,
             "image_size": image_size,
             "totals": totals,
         },

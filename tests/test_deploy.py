@@ -36,7 +36,7 @@ def test_flex_template_entry_point_runs_classify():
         dockerfile = f.read()
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/beamvision/deploy/classify_main.py" in dockerfile
     with open(os.path.join(DEPLOY, "classify_main.py")) as f:
-        assert "from beamvision.pipelines.classify import run" in f.read()
+        assert 'main(["classify", *sys.argv[1:]])' in f.read()
 
 
 def _flags(text: str):
@@ -132,6 +132,11 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
     }
     with open(os.path.join(DEPLOY, "metadata.json")) as f:
         assert sorted(p["name"] for p in json.load(f)["parameters"]) == sorted(values)
+    wrong = _launch(*(f"--{name}={value}" for name, value in {**values, "top_k": "0"}.items()))
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip().splitlines()[-1] == (
+        "beamvision classify: error: argument --top_k: expected a positive integer, received '0'"
+    )
     ran = _launch(*(f"--{name}={value}" for name, value in values.items()))
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert f"classified {count} of {count} images" in ran.stdout

@@ -16,7 +16,7 @@ import os
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from beamvision.transforms.concurrency import ThreadPoolDoFn
@@ -123,6 +123,16 @@ def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list
     return [uri]
 
 
+def _metadata(uri: str) -> FileMetadata:
+    """Size and modification time of the one file ``uri`` names ([, * and ? are characters in it)."""
+    try:
+        return FileSystems.get_filesystem(uri).metadata(uri)
+    except BeamIOError:
+        if not FileSystems.exists(uri):
+            raise FileNotFoundError(f"no such file: {uri}") from None
+        raise
+
+
 def _first_metadata(values) -> FileMetadata | None:
     """Any FileMetadata among the values (list lines carry None)."""
     return next((v for v in values if v is not None), None)
@@ -137,12 +147,8 @@ class _ReadFileFn(ThreadPoolDoFn):
     def work(self, element) -> list:
         uri, metadata = element
         try:
-            if metadata is None:
-                # A listed URI names one file: [, * and ? in it are characters, not a glob.
-                matched = FileSystems.match([glob.escape(uri)])[0].metadata_list
-                metadata = next((m for m in matched if m.path == uri), None)
-                if metadata is None:
-                    raise FileNotFoundError(f"no such file: {uri}")
+            if metadata is None:  # a listed URI names one file: ask for it, never glob or list
+                metadata = _metadata(uri)
             with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
         except Exception as exc:  # Every storage failure becomes an error row.

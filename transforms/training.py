@@ -153,10 +153,7 @@ def build_model(config, num_classes: int, input_size: int) -> tuple[keras.Model,
                 f"--weights {weights}: that artifact is {artifact.manifest.architecture} at "
                 f"{artifact.manifest.input_size}px; this run trains {spec.name} at {input_size}px"
             )
-        # A fresh copy: the artifact's model may be shared with other users in this process.
-        base = keras.models.clone_model(artifact.model)
-        base.set_weights(artifact.model.get_weights())
-        return with_new_head(base, spec, num_classes), head
+        return with_new_head(artifact.model, spec, num_classes), head  # load_artifact builds a new model
     return create_model(spec.name, num_classes, input_size, weights), []
 
 
@@ -205,9 +202,10 @@ def checkpoint_root(output: str) -> str:
 def checkpoint_dir(output: str, config: dict[str, Any]) -> str:
     """Checkpoints of the run that writes ``output`` with exactly ``config``.
 
-    A rerun with the same training config resumes where the interrupted run
-    stopped; a run with another config starts afresh in a directory of its
-    own, never from the other run's weights.
+    ``config`` is whatever shapes the weights (flags, input size, a dataset
+    fingerprint). A rerun with the same one resumes where the interrupted run
+    stopped; a run with another starts afresh in a directory of its own,
+    never from the other run's weights.
     """
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(checkpoint_root(output), key)
