@@ -78,7 +78,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config, manifest)  # a missing --input_list fails here, before any deletion
+    build_pipeline(pipeline, config, manifest)  # before any deletion: building can still fail
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
     options.claim_output(config.output, OUTPUTS, config.overwrite, "results")

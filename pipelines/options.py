@@ -132,6 +132,12 @@ def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_file_exists(flag: str, uri: str | None) -> None:
+    """A file a flag names must exist (Beam would otherwise fail with a traceback building the pipeline)."""
+    if uri is not None and not storage.exists(uri):
+        raise UsageError(f"{flag} {uri}: no such file")
+
+
 def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> None:
     """Refuses an ``--output`` that already holds a run's files, unless ``--overwrite``; then clears them.
 
@@ -283,6 +289,7 @@ class ClassifyConfig:
     def from_args(cls, args: argparse.Namespace) -> ClassifyConfig:
         if not args.input and not args.input_list:
             raise UsageError("give at least one --input PATTERN or an --input_list FILE")
+        _check_file_exists("--input_list", args.input_list)
         return cls(
             tuple(args.input),
             args.input_list,
@@ -435,6 +442,7 @@ class PrepareConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PrepareConfig:
+        _check_file_exists("--labels", args.labels)
         if args.val_fraction + args.test_fraction >= 1.0:
             raise UsageError(
                 f"--val_fraction {args.val_fraction} --test_fraction {args.test_fraction}: "

@@ -165,7 +165,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     )
     config = options.PrepareConfig.from_args(args)
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config)  # a missing --labels CSV fails here, before any deletion
+    build_pipeline(pipeline, config)  # before any deletion: building can still fail
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
     # Stale shards of an earlier run (another shard count) would be read by train.

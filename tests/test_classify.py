@@ -314,6 +314,7 @@ def test_a_dry_run_reads_and_writes_nothing_under_output(one_worker_run, model_d
         (["--batch_size", "0"], "argument --batch_size: expected a positive integer, received '0'"),
         (["--runer", "DataflowRunner"], "unrecognized arguments: --runer DataflowRunner"),
         (["--direct_num_workers", "two"], "argument --direct_num_workers: invalid int value: 'two'"),
+        (["--input_list", "/no/list.txt"], "--input_list /no/list.txt: no such file"),
     ],
 )
 def test_bad_flags_give_one_line(extra, expected, model_dir, tmp_path, capsys):

@@ -460,6 +460,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
         ),
         (["evaluate", "--results", "/nope", "--truth", "folders"], "no results-*.parquet shards there"),
         (
+            ["prepare", "--input", "i", "--labels", "/no/labels.csv", "--output", "o", "--image_size", "32"],
+            "--labels /no/labels.csv: no such file",
+        ),
+        (
             ["train", "--data", "d", "--architecture", "squeezenet", "--output", "o", "--input_size", "16"],
             "--input_size 16: squeezenet needs at least 32",
         ),
