@@ -85,3 +85,14 @@ def run_process(args: list[str], env: dict | None = None) -> ProcessRun:
         sys.stderr.write(output[-4000:])
         raise SystemExit(f"benchmark step failed: {' '.join(args)}")
     return ProcessRun(seconds, peak / 2**20, output)
+
+
+def make_tiff_scans(directory: str, count: int, side: int) -> list[str]:
+    """Writes ``count`` uncompressed RGB TIFFs of ``side`` x ``side`` (a scanner's output); reuses them."""
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f"scan_{i:03d}.tiff") for i in range(count)]
+    photos = [Image.fromarray(p) for p in sample_photos()]
+    for i, path in enumerate(paths):
+        if not os.path.exists(path):
+            photos[i % len(photos)].resize((side, side), Image.BILINEAR).save(path, "TIFF")
+    return paths

@@ -1,12 +1,21 @@
-"""Peak memory of beamvision classify as the collection grows: 200 images against 2,000.
+"""Peak memory of beamvision's pipelines: flat as collections grow, bounded with large files.
 
-    python benchmarks/memory.py [--small 200] [--large 2000]
+    python benchmarks/memory.py [classify|prepare|scans ...]   (default: all three)
 
-Pixels travel only as uint8 at model input size, never across a shuffle, and
-reads and decodes run a bounded number of elements ahead, so peak memory must
-stay flat: the target is the 2,000-image run within 1.3x of the 200-image run.
-Both runs are whole processes (DirectRunner, one worker) on photo-like
-1024x768 JPEGs, mobilenet_v2 at 224.
+Each scenario runs whole processes (DirectRunner, one worker) and reports
+wall time and the peak RSS of the process tree:
+
+- ``classify``: 200 against 2,000 photo-like 1024x768 JPEGs, mobilenet_v2 at
+  224. Pixels travel only at model input size, never across a shuffle: the
+  target is the larger run within 1.3x of the smaller.
+- ``prepare``: 400 against 4,000 photo-like 640x480 JPEGs in 4 class folders,
+  ``--image_size 224``. The class list comes from the URIs before decoding and
+  pixels never leave one fused stage: target within 1.25x.
+- ``scans``: classify 200 1024x768 JPEGs, then 40 uncompressed 7000x7000 TIFF
+  scans (147 MB each), then 12 scans among the 200 JPEGs. File bytes and
+  decoded pixels in flight are bounded by ``--buffer_mb`` (or one scan with
+  its pixels, when that is more): the peak above the JPEG-only run (the
+  model's own memory) stays within that bound.
 """
 
 from __future__ import annotations
@@ -18,63 +27,129 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import make_jpegs, run_process  # noqa: E402
+from common import ProcessRun, make_jpegs, make_tiff_scans, run_process  # noqa: E402
+
+from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB  # noqa: E402
+
+BEAMVISION = [sys.executable, "-m", "beamvision"]
+
+
+def _model(workdir: str) -> str:
+    model = os.path.join(workdir, "model")
+    if not os.path.exists(os.path.join(model, "manifest.json")):
+        args = ["export", "--architecture", "mobilenet_v2", "--weights", "none", "--output", model]
+        run_process([*BEAMVISION, *args])
+    return model
+
+
+def _listing(workdir: str, name: str, paths: list[str]) -> str:
+    listing = os.path.join(workdir, f"list_{name}.txt")
+    with open(listing, "w") as f:
+        f.write("\n".join(paths) + "\n")
+    return listing
+
+
+def _classify(workdir: str, name: str, paths: list[str], *extra: str) -> ProcessRun:
+    output = os.path.join(workdir, f"out_{name}")
+    listing = _listing(workdir, name, paths)
+    args = ["classify", "--input_list", listing, "--model", _model(workdir), "--output", output]
+    return run_process([*BEAMVISION, *args, "--overwrite", *extra])
+
+
+def _table(runs: dict[str, tuple[int, ProcessRun]]) -> None:
+    print("\n| run | images | seconds | img/s | peak RSS MB |\n|---|---|---|---|---|")
+    for name, (count, run) in runs.items():
+        rate = count / run.seconds
+        print(f"| {name} | {count:,} | {run.seconds:.1f} | {rate:.1f} | {run.peak_rss_mb:,.0f} |")
+
+
+def _ratio(small: ProcessRun, large: ProcessRun, what: str, target: float) -> None:
+    ratio = large.peak_rss_mb / small.peak_rss_mb
+    verdict = "within" if ratio <= target else "OVER"
+    print(f"\npeak RSS {what}: {ratio:.2f}x ({verdict} the {target}x target)")
+
+
+def classify_growth(workdir: str, small: int, large: int) -> None:
+    print(f"[classify] {large} 1024x768 JPEGs in {workdir} ...", flush=True)
+    images = make_jpegs(os.path.join(workdir, "images"), large, (1024, 768), seed=1)
+    runs = {}
+    for count in (small, large):
+        print(f"[classify] {count} images ...", flush=True)
+        runs[f"classify {count}"] = (count, _classify(workdir, str(count), images[:count]))
+    _table(runs)
+    _ratio(runs[f"classify {small}"][1], runs[f"classify {large}"][1], f"{large:,} / {small:,} images", 1.3)
+
+
+def prepare_growth(workdir: str, small: int, large: int, classes: int = 4) -> None:
+    print(f"[prepare] {large} 640x480 JPEGs in {classes} class folders in {workdir} ...", flush=True)
+    per_class = large // classes
+    folders = {}
+    for c in range(classes):
+        folder = os.path.join(workdir, "all", f"class_{c}")
+        folders[c] = make_jpegs(folder, per_class, (640, 480), seed=100 + c)
+    runs = {}
+    for count in (small, large):
+        # A root of `count` images: symlinks to the first count/classes of each class.
+        root = os.path.join(workdir, f"root_{count}")
+        for c, paths in folders.items():
+            os.makedirs(os.path.join(root, f"class_{c}"), exist_ok=True)
+            for path in paths[: count // classes]:
+                link = os.path.join(root, f"class_{c}", os.path.basename(path))
+                if not os.path.lexists(link):
+                    os.symlink(path, link)
+        print(f"[prepare] {count} images ...", flush=True)
+        output = os.path.join(workdir, f"data_{count}")
+        args = ["prepare", "--input", root, "--output", output, "--image_size", "224", "--overwrite"]
+        runs[f"prepare {count}"] = (count, run_process([*BEAMVISION, *args]))
+    _table(runs)
+    _ratio(runs[f"prepare {small}"][1], runs[f"prepare {large}"][1], f"{large:,} / {small:,} images", 1.25)
+
+
+def scans(workdir: str, count: int, mixed: int, small_jpegs: int) -> None:
+    print(f"[scans] {count} 7000x7000 uncompressed TIFFs in {workdir} ...", flush=True)
+    tiffs = make_tiff_scans(os.path.join(workdir, "scans"), count, 7000)
+    jpegs = make_jpegs(os.path.join(workdir, "small"), small_jpegs, (1024, 768), seed=2)
+    size_mb = sum(os.path.getsize(p) for p in tiffs) / 2**20
+    print(f"[scans] {small_jpegs} JPEGs alone (the model's own memory) ...", flush=True)
+    runs = {f"{small_jpegs} JPEGs": (small_jpegs, _classify(workdir, "jpegs", jpegs))}
+    print(f"[scans] {size_mb:,.0f} MB of scans ...", flush=True)
+    runs[f"{count} scans"] = (count, _classify(workdir, "scans", tiffs))
+    print(f"[scans] {mixed} scans among {small_jpegs} JPEGs ...", flush=True)
+    step = max(1, small_jpegs // mixed)  # the scans spread among the JPEGs, as a bucket mixes them
+    mix = []
+    for i, jpeg in enumerate(jpegs):
+        if i % step == 0 and i // step < mixed:
+            mix.append(tiffs[i // step])
+        mix.append(jpeg)
+    runs[f"{mixed} scans + {small_jpegs} JPEGs"] = (len(mix), _classify(workdir, "mixed", mix))
+    _table(runs)
+    alone = runs[f"{small_jpegs} JPEGs"][1].peak_rss_mb
+    worst = max(run.peak_rss_mb for _, run in runs.values())
+    print(
+        f"\nworst peak RSS: {worst:,.0f} MB, {worst - alone:,.0f} MB above the JPEGs alone "
+        f"(bound: --buffer_mb {DEFAULT_BUFFER_MB}, or one scan and its pixels when larger)"
+    )
+
+
+SCENARIOS = ("classify", "prepare", "scans")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", type=int, default=200)
-    parser.add_argument("--large", type=int, default=2000)
+    parser.add_argument("scenarios", nargs="*", metavar="{classify,prepare,scans}", default=list(SCENARIOS))
     parser.add_argument("--workdir", default=os.path.join(HERE, "out", "memory"))
     args = parser.parse_args()
+    unknown = sorted(set(args.scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
     workdir = os.path.abspath(args.workdir)
-    print(f"preparing {args.large} 1024x768 JPEGs in {workdir} ...", flush=True)
-    images = make_jpegs(os.path.join(workdir, "images"), args.large, (1024, 768), seed=1)
-    model = os.path.join(workdir, "model")
-    if not os.path.exists(os.path.join(model, "manifest.json")):
-        run_process(
-            [
-                sys.executable,
-                "-m",
-                "beamvision",
-                "export",
-                "--architecture",
-                "mobilenet_v2",
-                "--weights",
-                "none",
-                "--output",
-                model,
-            ]
-        )
-    runs = {}
-    for count in (args.small, args.large):
-        listing = os.path.join(workdir, f"list_{count}.txt")
-        with open(listing, "w") as f:
-            f.write("\n".join(images[:count]) + "\n")
-        output = os.path.join(workdir, f"out_{count}")
-        print(f"classifying {count} images ...", flush=True)
-        runs[count] = run_process(
-            [
-                sys.executable,
-                "-m",
-                "beamvision",
-                "classify",
-                "--input_list",
-                listing,
-                "--model",
-                model,
-                "--output",
-                output,
-                "--overwrite",
-            ]
-        )
-    small, large = runs[args.small], runs[args.large]
-    print("\n| images | seconds | img/s | peak RSS MB |\n|---|---|---|---|")
-    for count, run in runs.items():
-        print(f"| {count:,} | {run.seconds:.1f} | {count / run.seconds:.1f} | {run.peak_rss_mb:,.0f} |")
-    ratio = large.peak_rss_mb / small.peak_rss_mb
-    verdict = "within" if ratio <= 1.3 else "OVER"
-    print(f"\npeak RSS {args.large:,} / {args.small:,} images: {ratio:.2f}x ({verdict} the 1.3x target)")
+    for scenario in args.scenarios:
+        if scenario == "classify":
+            classify_growth(workdir, 200, 2000)
+        elif scenario == "prepare":
+            prepare_growth(os.path.join(workdir, "prepare"), 400, 4000)
+        else:
+            scans(workdir, 40, 12, 200)
 
 
 if __name__ == "__main__":

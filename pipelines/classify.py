@@ -39,8 +39,10 @@ OUTPUTS = [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE]
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, manifest: Manifest) -> None:
     """Adds the classify steps for ``config`` to ``pipeline``."""
-    read = pipeline | "ReadImages" >> ReadImages(list(config.inputs), config.input_list)
-    decoded = read["files"] | "DecodeImages" >> DecodeImages(manifest.input_size, config.max_pixels)
+    read = pipeline | "ReadImages" >> ReadImages(list(config.inputs), config.input_list, config.buffer_mb)
+    decoded = read["files"] | "DecodeImages" >> DecodeImages(
+        manifest.input_size, config.max_pixels, config.buffer_mb
+    )
     handler = BeamvisionModelHandler(config.model, config.batch_size, config.top_k, config.embeddings)
     classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
         handler, manifest.name, manifest.version
@@ -52,8 +54,14 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, mani
         "architecture": manifest.architecture,
         "uri": config.model,
     }
-    _ = {"results": classified["results"], "errors": errors, "inputs": read["inputs"]} | "WriteResults" >> (
-        WriteResults(config.output, config.embeddings, model, started_at=time.time())
+    written = {
+        "results": classified["results"],
+        "errors": errors,
+        "inputs": read["inputs"],
+        "patterns": read["patterns"],
+    }
+    _ = written | "WriteResults" >> WriteResults(
+        config.output, config.embeddings, model, started_at=time.time()
     )
 
 

@@ -24,6 +24,7 @@ from beamvision import storage
 from beamvision.models import ModelArgumentError, get_spec, list_models
 from beamvision.models.artifact import MANIFEST_FILE
 from beamvision.models.registry import IMAGENET_CLASSES
+from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 
 
@@ -121,14 +122,22 @@ def _add_artifact_identity_arguments(parser: argparse.ArgumentParser, made_by: s
     _add_switch(parser, "--overwrite", "replace an existing artifact at --output")
 
 
-def _add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
-    """The decompression-bomb limit of decode_image, shared by classify and prepare."""
+def _add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The limits of reading and decoding, shared by classify and prepare."""
     parser.add_argument(
         "--max_pixels",
         type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
         help=f"larger images (width x height) are error rows (default {DEFAULT_MAX_PIXELS:,})",
+    )
+    parser.add_argument(
+        "--buffer_mb",
+        type=positive_int,
+        default=DEFAULT_BUFFER_MB,
+        metavar="MB",
+        help="file bytes and full-size pixels each worker process holds while reading and decoding "
+        f"(default {DEFAULT_BUFFER_MB}); a larger file is still read, alone",
     )
 
 
@@ -269,7 +278,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         help="images per inference batch (default 32)",
     )
     _add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
-    _add_max_pixels_argument(parser)
+    _add_decode_arguments(parser)
     _add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
 
 
@@ -283,6 +292,7 @@ class ClassifyConfig:
     batch_size: int
     embeddings: bool
     max_pixels: int
+    buffer_mb: int
     overwrite: bool
 
     @classmethod
@@ -299,6 +309,7 @@ class ClassifyConfig:
             args.batch_size,
             args.embeddings,
             args.max_pixels,
+            args.buffer_mb,
             args.overwrite,
         )
 
@@ -424,7 +435,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
     parser.add_argument("--test_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="salt of the split hash (default 0)")
-    _add_max_pixels_argument(parser)
+    _add_decode_arguments(parser)
     _add_switch(parser, "--overwrite", "replace a prepared dataset already at --output")
 
 
@@ -438,6 +449,7 @@ class PrepareConfig:
     test_fraction: float
     seed: int
     max_pixels: int
+    buffer_mb: int
     overwrite: bool
 
     @classmethod
@@ -457,6 +469,7 @@ class PrepareConfig:
             args.test_fraction,
             args.seed,
             args.max_pixels,
+            args.buffer_mb,
             args.overwrite,
         )
 

@@ -12,6 +12,7 @@ runners), and written as TFRecord shards with labels.json and stats.json (see
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import apache_beam as beam
@@ -19,6 +20,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
 from beamvision.pipelines import options
+from beamvision.transforms.concurrency import MB
 from beamvision.transforms.dataset import (
     LABELS_FILE,
     SPLITS,
@@ -30,7 +32,7 @@ from beamvision.transforms.dataset import (
     shard_prefix,
 )
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.read import ReadImages, listed_uri
+from beamvision.transforms.read import ImageFile, MatchInputs, ReadFiles, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
 from beamvision.transforms.write import ERRORS_PREFIX, WriteErrors
 
@@ -39,41 +41,51 @@ OUTPUTS = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", L
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> None:
-    """Adds the prepare steps for ``config`` to ``pipeline``."""
+    """Adds the prepare steps for ``config`` to ``pipeline``.
+
+    Every file's class is known from its URI (folder) or the CSV before any
+    file is read, so the class list is ready before decoding starts and the
+    pixels flow through one fused stage (read, decode, serialise, write):
+    memory does not grow with the dataset.
+    """
     if config.labels:
-        read = pipeline | "ReadImages" >> ReadImages(
-            [], config.labels, list_is_csv=True, list_root=config.input
-        )
-        csv_labels = (
+        entries = (
             pipeline
             | "ReadLabelCsv" >> beam.io.ReadFromText(config.labels)
-            | "ParseLabels" >> beam.FlatMap(_csv_label, config.input)
+            | "ParseLabels" >> beam.FlatMap(_csv_entry, config.input)
+            | "OncePerUri" >> beam.GroupByKey()
         )
-        label_map = beam.pvalue.AsDict(csv_labels)
+        inputs = entries | "InputUris" >> beam.Keys()
+        labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
     else:
-        read = pipeline | "ReadImages" >> ReadImages([config.input])
-        label_map = None
-    decoded = read["files"] | "DecodeImages" >> DecodeImages(config.image_size, config.max_pixels)
-    labelled = decoded["images"] | "Label" >> beam.ParDo(_LabelFn(config), label_map or {}).with_outputs(
-        ERRORS_TAG, main="examples"
-    )
-    examples = labelled.examples
+        matched = pipeline | "MatchInputs" >> MatchInputs([config.input])
+        inputs = matched["inputs"]
+        labelled = matched["files"] | "Label" >> beam.ParDo(_FolderLabelFn(config.input)).with_outputs(
+            ERRORS_TAG, main="files"
+        )
     class_names = beam.pvalue.AsSingleton(
-        examples
-        | "ClassNames" >> beam.Map(lambda e: e[1])
+        labelled.files
+        | "ClassNames" >> beam.Map(lambda f: f.label)
         | "DistinctClasses" >> beam.Distinct()
         | "SortedClasses" >> beam.combiners.ToList()
         | "Sort" >> beam.Map(sorted)
     )
-    written = []
-    for split in SPLITS:
-        written.append(
-            examples
-            | f"Only{split.title()}" >> beam.Filter(lambda e, s=split: e[0] == s)
-            | f"Serialize{split.title()}" >> beam.Map(_serialize, class_names)
-            | f"Write{split.title()}"
-            >> beam.io.WriteToTFRecord(shard_prefix(config.output, split), file_name_suffix=".tfrecord")
-        )
+    # A stage boundary on file names only, so that the read-to-write stage fuses whole.
+    read = (
+        labelled.files | "SpreadReads" >> beam.Reshuffle() | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
+    )
+    decoded = read["files"] | "DecodeImages" >> DecodeImages(
+        config.image_size, config.max_pixels, config.buffer_mb
+    )
+    examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, config)
+    per_split = examples | "BySplit" >> beam.Partition(lambda e, _: SPLITS.index(e[0]), len(SPLITS))
+    written = [
+        per_split[i]
+        | f"Serialized{split.title()}" >> beam.Map(lambda e: e[2])
+        | f"Write{split.title()}"
+        >> beam.io.WriteToTFRecord(shard_prefix(config.output, split), file_name_suffix=".tfrecord")
+        for i, split in enumerate(SPLITS)
+    ]
     errors = (read["errors"], decoded["errors"], labelled[ERRORS_TAG]) | "AllErrors" >> beam.Flatten()
     written.append(errors | "WriteErrorShards" >> WriteErrors(config.output))
     count = beam.combiners.Count
@@ -89,45 +101,61 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
                 | "SplitAndClass" >> beam.Map(lambda e: (e[0], e[1]))
                 | "CountPerClass" >> count.PerElement()
             ),
-            inputs=beam.pvalue.AsSingleton(read["inputs"] | "CountInputs" >> count.Globally()),
+            inputs=beam.pvalue.AsSingleton(inputs | "CountInputs" >> count.Globally()),
             errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
             files=beam.pvalue.AsList(written | "AllWritten" >> beam.Flatten()),
         )
     )
 
 
-def _csv_label(line: str, root: str):
+def _csv_entry(line: str, root: str):
+    """A labels CSV line to (uri, label); the label is "" when the line names none."""
     uris = listed_uri(line, is_csv=True, root=root)
     fields = next(csv.reader([line]), [])
-    if uris and len(fields) >= 2 and fields[1].strip():
-        yield uris[0], fields[1].strip()
+    if uris:
+        yield uris[0], fields[1].strip() if len(fields) >= 2 else ""
 
 
-class _LabelFn(beam.DoFn):
-    """(ImageKey, pixels) to (split, class name, uri, pixels); unlabelled files to error rows."""
+class _CsvLabelFn(beam.DoFn):
+    """(uri, labels from every CSV line naming it) to an ImageFile with its one label, or an error row."""
 
-    def __init__(self, config: options.PrepareConfig):
-        self._config = config
-
-    def process(self, element, label_map):
-        key, pixels = element
-        config = self._config
-        label = label_map.get(key.uri) if config.labels else folder_label(key.uri, config.input)
-        if not label:
-            where = "has no label in the CSV" if config.labels else "is not inside a class folder"
+    def process(self, element):
+        uri, labels = element
+        distinct = sorted({label for label in labels if label})
+        if len(distinct) == 1:
+            yield ImageFile(uri, label=distinct[0])
+        elif not distinct:
             yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG, error_row(key.uri, "label", "NoLabel", f"file {where}")
+                ERRORS_TAG, error_row(uri, "label", "NoLabel", "file has no label in the CSV")
             )
-            return
-        split = assign_split(
-            relative_key(key.uri, config.input), config.val_fraction, config.test_fraction, config.seed
-        )
-        yield split, label, key.uri, pixels
+        else:
+            message = f"the CSV gives this file {len(distinct)} labels: {', '.join(distinct)}"
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, "label", "ConflictingLabels", message))
 
 
-def _serialize(example, class_names):
-    _split, label, uri, pixels = example
-    return serialize_example(pixels, class_names.index(label), uri)
+class _FolderLabelFn(beam.DoFn):
+    """An ImageFile under ROOT to the same with its class folder as label; files at the root to error rows."""
+
+    def __init__(self, root: str):
+        self._root = root
+
+    def process(self, image_file: ImageFile):
+        label = folder_label(image_file.uri, self._root)
+        if label:
+            yield dataclasses.replace(image_file, label=label)
+        else:
+            yield beam.pvalue.TaggedOutput(
+                ERRORS_TAG, error_row(image_file.uri, "label", "NoLabel", "file is not inside a class folder")
+            )
+
+
+def _to_example(element, class_names: list[str], config: options.PrepareConfig) -> tuple[str, str, bytes]:
+    """(ImageKey, pixels) to (split, class name, serialized tf.train.Example)."""
+    key, pixels = element
+    split = assign_split(
+        relative_key(key.uri, config.input), config.val_fraction, config.test_fraction, config.seed
+    )
+    return split, key.label, serialize_example(pixels, class_names.index(key.label), key.uri)
 
 
 class _WriteStatsFn(beam.DoFn):

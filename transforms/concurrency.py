@@ -1,10 +1,12 @@
-"""``ThreadPoolDoFn``: per-element work on a thread pool, a bounded number of elements ahead.
+"""``ThreadPoolDoFn`` and ``ByteBudget``: work on threads, bounded in elements and in bytes.
 
 Reading from object stores is latency-bound and image decoding releases the
 GIL, so both gain from threads: while the bundle's thread runs inference on
-one batch, the pool already reads and decodes the next elements. At most
-``depth`` elements are in flight, so memory stays bounded whatever the size of
-the collection.
+one batch, the pool already reads and decodes the next elements. What is in
+flight is bounded twice: at most ``depth`` elements, and at most ``budget``
+bytes of their ``cost`` (file sizes, for reads), so memory stays bounded
+whatever the size of the collection and of its files. An element that alone
+costs more than the budget still runs, alone: nothing is ever refused.
 
 Beam metrics are kept per thread, so subclasses return their outputs from
 ``work`` (on a pool thread) and the outputs are counted and emitted on the
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-from collections.abc import Iterable
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -23,49 +27,161 @@ from apache_beam.transforms.window import GlobalWindows
 
 from beamvision.transforms.rows import METRICS_NAMESPACE
 
+MB = 2**20
+# --buffer_mb: file bytes and full-resolution pixels a worker process holds while
+# reading and decoding, all together (see ``PROCESS_BYTES``).
+DEFAULT_BUFFER_MB = 384
+
+
+class ByteBudget:
+    """Bytes held by threads against a limit: ``hold(n)`` waits until ``n`` more fit.
+
+    A request larger than the whole budget waits until nothing else is held,
+    then proceeds alone, so every request is eventually granted. ``charge``
+    and ``discharge`` count without waiting; ``wait_for_room`` waits without
+    counting. What ``hold`` holds is also charged to ``counted_in``, if given.
+    """
+
+    def __init__(self, limit: int | None = None, counted_in: ByteBudget | None = None):
+        self.limit = limit
+        self._counted_in = counted_in
+        self.used = 0
+        self.peak = 0
+        self._changed = threading.Condition()
+
+    def charge(self, nbytes: int) -> None:  # (never waits: the caller already holds the memory)
+        with self._changed:
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+
+    def discharge(self, nbytes: int) -> None:
+        with self._changed:
+            self.used -= nbytes
+            self._changed.notify_all()
+
+    def fits(self, nbytes: int, limit: int | None = None) -> bool:
+        limit = self.limit if limit is None else limit
+        return limit is None or self.used + nbytes <= limit
+
+    def wait_for_room(self, nbytes: int, limit: int | None = None) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.fits(nbytes, limit))
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.fits(nbytes))
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+        if self._counted_in is not None:
+            self._counted_in.charge(nbytes)
+        try:
+            yield
+        finally:
+            if self._counted_in is not None:
+                self._counted_in.discharge(nbytes)
+            self.discharge(nbytes)
+
+
+# What the reads and decodes of this process hold now: file bytes read ahead,
+# files waiting for or in decoding, and their full-resolution pixels. Reads
+# wait for room in it (``ThreadPoolDoFn(..., budget=...)``); decodes only count,
+# so every wait ends as decodes finish, whatever the runner fused.
+PROCESS_BYTES = ByteBudget()
+
 
 class ThreadPoolDoFn(beam.DoFn):
-    """Runs ``work(element)`` on ``threads`` threads, keeping up to ``depth`` elements in flight.
+    """Runs ``work(element)`` on ``threads`` threads, up to ``depth`` elements ahead.
 
     ``work`` returns the element's outputs: values for the main output and
     ``beam.pvalue.TaggedOutput`` for others. Main outputs are counted in the
     counter ``ok_counter``, tagged ones in ``failed_counter``.
+
+    ``cost(element)`` (0 unless overridden) is the memory an element holds; it
+    is counted in ``PROCESS_BYTES`` from admission until the element's outputs
+    are emitted, or, with ``release_when_done``, until ``work`` returns (when
+    the outputs are small: pixels decoded from a file). With a ``budget``, an
+    element is admitted only when it fits in ``PROCESS_BYTES`` (the DoFn first
+    emits what it holds, then waits for other holders to finish); one that
+    alone exceeds the budget runs when nothing else is held. ``room(element)``
+    (its cost, unless overridden) is what admission asks for: a file read
+    for decoding needs room for its pixels too.
     """
 
-    def __init__(self, threads: int, depth: int, ok_counter: str, failed_counter: str):
+    def __init__(
+        self,
+        threads: int,
+        depth: int,
+        ok_counter: str,
+        failed_counter: str,
+        budget: int | None = None,
+        release_when_done: bool = False,
+    ):
         self._threads = threads
         self._depth = depth
+        self._budget = budget
+        self._release_when_done = release_when_done
         self._ok = Metrics.counter(METRICS_NAMESPACE, ok_counter)
         self._failed = Metrics.counter(METRICS_NAMESPACE, failed_counter)
 
     def work(self, element) -> list:
         raise NotImplementedError
 
+    def cost(self, element) -> int:
+        return 0
+
     def setup(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(
             self._threads, thread_name_prefix=type(self).__name__
         )
-
-    def start_bundle(self):
         self._pending = collections.deque()
 
+    def start_bundle(self):
+        self._abandon_pending()  # left by a bundle that failed
+
+    def room(self, element) -> int:
+        """The room an element needs to be admitted: its cost, unless more is known to follow."""
+        return self.cost(element)
+
     def process(self, element) -> Iterable:
-        self._pending.append(self._pool.submit(self.work, element))
-        while len(self._pending) > self._depth:
-            yield from self._emit(self._pending.popleft().result())
+        cost, room = self.cost(element), self.room(element)
+        while self._pending and (
+            len(self._pending) >= self._depth
+            or (self._budget is not None and not PROCESS_BYTES.fits(room, self._budget))
+        ):
+            yield from self._emit_oldest()
+        if self._budget is not None:
+            PROCESS_BYTES.wait_for_room(room, self._budget)
+        PROCESS_BYTES.charge(cost)
+        future = self._pool.submit(self.work, element)
+        if self._release_when_done:
+            future.add_done_callback(lambda _, held=cost: PROCESS_BYTES.discharge(held))
+        self._pending.append((future, 0 if self._release_when_done else cost))
 
     def finish_bundle(self) -> Iterable:
         while self._pending:
-            for output in self._emit(self._pending.popleft().result()):
+            for output in self._emit_oldest():
                 if isinstance(output, beam.pvalue.TaggedOutput):
                     yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
                 else:
                     yield GlobalWindows.windowed_value(output)
 
     def teardown(self):
+        self._abandon_pending()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _emit(self, outputs: list) -> Iterable:
+    def _emit_oldest(self) -> Iterable:
+        future, cost = self._pending.popleft()
+        try:
+            outputs = future.result()
+        finally:
+            PROCESS_BYTES.discharge(cost)
         for output in outputs:
             (self._failed if isinstance(output, beam.pvalue.TaggedOutput) else self._ok).inc()
             yield output
+
+    def _abandon_pending(self) -> None:
+        while self._pending:
+            future, cost = self._pending.popleft()
+            future.cancel()
+            PROCESS_BYTES.discharge(cost)

@@ -30,6 +30,7 @@ Truncated or corrupt data is an error (``CorruptImage``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -39,7 +40,7 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from beamvision.transforms.concurrency import ThreadPoolDoFn
+from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PROCESS_BYTES, ByteBudget, ThreadPoolDoFn
 from beamvision.transforms.rows import ERRORS_TAG, error_row
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -48,6 +49,12 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 # here, because warnings.catch_warnings is not thread-safe and decode_image runs
 # on the decode pool's threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow stores a large image in blocks (16 MB by default). glibc raises its mmap
+# threshold up to 32 MB as such blocks are freed, after which they come from the
+# heap and stay in the process's RSS. Blocks above 32 MB are always mapped and
+# unmapped: a 7000x7000 scan's pixels leave when it is decoded (measured: 190 MB
+# less peak RSS classifying scans among JPEGs).
+Image.core.set_block_size(64 * MB)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb threshold (about 0.25 GB as RGBA).
 
 # EXIF orientations 5..8 rotate by 90 or 270 degrees: width and height swap.
@@ -73,13 +80,17 @@ class DecodedImage:
     format: str  # "JPEG", "PNG", ...
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, pixel_budget: ByteBudget | None = None
+) -> DecodedImage:
     """Decodes image bytes to RGB uint8 pixels of ``size`` x ``size``.
 
     Args:
         data: the file's bytes.
         size: side of the square output, in pixels.
         max_pixels: largest width x height accepted.
+        pixel_budget: shared by the threads that decode: the full-resolution
+            pixels of this image are decoded only once they fit in it.
 
     Returns:
         The decoded image (see the module docstring for the policy).
@@ -104,9 +115,13 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
             width, height = height, width
         if image.format == "JPEG":
             image.draft(image.mode if image.mode in ("L", "RGB") else None, (size, size))
-        image = ImageOps.exif_transpose(image)
-        rgb = to_rgb(image)
-        pixels = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        # Full-resolution pixels are the big allocation: wait for room in the budget, if any.
+        copies = 2 if orientation != 1 else 1  # a transposed copy exists beside the decoded image
+        with pixel_budget.hold(copies * decoded_bytes(image)) if pixel_budget else contextlib.nullcontext():
+            if orientation != 1:
+                image = ImageOps.exif_transpose(image)  # (without an orientation it would copy the image)
+            rgb = to_rgb(image)
+            pixels = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
     except MemoryError:
         raise DecodeError(
             "OutOfMemory", f"{width}x{height} {file_format} image did not fit in memory"
@@ -114,6 +129,12 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except Exception as exc:  # Pillow raises many types on damaged data (struct.error, IndexError, ...)
         raise DecodeError("CorruptImage", f"cannot decode {file_format} data: {_describe(exc)}") from None
     return DecodedImage(pixels=pixels, width=width, height=height, format=file_format)
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Memory of an opened image once loaded, at its (draft) size: 4 bytes a pixel at most."""
+    width, height = image.size
+    return width * height * 4
 
 
 def _describe(exc: Exception) -> str:
@@ -177,18 +198,21 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
 class DecodeImages(beam.PTransform):
     """(ImageFile, bytes) to (ImageKey, uint8 pixels) at model input size; failures to error rows.
 
-    Returns a dict of PCollections: ``images`` and ``errors``.
+    Returns a dict of PCollections: ``images`` and ``errors``. Files waiting
+    for or in decoding and their full-resolution pixels count against
+    ``buffer_mb`` (with the reads, see ``concurrency.PROCESS_BYTES``); threads
+    decode together only the images whose pixels fit in it.
     """
 
-    def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, buffer_mb: int = DEFAULT_BUFFER_MB):
         super().__init__()
         self._size = size
         self._max_pixels = max_pixels
+        self._buffer_mb = buffer_mb
 
     def expand(self, files):
-        decoded = files | "Decode" >> beam.ParDo(_DecodeFn(self._size, self._max_pixels)).with_outputs(
-            ERRORS_TAG, main="images"
-        )
+        decode = _DecodeFn(self._size, self._max_pixels, self._buffer_mb * MB)
+        decoded = files | "Decode" >> beam.ParDo(decode).with_outputs(ERRORS_TAG, main="images")
         return {"images": decoded.images, "errors": decoded[ERRORS_TAG]}
 
 
@@ -200,22 +224,35 @@ class ImageKey:
     width: int
     height: int
     format: str
+    label: str | None = None  # the class prepare gives the file (ImageFile.label)
 
 
 class _DecodeFn(ThreadPoolDoFn):
     """Decodes on as many threads as cores, ahead of inference (Pillow releases the GIL)."""
 
-    def __init__(self, size: int, max_pixels: int):
+    def __init__(self, size: int, max_pixels: int, buffer_bytes: int):
         super().__init__(
-            threads=os.cpu_count() or 2, depth=64, ok_counter="images_decoded", failed_counter="images_failed"
+            threads=os.cpu_count() or 2,
+            depth=64,
+            ok_counter="images_decoded",
+            failed_counter="images_failed",
+            release_when_done=True,  # a file's bytes are counted until its pixels are decoded
         )
         self._size = size
         self._max_pixels = max_pixels
+        self._buffer_bytes = buffer_bytes
+
+    def setup(self):
+        super().setup()
+        self._pixel_budget = ByteBudget(self._buffer_bytes, counted_in=PROCESS_BYTES)
+
+    def cost(self, element) -> int:
+        return len(element[1])
 
     def work(self, element) -> list:
         image_file, data = element
         try:
-            image = decode_image(data, self._size, self._max_pixels)
+            image = decode_image(data, self._size, self._max_pixels, self._pixel_budget)
         except Exception as exc:  # every input ends in exactly one row, whatever the decoder throws
             error_type = exc.error_type if isinstance(exc, DecodeError) else type(exc).__name__
             return [
@@ -223,4 +260,5 @@ class _DecodeFn(ThreadPoolDoFn):
                     ERRORS_TAG, error_row(image_file.uri, "decode", error_type, str(exc))
                 )
             ]
-        return [(ImageKey(image_file.uri, image.width, image.height, image.format), image.pixels)]
+        key = ImageKey(image_file.uri, image.width, image.height, image.format, image_file.label)
+        return [(key, image.pixels)]

@@ -1,37 +1,51 @@
-"""``ReadImages``: input patterns and URI lists to (ImageFile, bytes), failures to error rows.
+"""``MatchInputs`` and ``ReadFiles`` (together ``ReadImages``): inputs to (ImageFile, bytes).
 
 Patterns are Beam globs (``*``, ``**``), local or on any Beam filesystem; a
 bare directory means every file under it, recursively. A list file holds one
-URI a line. Each file is read once even when several patterns or list lines
-name it: URIs (never file contents) are grouped, which is also the one fusion
-break of the read, spreading the reads over workers.
+URI a line (or a CSV whose first field is the URI). Each file is read once
+even when several patterns or list lines name it: URIs (never file contents)
+are grouped, which is also the one fusion break of the read, spreading the
+reads over workers.
+
+Matching yields ``ImageFile`` records (URI, size, modification time); a listed
+URI is looked up on its own (never globbed) on a pool of threads, so its size
+is known before it is read. Reads then run on threads ahead of decoding, at
+most ``buffer_bytes`` of file contents and pixels at a time, counted with the
+decodes downstream (``concurrency.PROCESS_BYTES``): memory follows the bytes
+in flight, not the number of files (a single larger file is still read, alone).
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import glob
 import os
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
-from beamvision.transforms.concurrency import ThreadPoolDoFn
+from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, ThreadPoolDoFn
 from beamvision.transforms.rows import ERRORS_TAG, error_row
 
 _GLOB_CHARS = ("*", "?", "[")
+READ_THREADS = 16  # object-store reads are latency-bound
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageFile:
-    """An input file: where it is, its size and its modification time (seconds since epoch)."""
+    """An input file: where it is, its size, its modification time (seconds since epoch) and its class.
+
+    ``size_bytes`` and ``modified`` are None until the file has been looked
+    up; ``label`` is the class a folder or labels file gives it (prepare).
+    """
 
     uri: str
-    size_bytes: int
-    modified: float | None
+    size_bytes: int | None = None
+    modified: float | None = None
+    label: str | None = None
 
 
 def expand_pattern(pattern: str) -> str:
@@ -52,12 +66,13 @@ def expand_pattern(pattern: str) -> str:
     return pattern
 
 
-class ReadImages(beam.PTransform):
-    """Matches patterns and list files and reads every file once.
+class MatchInputs(beam.PTransform):
+    """Patterns and a list file to one ``ImageFile`` per distinct URI (not yet looked up if listed).
 
-    Returns a dict of PCollections: ``files`` (ImageFile, bytes) for each
-    readable input, ``inputs`` (one URI per distinct input, for counting) and
-    ``errors`` (error rows for inputs that could not be read).
+    Returns a dict of PCollections: ``files`` (ImageFile), ``inputs`` (one
+    URI per distinct input, for counting) and ``patterns`` ((pattern as
+    given, number of files it matched), so a pattern that matched nothing can
+    be reported).
     """
 
     def __init__(
@@ -68,38 +83,77 @@ class ReadImages(beam.PTransform):
         list_root: str | None = None,
     ):
         super().__init__()
-        self._patterns = [expand_pattern(p) for p in patterns]
+        self._patterns = list(patterns)
         self._input_list = input_list
         self._list_is_csv = list_is_csv
         self._list_root = list_root
 
     def expand(self, pbegin):
         candidates = []
-        if self._patterns:
-            candidates.append(
-                pbegin
-                | "Patterns" >> beam.Create(self._patterns)
-                | "MatchPatterns" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
-                | "SkipFolderMarkers" >> beam.Filter(lambda m: not m.path.endswith("/"))
-                | "KeyMatches" >> beam.Map(lambda m: (m.path, m))
-            )
+        matched = (
+            pbegin
+            | "Patterns" >> beam.Create(self._patterns)
+            | "MatchPatterns" >> beam.ParDo(_MatchPatternFn()).with_outputs("counts", main="files")
+        )
+        candidates.append(matched.files)
         if self._input_list:
             candidates.append(
                 pbegin
                 | "ReadInputList" >> beam.io.ReadFromText(self._input_list)
                 | "ListedUris" >> beam.FlatMap(listed_uri, self._list_is_csv, self._list_root)
-                | "KeyListed" >> beam.Map(lambda uri: (uri, None))
+                | "KeyListed" >> beam.Map(lambda uri: (uri, ImageFile(uri)))
             )
         unique = (
-            candidates
-            | "AllCandidates" >> beam.Flatten()
-            | "OncePerUri" >> beam.CombinePerKey(_first_metadata)
+            candidates | "AllCandidates" >> beam.Flatten() | "OncePerUri" >> beam.CombinePerKey(_best_known)
         )
-        read = unique | "ReadFiles" >> beam.ParDo(_ReadFileFn()).with_outputs(ERRORS_TAG, main="files")
         return {
-            "files": read.files,
+            "files": unique | "Files" >> beam.Values(),
             "inputs": unique | "InputUris" >> beam.Keys(),
-            "errors": read[ERRORS_TAG],
+            "patterns": matched.counts,
+        }
+
+
+class ReadFiles(beam.PTransform):
+    """``ImageFile`` to (ImageFile, bytes): looks up what is not yet known, then reads.
+
+    Returns a dict of PCollections: ``files`` and ``errors`` (error rows of
+    stage ``read`` for files that are missing or cannot be read).
+    """
+
+    def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_MB * MB):
+        super().__init__()
+        self._buffer_bytes = buffer_bytes
+
+    def expand(self, files):
+        found = files | "LookUp" >> beam.ParDo(_LookUpFn()).with_outputs(ERRORS_TAG, main="files")
+        read = found.files | "Read" >> beam.ParDo(_ReadFileFn(self._buffer_bytes)).with_outputs(
+            ERRORS_TAG, main="files"
+        )
+        errors = (found[ERRORS_TAG], read[ERRORS_TAG]) | "ReadErrors" >> beam.Flatten()
+        return {"files": read.files, "errors": errors}
+
+
+class ReadImages(beam.PTransform):
+    """``MatchInputs`` then ``ReadFiles``: returns ``files``, ``inputs``, ``patterns`` and ``errors``."""
+
+    def __init__(
+        self,
+        patterns: list[str],
+        input_list: str | None = None,
+        buffer_mb: int = DEFAULT_BUFFER_MB,
+    ):
+        super().__init__()
+        self._match = MatchInputs(patterns, input_list)
+        self._read = ReadFiles(buffer_mb * MB)
+
+    def expand(self, pbegin):
+        matched = pbegin | "MatchInputs" >> self._match
+        read = matched["files"] | "ReadFiles" >> self._read
+        return {
+            "files": read["files"],
+            "inputs": matched["inputs"],
+            "patterns": matched["patterns"],
+            "errors": read["errors"],
         }
 
 
@@ -123,6 +177,14 @@ def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list
     return [uri]
 
 
+def unmatched_patterns(counts) -> list[str]:
+    """The patterns, among (pattern, files matched) pairs, that matched no file."""
+    total = collections.Counter()
+    for pattern, count in counts:
+        total[pattern] += count
+    return sorted(pattern for pattern, count in total.items() if count == 0)
+
+
 def _metadata(uri: str) -> FileMetadata:
     """Size and modification time of the one file ``uri`` names ([, * and ? are characters in it)."""
     try:
@@ -133,27 +195,77 @@ def _metadata(uri: str) -> FileMetadata:
         raise
 
 
-def _first_metadata(values) -> FileMetadata | None:
-    """Any FileMetadata among the values (list lines carry None)."""
-    return next((v for v in values if v is not None), None)
+def _image_file(metadata: FileMetadata) -> ImageFile:
+    return ImageFile(
+        metadata.path, metadata.size_in_bytes, getattr(metadata, "last_updated_in_seconds", None)
+    )
+
+
+def _best_known(files) -> ImageFile:
+    """One ImageFile for a URI named more than once: a looked-up one if any (list lines know nothing)."""
+    files = list(files)
+    return next((f for f in files if f.size_bytes is not None), files[0])
+
+
+class _MatchPatternFn(beam.DoFn):
+    """A pattern to (uri, ImageFile) per file it matches, and (pattern, count) to ``counts``."""
+
+    def process(self, pattern: str):
+        matches = FileSystems.match([expand_pattern(pattern)])[0].metadata_list
+        count = 0
+        for metadata in matches:
+            if not metadata.path.endswith("/"):  # folder markers on object stores
+                count += 1
+                yield metadata.path, _image_file(metadata)
+        yield beam.pvalue.TaggedOutput("counts", (pattern, count))
+
+
+class _LookUpFn(ThreadPoolDoFn):
+    """Fills in the size and modification time of listed files, on threads (object-store latency)."""
+
+    def __init__(self):
+        super().__init__(
+            threads=READ_THREADS, depth=256, ok_counter="files_found", failed_counter="images_failed"
+        )
+
+    def work(self, image_file: ImageFile) -> list:
+        if image_file.size_bytes is not None:
+            return [image_file]
+        try:
+            found = _image_file(_metadata(image_file.uri))
+        except Exception as exc:  # Every storage failure becomes an error row.
+            return [_read_error(image_file.uri, exc)]
+        return [dataclasses.replace(found, uri=image_file.uri, label=image_file.label)]
 
 
 class _ReadFileFn(ThreadPoolDoFn):
-    """Reads files on 16 threads: object-store reads are latency-bound."""
+    """Reads files on threads while the process holds less than ``buffer_bytes`` (see the module)."""
 
-    def __init__(self):
-        super().__init__(threads=16, depth=64, ok_counter="images_read", failed_counter="images_failed")
+    def __init__(self, buffer_bytes: int):
+        super().__init__(
+            threads=READ_THREADS,
+            depth=64,
+            ok_counter="images_read",
+            failed_counter="images_failed",
+            budget=buffer_bytes,
+        )
 
-    def work(self, element) -> list:
-        uri, metadata = element
+    def cost(self, image_file: ImageFile) -> int:
+        return image_file.size_bytes or 0
+
+    def room(self, image_file: ImageFile) -> int:
+        # Its bytes, and as much again for the pixels decoding will make of them (an
+        # uncompressed scan decodes to about its size; a JPEG to much less).
+        return 2 * self.cost(image_file)
+
+    def work(self, image_file: ImageFile) -> list:
         try:
-            if metadata is None:  # a listed URI names one file: ask for it, never glob or list
-                metadata = _metadata(uri)
-            with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            with FileSystems.open(image_file.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
         except Exception as exc:  # Every storage failure becomes an error row.
-            return [
-                beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, "read", type(exc).__name__, str(exc)))
-            ]
-        modified = getattr(metadata, "last_updated_in_seconds", None)
-        return [(ImageFile(uri, metadata.size_in_bytes, modified), data)]
+            return [_read_error(image_file.uri, exc)]
+        return [(image_file, data)]
+
+
+def _read_error(uri: str, exc: Exception):
+    return beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, "read", type(exc).__name__, str(exc)))

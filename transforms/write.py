@@ -18,6 +18,7 @@ from typing import Any
 import apache_beam as beam
 
 from beamvision import storage
+from beamvision.transforms.read import unmatched_patterns
 from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
 RESULTS_PREFIX = "results"
@@ -34,8 +35,9 @@ def build_summary(
     model: dict[str, Any],
     top_labels: list[tuple[str, int]],
     output: str,
+    unmatched_patterns: list[str] = (),
 ) -> dict[str, Any]:
-    """The content of summary.json."""
+    """The content of summary.json. ``unmatched_patterns``: --input patterns that matched no file."""
     return {
         "inputs": inputs,
         "results": results,
@@ -45,6 +47,7 @@ def build_summary(
         "images_per_second": round(inputs / seconds, 2) if seconds > 0 else None,
         "model": model,
         "top_labels": [{"label": label, "count": count} for label, count in top_labels],
+        "unmatched_patterns": list(unmatched_patterns),
         "output": output,
     }
 
@@ -53,8 +56,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines for the end of a run."""
     labels = ", ".join(f"{x['label']} ({x['count']})" for x in summary["top_labels"][:5]) or "none"
     status = "" if summary["complete"] else "  WARNING: inputs != results + errors"
+    unmatched = [f"WARNING: --input {p} matched no file" for p in summary.get("unmatched_patterns", [])]
     return "\n".join(
         [
+            *unmatched,
             f"classified {summary['results']:,} of {summary['inputs']:,} images, "
             f"{summary['errors']:,} errors, in {summary['seconds']:.1f}s "
             f"({summary['images_per_second'] or 0:.1f} images/s){status}",
@@ -81,8 +86,9 @@ class WriteErrors(beam.PTransform):
 class WriteResults(beam.PTransform):
     """Writes result and error rows as Parquet shards, then summary.json.
 
-    Input: a dict with PCollections ``results`` and ``errors`` (row dicts) and
-    ``inputs`` (one element per input file, counted for the summary).
+    Input: a dict with PCollections ``results`` and ``errors`` (row dicts),
+    ``inputs`` (one element per input file, counted for the summary) and
+    ``patterns`` ((pattern, files matched) from ``MatchInputs``).
     """
 
     def __init__(self, output: str, embeddings: bool, model: dict[str, Any], started_at: float):
@@ -117,6 +123,7 @@ class WriteResults(beam.PTransform):
                 results=beam.pvalue.AsSingleton(results | "CountResults" >> count.Globally()),
                 errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
                 top_labels=beam.pvalue.AsSingleton(top_labels),
+                patterns=beam.pvalue.AsList(pcolls["patterns"]),
                 # Side inputs are complete before the step runs: the summary
                 # is written only after every shard has been finalised.
                 result_files=beam.pvalue.AsList(written_results),
@@ -131,9 +138,17 @@ class _WriteSummaryFn(beam.DoFn):
         self._model = model
         self._started_at = started_at
 
-    def process(self, _, inputs, results, errors, top_labels, result_files, error_files):
+    def process(self, _, inputs, results, errors, top_labels, patterns, result_files, error_files):
+        seconds = time.time() - self._started_at
         summary = build_summary(
-            inputs, results, errors, time.time() - self._started_at, self._model, top_labels, self._output
+            inputs,
+            results,
+            errors,
+            seconds,
+            self._model,
+            top_labels,
+            self._output,
+            unmatched_patterns(patterns),
         )
         storage.write_atomic(
             storage.join(self._output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")
