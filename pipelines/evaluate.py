@@ -70,9 +70,10 @@ def score(results, truth: dict[str, str]) -> dict:
     ranked = np.array([[index.get(x, -1) for x in row] for row in matched.top_k_labels], dtype=np.int64)
     if len(matched) == 0:
         ranked = np.zeros((0, 1), dtype=np.int64)
-    metrics = classification_metrics(y_true, ranked, labels)
-    if ranked.shape[1] < 5 and "top5_accuracy" in metrics:
-        metrics["top5_accuracy"] = None  # classify ran with --top_k below 5
+    # Top-5 means something when classify ranked at least 5 labels of a model that knows more than 5,
+    # however few of them the truth names.
+    predicted = {label for row in results.top_k_labels for label in row}
+    metrics = classification_metrics(y_true, ranked, labels, top5=ranked.shape[1] >= 5 and len(predicted) > 5)
     metrics["labelled_without_result"] = len(set(truth) - set(results.image_uri))
     metrics["results_without_label"] = int((~results.image_uri.isin(truth.keys())).sum())
     return metrics

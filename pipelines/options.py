@@ -478,6 +478,7 @@ class PrepareConfig:
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+MONITORS = ("val_accuracy", "val_loss")
 
 
 def augment_list(text: str) -> tuple[str, ...]:
@@ -546,7 +547,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=5,
         metavar="P",
-        help="epochs without val_loss improvement before stopping; best weights kept (default 5)",
+        help="epochs without improvement of --monitor before stopping; best weights kept (default 5)",
+    )
+    parser.add_argument(
+        "--monitor",
+        choices=MONITORS,
+        default="val_accuracy",
+        help="validation metric that picks the best epoch and stops early (default val_accuracy)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default 0")
     _add_artifact_identity_arguments(parser, "training")
@@ -568,6 +575,7 @@ class TrainConfig:
     augment: tuple[str, ...]
     label_smoothing: float
     early_stopping_patience: int
+    monitor: str
     seed: int
     name: str | None
     version: str | None

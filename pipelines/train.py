@@ -2,8 +2,10 @@
 
     beamvision train --data gs://bucket/data/flowers --architecture mobilenet_v2 --output gs://bucket/models/f1
 
-Trains with validation each epoch, keeps checkpoints so an interrupted run
-resumes where it stopped, stops early with the best weights restored,
+Trains with validation each epoch (BatchNorm statistics re-estimated first,
+so validation sees what the weights have learned), keeps checkpoints so an
+interrupted run resumes where it stopped, stops early (never during the
+warm-up) with the best weights restored, warns when the result is near chance,
 evaluates on the test split and exports the artifact that classify runs
 (training config, dataset fingerprint and metrics in its manifest, and
 metrics.json beside it).
@@ -12,8 +14,10 @@ metrics.json beside it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -22,7 +26,9 @@ from beamvision.models import ArtifactError, ModelArgumentError, get_spec
 from beamvision.models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
 from beamvision.pipelines import options
 from beamvision.transforms.training import (
+    CalibrateBatchNorm,
     build_model,
+    chance_accuracy,
     checkpoint_dir,
     checkpoint_root,
     compile_model,
@@ -36,6 +42,8 @@ from beamvision.transforms.training import (
 )
 
 METRICS_FILE = "metrics.json"
+# A final accuracy at most this many times chance gets a warning (and near_chance in metrics.json).
+NEAR_CHANCE = 1.5
 
 
 def run(argv: list[str] | None = None) -> Manifest:
@@ -69,7 +77,7 @@ def run(argv: list[str] | None = None) -> Manifest:
     with tempfile.TemporaryDirectory() as cache:
         shards = {split: local_shards(config.data, split, os.path.join(cache, split)) for split in totals}
 
-        def dataset(split, training):
+        def dataset(split, training, augment=True):
             return make_dataset(
                 shards[split],
                 image_size,
@@ -77,12 +85,14 @@ def run(argv: list[str] | None = None) -> Manifest:
                 len(labels),
                 config.batch_size,
                 training,
-                config.augment if training else (),
+                config.augment if training and augment else (),
                 config.seed,
+                count=totals[split],
             )
 
         steps = config.steps_per_epoch or steps_for(totals["train"], config.batch_size)
-        compile_model(model, config, len(labels), steps * config.epochs, warmup_steps=min(steps, 100))
+        warmup_steps = min(steps, 100)
+        compile_model(model, config, len(labels), steps * config.epochs, warmup_steps)
         # What shapes the weights: the training flags, the input size and the data (never the
         # artifact's name, version or --overwrite). A rerun with all of these equal resumes.
         resumable = {k: v for k, v in config.to_dict().items() if k not in ("name", "version", "overwrite")}
@@ -92,9 +102,15 @@ def run(argv: list[str] | None = None) -> Manifest:
         if validation is not None:
             callbacks.append(
                 keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=config.early_stopping_patience, restore_best_weights=True
+                    monitor=config.monitor,
+                    patience=config.early_stopping_patience,
+                    restore_best_weights=True,
+                    # Never judged during the learning-rate warm-up.
+                    start_from_epoch=math.ceil(warmup_steps / steps),
                 )
             )
+        # After EarlyStopping, so that the restored weights get their own statistics.
+        callbacks.append(CalibrateBatchNorm(dataset("train", True, augment=False), min(steps, 50)))
         print(
             f"training {config.architecture} at {input_size}px on {totals['train']:,} images, "
             f"{len(labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",
@@ -112,7 +128,9 @@ def run(argv: list[str] | None = None) -> Manifest:
         evaluated_on = "test" if totals["test"] else "val" if totals["val"] else "train"
         metrics = evaluate(model, dataset(evaluated_on, False), labels)
     shutil.rmtree(checkpoint_root(config.output), ignore_errors=True)
-    metrics = {"evaluated_on": evaluated_on, **metrics}
+    chance = chance_accuracy(labels, {k: v["support"] for k, v in metrics["per_class"].items()})
+    near_chance = metrics["accuracy"] is not None and metrics["accuracy"] <= NEAR_CHANCE * chance
+    metrics = {"evaluated_on": evaluated_on, "chance_accuracy": chance, "near_chance": near_chance, **metrics}
     seconds = time.monotonic() - started
     training = {
         "config": config.to_dict(),
@@ -149,4 +167,11 @@ def run(argv: list[str] | None = None) -> Manifest:
         f"artifact: {config.output} ({manifest.name} version {manifest.version}); metrics: "
         f"{storage.join(config.output, METRICS_FILE)}"
     )
+    if near_chance:
+        print(
+            f"WARNING: {evaluated_on} accuracy {metrics['accuracy']:.1%} is near chance ({chance:.1%}, "
+            f"always guessing the most frequent of {len(labels)} classes): this model has not learned "
+            "the task. Try --weights imagenet, more images or more --epochs, or a lower --learning_rate.",
+            file=sys.stderr,
+        )
     return manifest

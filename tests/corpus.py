@@ -86,7 +86,31 @@ def build_corpus(photos: list[np.ndarray]) -> dict[str, tuple[bytes, Expected]]:
     error("broken/truncated.png", png[: len(png) // 2], "CorruptImage")
     error("broken/bomb.png", _encode(Image.new("1", (10_000, 10_000)), "PNG"), "DecompressionBomb")
     error("broken/netpbm.ppm", _encode(coffee, "PPM"), "UnsupportedFormat")
+    # Damaged EXIF blocks on which Pillow raises neither OSError nor ValueError.
+    for name, damage in EXIF_DAMAGE.items():
+        error(f"broken/exif_{name}.jpg", damaged_exif_jpeg(astronaut, damage), "CorruptImage")
     return files
+
+
+# Found by fuzzing: (offset from the "Exif" marker, new byte value) -> the exception Pillow raises.
+EXIF_DAMAGE = {
+    "struct_error": [(17, 17), (92, 100), (94, 209), (118, 145)],
+    "type_error": [(17, 30)],
+    "attribute_error": [(19, 11), (81, 27), (99, 24)],
+}
+
+
+def damaged_exif_jpeg(photo: Image.Image, damage: list[tuple[int, int]]) -> bytes:
+    """A 64x64 JPEG of ``photo`` whose EXIF block (orientation, maker, date) has bytes overwritten."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Maker"
+    exif[0x8769] = {0x9003: "2020:01:01 00:00:00"}
+    data = bytearray(_encode(photo.resize((64, 64)), "JPEG", exif=exif.tobytes()))
+    start = data.index(b"Exif")
+    for offset, value in damage:
+        data[start + offset] = value
+    return bytes(data)
 
 
 def _exif_orientation(value: int) -> bytes:

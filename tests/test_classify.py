@@ -379,6 +379,49 @@ def test_a_pattern_that_matches_nothing_says_so_in_one_line(model_dir, tmp_path,
     assert err == f"beamvision classify: error: --input {pattern}: matched no file; nothing was classified"
 
 
+def test_a_pattern_among_several_that_matches_nothing_is_reported(model_dir, photos, tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(photos[0]).save(tmp_path / "one.jpg")
+    typo = str(tmp_path / "*.jpeg")
+    output = str(tmp_path / "out")
+    argv = ["classify", "--input", str(tmp_path / "*.jpg"), "--input", typo, "--model", model_dir]
+    assert main([*argv, "--output", output]) == 0
+    assert f"WARNING: --input {typo} matched no file" in capsys.readouterr().out
+    with open(os.path.join(output, "summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["results"], summary["unmatched_patterns"]) == (1, [typo])
+
+
+def test_large_files_are_read_and_decoded_within_the_byte_budget(model_dir, photos, tmp_path):
+    """Uncompressed scans of 6.9 MB (9 MB of pixels) among JPEGs: --buffer_mb bounds what is held."""
+    from PIL import Image
+
+    from beamvision.transforms.concurrency import PROCESS_BYTES
+
+    paths = []
+    for i in range(6):
+        scan = tmp_path / "in" / f"scan_{i}.tiff"
+        scan.parent.mkdir(exist_ok=True)
+        Image.fromarray(photos[i % len(photos)]).resize((1500, 1530)).save(scan, "TIFF")
+        photo = tmp_path / "in" / f"photo_{i}.jpg"
+        Image.fromarray(photos[i % len(photos)]).save(photo)
+        paths += [str(scan), str(photo)]
+    scan_bytes = os.path.getsize(paths[0])
+    peaks = {}
+    for buffer_mb in (8, 64):
+        PROCESS_BYTES.peak = 0
+        output = str(tmp_path / f"out_{buffer_mb}")
+        argv = ["--input", str(tmp_path / "in"), "--model", model_dir, "--output", output]
+        classify.run([*argv, "--buffer_mb", str(buffer_mb), "--batch_size", "4"])
+        assert sorted(_read_rows(output, "results").image_uri) == sorted(paths)
+        peaks[buffer_mb] = PROCESS_BYTES.peak
+    # At 8 MB a scan is read and decoded alone: its bytes, its pixels (4 bytes each) and a few JPEGs.
+    assert scan_bytes < peaks[8] <= scan_bytes + 1500 * 1530 * 4 + 2 * 2**20
+    assert peaks[64] > 2 * scan_bytes  # with room, several files are in flight at once
+    assert PROCESS_BYTES.used == 0
+
+
 def test_missing_input_and_existing_output(model_dir, one_worker_run, tmp_path, capsys):
     assert main(["classify", "--model", model_dir, "--output", str(tmp_path)]) == 2
     assert "give at least one --input PATTERN or an --input_list FILE" in capsys.readouterr().err

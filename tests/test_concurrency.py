@@ -12,7 +12,7 @@ from apache_beam.testing import test_pipeline as beam_testing
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 
-from beamvision.transforms.concurrency import ThreadPoolDoFn
+from beamvision.transforms.concurrency import PROCESS_BYTES, ByteBudget, ThreadPoolDoFn
 
 
 class _Square(ThreadPoolDoFn):
@@ -86,3 +86,77 @@ def test_in_a_pipeline_every_element_arrives_once():
             out.squares, equal_to([x * x for x in range(200) if not (x % 2 and x > 90)]), label="Main"
         )
         assert_that(out.odd, equal_to([x for x in range(91, 200, 2)]), label="Odd")
+
+
+class _Sized(ThreadPoolDoFn):
+    """Elements are byte counts; work notes how many bytes are held (in PROCESS_BYTES) while it runs."""
+
+    def __init__(self, budget: int, release_when_done: bool = False):
+        super().__init__(
+            threads=8,
+            depth=64,
+            ok_counter="test_ok",
+            failed_counter="test_failed",
+            budget=budget,
+            release_when_done=release_when_done,
+        )
+        self.held = []
+
+    def cost(self, element) -> int:
+        return element
+
+    def work(self, element) -> list:
+        self.held.append(PROCESS_BYTES.used)
+        time.sleep(random.random() / 500)
+        if element == 13:
+            raise ValueError("unlucky")
+        return [element]
+
+
+def test_bytes_in_flight_stay_within_the_budget_and_a_larger_element_runs_alone():
+    sizes = (
+        [random.choice([1, 5, 20, 30]) for _ in range(300)]
+        + [500]
+        + [random.choice([2, 7]) for _ in range(50)]
+    )
+    fn = _Sized(budget=100)
+    assert _run_bundle(fn, sizes) == sizes
+    assert max(fn.held) <= 500
+    held_by_small = [h for h in fn.held if h != 500]
+    assert max(held_by_small) <= 100
+    assert 500 in fn.held  # the large element ran, and nothing else was held meanwhile
+    assert PROCESS_BYTES.used == 0
+
+
+def test_bytes_released_when_done_free_the_budget_before_emission():
+    # Each element costs the whole budget: every one is admitted once the one before is done.
+    fn = _Sized(budget=10, release_when_done=True)
+    assert _run_bundle(fn, [10] * 40) == [10] * 40
+    assert max(fn.held) == 10
+    assert PROCESS_BYTES.used == 0
+
+
+def test_a_failed_bundle_leaves_nothing_held():
+    with pytest.raises(ValueError, match="unlucky"):
+        _run_bundle(_Sized(budget=100), [20] * 10 + [13] + [20] * 10)
+    assert PROCESS_BYTES.used == 0
+
+
+def test_byte_budget_grants_an_oversized_hold_alone():
+    budget = ByteBudget(100)
+    order = []
+
+    def hold(name, nbytes, pause):
+        with budget.hold(nbytes):
+            order.append((name, budget.used))
+            time.sleep(pause)
+
+    small = threading.Thread(target=hold, args=("small", 60, 0.2))
+    small.start()
+    time.sleep(0.05)
+    large = threading.Thread(target=hold, args=("large", 250, 0))
+    large.start()
+    small.join()
+    large.join()
+    assert order == [("small", 60), ("large", 250)]  # the large one waited for the small one, then ran
+    assert budget.used == 0

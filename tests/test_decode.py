@@ -105,3 +105,17 @@ def test_resize_policy_squashes_the_whole_image():
     pixels = decode_image(_png(left_red_right_blue), 10).pixels
     assert tuple(pixels[5, 0]) == (255, 0, 0)
     assert tuple(pixels[5, 9]) == (0, 0, 255)
+
+
+@pytest.mark.parametrize(
+    ("name", "raised"),
+    [("struct_error", "error"), ("type_error", "TypeError"), ("attribute_error", "AttributeError")],
+)
+def test_any_exception_pillow_raises_on_damaged_data_is_a_corrupt_image(name, raised, photos):
+    from corpus import EXIF_DAMAGE, damaged_exif_jpeg
+
+    data = damaged_exif_jpeg(Image.fromarray(photos[0]), EXIF_DAMAGE[name])
+    with pytest.raises(DecodeError) as excinfo:
+        decode_image(data, SIZE)
+    assert excinfo.value.error_type == "CorruptImage"
+    assert f"{raised}: " in str(excinfo.value)

@@ -128,6 +128,7 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
         "batch_size": "4",
         "embeddings": "true",
         "max_pixels": "50000000",
+        "buffer_mb": "64",
         "overwrite": "false",
     }
     with open(os.path.join(DEPLOY, "metadata.json")) as f:

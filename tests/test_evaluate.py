@@ -6,6 +6,8 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
+import pytest
 from PIL import Image
 
 from beamvision.pipelines import classify, evaluate
@@ -41,6 +43,15 @@ def test_a_thousand_class_model_scored_against_two_classes(photos, tmp_path):
     assert metrics["per_class"]["tench"]["support"] == (len(photos) + 1) // 2
     with open(os.path.join(results, "metrics.json")) as f:
         assert json.load(f)["confusion_matrix"] == metrics["confusion_matrix"]
+    # Top-5 of a 1,000-class model is reported however few labels the truth and top-1 name.
+    rows = pd.concat(
+        pd.read_parquet(os.path.join(results, n)) for n in os.listdir(results) if "results-" in n
+    )
+    truth_of = dict(line.split(",") for line in truth[1:])
+    hits = [
+        truth_of[uri] in list(top)[:5] for uri, top in zip(rows.image_uri, rows.top_k_labels, strict=True)
+    ]
+    assert metrics["top5_accuracy"] == pytest.approx(np.mean(hits))
     with Image.open(os.path.join(results, "confusion_matrix.png")) as picture:
         assert max(picture.size) < 2000
 

@@ -49,6 +49,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 # here, because warnings.catch_warnings is not thread-safe and decode_image runs
 # on the decode pool's threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Damaged EXIF ("Corrupt EXIF data", "Metadata Warning") either decodes or is a CorruptImage row.
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL.TiffImagePlugin")
 # Pillow stores a large image in blocks (16 MB by default). glibc raises its mmap
 # threshold up to 32 MB as such blocks are freed, after which they come from the
 # heap and stay in the process's RSS. Blocks above 32 MB are always mapped and

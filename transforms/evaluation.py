@@ -13,13 +13,18 @@ from typing import Any
 import numpy as np
 
 
-def classification_metrics(y_true: np.ndarray, ranked: np.ndarray, labels: list[str]) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, ranked: np.ndarray, labels: list[str], top5: bool | None = None
+) -> dict[str, Any]:
     """Metrics for predictions ranked best first.
 
     Args:
         y_true: true class indices, shape [n].
-        ranked: predicted class indices, best first, shape [n, k] (k >= 1).
+        ranked: predicted class indices, best first, shape [n, k] (k >= 1);
+            -1 for a predicted class outside ``labels``.
         labels: class names; index i names class i.
+        top5: report top-5 accuracy; by default when there are more than 5
+            labels (a model may know more classes than the labels scored).
 
     Returns:
         A JSON-ready dict.
@@ -41,7 +46,7 @@ def classification_metrics(y_true: np.ndarray, ranked: np.ndarray, labels: list[
         "examples": len(y_true),
         "accuracy": float(np.mean(y_pred == y_true)) if len(y_true) else None,
     }
-    if n_classes > 5:
+    if (n_classes > 5) if top5 is None else top5:
         top5 = ranked[:, :5]
         metrics["top5_accuracy"] = (
             float(np.mean(np.any(top5 == y_true[:, None], axis=1))) if len(y_true) else None

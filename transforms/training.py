@@ -75,15 +75,20 @@ def dataset_fingerprint(prefix: str, labels: list[str], stats: dict[str, Any]) -
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def make_dataset(files, image_size, input_size, num_classes, batch_size, training, augment=(), seed=0):
+def make_dataset(
+    files, image_size, input_size, num_classes, batch_size, training, augment=(), seed=0, count=None
+):
     """tf.data pipeline: parallel reads and parsing, shuffling, augmentation, batching, prefetch.
 
-    Yields (uint8 images [b, input_size, input_size, 3], one-hot float labels [b, classes]).
+    Yields (uint8 images [b, input_size, input_size, 3], one-hot float labels [b, classes]);
+    for training, endlessly. ``count``: the number of examples in ``files``, when known.
     """
     import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
     ds = tf.data.TFRecordDataset(files, num_parallel_reads=autotune)
+    if count is not None:  # known length: Keras ends each pass cleanly instead of running out of data
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if training:
         ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.map(lambda s: parse_example(s, image_size), num_parallel_calls=autotune)
@@ -187,6 +192,72 @@ def compile_model(model: keras.Model, config, num_classes: int, total_steps: int
         metrics=metrics,
         jit_compile=False,  # XLA is slower than the default kernels on CPU hosts
     )
+
+
+class CalibrateBatchNorm(keras.callbacks.Callback):
+    """Re-estimates BatchNorm statistics on training batches before each validation and at the end.
+
+    Trained from scratch on a small set, the weights move faster than the
+    moving averages follow them: inference-mode outputs lag training-mode
+    ones by epochs, validation accuracy sits at chance while training
+    accuracy climbs, and early stopping picks the wrong epoch. Averaging the
+    batch statistics of ``batches`` forward passes with the current weights
+    ("precise BN") makes inference mode see what training sees. BatchNorm
+    layers that are frozen keep their statistics.
+    """
+
+    def __init__(self, dataset, batches: int):
+        super().__init__()
+        self._dataset = dataset
+        self._batches = batches
+        self._forward = None
+
+    def on_test_begin(self, logs=None):
+        self.calibrate()
+
+    def on_train_end(self, logs=None):
+        self.calibrate()
+
+    def calibrate(self) -> None:
+        import tensorflow as tf
+
+        layers = [
+            layer
+            for layer in self.model._flatten_layers()
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+        ]
+        if not layers:
+            return
+        momenta = [layer.momentum for layer in layers]
+        try:
+            for layer in layers:  # each forward pass leaves exactly its batch's statistics
+                layer.momentum = 0.0
+            if self._forward is None:  # traced once, with momentum 0 (the train step keeps its own)
+                self._forward = tf.function(lambda images: self.model(images, training=True))
+            sums = [
+                [np.zeros(layer.moving_mean.shape), np.zeros(layer.moving_variance.shape)] for layer in layers
+            ]
+            batches = 0
+            for images, _ in self._dataset.take(self._batches):
+                self._forward(images)
+                for total, layer in zip(sums, layers, strict=True):
+                    total[0] += keras.ops.convert_to_numpy(layer.moving_mean)
+                    total[1] += keras.ops.convert_to_numpy(layer.moving_variance)
+                batches += 1
+            for (mean, variance), layer in zip(sums, layers, strict=True):
+                layer.moving_mean.assign(mean / batches)
+                layer.moving_variance.assign(variance / batches)
+        finally:
+            for layer, momentum in zip(layers, momenta, strict=True):
+                layer.momentum = momentum
+
+
+def chance_accuracy(labels: list[str], support: dict[str, int]) -> float:
+    """The accuracy of the best constant guess: the most frequent class's share (at least 1/classes)."""
+    total = sum(support.values())
+    if not total:
+        return 1.0 / len(labels)
+    return max(1.0 / len(labels), max(support.values()) / total)
 
 
 def checkpoint_root(output: str) -> str:
