@@ -552,7 +552,7 @@ def test_training_from_scratch_with_default_flags_learns_real_photos(tmp_path, c
     from photos import write_photo_classes
 
     root = str(tmp_path / "photos")
-    write_photo_classes(root, per_class=24)
+    write_photo_classes(root, per_class=40)
     data = str(tmp_path / "data")
     assert main(["prepare", "--input", root, "--output", data, "--image_size", "96"]) == 0
     with warnings.catch_warnings(record=True) as caught:
