@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import sys
 
 import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
@@ -178,6 +179,8 @@ class _WriteStatsFn(beam.DoFn):
             "errors": errors,
             "totals": {split: sum(per_split[split].values()) for split in SPLITS},
             "counts": per_split,
+            # Named by a folder or the CSV, but none of their files became an example.
+            "empty_classes": [name for name in class_names if not any(per_split[s][name] for s in SPLITS)],
         }
         storage.write_atomic(
             storage.join(config.output, LABELS_FILE), json.dumps(class_names, indent=1).encode()
@@ -213,4 +216,10 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             f"({totals}; {stats['errors']:,} errors), "
             f"{len(stats['counts']['train'])} classes at {config.image_size}px, to {config.output}"
         )
+        if stats["empty_classes"]:
+            print(
+                f"WARNING: {len(stats['empty_classes'])} classes have no usable image: "
+                f"{', '.join(stats['empty_classes'][:10])} (see {ERRORS_PREFIX}-*.parquet)",
+                file=sys.stderr,
+            )
     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import logging
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -28,18 +29,22 @@ from apache_beam.transforms.window import GlobalWindows
 from beamvision.transforms.rows import METRICS_NAMESPACE
 
 MB = 2**20
-# --buffer_mb: file bytes and full-resolution pixels a worker process holds while
-# reading and decoding, all together (see ``PROCESS_BYTES``).
+# --buffer_mb: reads wait while file bytes and pixels held by the process's reads
+# and decodes exceed it; decodes wait while pixels being decoded exceed it. So a
+# worker process holds at most about twice this much, and in practice about it.
 DEFAULT_BUFFER_MB = 384
 
 
 class ByteBudget:
-    """Bytes held by threads against a limit: ``hold(n)`` waits until ``n`` more fit.
+    """Bytes held by threads against a limit.
 
-    A request larger than the whole budget waits until nothing else is held,
-    then proceeds alone, so every request is eventually granted. ``charge``
-    and ``discharge`` count without waiting; ``wait_for_room`` waits without
-    counting. What ``hold`` holds is also charged to ``counted_in``, if given.
+    ``acquire(room, cost)`` waits until ``room`` more bytes fit (or nothing is
+    held: a request larger than the whole budget proceeds alone, so every
+    request is eventually granted), then counts ``cost``, in one step under
+    one lock; ``release`` uncounts. ``charge`` counts without waiting (for
+    memory a caller already holds). ``hold`` is acquire-and-release around a
+    block, also charged to ``counted_in`` if given. A wait longer than
+    ``WAIT_WARNING_S`` logs a warning and proceeds: a budget never hangs a job.
     """
 
     def __init__(self, limit: int | None = None, counted_in: ByteBudget | None = None):
@@ -49,12 +54,27 @@ class ByteBudget:
         self.peak = 0
         self._changed = threading.Condition()
 
-    def charge(self, nbytes: int) -> None:  # (never waits: the caller already holds the memory)
+    def acquire(self, room: int, cost: int, limit: int | None = None) -> None:
+        limit = self.limit if limit is None else limit
         with self._changed:
-            self.used += nbytes
+            fits = self._changed.wait_for(
+                lambda: self.used == 0 or limit is None or self.used + room <= limit, timeout=WAIT_WARNING_S
+            )
+            if not fits:
+                logging.getLogger(__name__).warning(
+                    "waited %ds for %d bytes of a %d-byte budget holding %d; going ahead",
+                    WAIT_WARNING_S,
+                    room,
+                    limit,
+                    self.used,
+                )
+            self.used += cost
             self.peak = max(self.peak, self.used)
 
-    def discharge(self, nbytes: int) -> None:
+    def charge(self, nbytes: int) -> None:
+        self.acquire(0, nbytes, limit=None)
+
+    def release(self, nbytes: int) -> None:
         with self._changed:
             self.used -= nbytes
             self._changed.notify_all()
@@ -63,31 +83,29 @@ class ByteBudget:
         limit = self.limit if limit is None else limit
         return limit is None or self.used + nbytes <= limit
 
-    def wait_for_room(self, nbytes: int, limit: int | None = None) -> None:
-        with self._changed:
-            self._changed.wait_for(lambda: self.used == 0 or self.fits(nbytes, limit))
-
     @contextlib.contextmanager
-    def hold(self, nbytes: int) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: self.used == 0 or self.fits(nbytes))
-            self.used += nbytes
-            self.peak = max(self.peak, self.used)
+    def hold(self, nbytes: int, limit: int | None = None) -> Iterator[None]:
+        self.acquire(nbytes, nbytes, limit)
         if self._counted_in is not None:
             self._counted_in.charge(nbytes)
         try:
             yield
         finally:
             if self._counted_in is not None:
-                self._counted_in.discharge(nbytes)
-            self.discharge(nbytes)
+                self._counted_in.release(nbytes)
+            self.release(nbytes)
 
+
+WAIT_WARNING_S = 300
 
 # What the reads and decodes of this process hold now: file bytes read ahead,
 # files waiting for or in decoding, and their full-resolution pixels. Reads
 # wait for room in it (``ThreadPoolDoFn(..., budget=...)``); decodes only count,
 # so every wait ends as decodes finish, whatever the runner fused.
 PROCESS_BYTES = ByteBudget()
+# Full-resolution pixels being decoded in this process, by every decode thread of
+# every bundle: a decode waits for room here (only other decodes hold it).
+PIXEL_BYTES = ByteBudget(counted_in=PROCESS_BYTES)
 
 
 class ThreadPoolDoFn(beam.DoFn):
@@ -150,12 +168,14 @@ class ThreadPoolDoFn(beam.DoFn):
             or (self._budget is not None and not PROCESS_BYTES.fits(room, self._budget))
         ):
             yield from self._emit_oldest()
-        if self._budget is not None:
-            PROCESS_BYTES.wait_for_room(room, self._budget)
-        PROCESS_BYTES.charge(cost)
-        future = self._pool.submit(self.work, element)
+        PROCESS_BYTES.acquire(room if self._budget is not None else 0, cost, self._budget)
+        try:
+            future = self._pool.submit(self.work, element)
+        except BaseException:
+            PROCESS_BYTES.release(cost)
+            raise
         if self._release_when_done:
-            future.add_done_callback(lambda _, held=cost: PROCESS_BYTES.discharge(held))
+            future.add_done_callback(lambda _, held=cost: PROCESS_BYTES.release(held))
         self._pending.append((future, 0 if self._release_when_done else cost))
 
     def finish_bundle(self) -> Iterable:
@@ -175,7 +195,7 @@ class ThreadPoolDoFn(beam.DoFn):
         try:
             outputs = future.result()
         finally:
-            PROCESS_BYTES.discharge(cost)
+            PROCESS_BYTES.release(cost)
         for output in outputs:
             (self._failed if isinstance(output, beam.pvalue.TaggedOutput) else self._ok).inc()
             yield output
@@ -184,4 +204,4 @@ class ThreadPoolDoFn(beam.DoFn):
         while self._pending:
             future, cost = self._pending.popleft()
             future.cancel()
-            PROCESS_BYTES.discharge(cost)
+            PROCESS_BYTES.release(cost)

@@ -32,15 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import os
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import apache_beam as beam
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PROCESS_BYTES, ByteBudget, ThreadPoolDoFn
+from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PIXEL_BYTES, ThreadPoolDoFn
 from beamvision.transforms.rows import ERRORS_TAG, error_row
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -83,7 +86,10 @@ class DecodedImage:
 
 
 def decode_image(
-    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, pixel_budget: ByteBudget | None = None
+    data: bytes,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    hold_pixels: Callable[[int], AbstractContextManager] | None = None,
 ) -> DecodedImage:
     """Decodes image bytes to RGB uint8 pixels of ``size`` x ``size``.
 
@@ -91,8 +97,9 @@ def decode_image(
         data: the file's bytes.
         size: side of the square output, in pixels.
         max_pixels: largest width x height accepted.
-        pixel_budget: shared by the threads that decode: the full-resolution
-            pixels of this image are decoded only once they fit in it.
+        hold_pixels: given the bytes the full-resolution decode will take,
+            a context manager that waits until they fit in a budget shared
+            by the threads that decode, and holds them meanwhile.
 
     Returns:
         The decoded image (see the module docstring for the policy).
@@ -119,7 +126,7 @@ def decode_image(
             image.draft(image.mode if image.mode in ("L", "RGB") else None, (size, size))
         # Full-resolution pixels are the big allocation: wait for room in the budget, if any.
         copies = 2 if orientation != 1 else 1  # a transposed copy exists beside the decoded image
-        with pixel_budget.hold(copies * decoded_bytes(image)) if pixel_budget else contextlib.nullcontext():
+        with hold_pixels(copies * decoded_bytes(image)) if hold_pixels else contextlib.nullcontext():
             if orientation != 1:
                 image = ImageOps.exif_transpose(image)  # (without an orientation it would copy the image)
             rgb = to_rgb(image)
@@ -133,10 +140,23 @@ def decode_image(
     return DecodedImage(pixels=pixels, width=width, height=height, format=file_format)
 
 
+# Peak bytes per pixel of turning a mode into RGB (to_rgb): the decoded image, its
+# conversions and temporaries. RGB is stored 4 bytes a pixel by Pillow.
+_BYTES_PER_PIXEL = {"RGB": 4, "L": 5, "1": 5, "P": 5, "CMYK": 8, "YCbCr": 8, "LAB": 8}
+_BYTES_PER_PIXEL_WITH_ALPHA = 20  # RGBA, LA, PA, palette transparency: copies composited on white
+_BYTES_PER_PIXEL_WIDE = 26  # I, I;16, F: float64 temporaries while scaling to 8 bits
+
+
 def decoded_bytes(image: Image.Image) -> int:
-    """Memory of an opened image once loaded, at its (draft) size: 4 bytes a pixel at most."""
+    """Peak memory of decoding an opened image at its (draft) size and converting it to RGB."""
     width, height = image.size
-    return width * height * 4
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        per_pixel = _BYTES_PER_PIXEL_WIDE
+    elif "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        per_pixel = _BYTES_PER_PIXEL_WITH_ALPHA
+    else:
+        per_pixel = _BYTES_PER_PIXEL.get(image.mode, 8)
+    return width * height * per_pixel
 
 
 def _describe(exc: Exception) -> str:
@@ -246,7 +266,7 @@ class _DecodeFn(ThreadPoolDoFn):
 
     def setup(self):
         super().setup()
-        self._pixel_budget = ByteBudget(self._buffer_bytes, counted_in=PROCESS_BYTES)
+        self._hold_pixels = functools.partial(PIXEL_BYTES.hold, limit=self._buffer_bytes)
 
     def cost(self, element) -> int:
         return len(element[1])
@@ -254,7 +274,7 @@ class _DecodeFn(ThreadPoolDoFn):
     def work(self, element) -> list:
         image_file, data = element
         try:
-            image = decode_image(data, self._size, self._max_pixels, self._pixel_budget)
+            image = decode_image(data, self._size, self._max_pixels, self._hold_pixels)
         except Exception as exc:  # every input ends in exactly one row, whatever the decoder throws
             error_type = exc.error_type if isinstance(exc, DecodeError) else type(exc).__name__
             return [

@@ -4,7 +4,7 @@ Patterns are Beam globs (``*``, ``**``), local or on any Beam filesystem; a
 bare directory means every file under it, recursively. A list file holds one
 URI a line (or a CSV whose first field is the URI). Each file is read once
 even when several patterns or list lines name it: URIs (never file contents)
-are grouped, which is also the one fusion break of the read, spreading the
+are grouped, which is also a fusion break before the read, spreading the
 reads over workers.
 
 Matching yields ``ImageFile`` records (URI, size, modification time); a listed

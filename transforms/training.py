@@ -76,7 +76,16 @@ def dataset_fingerprint(prefix: str, labels: list[str], stats: dict[str, Any]) -
 
 
 def make_dataset(
-    files, image_size, input_size, num_classes, batch_size, training, augment=(), seed=0, count=None
+    files,
+    image_size,
+    input_size,
+    num_classes,
+    batch_size,
+    training,
+    augment=(),
+    seed=0,
+    count=None,
+    shuffle_buffer=10_000,
 ):
     """tf.data pipeline: parallel reads and parsing, shuffling, augmentation, batching, prefetch.
 
@@ -90,7 +99,7 @@ def make_dataset(
     if count is not None:  # known length: Keras ends each pass cleanly instead of running out of data
         ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if training:
-        ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.map(lambda s: parse_example(s, image_size), num_parallel_calls=autotune)
     if input_size != image_size:
         ds = ds.map(
@@ -210,7 +219,7 @@ class CalibrateBatchNorm(keras.callbacks.Callback):
         super().__init__()
         self._dataset = dataset
         self._batches = batches
-        self._forward = None
+        self._forwards = {}  # one traced forward pass per set of layers calibrated
 
     def on_test_begin(self, logs=None):
         self.calibrate()
@@ -232,18 +241,22 @@ class CalibrateBatchNorm(keras.callbacks.Callback):
         try:
             for layer in layers:  # each forward pass leaves exactly its batch's statistics
                 layer.momentum = 0.0
-            if self._forward is None:  # traced once, with momentum 0 (the train step keeps its own)
-                self._forward = tf.function(lambda images: self.model(images, training=True))
+            key = tuple(id(layer) for layer in layers)  # traced with these layers trainable, momentum 0
+            if key not in self._forwards:  # (the train step was traced before, with its own momentum)
+                self._forwards[key] = tf.function(lambda images: self.model(images, training=True))
+            forward = self._forwards[key]
             sums = [
                 [np.zeros(layer.moving_mean.shape), np.zeros(layer.moving_variance.shape)] for layer in layers
             ]
             batches = 0
             for images, _ in self._dataset.take(self._batches):
-                self._forward(images)
+                forward(images)
                 for total, layer in zip(sums, layers, strict=True):
                     total[0] += keras.ops.convert_to_numpy(layer.moving_mean)
                     total[1] += keras.ops.convert_to_numpy(layer.moving_variance)
                 batches += 1
+            if not batches:
+                return  # no training batch: the statistics stay as they were
             for (mean, variance), layer in zip(sums, layers, strict=True):
                 layer.moving_mean.assign(mean / batches)
                 layer.moving_variance.assign(variance / batches)

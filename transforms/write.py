@@ -35,9 +35,9 @@ def build_summary(
     model: dict[str, Any],
     top_labels: list[tuple[str, int]],
     output: str,
-    unmatched_patterns: list[str] = (),
+    unmatched: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The content of summary.json. ``unmatched_patterns``: --input patterns that matched no file."""
+    """The content of summary.json. ``unmatched``: --input patterns that matched no file."""
     return {
         "inputs": inputs,
         "results": results,
@@ -47,7 +47,7 @@ def build_summary(
         "images_per_second": round(inputs / seconds, 2) if seconds > 0 else None,
         "model": model,
         "top_labels": [{"label": label, "count": count} for label, count in top_labels],
-        "unmatched_patterns": list(unmatched_patterns),
+        "unmatched_patterns": list(unmatched or []),
         "output": output,
     }
 
