@@ -51,6 +51,7 @@ EXTRAS_REQUIRE = {
         "scikit-image>=0.26.0",
         "ruff>=0.17.0",
         "pandas>=2.2",
+        "duckdb>=2.0",  # the README's one-table query over incremental runs is tested
     ],
     # beamvision demo: its data, scikit-learn's handwritten digits.
     "demo": ["scikit-learn>=1.9.0"],

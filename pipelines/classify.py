@@ -3,8 +3,11 @@
     beamvision classify --input 'gs://bucket/photos/**' --model gs://bucket/models/mnv2 \\
         --output gs://bucket/runs/2026-11-28 [--runner DataflowRunner ...]
 
-ReadImages -> DecodeImages -> ClassifyImages -> WriteResults (see
-docs/architecture.md). The model artifact is validated before any work starts;
+MatchInputs -> LookUpFiles -> [SkipClassified] -> ReadFiles -> DecodeImages
+-> ClassifyImages -> WriteResults (see docs/architecture.md). With
+``--incremental``, OUTPUT holds one ``run=ID`` partition per run and files
+that an earlier completed run classified, unchanged since, are skipped (see
+``beamvision.transforms.incremental``). The model artifact is validated before any work starts;
 every input ends as a result row or an error row, and summary.json (printed at
 the end) counts both.
 """
@@ -22,9 +25,11 @@ from apache_beam.runners.runner import PipelineResult
 from beamvision import storage
 from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines import options
+from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
+from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id, run_dir
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages
-from beamvision.transforms.read import ReadImages
+from beamvision.transforms.read import LookUpFiles, MatchInputs, ReadFiles
 from beamvision.transforms.write import (
     ERRORS_PREFIX,
     RESULTS_PREFIX,
@@ -37,9 +42,20 @@ from beamvision.transforms.write import (
 OUTPUTS = [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE]
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, manifest: Manifest) -> None:
-    """Adds the classify steps for ``config`` to ``pipeline``."""
-    read = pipeline | "ReadImages" >> ReadImages(list(config.inputs), config.input_list, config.buffer_mb)
+def build_pipeline(
+    pipeline: beam.Pipeline, config: options.ClassifyConfig, manifest: Manifest, earlier_runs: list[str] = ()
+) -> None:
+    """Adds the classify steps for ``config`` to ``pipeline``, writing to ``config.output``.
+
+    ``earlier_runs``: completed runs whose final rows make a file skipped (``--incremental``).
+    """
+    matched = pipeline | "MatchInputs" >> MatchInputs(list(config.inputs), config.input_list)
+    found = matched["files"] | "LookUpFiles" >> LookUpFiles()
+    to_read, skipped = found["files"], None
+    if earlier_runs:
+        skip = to_read | "SkipClassified" >> SkipClassified(list(earlier_runs))
+        to_read, skipped = skip["files"], skip["skipped"]
+    read = to_read | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
     decoded = read["files"] | "DecodeImages" >> DecodeImages(
         manifest.input_size, config.max_pixels, config.buffer_mb
     )
@@ -47,7 +63,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, mani
     classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
         handler, manifest.name, manifest.version
     )
-    errors = (read["errors"], decoded["errors"], classified["errors"]) | "AllErrors" >> beam.Flatten()
+    errors = (found["errors"], read["errors"], decoded["errors"], classified["errors"]) | "AllErrors" >> (
+        beam.Flatten()
+    )
     model = {
         "name": manifest.name,
         "version": manifest.version,
@@ -57,9 +75,11 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.ClassifyConfig, mani
     written = {
         "results": classified["results"],
         "errors": errors,
-        "inputs": read["inputs"],
-        "patterns": read["patterns"],
+        "inputs": matched["inputs"],
+        "patterns": matched["patterns"],
     }
+    if skipped is not None:
+        written["skipped"] = skipped
     _ = written | "WriteResults" >> WriteResults(
         config.output, config.embeddings, model, started_at=time.time()
     )
@@ -85,8 +105,13 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     elif config.top_k > manifest.num_classes:
         raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
+    earlier = []
+    if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
+        root = config.output
+        config = dataclasses.replace(config, output=run_dir(root, config.run_id or default_run_id()))
+        earlier = completed_runs(root, manifest.name, manifest.version)
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config, manifest)  # before any deletion: building can still fail
+    build_pipeline(pipeline, config, manifest, earlier)  # before any deletion: building can still fail
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
     options.claim_output(config.output, OUTPUTS, config.overwrite, "results")
@@ -95,7 +120,9 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_text(summary_uri))
-        if summary["inputs"] == 0:  # leave no empty run behind, so the corrected rerun is not refused
+        if (
+            summary["inputs"] == 0 and not config.incremental
+        ):  # leave no empty run behind, so the corrected rerun is not refused
             options.claim_output(config.output, OUTPUTS, True, "results")
             raise options.UsageError(f"{_inputs_flags(config)}: matched no file; nothing was classified")
         print(format_summary(summary))

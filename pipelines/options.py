@@ -26,6 +26,7 @@ from beamvision.models.artifact import MANIFEST_FILE
 from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
+from beamvision.transforms.incremental import RUN_ID_PATTERN
 
 
 class UsageError(Exception):
@@ -72,6 +73,15 @@ def _add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
 
 
 positive_int = _checked_number(int, lambda v: v >= 1, "a positive integer")
+
+
+def run_id(text: str) -> str:
+    """A run's partition name: letters, digits and . _ : - (it becomes a path segment)."""
+    if not RUN_ID_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '_', ':' or '-', received {text!r}")
+    return text
+
+
 fraction = _checked_number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
 non_negative_float = _checked_number(float, lambda v: v >= 0.0, "a non-negative number")
 
@@ -279,6 +289,18 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
     _add_decode_arguments(parser)
+    _add_switch(
+        parser,
+        "--incremental",
+        "write to OUTPUT/run=ID/ and skip files an earlier completed run under OUTPUT classified "
+        "with the same model name and version, unchanged since",
+    )
+    parser.add_argument(
+        "--run_id",
+        type=run_id,
+        metavar="ID",
+        help="with --incremental: the run's partition name (default: the UTC start time, 20261128T031500Z)",
+    )
     _add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
 
 
@@ -293,12 +315,16 @@ class ClassifyConfig:
     embeddings: bool
     max_pixels: int
     buffer_mb: int
+    incremental: bool
+    run_id: str | None
     overwrite: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClassifyConfig:
         if not args.input and not args.input_list:
             raise UsageError("give at least one --input PATTERN or an --input_list FILE")
+        if args.run_id and not args.incremental:
+            raise UsageError(f"--run_id {args.run_id}: only with --incremental (it names OUTPUT/run=ID)")
         _check_file_exists("--input_list", args.input_list)
         return cls(
             tuple(args.input),
@@ -310,6 +336,8 @@ class ClassifyConfig:
             args.embeddings,
             args.max_pixels,
             args.buffer_mb,
+            args.incremental,
+            args.run_id,
             args.overwrite,
         )
 

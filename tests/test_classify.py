@@ -127,6 +127,8 @@ def test_each_corpus_file_has_the_expected_row(one_worker_run):
             row = results.loc[uri]
             assert (row.width, row.height, row.format) == (outcome.width, outcome.height, outcome.format), uri
             assert (row.model_name, row.model_version) == ("corpus", "1")
+            assert row.file_size == os.path.getsize(uri), uri
+            assert abs(row.file_modified.timestamp() - os.path.getmtime(uri)) < 1e-5, uri
 
 
 def test_results_equal_model_predict_on_the_same_pixels(one_worker_run, model_dir):
@@ -174,13 +176,23 @@ def test_output_schema(one_worker_run):
         ("width", "int32"),
         ("height", "int32"),
         ("format", "string"),
+        ("file_size", "int64"),
+        ("file_modified", "timestamp[us, tz=UTC]"),
         ("model_name", "string"),
         ("model_version", "string"),
         ("processed_at", "timestamp[us, tz=UTC]"),
         ("embedding", "list<item: float>"),
     ]
     errors = pq.read_schema(sorted(glob.glob(os.path.join(output, "errors-*-of-*.parquet")))[0])
-    assert errors.names == ["image_uri", "stage", "error_type", "message", "processed_at"]
+    assert errors.names == [
+        "image_uri",
+        "stage",
+        "error_type",
+        "message",
+        "file_size",
+        "file_modified",
+        "processed_at",
+    ]
 
 
 @pytest.mark.slow
@@ -269,7 +281,7 @@ def test_dataflow_job_graph_builds(model_dir, gcs_bucket, capsys):
     )
     assert "dry run: built the DataflowRunner job graph" in capsys.readouterr().out
     names = {t.unique_name for t in result.job.proto_pipeline.components.transforms.values()}
-    for step in ("ReadImages", "DecodeImages", "ClassifyImages", "WriteResults"):
+    for step in ("MatchInputs", "LookUpFiles", "ReadFiles", "DecodeImages", "ClassifyImages", "WriteResults"):
         assert step in names
 
 

@@ -129,6 +129,8 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
         "embeddings": "true",
         "max_pixels": "50000000",
         "buffer_mb": "64",
+        "incremental": "true",
+        "run_id": "flex-1",
         "overwrite": "false",
     }
     with open(os.path.join(DEPLOY, "metadata.json")) as f:
@@ -141,15 +143,14 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
     ran = _launch(*(f"--{name}={value}" for name, value in values.items()))
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert f"classified {count} of {count} images" in ran.stdout
-    results = pd.concat(
-        pd.read_parquet(os.path.join(work, "out", n))
-        for n in os.listdir(work / "out")
-        if n.startswith("results-")
-    )
+    run = work / "out" / "run=flex-1"
+    results = pd.concat(pd.read_parquet(run / n) for n in os.listdir(run) if n.startswith("results-"))
     assert len(results) == count and {len(x) for x in results.top_k_labels} == {2}
     assert len(results.embedding.iloc[0]) > 0
-    again = _launch(*(f"--{name}={value}" for name, value in {**values, "overwrite": "True"}.items()))
+    # The next night's launch, same parameters but its own run: nothing new, everything skipped.
+    again = _launch(*(f"--{name}={value}" for name, value in {**values, "run_id": "flex-2"}.items()))
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"classified 0 of {count} images, 0 errors, {count} skipped" in again.stdout
 
 
 @pytest.mark.slow
@@ -167,3 +168,46 @@ def test_flex_entry_point_builds_the_dataflow_job_graph(flex_inputs):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "dry run: built the DataflowRunner job graph" in ran.stdout
+
+
+def _metadata_parameters() -> dict[str, dict]:
+    with open(os.path.join(DEPLOY, "metadata.json")) as f:
+        return {p["name"]: p for p in json.load(f)["parameters"]}
+
+
+def test_the_scheduler_launch_body_uses_only_template_parameters():
+    """deploy/launch-request.json is POSTed to flexTemplates:launch as is, every night."""
+    with open(os.path.join(DEPLOY, "launch-request.json")) as f:
+        launch = json.load(f)["launchParameter"]
+    known = _metadata_parameters()
+    template_parameters = {k: v for k, v in launch["parameters"].items() if k != "sdk_container_image"}
+    assert set(template_parameters) <= set(known)
+    assert {name for name, p in known.items() if not p.get("isOptional")} <= set(template_parameters)
+    assert template_parameters["incremental"] == "true" and "run_id" not in template_parameters
+    assert all(isinstance(v, str) for v in launch["parameters"].values())  # the API takes strings
+    assert launch["containerSpecGcsPath"].startswith("gs://") and launch["environment"]["tempLocation"]
+    from beamvision.pipelines import options
+
+    argv = [f"--{k}={v}" for k, v in template_parameters.items()]
+    args, _ = options.parse_pipeline_args("t", "t", add_classify_arguments, argv)
+    assert args.incremental is True and args.output == "gs://BUCKET/catalog"
+
+
+def test_the_airflow_dag_uses_only_template_parameters():
+    """Checked statically: apache-airflow is far too heavy for the test extra."""
+    import ast
+
+    with open(os.path.join(DEPLOY, "airflow_dag.py")) as f:
+        tree = ast.parse(f.read())
+    assignment = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "PARAMETERS"
+    )
+    parameters = ast.literal_eval(assignment.value)
+    known = _metadata_parameters()
+    assert set(parameters) <= set(known)
+    assert {name for name, p in known.items() if not p.get("isOptional")} <= set(parameters)
+    assert parameters["incremental"] == "true"
+    calls = [n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert "DataflowStartFlexTemplateOperator" in calls

@@ -247,6 +247,8 @@ class ImageKey:
     height: int
     format: str
     label: str | None = None  # the class prepare gives the file (ImageFile.label)
+    size_bytes: int | None = None  # the file's size and modification time (ImageFile)
+    modified: float | None = None
 
 
 class _DecodeFn(ThreadPoolDoFn):
@@ -279,8 +281,24 @@ class _DecodeFn(ThreadPoolDoFn):
             error_type = exc.error_type if isinstance(exc, DecodeError) else type(exc).__name__
             return [
                 beam.pvalue.TaggedOutput(
-                    ERRORS_TAG, error_row(image_file.uri, "decode", error_type, str(exc))
+                    ERRORS_TAG,
+                    error_row(
+                        image_file.uri,
+                        "decode",
+                        error_type,
+                        str(exc),
+                        image_file.size_bytes,
+                        image_file.modified,
+                    ),
                 )
             ]
-        key = ImageKey(image_file.uri, image.width, image.height, image.format, image_file.label)
+        key = ImageKey(
+            image_file.uri,
+            image.width,
+            image.height,
+            image.format,
+            image_file.label,
+            image_file.size_bytes,
+            image_file.modified,
+        )
         return [(key, image.pixels)]

@@ -27,7 +27,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, utc_now
+from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _failed_batch_rows(failure):
     batch, exc = failure
     error_type, message = _describe(exc)
     for key, _pixels in batch:
-        yield error_row(key.uri, "inference", error_type, message)
+        yield error_row(key.uri, "inference", error_type, message, key.size_bytes, key.modified)
 
 
 def _describe(exc) -> tuple[str, str]:
@@ -187,6 +187,7 @@ class _FormatResultFn(beam.DoFn):
             "width": key.width,
             "height": key.height,
             "format": key.format,
+            **file_identity(key.size_bytes, key.modified),
             "model_name": self._model_name,
             "model_version": self._model_version,
             "processed_at": utc_now(),

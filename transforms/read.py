@@ -1,4 +1,4 @@
-"""``MatchInputs`` and ``ReadFiles`` (together ``ReadImages``): inputs to (ImageFile, bytes).
+"""``MatchInputs``, ``LookUpFiles`` and ``ReadFiles``: input patterns and lists to (ImageFile, bytes).
 
 Patterns are Beam globs (``*``, ``**``), local or on any Beam filesystem; a
 bare directory means every file under it, recursively. A list file holds one
@@ -113,11 +113,23 @@ class MatchInputs(beam.PTransform):
         }
 
 
-class ReadFiles(beam.PTransform):
-    """``ImageFile`` to (ImageFile, bytes): looks up what is not yet known, then reads.
+class LookUpFiles(beam.PTransform):
+    """``ImageFile`` to the same with its size and modification time, looked up where not yet known.
 
     Returns a dict of PCollections: ``files`` and ``errors`` (error rows of
-    stage ``read`` for files that are missing or cannot be read).
+    stage ``read`` for files that are missing or cannot be looked up).
+    """
+
+    def expand(self, files):
+        found = files | "LookUp" >> beam.ParDo(_LookUpFn()).with_outputs(ERRORS_TAG, main="files")
+        return {"files": found.files, "errors": found[ERRORS_TAG]}
+
+
+class ReadFiles(beam.PTransform):
+    """Looked-up ``ImageFile`` to (ImageFile, bytes), within ``buffer_bytes`` (see the module).
+
+    Returns a dict of PCollections: ``files`` and ``errors`` (error rows of
+    stage ``read`` for files that cannot be read).
     """
 
     def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_MB * MB):
@@ -125,36 +137,10 @@ class ReadFiles(beam.PTransform):
         self._buffer_bytes = buffer_bytes
 
     def expand(self, files):
-        found = files | "LookUp" >> beam.ParDo(_LookUpFn()).with_outputs(ERRORS_TAG, main="files")
-        read = found.files | "Read" >> beam.ParDo(_ReadFileFn(self._buffer_bytes)).with_outputs(
+        read = files | "Read" >> beam.ParDo(_ReadFileFn(self._buffer_bytes)).with_outputs(
             ERRORS_TAG, main="files"
         )
-        errors = (found[ERRORS_TAG], read[ERRORS_TAG]) | "ReadErrors" >> beam.Flatten()
-        return {"files": read.files, "errors": errors}
-
-
-class ReadImages(beam.PTransform):
-    """``MatchInputs`` then ``ReadFiles``: returns ``files``, ``inputs``, ``patterns`` and ``errors``."""
-
-    def __init__(
-        self,
-        patterns: list[str],
-        input_list: str | None = None,
-        buffer_mb: int = DEFAULT_BUFFER_MB,
-    ):
-        super().__init__()
-        self._match = MatchInputs(patterns, input_list)
-        self._read = ReadFiles(buffer_mb * MB)
-
-    def expand(self, pbegin):
-        matched = pbegin | "MatchInputs" >> self._match
-        read = matched["files"] | "ReadFiles" >> self._read
-        return {
-            "files": read["files"],
-            "inputs": matched["inputs"],
-            "patterns": matched["patterns"],
-            "errors": read["errors"],
-        }
+        return {"files": read.files, "errors": read[ERRORS_TAG]}
 
 
 def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list[str]:
@@ -234,7 +220,7 @@ class _LookUpFn(ThreadPoolDoFn):
         try:
             found = _image_file(_metadata(image_file.uri))
         except Exception as exc:  # Every storage failure becomes an error row.
-            return [_read_error(image_file.uri, exc)]
+            return [_read_error(image_file, exc)]
         return [dataclasses.replace(found, uri=image_file.uri, label=image_file.label)]
 
 
@@ -263,9 +249,12 @@ class _ReadFileFn(ThreadPoolDoFn):
             with FileSystems.open(image_file.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
         except Exception as exc:  # Every storage failure becomes an error row.
-            return [_read_error(image_file.uri, exc)]
+            return [_read_error(image_file, exc)]
         return [(image_file, data)]
 
 
-def _read_error(uri: str, exc: Exception):
-    return beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, "read", type(exc).__name__, str(exc)))
+def _read_error(image_file: ImageFile, exc: Exception):
+    row = error_row(
+        image_file.uri, "read", type(exc).__name__, str(exc), image_file.size_bytes, image_file.modified
+    )
+    return beam.pvalue.TaggedOutput(ERRORS_TAG, row)

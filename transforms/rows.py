@@ -19,6 +19,11 @@ ERRORS_TAG = "errors"  # tagged output of every step that can fail on an input
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
+# The version of the input file a row is about: an incremental run skips a file
+# whose size and modification time (on Cloud Storage, its generation's time)
+# are those of an earlier row. Null where the file could not be looked up.
+FILE_FIELDS = [pa.field("file_size", pa.int64()), pa.field("file_modified", _TIMESTAMP)]
+
 RESULT_FIELDS = [
     pa.field("image_uri", pa.string(), nullable=False),
     pa.field("label", pa.string(), nullable=False),
@@ -28,6 +33,7 @@ RESULT_FIELDS = [
     pa.field("width", pa.int32(), nullable=False),
     pa.field("height", pa.int32(), nullable=False),
     pa.field("format", pa.string(), nullable=False),
+    *FILE_FIELDS,
     pa.field("model_name", pa.string(), nullable=False),
     pa.field("model_version", pa.string(), nullable=False),
     pa.field("processed_at", _TIMESTAMP, nullable=False),
@@ -40,6 +46,7 @@ ERROR_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        *FILE_FIELDS,
         pa.field("processed_at", _TIMESTAMP, nullable=False),
     ]
 )
@@ -54,12 +61,30 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def error_row(uri: str, stage: str, error_type: str, message: str) -> dict[str, Any]:
+def file_identity(size_bytes: int | None, modified: float | None) -> dict[str, Any]:
+    """The FILE_FIELDS of a row, from a file's size and modification time (seconds since epoch)."""
+    return {
+        "file_size": size_bytes,
+        "file_modified": None
+        if modified is None
+        else datetime.datetime.fromtimestamp(modified, datetime.timezone.utc),
+    }
+
+
+def error_row(
+    uri: str,
+    stage: str,
+    error_type: str,
+    message: str,
+    size_bytes: int | None = None,
+    modified: float | None = None,
+) -> dict[str, Any]:
     """One row of the errors output. ``stage`` is read, decode, label or inference."""
     return {
         "image_uri": uri,
         "stage": stage,
         "error_type": error_type,
         "message": message[:2000],
+        **file_identity(size_bytes, modified),
         "processed_at": utc_now(),
     }

@@ -31,6 +31,7 @@ def build_summary(
     inputs: int,
     results: int,
     errors: int,
+    skipped: int,
     seconds: float,
     model: dict[str, Any],
     top_labels: list[tuple[str, int]],
@@ -42,7 +43,8 @@ def build_summary(
         "inputs": inputs,
         "results": results,
         "errors": errors,
-        "complete": inputs == results + errors,
+        "skipped": skipped,
+        "complete": inputs == results + errors + skipped,
         "seconds": round(seconds, 3),
         "images_per_second": round(inputs / seconds, 2) if seconds > 0 else None,
         "model": model,
@@ -55,13 +57,16 @@ def build_summary(
 def format_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines for the end of a run."""
     labels = ", ".join(f"{x['label']} ({x['count']})" for x in summary["top_labels"][:5]) or "none"
-    status = "" if summary["complete"] else "  WARNING: inputs != results + errors"
+    status = "" if summary["complete"] else "  WARNING: inputs != results + errors + skipped"
+    skipped = (
+        f", {summary['skipped']:,} skipped (classified by an earlier run)" if summary.get("skipped") else ""
+    )
     unmatched = [f"WARNING: --input {p} matched no file" for p in summary.get("unmatched_patterns", [])]
     return "\n".join(
         [
             *unmatched,
             f"classified {summary['results']:,} of {summary['inputs']:,} images, "
-            f"{summary['errors']:,} errors, in {summary['seconds']:.1f}s "
+            f"{summary['errors']:,} errors{skipped}, in {summary['seconds']:.1f}s "
             f"({summary['images_per_second'] or 0:.1f} images/s){status}",
             f"model: {summary['model']['name']} version {summary['model']['version']}",
             f"top labels: {labels}",
@@ -88,7 +93,8 @@ class WriteResults(beam.PTransform):
 
     Input: a dict with PCollections ``results`` and ``errors`` (row dicts),
     ``inputs`` (one element per input file, counted for the summary) and
-    ``patterns`` ((pattern, files matched) from ``MatchInputs``).
+    ``patterns`` ((pattern, files matched) from ``MatchInputs``) and, in an
+    incremental run, ``skipped`` (files an earlier run classified).
     """
 
     def __init__(self, output: str, embeddings: bool, model: dict[str, Any], started_at: float):
@@ -100,6 +106,10 @@ class WriteResults(beam.PTransform):
 
     def expand(self, pcolls):
         results, errors, inputs = pcolls["results"], pcolls["errors"], pcolls["inputs"]
+        if "skipped" in pcolls:
+            skipped = pcolls["skipped"]
+        else:
+            skipped = inputs.pipeline | "NothingSkipped" >> beam.Create([])
         written_results = results | "WriteResultShards" >> beam.io.WriteToParquet(
             storage.join(self._output, RESULTS_PREFIX),
             result_schema(self._embeddings),
@@ -122,6 +132,7 @@ class WriteResults(beam.PTransform):
                 inputs=beam.pvalue.AsSingleton(inputs | "CountInputs" >> count.Globally()),
                 results=beam.pvalue.AsSingleton(results | "CountResults" >> count.Globally()),
                 errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
+                skipped=beam.pvalue.AsSingleton(skipped | "CountSkipped" >> count.Globally()),
                 top_labels=beam.pvalue.AsSingleton(top_labels),
                 patterns=beam.pvalue.AsList(pcolls["patterns"]),
                 # Side inputs are complete before the step runs: the summary
@@ -138,12 +149,13 @@ class _WriteSummaryFn(beam.DoFn):
         self._model = model
         self._started_at = started_at
 
-    def process(self, _, inputs, results, errors, top_labels, patterns, result_files, error_files):
+    def process(self, _, inputs, results, errors, skipped, top_labels, patterns, result_files, error_files):
         seconds = time.time() - self._started_at
         summary = build_summary(
             inputs,
             results,
             errors,
+            skipped,
             seconds,
             self._model,
             top_labels,

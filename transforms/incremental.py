@@ -1,0 +1,121 @@
+"""Incremental classification: runs under one ROOT, each skipping what earlier runs classified.
+
+    ROOT/run=<ID>/results-*.parquet, errors-*.parquet, summary.json   (Hive-partitioned by run)
+
+A run is *completed* when its summary.json exists (written last). A file is
+skipped when a completed run with the same model name and version has a row
+for it with the same size and modification time (on Cloud Storage, the time
+of its current generation: rewriting an object makes a new one):
+
+- a result row: the file was classified;
+- an error row of stage ``decode``: the same bytes would fail the same way.
+
+Error rows of stage ``read`` (storage trouble) and ``inference`` (a worker
+failure) are retried by the next run. Earlier rows are joined with the
+matched files by URI (``CoGroupByKey``), reading three or four columns of the
+earlier runs' Parquet: no run's rows are ever loaded whole into a worker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from beamvision import storage
+from beamvision.transforms.read import ImageFile
+from beamvision.transforms.rows import METRICS_NAMESPACE, file_identity
+
+RUN_PARTITION = "run"
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+# Error stages whose rows mean "the same file fails again": skipped like results.
+FINAL_ERROR_STAGES = ("decode",)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def default_run_id(now: datetime.datetime | None = None) -> str:
+    """The run's start in UTC, sortable as text: ``20261128T031500Z``."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def run_dir(root: str, run_id: str) -> str:
+    return storage.join(root, f"{RUN_PARTITION}={run_id}")
+
+
+def completed_runs(root: str, model_name: str, model_version: str) -> list[str]:
+    """Directories of the runs under ``root`` that completed with this model name and version."""
+    pattern = storage.join(root, f"{RUN_PARTITION}=*", "summary.json")
+    matches = FileSystems.match([pattern])[0].metadata_list
+    runs = []
+    for match in sorted(m.path for m in matches):
+        summary = json.loads(storage.read_text(match))
+        model = summary.get("model", {})
+        if (model.get("name"), model.get("version")) == (model_name, model_version):
+            runs.append(match.rsplit("/", 1)[0])
+    return runs
+
+
+def file_version(size_bytes: int | None, modified) -> tuple[int, int] | None:
+    """(size, modification time in microseconds) of a file or of a row; None if either is unknown."""
+    if size_bytes is None or modified is None:
+        return None
+    if not isinstance(modified, datetime.datetime):  # seconds, converted as result rows convert them
+        modified = file_identity(size_bytes, modified)["file_modified"]
+    return int(size_bytes), (modified - _EPOCH) // datetime.timedelta(microseconds=1)
+
+
+class SkipClassified(beam.PTransform):
+    """Looked-up ``ImageFile``s to those no earlier run in ``runs`` has final rows for.
+
+    Returns a dict of PCollections: ``files`` (to classify) and ``skipped``.
+    """
+
+    def __init__(self, runs: list[str]):
+        super().__init__()
+        self._runs = list(runs)
+
+    def expand(self, files):
+        pipeline = files.pipeline
+        results = (
+            pipeline
+            | "ResultShards" >> beam.Create([storage.join(r, "results-*.parquet") for r in self._runs])
+            | "ReadResults" >> beam.io.ReadAllFromParquet(columns=["image_uri", "file_size", "file_modified"])
+        )
+        errors = (
+            pipeline
+            | "ErrorShards" >> beam.Create([storage.join(r, "errors-*.parquet") for r in self._runs])
+            | "ReadErrors"
+            >> beam.io.ReadAllFromParquet(columns=["image_uri", "stage", "file_size", "file_modified"])
+            | "FinalErrors" >> beam.Filter(lambda row: row["stage"] in FINAL_ERROR_STAGES)
+        )
+        earlier = (
+            (results, errors)
+            | "EarlierRows" >> beam.Flatten()
+            | "KeyEarlier"
+            >> beam.Map(lambda row: (row["image_uri"], file_version(row["file_size"], row["file_modified"])))
+        )
+        now = files | "KeyFiles" >> beam.Map(lambda f: (f.uri, f))
+        joined = {"now": now, "before": earlier} | "JoinByUri" >> beam.CoGroupByKey()
+        split = joined | "Skip" >> beam.ParDo(_SkipFn()).with_outputs("skipped", main="files")
+        return {"files": split.files, "skipped": split.skipped}
+
+
+class _SkipFn(beam.DoFn):
+    def __init__(self):
+        self._skipped = Metrics.counter(METRICS_NAMESPACE, "images_skipped")
+
+    def process(self, element):
+        _uri, grouped = element
+        versions = {v for v in grouped["before"] if v is not None}
+        for image_file in grouped["now"]:
+            image_file: ImageFile
+            if file_version(image_file.size_bytes, image_file.modified) in versions:
+                self._skipped.inc()
+                yield beam.pvalue.TaggedOutput("skipped", image_file)
+            else:
+                yield image_file
