@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/throughput.py --images 800
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/incremental.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

@@ -96,3 +96,15 @@ def make_tiff_scans(directory: str, count: int, side: int) -> list[str]:
         if not os.path.exists(path):
             photos[i % len(photos)].resize((side, side), Image.BILINEAR).save(path, "TIFF")
     return paths
+
+
+BEAMVISION = [sys.executable, "-m", "beamvision"]
+
+
+def random_model(workdir: str) -> str:
+    """A mobilenet_v2 artifact at 224 with random weights (name bench, version 1) under ``workdir``."""
+    model = os.path.join(workdir, "model")
+    if not os.path.exists(os.path.join(model, "manifest.json")):
+        args = ["export", "--architecture", "mobilenet_v2", "--weights", "none", "--output", model]
+        run_process([*BEAMVISION, *args, "--name", "bench", "--version", "1"])
+    return model

@@ -27,19 +27,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import ProcessRun, make_jpegs, make_tiff_scans, run_process  # noqa: E402
+from common import BEAMVISION, ProcessRun, make_jpegs, make_tiff_scans, random_model, run_process  # noqa: E402
 
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB  # noqa: E402
-
-BEAMVISION = [sys.executable, "-m", "beamvision"]
-
-
-def _model(workdir: str) -> str:
-    model = os.path.join(workdir, "model")
-    if not os.path.exists(os.path.join(model, "manifest.json")):
-        args = ["export", "--architecture", "mobilenet_v2", "--weights", "none", "--output", model]
-        run_process([*BEAMVISION, *args])
-    return model
 
 
 def _listing(workdir: str, name: str, paths: list[str]) -> str:
@@ -52,7 +42,7 @@ def _listing(workdir: str, name: str, paths: list[str]) -> str:
 def _classify(workdir: str, name: str, paths: list[str], *extra: str) -> ProcessRun:
     output = os.path.join(workdir, f"out_{name}")
     listing = _listing(workdir, name, paths)
-    args = ["classify", "--input_list", listing, "--model", _model(workdir), "--output", output]
+    args = ["classify", "--input_list", listing, "--model", random_model(workdir), "--output", output]
     return run_process([*BEAMVISION, *args, "--overwrite", *extra])
 
 

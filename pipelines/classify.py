@@ -49,7 +49,9 @@ def build_pipeline(
 
     ``earlier_runs``: completed runs whose final rows make a file skipped (``--incremental``).
     """
-    matched = pipeline | "MatchInputs" >> MatchInputs(list(config.inputs), config.input_list)
+    matched = pipeline | "MatchInputs" >> MatchInputs(
+        list(config.inputs), config.input_list, config.input_list_column
+    )
     found = matched["files"] | "LookUpFiles" >> LookUpFiles()
     to_read, skipped = found["files"], None
     if earlier_runs:

@@ -27,6 +27,7 @@ from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 from beamvision.transforms.incremental import RUN_ID_PATTERN
+from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
 
 
 class UsageError(Exception):
@@ -157,6 +158,22 @@ def _check_file_exists(flag: str, uri: str | None) -> None:
         raise UsageError(f"{flag} {uri}: no such file")
 
 
+def _check_list_column(input_list: str | None, column: str | None) -> str:
+    """The URI column of an inventory --input_list (default ``uri``), checked against its header."""
+    form = list_format(input_list) if input_list else None
+    if column is not None and form not in ("csv", "parquet"):
+        raise UsageError(f"--input_list_column {column}: only for a .csv or .parquet --input_list")
+    column = column or "uri"
+    try:
+        if form == "csv":
+            csv_column_index(input_list, column)
+        elif form == "parquet":
+            parquet_has_column(input_list, column)
+    except ValueError as exc:
+        raise UsageError(f"--input_list {input_list}: {exc}") from None
+    return column
+
+
 def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> None:
     """Refuses an ``--output`` that already holds a run's files, unless ``--overwrite``; then clears them.
 
@@ -269,7 +286,16 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATTERN",
         help="Beam glob (*, **), local or gs://; a bare directory means every file under it. Repeatable.",
     )
-    parser.add_argument("--input_list", metavar="FILE", help="text file of image URIs, one a line")
+    parser.add_argument(
+        "--input_list",
+        metavar="FILE",
+        help="image URIs: a text file, one a line, or an inventory .csv (with a header) or .parquet",
+    )
+    parser.add_argument(
+        "--input_list_column",
+        metavar="NAME",
+        help="the column of a .csv or .parquet --input_list that holds the URIs (default uri)",
+    )
     parser.add_argument(
         "--model", required=True, metavar="MODEL", help="model artifact directory, local or URI"
     )
@@ -308,6 +334,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
 class ClassifyConfig:
     inputs: tuple[str, ...]
     input_list: str | None
+    input_list_column: str
     model: str
     output: str
     top_k: int | None  # None: DEFAULT_TOP_K, or every class of a smaller model
@@ -326,9 +353,11 @@ class ClassifyConfig:
         if args.run_id and not args.incremental:
             raise UsageError(f"--run_id {args.run_id}: only with --incremental (it names OUTPUT/run=ID)")
         _check_file_exists("--input_list", args.input_list)
+        column = _check_list_column(args.input_list, args.input_list_column)
         return cls(
             tuple(args.input),
             args.input_list,
+            column,
             args.model,
             args.output,
             args.top_k,

@@ -92,7 +92,7 @@ def flex_inputs(photos, tmp_path_factory):
     images.mkdir()
     for i, photo in enumerate(photos):
         Image.fromarray(photo).save(images / f"photo_{i}.jpg", quality=90)
-    (work / "list.txt").write_text(f"{images / 'photo_0.jpg'}\n{images / 'photo_1.jpg'}\n")
+    (work / "list.csv").write_text(f"size,path\n1,{images / 'photo_0.jpg'}\n2,{images / 'photo_1.jpg'}\n")
     model = create_model("squeezenet", num_classes=4, input_size=32)
     labels = ["astronaut", "coffee", "cat", "rocket"]
     save_artifact(
@@ -121,7 +121,8 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
     work, count = flex_inputs
     values = {
         "input": f"{work}/photos/*.jpg",
-        "input_list": f"{work}/list.txt",
+        "input_list": f"{work}/list.csv",
+        "input_list_column": "path",
         "model": f"{work}/model",
         "output": f"{work}/out",
         "top_k": "2",

@@ -60,6 +60,7 @@ def _counts(summary: dict) -> tuple[int, int, int]:
     return summary["results"], summary["errors"], summary["skipped"]
 
 
+@pytest.mark.slow
 def test_nightly_runs_classify_only_what_is_new_or_changed(models, photos, tmp_path, capsys):
     images, root = str(tmp_path / "bucket"), str(tmp_path / "catalog")
     names = [f"photo_{i}.jpg" for i in range(6)]
@@ -123,3 +124,29 @@ def test_run_id_needs_incremental_and_a_safe_name(models, tmp_path, capsys):
     assert "--run_id x: only with --incremental" in capsys.readouterr().err
     assert main([*argv, "--incremental", "--run_id", "../x"]) == 2
     assert "argument --run_id: expected letters, digits" in capsys.readouterr().err
+
+
+def test_an_inventory_lists_the_inputs(models, photos, tmp_path, capsys):
+    """--input_list as a CSV or Parquet inventory: the URI column named by --input_list_column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"p{i}.jpg"
+        path.write_bytes(_jpeg(photos[i]))
+        paths.append(str(path))
+    (tmp_path / "inventory.csv").write_text(
+        "bucket,name,size\n" + "".join(f"b,{p},{os.path.getsize(p)}\n" for p in paths[:2])
+    )
+    pq.write_table(pa.table({"object": paths, "size": [1, 2, 3]}), tmp_path / "inventory.parquet")
+    for inventory, column, count in (("inventory.csv", "name", 2), ("inventory.parquet", "object", 3)):
+        output = str(tmp_path / f"out-{column}")
+        argv = ["classify", "--input_list", str(tmp_path / inventory), "--input_list_column", column]
+        assert main([*argv, "--model", models["1"], "--output", output]) == 0
+        assert f"classified {count} of {count} images" in capsys.readouterr().out
+    argv = ["classify", "--input_list", str(tmp_path / "inventory.csv"), "--model", models["1"]]
+    assert main([*argv, "--output", str(tmp_path / "o"), "--input_list_column", "uri"]) == 2
+    assert "--input_list " in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "o")]) == 2  # default column: uri
+    assert "its header has no column 'uri' (columns: bucket, name, size)" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 Patterns are Beam globs (``*``, ``**``), local or on any Beam filesystem; a
 bare directory means every file under it, recursively. A list file holds one
-URI a line (or a CSV whose first field is the URI). Each file is read once
+URI a line, or an inventory: a CSV or Parquet file whose column
+``--input_list_column`` holds the URIs (such as a Cloud Storage inventory
+report), read in parallel (splittable). Each file is read once
 even when several patterns or list lines name it: URIs (never file contents)
 are grouped, which is also a fusion break before the read, spreading the
 reads over workers.
@@ -75,18 +77,11 @@ class MatchInputs(beam.PTransform):
     be reported).
     """
 
-    def __init__(
-        self,
-        patterns: list[str],
-        input_list: str | None = None,
-        list_is_csv: bool = False,
-        list_root: str | None = None,
-    ):
+    def __init__(self, patterns: list[str], input_list: str | None = None, list_column: str = "uri"):
         super().__init__()
         self._patterns = list(patterns)
         self._input_list = input_list
-        self._list_is_csv = list_is_csv
-        self._list_root = list_root
+        self._list_column = list_column
 
     def expand(self, pbegin):
         candidates = []
@@ -97,12 +92,8 @@ class MatchInputs(beam.PTransform):
         )
         candidates.append(matched.files)
         if self._input_list:
-            candidates.append(
-                pbegin
-                | "ReadInputList" >> beam.io.ReadFromText(self._input_list)
-                | "ListedUris" >> beam.FlatMap(listed_uri, self._list_is_csv, self._list_root)
-                | "KeyListed" >> beam.Map(lambda uri: (uri, ImageFile(uri)))
-            )
+            listed = pbegin | "ReadInputList" >> _read_list(self._input_list, self._list_column)
+            candidates.append(listed | "KeyListed" >> beam.Map(lambda uri: (uri, ImageFile(uri))))
         unique = (
             candidates | "AllCandidates" >> beam.Flatten() | "OncePerUri" >> beam.CombinePerKey(_best_known)
         )
@@ -161,6 +152,59 @@ def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list
     if root and FileSystems.get_scheme(uri) is None and not os.path.isabs(uri):
         uri = FileSystems.join(root, uri)
     return [uri]
+
+
+def list_format(uri: str) -> str:
+    """How ``--input_list`` is read, from its name: ``parquet``, ``csv`` or ``text`` (one URI a line)."""
+    name = uri.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".csv", ".csv.gz")):
+        return "csv"
+    return "text"
+
+
+def csv_column_index(uri: str, column: str) -> int:
+    """The position of ``column`` in the header line of the CSV at ``uri``.
+
+    Raises:
+        ValueError: the header has no such column.
+    """
+    with FileSystems.open(uri) as f:  # only the first line is read, however large the inventory
+        header = f.readline().decode("utf-8-sig")
+    names = [name.strip() for name in next(csv.reader([header]), [])]
+    if column not in names:
+        raise ValueError(f"its header has no column {column!r} (columns: {', '.join(names)})")
+    return names.index(column)
+
+
+def parquet_has_column(uri: str, column: str) -> None:
+    """Raises ValueError when the Parquet file at ``uri`` has no ``column``."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(uri) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    if column not in names:
+        raise ValueError(f"it has no column {column!r} (columns: {', '.join(names)})")
+
+
+def _read_list(uri: str, column: str) -> beam.PTransform:
+    """A splittable read of the URIs an input list names (text lines, or a CSV or Parquet column)."""
+    form = list_format(uri)
+    if form == "parquet":
+        return beam.io.ReadFromParquet(uri, columns=[column]) | beam.FlatMap(
+            lambda row: [row[column]] if row[column] else []
+        )
+    if form == "csv":
+        index = csv_column_index(uri, column)
+        return beam.io.ReadFromText(uri, skip_header_lines=1) | beam.FlatMap(_csv_field, index)
+    return beam.io.ReadFromText(uri) | beam.FlatMap(listed_uri)
+
+
+def _csv_field(line: str, index: int) -> list[str]:
+    fields = next(csv.reader([line]), [])
+    value = fields[index].strip() if len(fields) > index else ""
+    return [value] if value else []
 
 
 def unmatched_patterns(counts) -> list[str]:
