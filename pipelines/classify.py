@@ -43,18 +43,22 @@ OUTPUTS = [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE]
 
 
 def build_pipeline(
-    pipeline: beam.Pipeline, config: options.ClassifyConfig, manifest: Manifest, earlier_runs: list[str] = ()
+    pipeline: beam.Pipeline,
+    config: options.ClassifyConfig,
+    manifest: Manifest,
+    earlier_runs: list[str] | None = None,
 ) -> None:
     """Adds the classify steps for ``config`` to ``pipeline``, writing to ``config.output``.
 
-    ``earlier_runs``: completed runs whose final rows make a file skipped (``--incremental``).
+    ``earlier_runs`` (``--incremental``; None otherwise): completed runs whose
+    final rows make a file skipped.
     """
     matched = pipeline | "MatchInputs" >> MatchInputs(
         list(config.inputs), config.input_list, config.input_list_column
     )
     found = matched["files"] | "LookUpFiles" >> LookUpFiles()
     to_read, skipped = found["files"], None
-    if earlier_runs:
+    if earlier_runs is not None:
         skip = to_read | "SkipClassified" >> SkipClassified(list(earlier_runs))
         to_read, skipped = skip["files"], skip["skipped"]
     read = to_read | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
@@ -107,11 +111,13 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     elif config.top_k > manifest.num_classes:
         raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
-    earlier = []
+    earlier = None
     if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
         root = config.output
         config = dataclasses.replace(config, output=run_dir(root, config.run_id or default_run_id()))
-        earlier = completed_runs(root, manifest.name, manifest.version)
+        # A dry run reads nothing under --output: its graph joins with no earlier run.
+        dry = options.is_dry_run(pipeline_options)
+        earlier = [] if dry else completed_runs(root, manifest.name, manifest.version)
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, manifest, earlier)  # before any deletion: building can still fail
     if options.is_dry_run(pipeline_options):

@@ -312,7 +312,12 @@ def test_a_dry_run_reads_and_writes_nothing_under_output(one_worker_run, model_d
         return {name: os.stat(os.path.join(output, name)).st_mtime_ns for name in os.listdir(output)}
 
     before = state()
-    for extra in (["--overwrite"], ["--dry_run=true"], []):  # a used --output is no reason to refuse
+    for extra in (
+        ["--overwrite"],
+        ["--dry_run=true"],
+        [],
+        ["--incremental"],
+    ):  # a used --output is no reason to refuse
         argv = ["--input", root, "--model", model_dir, "--output", output, "--dry_run", *extra]
         assert classify.run(argv) is None
         assert "dry run: built the DirectRunner job graph" in capsys.readouterr().out
