@@ -118,6 +118,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         # A dry run reads nothing under --output: its graph joins with no earlier run.
         dry = options.is_dry_run(pipeline_options)
         earlier = [] if dry else completed_runs(root, manifest.name, manifest.version)
+        earlier = [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, manifest, earlier)  # before any deletion: building can still fail
     if options.is_dry_run(pipeline_options):
@@ -128,9 +129,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_text(summary_uri))
-        if (
-            summary["inputs"] == 0 and not config.incremental
-        ):  # leave no empty run behind, so the corrected rerun is not refused
+        if summary["inputs"] == 0:  # leave no empty run behind, so the corrected rerun is not refused
             options.claim_output(config.output, OUTPUTS, True, "results")
             raise options.UsageError(f"{_inputs_flags(config)}: matched no file; nothing was classified")
         print(format_summary(summary))

@@ -33,7 +33,7 @@ from beamvision.transforms.dataset import (
     shard_prefix,
 )
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.read import ImageFile, MatchInputs, ReadFiles, listed_uri
+from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
 from beamvision.transforms.write import ERRORS_PREFIX, WriteErrors
 
@@ -72,9 +72,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
         | "Sort" >> beam.Map(sorted)
     )
     # A stage boundary on file names only, so that the read-to-write stage fuses whole.
-    read = (
-        labelled.files | "SpreadReads" >> beam.Reshuffle() | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
-    )
+    found = labelled.files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles()
+    read = found["files"] | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
     decoded = read["files"] | "DecodeImages" >> DecodeImages(
         config.image_size, config.max_pixels, config.buffer_mb
     )
@@ -87,7 +86,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
         >> beam.io.WriteToTFRecord(shard_prefix(config.output, split), file_name_suffix=".tfrecord")
         for i, split in enumerate(SPLITS)
     ]
-    errors = (read["errors"], decoded["errors"], labelled[ERRORS_TAG]) | "AllErrors" >> beam.Flatten()
+    errors = (found["errors"], read["errors"], decoded["errors"], labelled[ERRORS_TAG]) | "AllErrors" >> (
+        beam.Flatten()
+    )
     written.append(errors | "WriteErrorShards" >> WriteErrors(config.output))
     count = beam.combiners.Count
     _ = (

@@ -161,6 +161,7 @@ def test_flex_entry_point_builds_the_dataflow_job_graph(flex_inputs):
         "--input=gs://bucket/photos/**",
         f"--model={work}/model",
         "--output=gs://bucket/out",
+        "--incremental=true",
         "--runner=DataflowRunner",
         "--dry_run=True",
         "--project=beamvision-test",

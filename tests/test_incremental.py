@@ -150,3 +150,31 @@ def test_an_inventory_lists_the_inputs(models, photos, tmp_path, capsys):
     assert "--input_list " in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "o")]) == 2  # default column: uri
     assert "its header has no column 'uri' (columns: bucket, name, size)" in capsys.readouterr().err
+
+
+def test_only_errors_the_same_bytes_always_give_are_final():
+    from beamvision.transforms.incremental import _is_final_error
+
+    final = [("decode", t) for t in ("EmptyFile", "NotAnImage", "UnsupportedFormat", "CorruptImage")]
+    retried = [("decode", "DecompressionBomb"), ("decode", "OutOfMemory"), ("read", "FileNotFoundError")]
+    assert all(_is_final_error({"stage": s, "error_type": t}) for s, t in final)
+    assert not any(_is_final_error({"stage": s, "error_type": t}) for s, t in [*retried, ("inference", "X")])
+    assert not _is_final_error({})  # a row of a run without these columns
+
+
+def test_a_file_version_survives_the_trip_through_parquet(tmp_path):
+    """The file's float mtime and the row's timestamp compare equal, half microseconds included."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from beamvision.transforms.incremental import file_version
+    from beamvision.transforms.rows import FILE_FIELDS, file_identity
+
+    times = [1795870942.6445965, 1795870942.6371675, 1.5e9 + 0.0000005, 1.7e9]
+    rows = [file_identity(100, t) for t in times]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(FILE_FIELDS)), tmp_path / "t.parquet")
+    back = pq.read_table(tmp_path / "t.parquet").to_pylist()
+    assert [file_version(r["file_size"], r["file_modified"]) for r in back] == [
+        file_version(100, t) for t in times
+    ]
+    assert file_version(None, times[0]) is None and file_version(100, None) is None

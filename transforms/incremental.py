@@ -8,10 +8,18 @@ for it with the same size and modification time (on Cloud Storage, the time
 of its current generation: rewriting an object makes a new one):
 
 - a result row: the file was classified;
-- an error row of stage ``decode``: the same bytes would fail the same way.
+- a ``decode`` error row that the same bytes always give (``FINAL_DECODE_ERRORS``).
 
-Error rows of stage ``read`` (storage trouble) and ``inference`` (a worker
-failure) are retried by the next run. Earlier rows are joined with the
+Other error rows (storage trouble, a worker failure, a pixel limit that may
+change) are retried by the next run. Rows without the file version columns
+(none of an incremental run lacks them) never make a file skipped.
+
+The test is size and time, as rsync's: a rewrite that keeps both (a copy
+preserving times, ``cp -p``, of a same-size file) is not noticed; on Cloud
+Storage the time is the object's ``updated``, which also changes on metadata
+edits (then the file is classified again, which is safe). Only the model
+name and version select the earlier runs: a run with another ``--top_k`` or
+``--embeddings`` still skips what they classified (use a new root for that). Earlier rows are joined with the
 matched files by URI (``CoGroupByKey``), reading three or four columns of the
 earlier runs' Parquet: no run's rows are ever loaded whole into a worker.
 """
@@ -19,6 +27,7 @@ earlier runs' Parquet: no run's rows are ever loaded whole into a worker.
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import re
 
@@ -32,8 +41,10 @@ from beamvision.transforms.rows import METRICS_NAMESPACE, file_identity
 
 RUN_PARTITION = "run"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-# Error stages whose rows mean "the same file fails again": skipped like results.
-FINAL_ERROR_STAGES = ("decode",)
+# Decode errors that the same bytes always give: skipped like results. Others
+# (DecompressionBomb under another --max_pixels, OutOfMemory on another worker,
+# unexpected exceptions) are retried, as read and inference errors are.
+FINAL_DECODE_ERRORS = ("EmptyFile", "NotAnImage", "UnsupportedFormat", "CorruptImage")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -49,7 +60,7 @@ def run_dir(root: str, run_id: str) -> str:
 
 def completed_runs(root: str, model_name: str, model_version: str) -> list[str]:
     """Directories of the runs under ``root`` that completed with this model name and version."""
-    pattern = storage.join(root, f"{RUN_PARTITION}=*", "summary.json")
+    pattern = storage.join(glob.escape(root), f"{RUN_PARTITION}=*", "summary.json")
     matches = FileSystems.match([pattern])[0].metadata_list
     runs = []
     for match in sorted(m.path for m in matches):
@@ -90,19 +101,27 @@ class SkipClassified(beam.PTransform):
             pipeline
             | "ErrorShards" >> beam.Create([storage.join(r, "errors-*.parquet") for r in self._runs])
             | "ReadErrors"
-            >> beam.io.ReadAllFromParquet(columns=["image_uri", "stage", "file_size", "file_modified"])
-            | "FinalErrors" >> beam.Filter(lambda row: row["stage"] in FINAL_ERROR_STAGES)
+            >> beam.io.ReadAllFromParquet(
+                columns=["image_uri", "stage", "error_type", "file_size", "file_modified"]
+            )
+            | "FinalErrors" >> beam.Filter(_is_final_error)
         )
         earlier = (
             (results, errors)
             | "EarlierRows" >> beam.Flatten()
             | "KeyEarlier"
-            >> beam.Map(lambda row: (row["image_uri"], file_version(row["file_size"], row["file_modified"])))
+            >> beam.Map(
+                lambda row: (row["image_uri"], file_version(row.get("file_size"), row.get("file_modified")))
+            )
         )
         now = files | "KeyFiles" >> beam.Map(lambda f: (f.uri, f))
         joined = {"now": now, "before": earlier} | "JoinByUri" >> beam.CoGroupByKey()
         split = joined | "Skip" >> beam.ParDo(_SkipFn()).with_outputs("skipped", main="files")
         return {"files": split.files, "skipped": split.skipped}
+
+
+def _is_final_error(row: dict) -> bool:
+    return row.get("stage") == "decode" and row.get("error_type") in FINAL_DECODE_ERRORS
 
 
 class _SkipFn(beam.DoFn):

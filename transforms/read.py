@@ -3,8 +3,7 @@
 Patterns are Beam globs (``*``, ``**``), local or on any Beam filesystem; a
 bare directory means every file under it, recursively. A list file holds one
 URI a line, or an inventory: a CSV or Parquet file whose column
-``--input_list_column`` holds the URIs (such as a Cloud Storage inventory
-report), read in parallel (splittable). Each file is read once
+``--input_list_column`` holds the URIs, read in parallel (splittable). Each file is read once
 even when several patterns or list lines name it: URIs (never file contents)
 are grouped, which is also a fusion break before the read, spreading the
 reads over workers.
