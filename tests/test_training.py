@@ -24,6 +24,9 @@ from beamvision.transforms.dataset import assign_split, parse_example
 from beamvision.transforms.decode import decode_image
 from beamvision.transforms.evaluation import classification_metrics
 
+# One epoch of two batches of 8: enough to exercise a training path, not to learn.
+TWO_SMALL_STEPS = ("--epochs", "1", "--steps_per_epoch", "2", "--batch_size", "8")
+
 
 def _json(path: str):
     with open(path) as f:
@@ -322,12 +325,7 @@ def test_every_architecture_trains_exports_and_classifies(name, tiny, tmp_path):
             str(size),
             "--output",
             model_dir,
-            "--epochs",
-            "1",
-            "--steps_per_epoch",
-            "2",
-            "--batch_size",
-            "8",
+            *TWO_SMALL_STEPS,
             "--optimizer",
             "sgd",
         ]
@@ -524,17 +522,7 @@ def test_transfer_from_imagenet_weights_in_keras_cache(imagenet_mobilenet_v2, ti
         f"beamvision train: error: --data {data}: its images are 32px, and ImageNet weights for "
         "mobilenet_v2 need 224 (pass --input_size to resize them, or prepare with --image_size)"
     )
-    flags = [
-        "--input_size",
-        "224",
-        "--freeze_base",
-        "--epochs",
-        "1",
-        "--steps_per_epoch",
-        "2",
-        "--batch_size",
-        "8",
-    ]
+    flags = ["--input_size", "224", "--freeze_base", *TWO_SMALL_STEPS]
     assert main([*argv, *flags]) == 0
     model = load_artifact(output).model
     assert model.output_shape == (None, 3)
