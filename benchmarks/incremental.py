@@ -54,6 +54,7 @@ def _earlier_run(catalog: str, old_files: list[str], total: int) -> None:
         "format": ["JPEG"] * n,
         "file_size": sizes,
         "file_modified": times,
+        "sha256": [None] * n,
         "model_name": ["bench"] * n,
         "model_version": ["1"] * n,
         "processed_at": [now] * n,

@@ -4,6 +4,7 @@ one and two workers, the Dataflow job graph, and user mistakes."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 
@@ -119,15 +120,20 @@ def test_each_corpus_file_has_the_expected_row(one_worker_run):
         if outcome is None:  # listed but missing
             assert errors.loc[uri, "stage"] == "read"
             assert errors.loc[uri, "error_type"] == "FileNotFoundError"
+            assert pd.isna(errors.loc[uri, "sha256"])  # nothing was read
         elif outcome.error_type:
             assert errors.loc[uri, "stage"] == "decode", uri
             assert errors.loc[uri, "error_type"] == outcome.error_type, uri
             assert errors.loc[uri, "message"], uri
+            with open(uri, "rb") as f:  # a decode error row names the exact bytes that failed
+                assert errors.loc[uri, "sha256"] == hashlib.sha256(f.read()).hexdigest(), uri
         else:
             row = results.loc[uri]
             assert (row.width, row.height, row.format) == (outcome.width, outcome.height, outcome.format), uri
             assert (row.model_name, row.model_version) == ("corpus", "1")
             assert row.file_size == os.path.getsize(uri), uri
+            with open(uri, "rb") as f:
+                assert row.sha256 == hashlib.sha256(f.read()).hexdigest(), uri
             assert abs(row.file_modified.timestamp() - os.path.getmtime(uri)) < 1e-5, uri
 
 
@@ -178,6 +184,7 @@ def test_output_schema(one_worker_run):
         ("format", "string"),
         ("file_size", "int64"),
         ("file_modified", "timestamp[us, tz=UTC]"),
+        ("sha256", "string"),
         ("model_name", "string"),
         ("model_version", "string"),
         ("processed_at", "timestamp[us, tz=UTC]"),
@@ -191,6 +198,7 @@ def test_output_schema(one_worker_run):
         "message",
         "file_size",
         "file_modified",
+        "sha256",
         "processed_at",
     ]
 

@@ -249,6 +249,7 @@ class ImageKey:
     label: str | None = None  # the class prepare gives the file (ImageFile.label)
     size_bytes: int | None = None  # the file's size and modification time (ImageFile)
     modified: float | None = None
+    sha256: str | None = None
 
 
 class _DecodeFn(ThreadPoolDoFn):
@@ -289,6 +290,7 @@ class _DecodeFn(ThreadPoolDoFn):
                         str(exc),
                         image_file.size_bytes,
                         image_file.modified,
+                        image_file.sha256,
                     ),
                 )
             ]
@@ -300,5 +302,6 @@ class _DecodeFn(ThreadPoolDoFn):
             image_file.label,
             image_file.size_bytes,
             image_file.modified,
+            image_file.sha256,
         )
         return [(key, image.pixels)]

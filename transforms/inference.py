@@ -150,7 +150,7 @@ def _failed_batch_rows(failure):
     batch, exc = failure
     error_type, message = _describe(exc)
     for key, _pixels in batch:
-        yield error_row(key.uri, "inference", error_type, message, key.size_bytes, key.modified)
+        yield error_row(key.uri, "inference", error_type, message, key.size_bytes, key.modified, key.sha256)
 
 
 def _describe(exc) -> tuple[str, str]:
@@ -188,6 +188,7 @@ class _FormatResultFn(beam.DoFn):
             "height": key.height,
             "format": key.format,
             **file_identity(key.size_bytes, key.modified),
+            "sha256": key.sha256,
             "model_name": self._model_name,
             "model_version": self._model_version,
             "processed_at": utc_now(),

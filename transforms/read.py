@@ -22,6 +22,7 @@ import collections
 import csv
 import dataclasses
 import glob
+import hashlib
 import os
 
 import apache_beam as beam
@@ -47,6 +48,7 @@ class ImageFile:
     size_bytes: int | None = None
     modified: float | None = None
     label: str | None = None
+    sha256: str | None = None  # of the bytes, once read
 
 
 def expand_pattern(pattern: str) -> str:
@@ -293,7 +295,7 @@ class _ReadFileFn(ThreadPoolDoFn):
                 data = f.read()
         except Exception as exc:  # Every storage failure becomes an error row.
             return [_read_error(image_file, exc)]
-        return [(image_file, data)]
+        return [(dataclasses.replace(image_file, sha256=hashlib.sha256(data).hexdigest()), data)]
 
 
 def _read_error(image_file: ImageFile, exc: Exception):

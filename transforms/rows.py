@@ -23,6 +23,8 @@ _TIMESTAMP = pa.timestamp("us", tz="UTC")
 # whose size and modification time (on Cloud Storage, its generation's time)
 # are those of an earlier row. Null where the file could not be looked up.
 FILE_FIELDS = [pa.field("file_size", pa.int64()), pa.field("file_modified", _TIMESTAMP)]
+# SHA-256 (hex) of the bytes read: equal for exact duplicates. Null when nothing was read.
+SHA256_FIELD = pa.field("sha256", pa.string())
 
 RESULT_FIELDS = [
     pa.field("image_uri", pa.string(), nullable=False),
@@ -34,6 +36,7 @@ RESULT_FIELDS = [
     pa.field("height", pa.int32(), nullable=False),
     pa.field("format", pa.string(), nullable=False),
     *FILE_FIELDS,
+    SHA256_FIELD,
     pa.field("model_name", pa.string(), nullable=False),
     pa.field("model_version", pa.string(), nullable=False),
     pa.field("processed_at", _TIMESTAMP, nullable=False),
@@ -47,6 +50,7 @@ ERROR_SCHEMA = pa.schema(
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
         *FILE_FIELDS,
+        SHA256_FIELD,
         pa.field("processed_at", _TIMESTAMP, nullable=False),
     ]
 )
@@ -78,6 +82,7 @@ def error_row(
     message: str,
     size_bytes: int | None = None,
     modified: float | None = None,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
     """One row of the errors output. ``stage`` is read, decode, label or inference."""
     return {
@@ -86,5 +91,6 @@ def error_row(
         "error_type": error_type,
         "message": message[:2000],
         **file_identity(size_bytes, modified),
+        "sha256": sha256,
         "processed_at": utc_now(),
     }
