@@ -29,8 +29,8 @@ CONFUSION_FILE = "confusion_matrix.png"
 RESULT_COLUMNS = ["image_uri", "label", "top_k_labels"]  # all that scoring needs (never the embeddings)
 
 
-def read_results(results_dir: str):
-    """All result rows of a classify output, as one pandas DataFrame."""
+def read_results(results_dir: str, columns: list[str] = RESULT_COLUMNS):
+    """All result rows of a classify output (only ``columns``), as one pandas DataFrame."""
     import pandas as pd
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
@@ -39,8 +39,7 @@ def read_results(results_dir: str):
     if not shards:
         raise options.UsageError(f"--results {results_dir}: no results-*.parquet shards there")
     frames = [
-        pq.read_table(io.BytesIO(storage.read_bytes(m.path)), columns=RESULT_COLUMNS).to_pandas()
-        for m in shards
+        pq.read_table(io.BytesIO(storage.read_bytes(m.path)), columns=columns).to_pandas() for m in shards
     ]
     return pd.concat(frames, ignore_index=True)
 

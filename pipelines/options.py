@@ -677,6 +677,37 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# --- beamvision export-labels --------------------------------------------------
+
+EXPORT_FORMATS = ("labelstudio", "csv")
+
+
+def add_export_labels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--results", required=True, metavar="DIR", help="output directory of beamvision classify"
+    )
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="labelstudio or csv")
+    parser.add_argument("--output", required=True, metavar="FILE", help="the file to write, local or URI")
+    parser.add_argument(
+        "--queue",
+        type=positive_int,
+        metavar="N",
+        help="only the N images the model is least sure of (lowest top-1 score)",
+    )
+    parser.add_argument(
+        "--from_name", default="choice", metavar="NAME", help="Label Studio Choices tag name (default choice)"
+    )
+    parser.add_argument(
+        "--to_name", default="image", metavar="NAME", help="Label Studio Image tag name (default image)"
+    )
+    parser.add_argument(
+        "--local_files_root",
+        metavar="DIR",
+        help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: local images under it become "
+        "/data/local-files/?d=... URLs (without it, local paths are refused for labelstudio)",
+    )
+
+
 # --- beamvision demo -----------------------------------------------------------
 
 

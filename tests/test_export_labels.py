@@ -1,0 +1,85 @@
+"""export-labels: classify results as Label Studio tasks (documented import format) and as CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import urllib.parse
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from beamvision import storage
+from beamvision.models import create_model
+from beamvision.models.artifact import new_manifest, save_artifact
+from beamvision.pipelines import classify
+from beamvision.pipelines.cli import main
+
+
+@pytest.fixture(scope="module")
+def classified(photos, tmp_path_factory):
+    """Real photos classified by a small model: (photo folder, results folder, result rows)."""
+    work = tmp_path_factory.mktemp("export")
+    images = work / "photos" / "batch 1"  # a space: URLs must be quoted
+    images.mkdir(parents=True)
+    for i, photo in enumerate(photos):
+        Image.fromarray(photo).save(images / f"photo_{i}.jpg")
+    model = create_model("squeezenet", num_classes=3, input_size=32)
+    manifest = new_manifest(model, "squeezenet", ["a", "b", "c"], "none", name="lab", version="7")
+    save_artifact(model, manifest, str(work / "model"))
+    results = str(work / "results")
+    classify.run(["--input", str(images), "--model", str(work / "model"), "--output", results])
+    rows = pd.concat(pd.read_parquet(p) for p in (work / "results").glob("results-*.parquet"))
+    return work / "photos", results, rows
+
+
+def test_label_studio_tasks_carry_the_prediction_in_the_documented_format(classified, tmp_path, capsys):
+    photos, results, rows = classified
+    out = tmp_path / "tasks.json"
+    argv = ["export-labels", "--results", results, "--format", "labelstudio", "--output", str(out)]
+    assert main([*argv, "--local_files_root", str(photos), "--from_name", "kind"]) == 0
+    assert f"exported {len(rows)} images as labelstudio to {out}" in capsys.readouterr().out
+    tasks = json.loads(out.read_text())
+    by_uri = rows.set_index("image_uri")
+    assert len(tasks) == len(rows)
+    for task in tasks:
+        row = by_uri.loc[task["data"]["source_uri"]]
+        url = task["data"]["image"]
+        assert url.startswith("/data/local-files/?d=batch%201/")
+        assert str(photos / urllib.parse.unquote(url.split("?d=", 1)[1])) == task["data"]["source_uri"]
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"] == "lab-7"
+        assert prediction["score"] == pytest.approx(float(row.score))
+        assert prediction["result"] == [
+            {"from_name": "kind", "to_name": "image", "type": "choices", "value": {"choices": [row.label]}}
+        ]
+
+
+def test_the_queue_is_the_least_certain_images_and_csv_is_plain(classified, tmp_path):
+    _, results, rows = classified
+    out = tmp_path / "queue.csv"
+    argv = ["export-labels", "--results", results, "--format", "csv", "--output", str(out), "--queue", "2"]
+    assert main(argv) == 0
+    with open(out) as f:
+        exported = list(csv.DictReader(f))
+    lowest = rows.sort_values(["score", "image_uri"]).head(2)
+    assert [r["uri"] for r in exported] == list(lowest.image_uri)
+    assert [r["label"] for r in exported] == list(lowest.label)
+
+
+def test_local_images_need_the_document_root_and_gcs_uris_stay(classified, gcs_bucket, tmp_path, capsys):
+    _, results, rows = classified
+    argv = ["export-labels", "--results", results, "--format", "labelstudio"]
+    assert main([*argv, "--output", str(tmp_path / "t.json")]) == 2
+    assert "--local_files_root: needed for local images" in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "t.json"), "--local_files_root", str(tmp_path)]) == 2
+    assert "is not under it" in capsys.readouterr().err
+    # Results on gs:// of images on gs://: the URIs go to Label Studio's cloud storage source as they are.
+    gcs_results = f"{gcs_bucket}/results"
+    gcs_rows = rows.assign(image_uri=[f"{gcs_bucket}/photos/{i}.jpg" for i in range(len(rows))])
+    storage.write_atomic(f"{gcs_results}/results-00000-of-00001.parquet", gcs_rows.to_parquet(index=False))
+    out = f"{gcs_bucket}/tasks.json"
+    assert main(["export-labels", "--results", gcs_results, "--format", "labelstudio", "--output", out]) == 0
+    tasks = json.loads(storage.read_text(out))
+    assert sorted(t["data"]["image"] for t in tasks) == sorted(gcs_rows.image_uri)
