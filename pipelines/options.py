@@ -662,10 +662,15 @@ class TrainConfig:
 # --- beamvision evaluate -------------------------------------------------------
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_results_argument(parser: argparse.ArgumentParser) -> None:
+    """--results: a classify output, read by evaluate and export-labels."""
     parser.add_argument(
         "--results", required=True, metavar="DIR", help="output directory of beamvision classify"
     )
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_results_argument(parser)
     parser.add_argument(
         "--truth",
         required=True,
@@ -683,9 +688,7 @@ EXPORT_FORMATS = ("labelstudio", "csv")
 
 
 def add_export_labels_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--results", required=True, metavar="DIR", help="output directory of beamvision classify"
-    )
+    _add_results_argument(parser)
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="labelstudio or csv")
     parser.add_argument("--output", required=True, metavar="FILE", help="the file to write, local or URI")
     parser.add_argument(

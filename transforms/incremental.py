@@ -36,7 +36,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beamvision import storage
-from beamvision.transforms.read import ImageFile
 from beamvision.transforms.rows import METRICS_NAMESPACE, file_identity
 
 RUN_PARTITION = "run"
@@ -132,7 +131,6 @@ class _SkipFn(beam.DoFn):
         _uri, grouped = element
         versions = {v for v in grouped["before"] if v is not None}
         for image_file in grouped["now"]:
-            image_file: ImageFile
             if file_version(image_file.size_bytes, image_file.modified) in versions:
                 self._skipped.inc()
                 yield beam.pvalue.TaggedOutput("skipped", image_file)
