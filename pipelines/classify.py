@@ -3,8 +3,10 @@
     beamvision classify --input 'gs://bucket/photos/**' --model gs://bucket/models/mnv2 \\
         --output gs://bucket/runs/2026-11-28 [--runner DataflowRunner ...]
 
-MatchInputs -> LookUpFiles -> [SkipClassified] -> ReadFiles -> DecodeImages
--> ClassifyImages -> WriteResults (see docs/architecture.md). With
+MatchInputs -> SplitArchives -> LookUpFiles -> [SkipClassified] -> ReadFiles
+(archives: UnpackArchives) -> DecodeImages -> ClassifyImages -> WriteResults
+(see docs/architecture.md). An archive (.tar, .tar.gz, .zip) stands for its
+image members, ``ARCHIVE!/member.jpg``. With
 ``--incremental``, OUTPUT holds one ``run=ID`` partition per run and files
 that an earlier completed run classified, unchanged since, are skipped (see
 ``beamvision.transforms.incremental``). The model artifact is validated before any work starts;
@@ -25,6 +27,7 @@ from apache_beam.runners.runner import PipelineResult
 from beamvision import storage
 from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines import options
+from beamvision.transforms.archives import SplitArchives, UnpackArchives, is_archive_input
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id, run_dir
@@ -56,22 +59,32 @@ def build_pipeline(
     matched = pipeline | "MatchInputs" >> MatchInputs(
         list(config.inputs), config.input_list, config.input_list_column
     )
-    found = matched["files"] | "LookUpFiles" >> LookUpFiles()
+    split = matched["files"] | "SplitArchives" >> SplitArchives()
+    unpacked = split["archives"] | "UnpackArchives" >> UnpackArchives(config.buffer_mb * MB)
+    found = split["files"] | "LookUpFiles" >> LookUpFiles()
     to_read, skipped = found["files"], None
     if earlier_runs is not None:
         skip = to_read | "SkipClassified" >> SkipClassified(list(earlier_runs))
         to_read, skipped = skip["files"], skip["skipped"]
     read = to_read | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
-    decoded = read["files"] | "DecodeImages" >> DecodeImages(
+    images = (read["files"], unpacked["images"]) | "FilesAndMembers" >> beam.Flatten()
+    decoded = images | "DecodeImages" >> DecodeImages(
         manifest.input_size, config.max_pixels, config.buffer_mb
     )
     handler = BeamvisionModelHandler(config.model, config.batch_size, config.top_k, config.embeddings)
     classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
         handler, manifest.name, manifest.version
     )
-    errors = (found["errors"], read["errors"], decoded["errors"], classified["errors"]) | "AllErrors" >> (
-        beam.Flatten()
-    )
+    errors = (
+        found["errors"],
+        read["errors"],
+        unpacked["errors"],
+        decoded["errors"],
+        classified["errors"],
+    ) | "AllErrors" >> beam.Flatten()
+    # An archive is not an input: each of its image members is (and the archive, if it broke).
+    plain_inputs = matched["inputs"] | "PlainInputs" >> beam.Filter(lambda uri: not is_archive_input(uri))
+    inputs = (plain_inputs, unpacked["inputs"]) | "AllInputs" >> beam.Flatten()
     model = {
         "name": manifest.name,
         "version": manifest.version,
@@ -81,8 +94,9 @@ def build_pipeline(
     written = {
         "results": classified["results"],
         "errors": errors,
-        "inputs": matched["inputs"],
+        "inputs": inputs,
         "patterns": matched["patterns"],
+        "not_images": unpacked["not_images"],
     }
     if skipped is not None:
         written["skipped"] = skipped

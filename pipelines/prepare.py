@@ -3,6 +3,9 @@
     beamvision prepare --input gs://bucket/flowers --output gs://bucket/data/flowers --image_size 224
 
 Input is a folder per class (``ROOT/<class>/...``) or a CSV of ``uri,label``.
+Archives (.tar, .tar.gz, .zip) under ROOT, or ROOT itself an archive, give
+their members' classes by the member's first folder inside the archive
+(``cats/1.jpg``); a CSV may name members, ``ARCHIVE!/path/in/archive.jpg``.
 Images are decoded by ``decode_image`` (the function classify uses), assigned
 to train/val/test by a hash of their path under ROOT (stable across reruns and
 runners), and written as TFRecord shards with labels.json and stats.json (see
@@ -21,6 +24,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
 from beamvision.pipelines import options
+from beamvision.transforms.archives import SplitArchives, UnpackArchives, is_archive_input
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.dataset import (
     LABELS_FILE,
@@ -58,25 +62,38 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
         )
         inputs = entries | "InputUris" >> beam.Keys()
         labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
+        split = labelled.files | "SplitArchives" >> SplitArchives()
+        files, label_errors = split["files"], labelled[ERRORS_TAG]
+        named_classes = labelled.files | "ClassNames" >> beam.Map(lambda f: f.label)
     else:
         matched = pipeline | "MatchInputs" >> MatchInputs([config.input])
         inputs = matched["inputs"]
-        labelled = matched["files"] | "Label" >> beam.ParDo(_FolderLabelFn(config.input)).with_outputs(
+        split = matched["files"] | "SplitArchives" >> SplitArchives()
+        foldered = split["files"] | "Label" >> beam.ParDo(_FolderLabelFn(config.input)).with_outputs(
             ERRORS_TAG, main="files"
         )
+        files, label_errors = foldered.files, foldered[ERRORS_TAG]
+        # An archive's classes are its members' folders: a listing pass (names only) before the read.
+        listed = split["archives"] | "ListArchives" >> UnpackArchives(label_from_folder=True, read_data=False)
+        named_classes = (
+            (files, listed["images"])
+            | "Labelled" >> beam.Flatten()
+            | "ClassNames" >> beam.Map(lambda f: f.label)
+        )
     class_names = beam.pvalue.AsSingleton(
-        labelled.files
-        | "ClassNames" >> beam.Map(lambda f: f.label)
+        named_classes
         | "DistinctClasses" >> beam.Distinct()
         | "SortedClasses" >> beam.combiners.ToList()
         | "Sort" >> beam.Map(sorted)
     )
     # A stage boundary on file names only, so that the read-to-write stage fuses whole.
-    found = labelled.files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles()
+    found = files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles()
     read = found["files"] | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
-    decoded = read["files"] | "DecodeImages" >> DecodeImages(
-        config.image_size, config.max_pixels, config.buffer_mb
+    unpacked = split["archives"] | "UnpackArchives" >> UnpackArchives(
+        config.buffer_mb * MB, label_from_folder=not config.labels
     )
+    images = (read["files"], unpacked["images"]) | "FilesAndMembers" >> beam.Flatten()
+    decoded = images | "DecodeImages" >> DecodeImages(config.image_size, config.max_pixels, config.buffer_mb)
     examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, config)
     per_split = examples | "BySplit" >> beam.Partition(lambda e, _: SPLITS.index(e[0]), len(SPLITS))
     written = [
@@ -86,9 +103,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
         >> beam.io.WriteToTFRecord(shard_prefix(config.output, split), file_name_suffix=".tfrecord")
         for i, split in enumerate(SPLITS)
     ]
-    errors = (found["errors"], read["errors"], decoded["errors"], labelled[ERRORS_TAG]) | "AllErrors" >> (
-        beam.Flatten()
-    )
+    errors = (
+        found["errors"],
+        read["errors"],
+        unpacked["errors"],
+        decoded["errors"],
+        label_errors,
+    ) | "AllErrors" >> beam.Flatten()
+    # An archive is not an input: each of its image members is (and the archive, if it broke).
+    plain_inputs = inputs | "PlainInputs" >> beam.Filter(lambda uri: not is_archive_input(uri))
+    inputs = (plain_inputs, unpacked["inputs"]) | "AllInputs" >> beam.Flatten()
     written.append(errors | "WriteErrorShards" >> WriteErrors(config.output))
     count = beam.combiners.Count
     _ = (

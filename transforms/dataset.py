@@ -28,9 +28,9 @@ STATS_FILE = "stats.json"
 def relative_key(uri: str, root: str | None) -> str:
     """The URI relative to the dataset root (so splits survive moving the dataset)."""
     if root:
-        base = root.rstrip("/") + "/"
-        if uri.startswith(base):
-            return uri[len(base) :]
+        for base in (root.rstrip("/") + "/", root + "!/"):  # a file under ROOT, a member of ROOT (an archive)
+            if uri.startswith(base):
+                return uri[len(base) :]
     return uri
 
 

@@ -37,8 +37,13 @@ def build_summary(
     top_labels: list[tuple[str, int]],
     output: str,
     unmatched: list[str] | None = None,
+    not_images: int = 0,
 ) -> dict[str, Any]:
-    """The content of summary.json. ``unmatched``: --input patterns that matched no file."""
+    """The content of summary.json.
+
+    ``unmatched``: --input patterns that matched no file; ``not_images``:
+    archive members passed over because their names are not images.
+    """
     return {
         "inputs": inputs,
         "results": results,
@@ -50,6 +55,7 @@ def build_summary(
         "model": model,
         "top_labels": [{"label": label, "count": count} for label, count in top_labels],
         "unmatched_patterns": list(unmatched or []),
+        "archive_members_not_images": not_images,
         "output": output,
     }
 
@@ -62,6 +68,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f", {summary['skipped']:,} skipped (classified by an earlier run)" if summary.get("skipped") else ""
     )
     unmatched = [f"WARNING: --input {p} matched no file" for p in summary.get("unmatched_patterns", [])]
+    if summary.get("archive_members_not_images"):
+        skipped += f", {summary['archive_members_not_images']:,} archive members not images (passed over)"
     return "\n".join(
         [
             *unmatched,
@@ -93,7 +101,8 @@ class WriteResults(beam.PTransform):
 
     Input: a dict with PCollections ``results`` and ``errors`` (row dicts),
     ``inputs`` (one element per input file, counted for the summary) and
-    ``patterns`` ((pattern, files matched) from ``MatchInputs``) and, in an
+    ``patterns`` ((pattern, files matched) from ``MatchInputs``), optionally
+    ``not_images`` (counts of archive members passed over) and, in an
     incremental run, ``skipped`` (files an earlier run classified).
     """
 
@@ -106,10 +115,9 @@ class WriteResults(beam.PTransform):
 
     def expand(self, pcolls):
         results, errors, inputs = pcolls["results"], pcolls["errors"], pcolls["inputs"]
-        if "skipped" in pcolls:
-            skipped = pcolls["skipped"]
-        else:
-            skipped = inputs.pipeline | "NothingSkipped" >> beam.Create([])
+        nothing = inputs.pipeline | "Nothing" >> beam.Create([])
+        skipped = pcolls.get("skipped", nothing)
+        not_images = pcolls.get("not_images", nothing)
         written_results = results | "WriteResultShards" >> beam.io.WriteToParquet(
             storage.join(self._output, RESULTS_PREFIX),
             result_schema(self._embeddings),
@@ -133,6 +141,7 @@ class WriteResults(beam.PTransform):
                 results=beam.pvalue.AsSingleton(results | "CountResults" >> count.Globally()),
                 errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
                 skipped=beam.pvalue.AsSingleton(skipped | "CountSkipped" >> count.Globally()),
+                not_images=beam.pvalue.AsSingleton(not_images | "SumNotImages" >> beam.CombineGlobally(sum)),
                 top_labels=beam.pvalue.AsSingleton(top_labels),
                 patterns=beam.pvalue.AsList(pcolls["patterns"]),
                 # Side inputs are complete before the step runs: the summary
@@ -149,7 +158,9 @@ class _WriteSummaryFn(beam.DoFn):
         self._model = model
         self._started_at = started_at
 
-    def process(self, _, inputs, results, errors, skipped, top_labels, patterns, result_files, error_files):
+    def process(
+        self, _, inputs, results, errors, skipped, not_images, top_labels, patterns, result_files, error_files
+    ):
         seconds = time.time() - self._started_at
         summary = build_summary(
             inputs,
@@ -161,6 +172,7 @@ class _WriteSummaryFn(beam.DoFn):
             top_labels,
             self._output,
             unmatched_patterns(patterns),
+            not_images,
         )
         storage.write_atomic(
             storage.join(self._output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")
