@@ -38,7 +38,9 @@ INSTALL_REQUIRES = [
     "pillow>=12.3.0",
     "google-cloud-storage>=3.17.0",
     "numpy>=2.0",
-    "matplotlib>=3.9",  # evaluate's confusion-matrix PNG
+    "matplotlib>=3.9",  # evaluate's confusion-matrix PNG, review's charts
+    "stream-unzip>=0.0.99",  # zip archives read member by member, without the central directory
+    "jinja2>=3.1",  # review's HTML, escaped by default
 ]
 
 EXTRAS_REQUIRE = {
@@ -52,6 +54,7 @@ EXTRAS_REQUIRE = {
         "ruff>=0.17.0",
         "pandas>=2.2",
         "duckdb>=2.0",  # the README's one-table query over incremental runs is tested
+        "playwright>=1.50",  # review's page in Debian's Chromium (no browser download)
     ],
     # beamvision demo: its data, scikit-learn's handwritten digits.
     "demo": ["scikit-learn>=1.9.0"],

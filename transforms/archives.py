@@ -143,15 +143,27 @@ class ArchiveBroken(Exception):
 
 
 class _Counting:
-    """A read-only file wrapper counting the bytes read (where an archive broke)."""
+    """A read-only file wrapper counting the bytes read (where an archive broke).
+
+    It also ends reads past the end: tarfile's stream mode skips a member it
+    is not asked to read by reading on, block by block, as far as the header
+    claims, even past the end of the data (a header claiming 10 TiB would spin
+    for hours).
+    """
+
+    _EMPTY_READS = 16  # a well-formed archive stops asking after one or two
 
     def __init__(self, raw):
         self._raw = raw
         self.position = 0
+        self._empty = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n)
         self.position += len(data)
+        self._empty = 0 if data else self._empty + 1
+        if self._empty > self._EMPTY_READS:
+            raise EOFError("unexpected end of data: a member claims more bytes than the archive holds")
         return data
 
 
