@@ -72,7 +72,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIR),
     package_dir=PACKAGE_DIR,
-    package_data={"beamvision.models": ["labels/*.txt"]},
+    package_data={"beamvision.models": ["labels/*.txt"], "beamvision.pipelines": ["templates/*.html"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["beamvision = beamvision.pipelines.cli:main"]},

@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
     "classify": ("classify", "classify image collections in storage into Parquet results (Beam)"),
     "evaluate": ("evaluate", "score a classify output against ground truth"),
+    "review": ("review", "a classify output as a static HTML report with thumbnails (Beam)"),
     "export-labels": ("export_labels", "classify results as Label Studio tasks with predictions, or CSV"),
     "demo": ("demo", "the whole loop on real handwritten digits: prepare, train, classify, evaluate"),
 }

@@ -29,14 +29,20 @@ CONFUSION_FILE = "confusion_matrix.png"
 RESULT_COLUMNS = ["image_uri", "label", "top_k_labels"]  # all that scoring needs (never the embeddings)
 
 
-def read_results(results_dir: str, columns: list[str] = RESULT_COLUMNS):
-    """All result rows of a classify output (only ``columns``), as one pandas DataFrame."""
+def read_results(results_dir: str, columns: list[str] = RESULT_COLUMNS, prefix: str = "results"):
+    """All rows of a classify output's ``prefix`` shards (only ``columns``), as one pandas DataFrame.
+
+    Result shards must exist (``--results`` names no classify output
+    otherwise); error shards may not, which gives an empty frame.
+    """
     import pandas as pd
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
-    shards = FileSystems.match([storage.join(results_dir, "results-*.parquet")])[0].metadata_list
+    shards = FileSystems.match([storage.join(results_dir, f"{prefix}-*.parquet")])[0].metadata_list
     if not shards:
+        if prefix != "results":
+            return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
         raise options.UsageError(f"--results {results_dir}: no results-*.parquet shards there")
     frames = [
         pq.read_table(io.BytesIO(storage.read_bytes(m.path)), columns=columns).to_pandas() for m in shards

@@ -711,6 +711,34 @@ def add_export_labels_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# --- beamvision review -----------------------------------------------------------
+
+
+def add_review_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_results_argument(parser)
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="where index.html and its pictures go, local or URI"
+    )
+    parser.add_argument(
+        "--per_label",
+        type=positive_int,
+        default=12,
+        metavar="N",
+        help="thumbnails shown per label (default 12)",
+    )
+    parser.add_argument(
+        "--queue",
+        type=positive_int,
+        default=48,
+        metavar="N",
+        help="the N least certain images (lowest top-1 score) to review first (default 48)",
+    )
+    parser.add_argument(
+        "--thumbnail_size", type=positive_int, default=160, metavar="PX", help="longer side (default 160)"
+    )
+    _add_switch(parser, "--overwrite", "replace an earlier report in --output")
+
+
 # --- beamvision demo -----------------------------------------------------------
 
 
