@@ -8,25 +8,43 @@
 ``from_name``/``to_name``, ``score`` and ``model_version``). Images must be
 viewable by the tool: ``gs://`` URIs stay as they are (a cloud storage
 source); local files become Label Studio local-files URLs under
-``--local_files_root``. ``csv`` writes ``uri,label,score`` for CVAT,
-FiftyOne or a spreadsheet. ``--queue N`` keeps the N least certain images.
+``--local_files_root``; archive members are extracted to ``--extract_to``
+(a labelling tool cannot open a member) and shown from there, keeping the
+member's URI as ``source_uri`` so reviewed labels map back to it
+(``prepare --labels``). ``csv`` writes ``uri,label,score,file`` (``file``:
+where the image can be opened) for CVAT, FiftyOne or a spreadsheet.
+``--queue N`` keeps the N least certain images.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
+import hashlib
 import io
 import json
 import os
+import re
+import sys
 import urllib.parse
 
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beamvision import storage
 from beamvision.pipelines import options
 from beamvision.pipelines.evaluate import read_results
+from beamvision.transforms.archives import (
+    ArchiveBroken,
+    archive_kind,
+    iter_members,
+    member_uri,
+    safe_member_name,
+    split_member_uri,
+)
 
 COLUMNS = ["image_uri", "label", "score", "model_name", "model_version"]
+LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's URL of a file under its document root
 
 
 def image_url(uri: str, local_files_root: str | None) -> str:
@@ -42,14 +60,24 @@ def image_url(uri: str, local_files_root: str | None) -> str:
     path = os.path.abspath(uri)
     if os.path.commonpath([root, path]) != root:
         raise options.UsageError(f"--local_files_root {local_files_root}: {uri} is not under it")
-    return "/data/local-files/?d=" + urllib.parse.quote(os.path.relpath(path, root))
+    return LOCAL_FILES_URL + urllib.parse.quote(os.path.relpath(path, root))
 
 
-def label_studio_tasks(rows, from_name: str, to_name: str, local_files_root: str | None) -> list[dict]:
-    """One task per result row, with the model's top-1 label as a prediction."""
+def label_studio_tasks(
+    rows, from_name: str, to_name: str, local_files_root: str | None, placed: dict[str, str] | None = None
+) -> list[dict]:
+    """One task per result row, with the model's top-1 label as a prediction.
+
+    ``placed``: where archive members were extracted (``extract_members``);
+    the task shows that file and keeps the member's URI as ``source_uri``.
+    """
+    placed = placed or {}
     return [
         {
-            "data": {"image": image_url(row.image_uri, local_files_root), "source_uri": row.image_uri},
+            "data": {
+                "image": image_url(placed.get(row.image_uri, row.image_uri), local_files_root),
+                "source_uri": row.image_uri,
+            },
             "predictions": [
                 {
                     "model_version": f"{row.model_name}-{row.model_version}",
@@ -69,6 +97,49 @@ def label_studio_tasks(rows, from_name: str, to_name: str, local_files_root: str
     ]
 
 
+def extract_members(uris, extract_to: str) -> dict[str, str]:
+    """Writes the archive members among ``uris`` under ``extract_to``; returns member URI -> file written.
+
+    Each archive is read once, streamed, for just its members named. A member
+    goes to ``EXTRACT_TO/<archive name>-<digest of its URI>/<member path>``:
+    member paths are normalised and checked (``safe_member_name``) and the
+    target must lie under EXTRACT_TO, so no name can place a file elsewhere.
+    Members an archive no longer holds (or holds past damage) are left out.
+    """
+    wanted: dict[str, set[str]] = collections.defaultdict(set)
+    for uri in uris:
+        parts = split_member_uri(uri)
+        if parts and safe_member_name(parts[1]) == parts[1]:
+            wanted[parts[0]].add(parts[1])
+    placed = {}
+    for archive, names in sorted(wanted.items()):
+        folder = storage.join(extract_to, _archive_folder(archive))
+        try:
+            with FileSystems.open(archive, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                for member in iter_members(f, archive_kind(archive), wanted=names):
+                    if member.data is not None:
+                        target = storage.join(folder, *member.name.split("/"))
+                        _check_under(target, extract_to)
+                        storage.write_atomic(target, member.data)
+                        placed[member_uri(archive, member.name)] = target
+        except (ArchiveBroken, OSError, BeamIOError) as exc:
+            print(f"WARNING: {archive}: {exc}", file=sys.stderr)
+    return placed
+
+
+def _archive_folder(archive: str) -> str:
+    """A folder name for an archive's members: its file name (made plain) and a digest of its URI."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", archive.rstrip("/").rsplit("/", 1)[-1])
+    return f"{name}-{hashlib.sha256(archive.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _check_under(target: str, root: str) -> None:
+    if FileSystems.get_scheme(root) is None:
+        root, target = os.path.abspath(root), os.path.abspath(target)
+        if os.path.commonpath([root, target]) != root:
+            raise ValueError(f"{target} is not under {root}")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Writes the export; prints how many images it holds and where it went."""
     args = options.parse(
@@ -77,14 +148,36 @@ def run(argv: list[str] | None = None) -> int:
     rows = read_results(args.results, COLUMNS).sort_values(["score", "image_uri"], kind="stable")
     if args.queue:
         rows = rows.head(args.queue)  # lowest top-1 scores first
+    members = [uri for uri in rows.image_uri if split_member_uri(uri)]
+    placed = {}
+    if members and args.extract_to:
+        placed = extract_members(members, args.extract_to)
+        print(f"extracted {len(placed):,} archive members to {args.extract_to}")
+    elif members and args.format == "labelstudio":
+        raise options.UsageError(
+            f"--extract_to: needed for archive members such as {members[0]} "
+            "(a labelling tool cannot open a member inside an archive)"
+        )
+    if placed or args.extract_to:
+        missing = rows.image_uri.isin(members) & ~rows.image_uri.isin(placed)
+        if missing.any():
+            print(
+                f"WARNING: {int(missing.sum()):,} archive members could not be extracted and are left out, "
+                f"such as {rows.image_uri[missing].iloc[0]}",
+                file=sys.stderr,
+            )
+            rows = rows[~missing]
     if args.format == "labelstudio":
-        tasks = label_studio_tasks(rows, args.from_name, args.to_name, args.local_files_root)
+        tasks = label_studio_tasks(rows, args.from_name, args.to_name, args.local_files_root, placed)
         payload = json.dumps(tasks, indent=1).encode("utf-8")
     else:
         text = io.StringIO()
         writer = csv.writer(text)
-        writer.writerow(["uri", "label", "score"])
-        writer.writerows((r.image_uri, r.label, f"{r.score:.6f}") for r in rows.itertuples())
+        writer.writerow(["uri", "label", "score", "file"])
+        writer.writerows(
+            (r.image_uri, r.label, f"{r.score:.6f}", placed.get(r.image_uri, r.image_uri))
+            for r in rows.itertuples()
+        )
         payload = text.getvalue().encode("utf-8")
     storage.write_atomic(args.output, payload)
     what = f"the {len(rows):,} least certain" if args.queue else f"{len(rows):,}"

@@ -478,8 +478,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--labels",
-        metavar="CSV",
-        help="CSV of uri,label instead of class folders; relative URIs are under ROOT",
+        metavar="FILE",
+        help="instead of class folders: a CSV of uri,label, or a Label Studio JSON export (its "
+        "annotations; tasks without one are skipped); relative URIs are under ROOT",
     )
     parser.add_argument("--output", required=True, metavar="PREFIX", help="where TFRecord shards and JSON go")
     parser.add_argument(
@@ -708,6 +709,12 @@ def add_export_labels_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: local images under it become "
         "/data/local-files/?d=... URLs (without it, local paths are refused for labelstudio)",
+    )
+    parser.add_argument(
+        "--extract_to",
+        metavar="DIR",
+        help="where archive members are extracted for the tool to open (local, under "
+        "--local_files_root, or gs://); needed for members with labelstudio",
     )
 
 

@@ -2,7 +2,9 @@
 
     beamvision prepare --input gs://bucket/flowers --output gs://bucket/data/flowers --image_size 224
 
-Input is a folder per class (``ROOT/<class>/...``) or a CSV of ``uri,label``.
+Input is a folder per class (``ROOT/<class>/...``), a CSV of ``uri,label`` or
+a Label Studio JSON export of reviewed tasks (``--labels tasks.json``: each
+task's annotation is its label; see ``label_studio_labels``).
 Archives (.tar, .tar.gz, .zip) under ROOT, or ROOT itself an archive, give
 their members' classes by the member's first folder inside the archive
 (``cats/1.jpg``); a CSV may name members, ``ARCHIVE!/path/in/archive.jpg``.
@@ -18,12 +20,14 @@ import csv
 import dataclasses
 import json
 import sys
+import urllib.parse
 
 import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
 from beamvision.pipelines import options
+from beamvision.pipelines.export_labels import LOCAL_FILES_URL
 from beamvision.transforms.archives import SplitArchives, UnpackArchives, is_archive_input
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.dataset import (
@@ -45,8 +49,16 @@ from beamvision.transforms.write import ERRORS_PREFIX, WriteErrors
 OUTPUTS = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> None:
+def build_pipeline(
+    pipeline: beam.Pipeline,
+    config: options.PrepareConfig,
+    reviewed: list[tuple[str, str]] | None = None,
+    unannotated: int | None = None,
+) -> None:
     """Adds the prepare steps for ``config`` to ``pipeline``.
+
+    ``reviewed``: (uri, label) pairs of a Label Studio export given as
+    ``--labels`` (``label_studio_labels``), with ``unannotated`` tasks skipped.
 
     Every file's class is known from its URI (folder) or the CSV before any
     file is read, so the class list is ready before decoding starts and the
@@ -54,12 +66,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
     memory does not grow with the dataset.
     """
     if config.labels:
-        entries = (
-            pipeline
-            | "ReadLabelCsv" >> beam.io.ReadFromText(config.labels)
-            | "ParseLabels" >> beam.FlatMap(_csv_entry, config.input)
-            | "OncePerUri" >> beam.GroupByKey()
-        )
+        if reviewed is not None:
+            pairs = pipeline | "ReviewedLabels" >> beam.Create(reviewed)
+        else:
+            pairs = (
+                pipeline
+                | "ReadLabelCsv" >> beam.io.ReadFromText(config.labels)
+                | "ParseLabels" >> beam.FlatMap(_csv_entry, config.input)
+            )
+        entries = pairs | "OncePerUri" >> beam.GroupByKey()
         inputs = entries | "InputUris" >> beam.Keys()
         labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
         split = labelled.files | "SplitArchives" >> SplitArchives()
@@ -120,7 +135,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
         | "StatsTrigger" >> beam.Create([None])
         | "WriteLabelsAndStats"
         >> beam.ParDo(
-            _WriteStatsFn(config),
+            _WriteStatsFn(config, unannotated),
             class_names=class_names,
             counts=beam.pvalue.AsList(
                 examples
@@ -132,6 +147,64 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.PrepareConfig) -> No
             files=beam.pvalue.AsList(written | "AllWritten" >> beam.Flatten()),
         )
     )
+
+
+def is_label_studio_export(uri: str) -> bool:
+    """Whether ``--labels`` names a Label Studio JSON export (by its name) rather than a CSV."""
+    return uri.lower().endswith(".json")
+
+
+def label_studio_labels(text: str, root: str) -> tuple[list[tuple[str, str]], int]:
+    """(uri, label) per annotated task of a Label Studio JSON export, and how many had no annotation.
+
+    The label is the first choice of the task's latest annotation that was
+    not cancelled: a person's label overrides the model's prediction, and a
+    task nobody annotated is skipped (and counted). The image is the task's
+    ``source_uri`` (which ``export-labels`` sets: a file, a ``gs://`` object
+    or an archive member) or else its ``image``: a storage URI, or a
+    local-files URL, taken relative to ROOT.
+
+    Raises:
+        options.UsageError: the text is not a Label Studio JSON export.
+    """
+    try:
+        tasks = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise options.UsageError(f"--labels: not JSON ({exc})") from None
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and "data" in t for t in tasks):
+        raise options.UsageError(
+            "--labels: not a Label Studio JSON export (a list of tasks with data and annotations; "
+            "export with the JSON format, not JSON_MIN)"
+        )
+    labelled, unannotated = [], 0
+    for task in tasks:
+        label = _annotated_choice(task.get("annotations") or [])
+        uri = _task_uri(task["data"], root)
+        if label is None or uri is None:
+            unannotated += 1
+        else:
+            labelled.append((uri, label))
+    return labelled, unannotated
+
+
+def _annotated_choice(annotations: list[dict]) -> str | None:
+    kept = [a for a in annotations if not a.get("was_cancelled")]
+    for annotation in sorted(kept, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0), reverse=True):
+        for result in annotation.get("result") or []:
+            choices = (result.get("value") or {}).get("choices") or []
+            if result.get("type") == "choices" and choices:
+                return str(choices[0])
+    return None
+
+
+def _task_uri(data: dict, root: str) -> str | None:
+    uri = data.get("source_uri") or data.get("image")
+    if not isinstance(uri, str) or not uri:
+        return None
+    if uri.startswith(LOCAL_FILES_URL):
+        relative = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("d", [""])[0]
+        return storage.join(root, relative) if relative else None
+    return uri
 
 
 def _csv_entry(line: str, root: str):
@@ -185,8 +258,9 @@ def _to_example(element, class_names: list[str], config: options.PrepareConfig) 
 
 
 class _WriteStatsFn(beam.DoFn):
-    def __init__(self, config: options.PrepareConfig):
+    def __init__(self, config: options.PrepareConfig, unannotated: int | None):
         self._config = config
+        self._unannotated = unannotated
 
     def process(self, _, class_names, counts, inputs, errors, files):
         config = self._config
@@ -207,6 +281,8 @@ class _WriteStatsFn(beam.DoFn):
             # Named by a folder or the CSV, but none of their files became an example.
             "empty_classes": [name for name in class_names if not any(per_split[s][name] for s in SPLITS)],
         }
+        if self._unannotated is not None:  # --labels was a Label Studio export
+            stats["unannotated_tasks"] = self._unannotated
         storage.write_atomic(
             storage.join(config.output, LABELS_FILE), json.dumps(class_names, indent=1).encode()
         )
@@ -220,8 +296,15 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         "beamvision prepare", __doc__.splitlines()[0], options.add_prepare_arguments, argv
     )
     config = options.PrepareConfig.from_args(args)
+    reviewed = unannotated = None
+    if config.labels and is_label_studio_export(config.labels):
+        reviewed, unannotated = label_studio_labels(storage.read_text(config.labels), config.input)
+        print(
+            f"{config.labels}: {len(reviewed):,} annotated tasks, "
+            f"{unannotated:,} without an annotation (skipped)"
+        )
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config)  # before any deletion: building can still fail
+    build_pipeline(pipeline, config, reviewed, unannotated)  # before any deletion: building can still fail
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
     # Stale shards of an earlier run (another shard count) would be read by train.
