@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import urllib.parse
 
 import pandas as pd
 import pytest
+from packing import regular, tar_with
 from PIL import Image
 
 from beamvision import storage
@@ -15,6 +18,7 @@ from beamvision.models import create_model
 from beamvision.models.artifact import new_manifest, save_artifact
 from beamvision.pipelines import classify
 from beamvision.pipelines.cli import main
+from beamvision.pipelines.export_labels import extract_members
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +87,31 @@ def test_local_images_need_the_document_root_and_gcs_uris_stay(classified, gcs_b
     assert main(["export-labels", "--results", gcs_results, "--format", "labelstudio", "--output", out]) == 0
     tasks = json.loads(storage.read_text(out))
     assert sorted(t["data"]["image"] for t in tasks) == sorted(gcs_rows.image_uri)
+
+
+def test_extraction_never_writes_outside_the_folder(photos, tmp_path):
+    """A results file naming members that climb out (hand-made: classify gives such members error rows)."""
+    jpeg = io.BytesIO()
+    Image.fromarray(photos[0]).save(jpeg, "JPEG")
+    entries = [
+        regular("ok/a.jpg", jpeg.getvalue()),
+        regular("../../evil.jpg", b"x"),
+        regular("/abs.jpg", b"y"),
+    ]
+    archive = tmp_path / "in" / "we!rd name.tar"
+    archive.parent.mkdir()
+    archive.write_bytes(tar_with(entries))
+    target = tmp_path / "deep" / "extract"
+    wanted = [
+        f"{archive}!/ok/a.jpg",
+        f"{archive}!/../../evil.jpg",
+        f"{archive}!//abs.jpg",
+        f"{archive}!/ok/../../x.jpg",
+    ]
+    placed = extract_members(wanted, str(target))
+    ((uri, path),) = placed.items()
+    assert uri == f"{archive}!/ok/a.jpg" and path.startswith(str(target) + "/")
+    with open(path, "rb") as f:
+        assert f.read() == jpeg.getvalue()
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted([str(archive.relative_to(tmp_path)), os.path.relpath(path, tmp_path)])

@@ -138,6 +138,7 @@ def test_only_beamvision_lands_in_site_packages(installs, how):
     expected = {"models", "transforms", "pipelines", "storage.py", "__init__.py", "__main__.py"}
     assert expected <= set(os.listdir(package))
     assert os.path.isfile(os.path.join(package, "models", "labels", "imagenet.txt"))
+    assert os.path.isfile(os.path.join(package, "pipelines", "templates", "review.html"))  # beamvision review
     with open(os.path.join(install.site, f"beamvision-{VERSION}.dist-info", "entry_points.txt")) as f:
         assert "beamvision = beamvision.pipelines.cli:main" in f.read()
     assert os.path.isfile(os.path.join(os.path.dirname(install.python), "beamvision"))
