@@ -3,8 +3,8 @@
     beamvision classify --input 'gs://bucket/photos/**' --model gs://bucket/models/mnv2 \\
         --output gs://bucket/runs/2026-11-28 [--runner DataflowRunner ...]
 
-MatchInputs -> SplitArchives -> LookUpFiles -> [SkipClassified] -> ReadFiles
-(archives: UnpackArchives) -> DecodeImages -> ClassifyImages -> WriteResults
+MatchInputs -> SplitArchives -> LookUpFiles -> [SkipClassified] (archives:
+GroupArchives) -> ReadFiles -> DecodeImages -> ClassifyImages -> WriteResults
 (see docs/architecture.md). An archive (.tar, .tar.gz, .zip) stands for its
 image members, ``ARCHIVE!/member.jpg``. With
 ``--incremental``, OUTPUT holds one ``run=ID`` partition per run and files
@@ -27,7 +27,7 @@ from apache_beam.runners.runner import PipelineResult
 from beamvision import storage
 from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines import options
-from beamvision.transforms.archives import SplitArchives, UnpackArchives, is_archive_input
+from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id, run_dir
@@ -60,15 +60,16 @@ def build_pipeline(
         list(config.inputs), config.input_list, config.input_list_column
     )
     split = matched["files"] | "SplitArchives" >> SplitArchives()
-    unpacked = split["archives"] | "UnpackArchives" >> UnpackArchives(config.buffer_mb * MB)
+    archives = split["archives"] | "GroupArchives" >> GroupArchives()
     found = split["files"] | "LookUpFiles" >> LookUpFiles()
     to_read, skipped = found["files"], None
     if earlier_runs is not None:
         skip = to_read | "SkipClassified" >> SkipClassified(list(earlier_runs))
         to_read, skipped = skip["files"], skip["skipped"]
-    read = to_read | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
-    images = (read["files"], unpacked["images"]) | "FilesAndMembers" >> beam.Flatten()
-    decoded = images | "DecodeImages" >> DecodeImages(
+    # Names of files and archives meet before the read: bytes never cross a stage boundary.
+    requests = (to_read, archives) | "FilesAndArchives" >> beam.Flatten()
+    read = requests | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
+    decoded = read["files"] | "DecodeImages" >> DecodeImages(
         manifest.input_size, config.max_pixels, config.buffer_mb
     )
     handler = BeamvisionModelHandler(config.model, config.batch_size, config.top_k, config.embeddings)
@@ -78,13 +79,10 @@ def build_pipeline(
     errors = (
         found["errors"],
         read["errors"],
-        unpacked["errors"],
         decoded["errors"],
         classified["errors"],
     ) | "AllErrors" >> beam.Flatten()
-    # An archive is not an input: each of its image members is (and the archive, if it broke).
-    plain_inputs = matched["inputs"] | "PlainInputs" >> beam.Filter(lambda uri: not is_archive_input(uri))
-    inputs = (plain_inputs, unpacked["inputs"]) | "AllInputs" >> beam.Flatten()
+    inputs = {"named": matched["inputs"], "unpacked": read["members"]} | "CountedInputs" >> CountedInputs()
     model = {
         "name": manifest.name,
         "version": manifest.version,
@@ -96,7 +94,7 @@ def build_pipeline(
         "errors": errors,
         "inputs": inputs,
         "patterns": matched["patterns"],
-        "not_images": unpacked["not_images"],
+        "not_images": read["not_images"],
     }
     if skipped is not None:
         written["skipped"] = skipped

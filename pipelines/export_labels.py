@@ -28,7 +28,7 @@ import re
 import sys
 import urllib.parse
 
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beamvision import storage
@@ -43,7 +43,7 @@ from beamvision.transforms.archives import (
     split_member_uri,
 )
 
-COLUMNS = ["image_uri", "label", "score", "model_name", "model_version"]
+COLUMNS = ["image_uri", "label", "score", "model_name", "model_version", "sha256"]
 LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's URL of a file under its document root
 
 
@@ -97,8 +97,12 @@ def label_studio_tasks(
     ]
 
 
-def extract_members(uris, extract_to: str) -> dict[str, str]:
+def extract_members(uris, extract_to: str, digests: dict[str, str] | None = None) -> dict[str, str]:
     """Writes the archive members among ``uris`` under ``extract_to``; returns member URI -> file written.
+
+    ``digests``: member URI -> the SHA-256 classify saw; a member whose bytes
+    differ now (the archive was replaced) is left out, with a warning, so the
+    labeller never sees an image other than the one the model scored.
 
     Each archive is read once, streamed, for just its members named. A member
     goes to ``EXTRACT_TO/<archive name>-<digest of its URI>/<member path>``:
@@ -112,17 +116,27 @@ def extract_members(uris, extract_to: str) -> dict[str, str]:
         if parts and safe_member_name(parts[1]) == parts[1]:
             wanted[parts[0]].add(parts[1])
     placed = {}
+    digests = digests or {}
     for archive, names in sorted(wanted.items()):
         folder = storage.join(extract_to, _archive_folder(archive))
         try:
             with FileSystems.open(archive, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 for member in iter_members(f, archive_kind(archive), wanted=names):
-                    if member.data is not None:
-                        target = storage.join(folder, *member.name.split("/"))
-                        _check_under(target, extract_to)
+                    uri = member_uri(archive, member.name)
+                    if member.data is None:
+                        continue
+                    if uri in digests and hashlib.sha256(member.data).hexdigest() != digests[uri]:
+                        print(f"WARNING: {uri}: its bytes changed since it was classified", file=sys.stderr)
+                        continue
+                    target = storage.join(folder, *member.name.split("/"))
+                    _check_under(target, extract_to)
+                    try:
                         storage.write_atomic(target, member.data)
-                        placed[member_uri(archive, member.name)] = target
-        except (ArchiveBroken, OSError, BeamIOError) as exc:
+                    except Exception as exc:  # a storage failure leaves this member out, not the rest
+                        print(f"WARNING: {target}: cannot write: {exc}", file=sys.stderr)
+                        continue
+                    placed[uri] = target
+        except (ArchiveBroken, OSError) as exc:
             print(f"WARNING: {archive}: {exc}", file=sys.stderr)
     return placed
 
@@ -151,7 +165,11 @@ def run(argv: list[str] | None = None) -> int:
     members = [uri for uri in rows.image_uri if split_member_uri(uri)]
     placed = {}
     if members and args.extract_to:
-        placed = extract_members(members, args.extract_to)
+        if args.format == "labelstudio" and FileSystems.get_scheme(args.extract_to) is None:
+            # A folder Label Studio cannot serve fails here, before anything is extracted.
+            image_url(os.path.join(args.extract_to, "member"), args.local_files_root)
+        digests = dict(zip(rows.image_uri, rows.sha256, strict=True))
+        placed = extract_members(members, args.extract_to, digests)
         print(f"extracted {len(placed):,} archive members to {args.extract_to}")
     elif members and args.format == "labelstudio":
         raise options.UsageError(

@@ -28,7 +28,7 @@ from apache_beam.runners.runner import PipelineResult
 from beamvision import storage
 from beamvision.pipelines import options
 from beamvision.pipelines.export_labels import LOCAL_FILES_URL
-from beamvision.transforms.archives import SplitArchives, UnpackArchives, is_archive_input
+from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.dataset import (
     LABELS_FILE,
@@ -60,10 +60,13 @@ def build_pipeline(
     ``reviewed``: (uri, label) pairs of a Label Studio export given as
     ``--labels`` (``label_studio_labels``), with ``unannotated`` tasks skipped.
 
-    Every file's class is known from its URI (folder) or the CSV before any
-    file is read, so the class list is ready before decoding starts and the
-    pixels flow through one fused stage (read, decode, serialise, write):
-    memory does not grow with the dataset.
+    Every file's class is known from its URI (folder) or the labels file
+    before any file is read, so the class list is ready before decoding
+    starts and the pixels flow through one fused stage (read, decode,
+    serialise, write): memory does not grow with the dataset. An archive's
+    classes are its members' folders: a names-only pass reads each archive
+    before the pass that decodes (for tar.gz and zip, which cannot skip
+    data, archives are read twice).
     """
     if config.labels:
         if reviewed is not None:
@@ -89,11 +92,9 @@ def build_pipeline(
         )
         files, label_errors = foldered.files, foldered[ERRORS_TAG]
         # An archive's classes are its members' folders: a listing pass (names only) before the read.
-        listed = split["archives"] | "ListArchives" >> UnpackArchives(label_from_folder=True, read_data=False)
+        listed = split["archives"] | "GroupToList" >> GroupArchives() | "ListArchives" >> ListArchiveMembers()
         named_classes = (
-            (files, listed["images"])
-            | "Labelled" >> beam.Flatten()
-            | "ClassNames" >> beam.Map(lambda f: f.label)
+            (files, listed) | "Labelled" >> beam.Flatten() | "ClassNames" >> beam.Map(lambda f: f.label)
         )
     class_names = beam.pvalue.AsSingleton(
         named_classes
@@ -103,12 +104,13 @@ def build_pipeline(
     )
     # A stage boundary on file names only, so that the read-to-write stage fuses whole.
     found = files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles()
-    read = found["files"] | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
-    unpacked = split["archives"] | "UnpackArchives" >> UnpackArchives(
-        config.buffer_mb * MB, label_from_folder=not config.labels
+    archives = split["archives"] | "GroupArchives" >> GroupArchives()
+    # Names of files and archives meet before the read: bytes never cross a stage boundary.
+    requests = (found["files"], archives) | "FilesAndArchives" >> beam.Flatten()
+    read = requests | "ReadFiles" >> ReadFiles(config.buffer_mb * MB, label_from_folder=not config.labels)
+    decoded = read["files"] | "DecodeImages" >> DecodeImages(
+        config.image_size, config.max_pixels, config.buffer_mb
     )
-    images = (read["files"], unpacked["images"]) | "FilesAndMembers" >> beam.Flatten()
-    decoded = images | "DecodeImages" >> DecodeImages(config.image_size, config.max_pixels, config.buffer_mb)
     examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, config)
     per_split = examples | "BySplit" >> beam.Partition(lambda e, _: SPLITS.index(e[0]), len(SPLITS))
     written = [
@@ -121,13 +123,11 @@ def build_pipeline(
     errors = (
         found["errors"],
         read["errors"],
-        unpacked["errors"],
         decoded["errors"],
         label_errors,
     ) | "AllErrors" >> beam.Flatten()
-    # An archive is not an input: each of its image members is (and the archive, if it broke).
-    plain_inputs = inputs | "PlainInputs" >> beam.Filter(lambda uri: not is_archive_input(uri))
-    inputs = (plain_inputs, unpacked["inputs"]) | "AllInputs" >> beam.Flatten()
+    counted = {"named": inputs, "unpacked": read["members"], "refused": label_errors}
+    inputs = counted | "CountedInputs" >> CountedInputs()
     written.append(errors | "WriteErrorShards" >> WriteErrors(config.output))
     count = beam.combiners.Count
     _ = (
@@ -177,9 +177,12 @@ def label_studio_labels(text: str, root: str) -> tuple[list[tuple[str, str]], in
             "export with the JSON format, not JSON_MIN)"
         )
     labelled, unannotated = [], 0
-    for task in tasks:
-        label = _annotated_choice(task.get("annotations") or [])
-        uri = _task_uri(task["data"], root)
+    for number, task in enumerate(tasks, 1):
+        try:
+            label = _annotated_choice(task.get("annotations") or [])
+            uri = _task_uri(task["data"], root)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise options.UsageError(f"--labels: task {number} is not a Label Studio task ({exc})") from None
         if label is None or uri is None:
             unannotated += 1
         else:
@@ -298,10 +301,14 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     config = options.PrepareConfig.from_args(args)
     reviewed = unannotated = None
     if config.labels and is_label_studio_export(config.labels):
-        reviewed, unannotated = label_studio_labels(storage.read_text(config.labels), config.input)
+        try:
+            text = storage.read_text(config.labels)
+        except UnicodeDecodeError:
+            raise options.UsageError(f"--labels {config.labels}: not UTF-8 text") from None
+        reviewed, unannotated = label_studio_labels(text, config.input)
         print(
             f"{config.labels}: {len(reviewed):,} annotated tasks, "
-            f"{unannotated:,} without an annotation (skipped)"
+            f"{unannotated:,} without a choice annotation (skipped)"
         )
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, reviewed, unannotated)  # before any deletion: building can still fail

@@ -289,7 +289,7 @@ def test_dataflow_job_graph_builds(model_dir, gcs_bucket, capsys):
     )
     assert "dry run: built the DataflowRunner job graph" in capsys.readouterr().out
     names = {t.unique_name for t in result.job.proto_pipeline.components.transforms.values()}
-    steps = ("MatchInputs", "LookUpFiles", "ReadFiles", "UnpackArchives", "DecodeImages", "ClassifyImages")
+    steps = ("MatchInputs", "LookUpFiles", "ReadFiles", "GroupArchives", "DecodeImages", "ClassifyImages")
     for step in (*steps, "WriteResults"):
         assert step in names
 

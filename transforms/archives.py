@@ -1,4 +1,4 @@
-"""Image archives as input: ``SplitArchives`` and ``UnpackArchives``, on ``iter_members`` (a plain function).
+"""Image archives as input: ``iter_members`` (a plain function), ``GroupArchives`` and ``Unpacker``.
 
 An input that names a ``.tar``, ``.tar.gz``/``.tgz`` (also ``.tar.bz2``,
 ``.tar.xz``) or ``.zip`` stands for its image members. A member's URI is
@@ -48,9 +48,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PROCESS_BYTES
-from beamvision.transforms.read import ImageFile
-from beamvision.transforms.rows import ERRORS_TAG, METRICS_NAMESPACE, error_row
+from beamvision.transforms.concurrency import MB, PROCESS_BYTES
+from beamvision.transforms.rows import ERRORS_TAG, METRICS_NAMESPACE, ImageFile, error_row
 
 MEMBER_SEPARATOR = "!/"
 # No image within the default pixel limit (a 16-bit RGBA TIFF of 89M pixels is
@@ -205,9 +204,14 @@ def iter_members(
             if wanted is not None and name not in wanted:
                 continue
             if not image:
-                tally.not_images += 1
-                continue
-            member = _member(name, raw_name, entry_size, is_file, read, read_data, max_member_bytes, admit)
+                if wanted is None:
+                    tally.not_images += 1
+                    continue
+                member = Member(name, entry_size, error=("NotAnImage", "not an image, by its name: not read"))
+            else:
+                member = _member(
+                    name, raw_name, entry_size, is_file, read, read_data, max_member_bytes, admit
+                )
             tally.members += 1
             if member.data is not None:
                 tally.last = member.name
@@ -232,11 +236,13 @@ def _member(name, raw_name, size, is_file, read, read_data, max_member_bytes, ad
         return Member(name, size, error=("MemberTooLarge", _too_large(size, max_member_bytes)))
     if not read_data:
         return Member(name, size)
-    if admit is not None:
-        admit(size or 0)
+    if admit is not None and size is not None:
+        admit(size)
     data = read(max_member_bytes)
     if data is None:
         return Member(name, None, error=("MemberTooLarge", _too_large(None, max_member_bytes)))
+    if admit is not None and size is None:  # a zip member with a data descriptor: its size is known now
+        admit(len(data))
     return Member(name, len(data), data)
 
 
@@ -341,44 +347,65 @@ class SplitArchives(beam.PTransform):
         return {"files": parts[0], "archives": parts[1]}
 
 
-class UnpackArchives(beam.PTransform):
-    """Archives and members named (``ImageFile``) to (ImageFile, bytes) per image member; errors to rows.
+@dataclasses.dataclass(frozen=True)
+class ArchiveRequest:
+    """Everything asked of one archive: itself (all its images) and/or members by name, with their labels."""
 
-    Every request for one archive is grouped first, so each archive is read
-    once, by one worker: whole if the archive itself was named, else for the
-    members named (each keeps the label it came with). With
-    ``label_from_folder`` (prepare), a member's class is its first folder
-    inside the archive; a member outside any folder is a ``NoLabel`` row.
+    uri: str
+    requests: tuple[ImageFile, ...]
 
-    Returns a dict of PCollections: ``images`` ((ImageFile, bytes); with
-    ``read_data=False``, ImageFiles only), ``errors`` (rows), ``inputs`` (one
-    URI per row made: members, and archives that failed) and ``not_images``
-    (members passed over, one count per archive).
+
+class GroupArchives(beam.PTransform):
+    """Archive and member ``ImageFile``s to one ``ArchiveRequest`` per archive (each is read once).
+
+    The requests are names, never bytes: ``ReadFiles`` reads them beside plain
+    files, so reading, decoding and inference stay one fused stage.
     """
 
-    def __init__(
-        self,
-        buffer_bytes: int = DEFAULT_BUFFER_MB * MB,
-        label_from_folder: bool = False,
-        read_data: bool = True,
-    ):
-        super().__init__()
-        self._unpack = _UnpackFn(buffer_bytes, label_from_folder, read_data)
-
     def expand(self, archives):
-        unpacked = (
+        return (
             archives
             | "KeyByArchive" >> beam.Map(_request)
             | "OncePerArchive" >> beam.GroupByKey()
-            | "Unpack"
-            >> beam.ParDo(self._unpack).with_outputs(ERRORS_TAG, "inputs", "not_images", main="images")
+            | "Request" >> beam.MapTuple(lambda uri, requests: ArchiveRequest(uri, tuple(requests)))
         )
-        return {
-            "images": unpacked.images,
-            "errors": unpacked[ERRORS_TAG],
-            "inputs": unpacked.inputs,
-            "not_images": unpacked.not_images,
-        }
+
+
+class ListArchiveMembers(beam.PTransform):
+    """``ArchiveRequest``s to the ``ImageFile`` of every image member, labelled by its folder; nothing kept.
+
+    A names-only pass (prepare's class list). Returns the ImageFiles.
+    """
+
+    def expand(self, requests):
+        listed = requests | "List" >> beam.ParDo(_ListFn()).with_outputs(
+            ERRORS_TAG, "inputs", "not_images", main="members"
+        )
+        return listed.members
+
+
+class CountedInputs(beam.PTransform):
+    """The inputs a run counts, one URI each: an archive is not one, each row it makes is.
+
+    Input: a dict of PCollections: ``named`` (URIs matched or listed,
+    archives among them), ``unpacked`` (``ReadFiles``' ``members``: one URI
+    per row an archive made) and, optionally, ``refused`` (error rows made
+    before reading, such as prepare's label errors, whose archive members
+    never reach it).
+    """
+
+    def expand(self, pcolls):
+        parts = [
+            pcolls["named"] | "NotArchives" >> beam.Filter(lambda uri: not is_archive_input(uri)),
+            pcolls["unpacked"],
+        ]
+        if "refused" in pcolls:
+            parts.append(
+                pcolls["refused"]
+                | "RefusedUris" >> beam.Map(lambda row: row["image_uri"])
+                | "RefusedMembers" >> beam.Filter(is_archive_input)
+            )
+        return parts | "AllInputs" >> beam.Flatten()
 
 
 def _request(image_file: ImageFile) -> tuple[str, ImageFile]:
@@ -392,23 +419,36 @@ def folder_of(name: str) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
-class _UnpackFn(beam.DoFn):
-    def __init__(self, buffer_bytes: int, label_from_folder: bool, read_data: bool):
+class Unpacker:
+    """Reads an ``ArchiveRequest``: its outputs, in the shape of ``ReadFiles``' (see ``unpack``).
+
+    ``unpack`` streams the archive once: each image member asked for becomes
+    (ImageFile, bytes), within ``buffer_bytes`` of ``PROCESS_BYTES`` (the
+    member's bytes are counted from before they are read until the consumer
+    has taken them), or an error row; and per row, its URI to the tagged
+    output ``members``; and the count of members that are not images to
+    ``not_images``. With ``label_from_folder`` a member's class is its
+    first folder (``NoLabel`` row if none), unless its request carries one.
+    """
+
+    def __init__(self, buffer_bytes: int, label_from_folder: bool = False, read_data: bool = True):
         self._buffer_bytes = buffer_bytes
         self._label_from_folder = label_from_folder
         self._read_data = read_data
         self._archives = Metrics.counter(METRICS_NAMESPACE, "archives_read")
         self._broken = Metrics.counter(METRICS_NAMESPACE, "archives_broken")
+        self._read = Metrics.counter(METRICS_NAMESPACE, "images_read")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
 
-    def process(self, element):
-        archive, requests = element
-        whole = any(r.uri == archive for r in requests)
+    def unpack(self, request: ArchiveRequest) -> Iterator:
+        archive = request.uri
+        whole_request = next((r for r in request.requests if r.uri == archive), None)
         named = {}
-        for r in requests:
+        for r in request.requests:
             parts = split_member_uri(r.uri)
             if parts:
                 named[safe_member_name(parts[1]) or parts[1]] = r
-        wanted = None if whole else set(named)
+        whole = whole_request is not None
         tally = Tally()
         held = [0]
 
@@ -425,15 +465,16 @@ class _UnpackFn(beam.DoFn):
                     f,
                     archive_kind(archive),
                     size=metadata.size_in_bytes,
-                    wanted=wanted,
+                    wanted=None if whole else set(named),
                     read_data=self._read_data,
                     admit=admit,
                     tally=tally,
                 )
                 for member in members:
-                    found.add(member.name)
-                    yield from self._outputs(archive, member, named.get(member.name), modified)
-                    PROCESS_BYTES.release(held[0])
+                    if member.name in named:
+                        found.add(member.name)  # (only names asked for: memory never follows the members)
+                    yield from self._outputs(archive, member, named.get(member.name, whole_request), modified)
+                    PROCESS_BYTES.release(held[0])  # the consumer has taken the member
                     held[0] = 0
             self._archives.inc()
         except Exception as exc:  # every failure of storage or of the archive becomes a row
@@ -443,26 +484,26 @@ class _UnpackFn(beam.DoFn):
                 str(exc) if isinstance(exc, ArchiveBroken) else f"cannot read the archive: {_describe(exc)}"
             )
             if whole:
-                yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(archive, "read", error_type, message))
-                yield beam.pvalue.TaggedOutput("inputs", archive)
+                yield from self._error(archive, "read", error_type, message)
             for name in sorted(set(named) - found):  # named members never reached: one row each
-                uri = member_uri(archive, name)
-                yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, "read", error_type, message))
-                yield beam.pvalue.TaggedOutput("inputs", uri)
+                yield from self._error(member_uri(archive, name), "read", error_type, message)
             found.update(named)
         finally:
             PROCESS_BYTES.release(held[0])
         for name in sorted(set(named) - found):
-            uri = member_uri(archive, name)
-            row = error_row(uri, "read", "FileNotFoundError", f"no member {name!r} in {archive}")
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, row)
-            yield beam.pvalue.TaggedOutput("inputs", uri)
+            yield from self._error(
+                member_uri(archive, name), "read", "FileNotFoundError", f"no member {name!r} in {archive}"
+            )
         if tally.not_images:
             yield beam.pvalue.TaggedOutput("not_images", tally.not_images)
 
+    def _error(self, uri: str, stage: str, error_type: str, message: str, size=None, modified=None):
+        self._failed.inc()
+        yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, stage, error_type, message, size, modified))
+        yield beam.pvalue.TaggedOutput("members", uri)
+
     def _outputs(self, archive: str, member: Member, request: ImageFile | None, modified: float | None):
         uri = member_uri(archive, member.name)
-        yield beam.pvalue.TaggedOutput("inputs", uri)
         label = request.label if request is not None else None
         if member.error is None and self._label_from_folder and label is None:
             label = folder_of(member.name)
@@ -471,13 +512,20 @@ class _UnpackFn(beam.DoFn):
         if member.error is not None:
             error_type, message = member.error
             stage = "label" if error_type == "NoLabel" else "read"
-            yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG, error_row(uri, stage, error_type, message, member.size, modified)
-            )
+            yield from self._error(uri, stage, error_type, message, member.size, modified)
             return
+        self._read.inc()
+        yield beam.pvalue.TaggedOutput("members", uri)
         image_file = ImageFile(uri, member.size, modified, label)
         if not self._read_data:
             yield image_file
             return
-        sha256 = hashlib.sha256(member.data).hexdigest()
-        yield dataclasses.replace(image_file, sha256=sha256), member.data
+        yield dataclasses.replace(image_file, sha256=hashlib.sha256(member.data).hexdigest()), member.data
+
+
+class _ListFn(beam.DoFn):
+    def __init__(self):
+        self._unpacker = Unpacker(0, label_from_folder=True, read_data=False)
+
+    def process(self, request: ArchiveRequest):
+        yield from self._unpacker.unpack(request)

@@ -190,6 +190,11 @@ class ThreadPoolDoFn(beam.DoFn):
         self._abandon_pending()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def emit_pending(self) -> Iterable:
+        """Emits every element in flight, oldest first (waiting for each)."""
+        while self._pending:
+            yield from self._emit_oldest()
+
     def _emit_oldest(self) -> Iterable:
         future, cost = self._pending.popleft()
         try:

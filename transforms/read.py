@@ -29,26 +29,12 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
+from beamvision.transforms.archives import ArchiveRequest, Unpacker
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, ThreadPoolDoFn
-from beamvision.transforms.rows import ERRORS_TAG, error_row
+from beamvision.transforms.rows import ERRORS_TAG, ImageFile, error_row
 
 _GLOB_CHARS = ("*", "?", "[")
 READ_THREADS = 16  # object-store reads are latency-bound
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageFile:
-    """An input file: where it is, its size, its modification time (seconds since epoch) and its class.
-
-    ``size_bytes`` and ``modified`` are None until the file has been looked
-    up; ``label`` is the class a folder or labels file gives it (prepare).
-    """
-
-    uri: str
-    size_bytes: int | None = None
-    modified: float | None = None
-    label: str | None = None
-    sha256: str | None = None  # of the bytes, once read
 
 
 def expand_pattern(pattern: str) -> str:
@@ -118,21 +104,33 @@ class LookUpFiles(beam.PTransform):
 
 
 class ReadFiles(beam.PTransform):
-    """Looked-up ``ImageFile`` to (ImageFile, bytes), within ``buffer_bytes`` (see the module).
+    """Looked-up ``ImageFile``s and ``ArchiveRequest``s to (ImageFile, bytes), within ``buffer_bytes``.
 
-    Returns a dict of PCollections: ``files`` and ``errors`` (error rows of
-    stage ``read`` for files that cannot be read).
+    Plain files are read on threads (see the module); an archive is streamed
+    member by member (``archives.Unpacker``; with ``label_from_folder``, a
+    member's class is its first folder). Both arrive here as names, so that
+    reading, decoding and inference fuse into one stage: bytes never wait in
+    a runner's buffer. Returns a dict of PCollections: ``files``,
+    ``errors`` (rows of stage ``read``, and ``label`` for members),
+    ``members`` (one URI per row an archive made, for counting) and
+    ``not_images`` (per archive, members passed over).
     """
 
-    def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_MB * MB):
+    def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_MB * MB, label_from_folder: bool = False):
         super().__init__()
         self._buffer_bytes = buffer_bytes
+        self._label_from_folder = label_from_folder
 
     def expand(self, files):
-        read = files | "Read" >> beam.ParDo(_ReadFileFn(self._buffer_bytes)).with_outputs(
-            ERRORS_TAG, main="files"
-        )
-        return {"files": read.files, "errors": read[ERRORS_TAG]}
+        read = files | "Read" >> beam.ParDo(
+            _ReadFileFn(self._buffer_bytes, self._label_from_folder)
+        ).with_outputs(ERRORS_TAG, "members", "not_images", main="files")
+        return {
+            "files": read.files,
+            "errors": read[ERRORS_TAG],
+            "members": read.members,
+            "not_images": read.not_images,
+        }
 
 
 def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list[str]:
@@ -270,9 +268,14 @@ class _LookUpFn(ThreadPoolDoFn):
 
 
 class _ReadFileFn(ThreadPoolDoFn):
-    """Reads files on threads while the process holds less than ``buffer_bytes`` (see the module)."""
+    """Reads files on threads while the process holds less than ``buffer_bytes`` (see the module).
 
-    def __init__(self, buffer_bytes: int):
+    An ``ArchiveRequest`` is streamed on the bundle's thread, after the
+    files read ahead have been emitted (members wait for room in the same
+    budget, which those files would otherwise hold).
+    """
+
+    def __init__(self, buffer_bytes: int, label_from_folder: bool = False):
         super().__init__(
             threads=READ_THREADS,
             depth=64,
@@ -280,6 +283,14 @@ class _ReadFileFn(ThreadPoolDoFn):
             failed_counter="images_failed",
             budget=buffer_bytes,
         )
+        self._unpacker = Unpacker(buffer_bytes, label_from_folder)
+
+    def process(self, element):
+        if isinstance(element, ArchiveRequest):
+            yield from self.emit_pending()
+            yield from self._unpacker.unpack(element)
+        else:
+            yield from super().process(element)
 
     def cost(self, image_file: ImageFile) -> int:
         return image_file.size_bytes or 0

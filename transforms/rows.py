@@ -1,4 +1,4 @@
-"""What the pipelines emit: result and error row schemas, ``error_row``, the error tag and metrics namespace.
+"""What pipelines carry and emit: ``ImageFile``, result and error row schemas, ``error_row``, the error tag.
 
 Every step that can fail on an input (read, decode, label, inference) sends an
 ``error_row`` to its output tagged ``ERRORS_TAG``; ``WriteResults`` and
@@ -9,12 +9,30 @@ beamvision, so every transform can use it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Any
 
 import pyarrow as pa
 
 METRICS_NAMESPACE = "beamvision"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+    """An input file: where it is, its size, its modification time (seconds since epoch) and its class.
+
+    ``size_bytes`` and ``modified`` are None until the file has been looked
+    up; ``label`` is the class a folder or labels file gives it (prepare).
+    """
+
+    uri: str
+    size_bytes: int | None = None
+    modified: float | None = None
+    label: str | None = None
+    sha256: str | None = None  # of the bytes, once read
+
+
 ERRORS_TAG = "errors"  # tagged output of every step that can fail on an input
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")

@@ -3,7 +3,7 @@
 ``thumbnail`` (a plain function) turns image bytes into a JPEG no larger than
 ``size`` on its longer side, EXIF orientation applied, any colour mode as RGB.
 ``MakeThumbnails`` reads the images as classify does (``ReadFiles``,
-``UnpackArchives``, within ``--buffer_mb``) and writes each thumbnail as
+archive members, within ``--buffer_mb``) and writes each thumbnail as
 ``FOLDER/<thumbnail_name(uri)>``; an image that cannot be read or decoded
 simply has no thumbnail (the review says so).
 """
@@ -17,7 +17,7 @@ import apache_beam as beam
 from PIL import Image, ImageOps
 
 from beamvision import storage
-from beamvision.transforms.archives import SplitArchives, UnpackArchives
+from beamvision.transforms.archives import GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, ThreadPoolDoFn
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS, to_rgb
 from beamvision.transforms.read import ImageFile, LookUpFiles, ReadFiles
@@ -58,11 +58,11 @@ class MakeThumbnails(beam.PTransform):
     def expand(self, uris):
         split = uris | "ToFiles" >> beam.Map(ImageFile) | "SplitArchives" >> SplitArchives()
         found = split["files"] | "LookUpFiles" >> LookUpFiles()
-        read = found["files"] | "ReadFiles" >> ReadFiles(self._buffer_bytes)
-        members = split["archives"] | "UnpackArchives" >> UnpackArchives(self._buffer_bytes)
+        archives = split["archives"] | "GroupArchives" >> GroupArchives()
+        requests = (found["files"], archives) | "FilesAndArchives" >> beam.Flatten()
+        read = requests | "ReadFiles" >> ReadFiles(self._buffer_bytes)
         return (
-            (read["files"], members["images"])
-            | "FilesAndMembers" >> beam.Flatten()
+            read["files"]
             | "Thumbnail"
             >> beam.ParDo(_ThumbnailFn(self._folder, self._size)).with_outputs("failed", main="made")
         ).made
