@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --images 800
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/incremental.py
+	$(BIN)/python benchmarks/archives.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

@@ -185,6 +185,11 @@ def run(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             rows = rows[~missing]
+            if rows.empty:
+                raise options.UsageError(
+                    f"--extract_to {args.extract_to}: no archive member could be extracted "
+                    "(see the warnings; relative URIs are read from the current folder)"
+                )
     if args.format == "labelstudio":
         tasks = label_studio_tasks(rows, args.from_name, args.to_name, args.local_files_root, placed)
         payload = json.dumps(tasks, indent=1).encode("utf-8")

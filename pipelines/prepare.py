@@ -205,9 +205,9 @@ def _task_uri(data: dict, root: str) -> str | None:
     if not isinstance(uri, str) or not uri:
         return None
     if uri.startswith(LOCAL_FILES_URL):
-        relative = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("d", [""])[0]
-        return storage.join(root, relative) if relative else None
-    return uri
+        uri = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("d", [""])[0]
+    named = listed_uri(uri, root=root)  # a relative path is under ROOT, as in a labels CSV
+    return named[0] if named else None
 
 
 def _csv_entry(line: str, root: str):
