@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/archives.py
+	$(BIN)/python benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

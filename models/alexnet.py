@@ -11,11 +11,10 @@ No ImageNet weights are published for Keras.
 
 from __future__ import annotations
 
+import functools
 import math
 
-import keras
 import numpy as np
-from keras import layers, ops
 
 from beamvision.models.registry import ArchitectureSpec, register
 
@@ -30,28 +29,49 @@ def _bin_matrix(size_in: int, size_out: int) -> np.ndarray:
     return matrix
 
 
-@keras.saving.register_keras_serializable(package="beamvision")
-class AdaptivePool(layers.Layer):
-    """Adaptive average pooling to a fixed square output, for any input size."""
+@functools.cache
+def adaptive_pool_class():
+    """The ``AdaptivePool`` layer class, defined (and registered with Keras) on first use.
 
-    def __init__(self, output_size: int, **kwargs):
-        super().__init__(**kwargs)
-        self.output_size = output_size
+    Keras is imported only when a model is built or loaded, so commands that
+    only read the registry (``beamvision models``, ``--help``) start fast.
+    """
+    import keras
+    from keras import layers, ops
 
-    def call(self, x):
-        rows = ops.convert_to_tensor(_bin_matrix(x.shape[1], self.output_size))
-        cols = ops.convert_to_tensor(_bin_matrix(x.shape[2], self.output_size))
-        return ops.einsum("ih,bhwc,jw->bijc", rows, x, cols)
+    @keras.saving.register_keras_serializable(package="beamvision")
+    class AdaptivePool(layers.Layer):
+        """Adaptive average pooling to a fixed square output, for any input size."""
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.output_size, self.output_size, input_shape[3])
+        def __init__(self, output_size: int, **kwargs):
+            super().__init__(**kwargs)
+            self.output_size = output_size
 
-    def get_config(self):
-        return {**super().get_config(), "output_size": self.output_size}
+        def call(self, x):
+            rows = ops.convert_to_tensor(_bin_matrix(x.shape[1], self.output_size))
+            cols = ops.convert_to_tensor(_bin_matrix(x.shape[2], self.output_size))
+            return ops.einsum("ih,bhwc,jw->bijc", rows, x, cols)
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], self.output_size, self.output_size, input_shape[3])
+
+        def get_config(self):
+            return {**super().get_config(), "output_size": self.output_size}
+
+    return AdaptivePool
 
 
-def alexnet(inputs, num_classes: int, weights: str | None = None) -> keras.Model:
-    """Builds AlexNet on a normalised float input tensor."""
+def __getattr__(name: str):
+    if name == "AdaptivePool":  # beamvision.models.alexnet.AdaptivePool, defined on first use
+        return adaptive_pool_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def alexnet(inputs, num_classes: int, weights: str | None = None):
+    """Builds AlexNet on a normalised float input tensor (a keras.Model)."""
+    import keras
+    from keras import layers
+
     if weights is not None:
         raise ValueError(f"AlexNet has no published Keras weights. Received: weights={weights!r}")
     x = layers.ZeroPadding2D(2, name="conv1_pad")(inputs)
@@ -63,7 +83,7 @@ def alexnet(inputs, num_classes: int, weights: str | None = None) -> keras.Model
     x = layers.Conv2D(256, 3, padding="same", activation="relu", name="conv4")(x)
     x = layers.Conv2D(256, 3, padding="same", activation="relu", name="conv5")(x)
     x = layers.MaxPooling2D(3, strides=2, name="pool5")(x)
-    x = AdaptivePool(6, name="avg_pool")(x)
+    x = adaptive_pool_class()(6, name="avg_pool")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(0.5, name="drop6")(x)
     x = layers.Dense(4096, activation="relu", name="fc6")(x)

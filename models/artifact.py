@@ -22,9 +22,10 @@ import os
 import platform
 import tempfile
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
+if TYPE_CHECKING:  # Keras is imported where a model is built or loaded
+    import keras
 
 from beamvision import __version__, storage
 from beamvision.models.errors import ArtifactError
@@ -125,6 +126,7 @@ class Artifact:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a model artifact."""
     import apache_beam
+    import keras
     import tensorflow as tf
 
     return {
@@ -319,6 +321,12 @@ def _unsafe(uri: str) -> ArtifactError:
 
 
 def _load_keras_safely(local_path: str, uri: str) -> keras.Model:
+    import keras
+
+    from beamvision.models.alexnet import adaptive_pool_class
+    from beamvision.models.preprocessing import preprocess_class
+
+    preprocess_class(), adaptive_pool_class()  # beamvision's own layers, registered before loading
     try:
         return keras.saving.load_model(local_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad or unsafe file.

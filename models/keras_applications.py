@@ -8,13 +8,16 @@ dir, ``$KERAS_HOME/models``, or a download on a connected machine).
 
 from __future__ import annotations
 
-import keras
-
 from beamvision.models.registry import ArchitectureSpec, register
 
 
-def _keras_builder(constructor):
-    def build(inputs, num_classes: int, weights: str | None) -> keras.Model:
+def _keras_builder(constructor_name: str):
+    """A builder calling ``keras.applications.<constructor_name>`` (Keras is imported when it builds)."""
+
+    def build(inputs, num_classes: int, weights: str | None):
+        import keras
+
+        constructor = getattr(keras.applications, constructor_name)
         return constructor(
             include_top=True,
             weights=weights,
@@ -42,11 +45,10 @@ def _register(name, constructor, size, min_size, preprocessing, params, classifi
     )
 
 
-_apps = keras.applications
-_register("vgg16", _apps.VGG16, 224, 32, "caffe", 138_357_544)
-_register("resnet50", _apps.ResNet50, 224, 32, "caffe", 25_636_712)
-_register("inception_v3", _apps.InceptionV3, 299, 75, "tf", 23_851_784)
-_register("densenet121", _apps.DenseNet121, 224, 32, "torch", 8_062_504)
-_register("xception", _apps.Xception, 299, 71, "tf", 22_910_480)
-_register("mobilenet_v1", _apps.MobileNet, 224, 32, "tf", 4_253_864, classifier="conv_preds")
-_register("mobilenet_v2", _apps.MobileNetV2, 224, 32, "tf", 3_538_984)
+_register("vgg16", "VGG16", 224, 32, "caffe", 138_357_544)
+_register("resnet50", "ResNet50", 224, 32, "caffe", 25_636_712)
+_register("inception_v3", "InceptionV3", 299, 75, "tf", 23_851_784)
+_register("densenet121", "DenseNet121", 224, 32, "torch", 8_062_504)
+_register("xception", "Xception", 299, 71, "tf", 22_910_480)
+_register("mobilenet_v1", "MobileNet", 224, 32, "tf", 4_253_864, classifier="conv_preds")
+_register("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 3_538_984)

@@ -13,8 +13,7 @@ and training and inference can never disagree about normalisation.
 
 from __future__ import annotations
 
-import keras
-from keras import ops
+import functools
 
 PREPROCESSING_MODES = ("tf", "caffe", "torch")
 
@@ -23,31 +22,51 @@ _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
 
 
-@keras.saving.register_keras_serializable(package="beamvision")
-class Preprocess(keras.layers.Layer):
-    """Casts uint8 RGB images to float32 and normalises them for one mode."""
+@functools.cache
+def preprocess_class():
+    """The ``Preprocess`` layer class, defined (and registered with Keras) on first use.
 
-    def __init__(self, mode: str, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in PREPROCESSING_MODES:
-            raise ValueError(f"Preprocess mode must be one of {PREPROCESSING_MODES}. Received: mode={mode!r}")
-        self.mode = mode
+    Keras is imported only when a model is built or loaded, so commands that
+    only read the registry start fast.
+    """
+    import keras
+    from keras import ops
 
-    def call(self, images):
-        x = ops.cast(images, "float32")
-        if self.mode == "tf":
-            return x / 127.5 - 1.0
-        if self.mode == "caffe":
-            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_BGR_MEAN, "float32")
-        mean = ops.convert_to_tensor(_TORCH_MEAN, "float32")
-        std = ops.convert_to_tensor(_TORCH_STD, "float32")
-        return (x / 255.0 - mean) / std
+    @keras.saving.register_keras_serializable(package="beamvision")
+    class Preprocess(keras.layers.Layer):
+        """Casts uint8 RGB images to float32 and normalises them for one mode."""
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
+        def __init__(self, mode: str, **kwargs):
+            super().__init__(**kwargs)
+            if mode not in PREPROCESSING_MODES:
+                raise ValueError(
+                    f"Preprocess mode must be one of {PREPROCESSING_MODES}. Received: mode={mode!r}"
+                )
+            self.mode = mode
 
-    def compute_output_spec(self, images):
-        return keras.KerasTensor(images.shape, dtype="float32")
+        def call(self, images):
+            x = ops.cast(images, "float32")
+            if self.mode == "tf":
+                return x / 127.5 - 1.0
+            if self.mode == "caffe":
+                return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_BGR_MEAN, "float32")
+            mean = ops.convert_to_tensor(_TORCH_MEAN, "float32")
+            std = ops.convert_to_tensor(_TORCH_STD, "float32")
+            return (x / 255.0 - mean) / std
 
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def compute_output_spec(self, images):
+            return keras.KerasTensor(images.shape, dtype="float32")
+
+        def get_config(self):
+            return {**super().get_config(), "mode": self.mode}
+
+    return Preprocess
+
+
+def __getattr__(name: str):
+    if name == "Preprocess":  # beamvision.models.preprocessing.Preprocess, defined on first use
+        return preprocess_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

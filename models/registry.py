@@ -17,16 +17,19 @@ import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import keras
+if TYPE_CHECKING:  # Keras is imported where a model is built or loaded
+    import keras
 
 from beamvision import storage
 from beamvision.models.errors import ModelArgumentError, ModelError
-from beamvision.models.preprocessing import PREPROCESSING_MODES, Preprocess
+from beamvision.models.preprocessing import PREPROCESSING_MODES, preprocess_class
 
 # builder(inputs, num_classes, weights) -> keras.Model whose inputs are the
-# source inputs of ``inputs`` and whose output is class probabilities.
-Builder = Callable[[keras.KerasTensor, int, "str | None"], keras.Model]
+# source inputs of ``inputs`` and whose output is class probabilities. Keras
+# is imported by builders, never at import time: reading the registry is fast.
+Builder = Callable[[Any, int, "str | None"], Any]
 
 IMAGENET_CLASSES = 1000
 
@@ -158,11 +161,13 @@ def create_model(
         ModelError: for an unknown name; ModelArgumentError for arguments the
             architecture cannot take.
     """
+    import keras
+
     spec = get_spec(name)
     size = spec.default_input_size if input_size is None else input_size
     spec.check_arguments(num_classes, size, weights)
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
-    normalised = Preprocess(spec.preprocessing, name="preprocess")(inputs)
+    normalised = preprocess_class()(spec.preprocessing, name="preprocess")(inputs)
     if weights == "imagenet":
         model = _build_with_imagenet_weights(spec, normalised, num_classes)
     else:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import math
 
-import keras
-from keras import layers
-
 from beamvision.models.registry import ArchitectureSpec, register
 
 # (squeeze, expand) channels of fire modules 2..9; "pool" marks a max pool.
@@ -34,6 +31,8 @@ _LAYOUT = [
 
 def _ceil_max_pool(x, name: str):
     """3x3/2 max pool with torchvision's ceil_mode=True output size."""
+    from keras import layers
+
     height, width = x.shape[1], x.shape[2]
     pad_h = (math.ceil((height - 3) / 2) * 2 + 3) - height
     pad_w = (math.ceil((width - 3) / 2) * 2 + 3) - width
@@ -43,14 +42,19 @@ def _ceil_max_pool(x, name: str):
 
 
 def _fire(x, squeeze: int, expand: int, name: str):
+    from keras import layers
+
     s = layers.Conv2D(squeeze, 1, activation="relu", name=f"{name}_squeeze")(x)
     e1 = layers.Conv2D(expand, 1, activation="relu", name=f"{name}_expand1x1")(s)
     e3 = layers.Conv2D(expand, 3, padding="same", activation="relu", name=f"{name}_expand3x3")(s)
     return layers.Concatenate(name=f"{name}_concat")([e1, e3])
 
 
-def squeezenet(inputs, num_classes: int, weights: str | None = None) -> keras.Model:
-    """Builds SqueezeNet 1.1 on a normalised float input tensor."""
+def squeezenet(inputs, num_classes: int, weights: str | None = None):
+    """Builds SqueezeNet 1.1 on a normalised float input tensor (a keras.Model)."""
+    import keras
+    from keras import layers
+
     if weights is not None:
         raise ValueError(f"SqueezeNet has no published Keras weights. Received: weights={weights!r}")
     x = layers.Conv2D(64, 3, strides=2, activation="relu", name="conv1")(inputs)

@@ -64,6 +64,23 @@ def test_models_json_matches_registry(capsys):
         }
 
 
+@pytest.mark.parametrize("argv", [["models"], ["models", "--json"], ["classify", "--help"], ["--help"]])
+def test_registry_and_help_never_import_tensorflow(argv):
+    """Start-up: listing architectures and printing help need no Keras or TensorFlow (seconds of import)."""
+    code = (
+        "import sys\n"
+        "from beamvision.pipelines import cli\n"
+        "try:\n"
+        f"    cli.main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in done.stderr, done.stderr[-2000:]
+
+
 def test_models_table(capsys):
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
