@@ -41,6 +41,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.9",  # evaluate's confusion-matrix PNG, review's charts
     "stream-unzip>=0.0.99",  # zip archives read member by member, without the central directory
     "jinja2>=3.1",  # review's HTML, escaped by default
+    "openvino>=2025.0",  # --engine openvino
 ]
 
 EXTRAS_REQUIRE = {

@@ -105,10 +105,10 @@ def run_ceiling(artifact: str, pixels_path: str, batch_size: int) -> None:
     import numpy as np
 
     from beamvision.models.artifact import load_artifact
-    from beamvision.transforms.inference import Classifier
+    from beamvision.transforms.engines import TensorFlowClassifier
 
     pixels = np.load(pixels_path)
-    classify = Classifier(load_artifact(artifact), batch_size, top_k=5, embeddings=False)
+    classify = TensorFlowClassifier(load_artifact(artifact), batch_size, top_k=5, embeddings=False)
     for start in range(0, len(pixels), batch_size):
         classify(list(pixels[start : start + batch_size]))
 

@@ -72,7 +72,9 @@ def build_pipeline(
     decoded = read["files"] | "DecodeImages" >> DecodeImages(
         manifest.input_size, config.max_pixels, config.buffer_mb
     )
-    handler = BeamvisionModelHandler(config.model, config.batch_size, config.top_k, config.embeddings)
+    handler = BeamvisionModelHandler(
+        config.model, config.batch_size, config.top_k, config.embeddings, config.engine, config.precision
+    )
     classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
         handler, manifest.name, manifest.version
     )
@@ -88,6 +90,8 @@ def build_pipeline(
         "version": manifest.version,
         "architecture": manifest.architecture,
         "uri": config.model,
+        "engine": config.engine,
+        "precision": config.precision,  # as asked; auto is resolved on each worker (and logged there)
     }
     written = {
         "results": classified["results"],

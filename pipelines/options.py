@@ -26,6 +26,7 @@ from beamvision.models.artifact import MANIFEST_FILE
 from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
+from beamvision.transforms.engines import ENGINES, PRECISIONS
 from beamvision.transforms.incremental import RUN_ID_PATTERN
 from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
 
@@ -314,6 +315,19 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         help="images per inference batch (default 32)",
     )
     _add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="tensorflow",
+        help="how batches are computed: tensorflow (default) or openvino (the same model, converted on "
+        "each worker; faster on Intel CPUs)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), bf16, or auto: bf16 where the CPU computes it natively (AVX512_BF16, AMX)",
+    )
     _add_decode_arguments(parser)
     _add_switch(
         parser,
@@ -345,6 +359,8 @@ class ClassifyConfig:
     incremental: bool
     run_id: str | None
     overwrite: bool
+    engine: str = "tensorflow"
+    precision: str = "fp32"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClassifyConfig:
@@ -368,6 +384,8 @@ class ClassifyConfig:
             args.incremental,
             args.run_id,
             args.overwrite,
+            args.engine,
+            args.precision,
         )
 
 

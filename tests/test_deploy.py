@@ -128,6 +128,8 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
         "top_k": "2",
         "batch_size": "4",
         "embeddings": "true",
+        "engine": "openvino",
+        "precision": "auto",
         "max_pixels": "50000000",
         "buffer_mb": "64",
         "incremental": "true",

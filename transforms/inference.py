@@ -6,17 +6,16 @@ travel beside uint8 pixel batches. The handler owns how a batch is computed,
 so another engine can replace it without touching the pipeline:
 
 - one model per worker process (Beam's ``Shared`` handle), loaded from the
-  artifact in ``load_model``;
+  artifact in ``load_model`` and built by the engine ``--engine`` names
+  (``beamvision.transforms.engines``: TensorFlow or OpenVINO, at ``--precision``);
 - a fixed batch shape: the last, short batch of a bundle is padded, so the
-  compiled graph is traced once;
-- top-k and the optional embedding are computed inside the graph.
+  compiled model is traced once.
 
 Failed batches go to the error output (stage ``inference``), one row per image.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -27,87 +26,46 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
+from beamvision.transforms.engines import Prediction, build_classifier
 from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
 
 
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """Top-k classes of one image, best first, and its embedding if asked for."""
+class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
+    """ModelHandler for beamvision model artifacts: uint8 images in, Predictions out.
 
-    labels: list[str]
-    scores: list[float]
-    embedding: list[float] | None = None
-
-
-class Classifier:
-    """A loaded artifact compiled for one fixed batch shape.
-
-    Calling it with up to ``batch_size`` uint8 images returns one ``Prediction`` each.
+    ``engine`` (``engines.ENGINES``) and ``precision`` (``engines.PRECISIONS``)
+    choose how a batch is computed, on each worker.
     """
 
-    def __init__(self, artifact, batch_size: int, top_k: int, embeddings: bool):
-        import keras
-        import tensorflow as tf
-
-        from beamvision.models import get_spec
-
-        manifest = artifact.manifest
-        self.batch_size = batch_size
-        self.labels = np.asarray(manifest.labels, dtype=object)
-        size = manifest.input_size
-        outputs = [artifact.model.output]
-        if embeddings:
-            features = artifact.model.get_layer(get_spec(manifest.architecture).classifier_layer).input
-            if len(features.shape) == 4:
-                features = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(features)
-            outputs.append(features)
-        model = keras.Model(artifact.model.inputs, outputs)
-        k = min(top_k, len(manifest.labels))
-
-        @tf.function(input_signature=[tf.TensorSpec([batch_size, size, size, 3], tf.uint8)])
-        def predict(images):
-            outputs = model(images, training=False)
-            probabilities, *rest = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-            top = tf.math.top_k(probabilities, k=k)
-            return [top.values, top.indices, *rest]
-
-        self._predict = predict
-
-    def __call__(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        count = len(images)
-        batch = np.zeros((self.batch_size, *images[0].shape), dtype=np.uint8)
-        batch[:count] = np.stack(images)
-        scores, indices, *embedding = (t.numpy() for t in self._predict(batch))
-        embedding = embedding[0] if embedding else None
-        return [
-            Prediction(
-                labels=self.labels[indices[i]].tolist(),
-                scores=scores[i].tolist(),
-                embedding=None if embedding is None else embedding[i].tolist(),
-            )
-            for i in range(count)
-        ]
-
-
-class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Classifier]):
-    """ModelHandler for beamvision model artifacts: uint8 images in, Predictions out."""
-
-    def __init__(self, model_uri: str, batch_size: int = 32, top_k: int = 5, embeddings: bool = False):
+    def __init__(
+        self,
+        model_uri: str,
+        batch_size: int = 32,
+        top_k: int = 5,
+        embeddings: bool = False,
+        engine: str = "tensorflow",
+        precision: str = "fp32",
+    ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._model_uri = model_uri
         self._batch_size = batch_size
         self._top_k = top_k
         self._embeddings = embeddings
+        self._engine = engine
+        self._precision = precision
         self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self._batch_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_batch_ms")
 
-    def load_model(self) -> Classifier:
+    def load_model(self):
         from beamvision.models.artifact import load_artifact
 
-        return Classifier(load_artifact(self._model_uri), self._batch_size, self._top_k, self._embeddings)
+        artifact = load_artifact(self._model_uri)
+        return build_classifier(
+            self._engine, artifact, self._batch_size, self._top_k, self._embeddings, self._precision
+        )
 
     def run_inference(
-        self, batch: Sequence[np.ndarray], model: Classifier, inference_args: dict[str, Any] | None = None
+        self, batch: Sequence[np.ndarray], model, inference_args: dict[str, Any] | None = None
     ) -> list[Prediction]:
         started = time.perf_counter()
         predictions = model(batch)

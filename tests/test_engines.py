@@ -1,0 +1,73 @@
+"""Inference engines: TensorFlow and OpenVINO, fp32 and bf16, agree on a model our pipeline trained."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import pandas as pd
+import pytest
+from photos import write_photo_classes
+
+from beamvision import storage
+from beamvision.pipelines import classify, prepare, train
+from beamvision.transforms.engines import native_bf16, resolve_precision
+
+# TensorFlow bf16 first: the fp32 runs after it in this process must not inherit its graph rewrite.
+RUNS = [("tensorflow", "bf16"), ("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
+
+
+def test_auto_precision_follows_the_cpu_flags():
+    with_bf16 = "processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n"
+    without = "processor: 0\nflags\t\t: fpu sse avx2 avx512f\n"
+    assert native_bf16(with_bf16) and not native_bf16(without)
+    assert resolve_precision("auto", with_bf16) == "bf16" and resolve_precision("auto", without) == "fp32"
+    assert resolve_precision("fp32", with_bf16) == "fp32"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """mobilenet_v2 at 64 px trained by prepare and train on crops of 7 real photos; the photos."""
+    work = tmp_path_factory.mktemp("engines")
+    photos = str(work / "photos")
+    write_photo_classes(photos, per_class=24, size=(96, 72))
+    prepare.run(["--input", photos, "--output", str(work / "data"), "--image_size", "64"])
+    argv = ["--data", str(work / "data"), "--architecture", "mobilenet_v2", "--output", str(work / "model")]
+    train.run([*argv, "--epochs", "6"])
+    return work, photos
+
+
+def _rows(output: str) -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in glob.glob(f"{output}/results-*.parquet")]
+    return pd.concat(frames).set_index("image_uri").sort_index()
+
+
+@pytest.mark.slow
+def test_every_engine_and_precision_agrees_with_tensorflow_fp32(trained):
+    work, photos = trained
+    rows = {}
+    for engine, precision in RUNS:
+        output = str(work / f"out-{engine}-{precision}")
+        argv = ["--input", photos, "--model", str(work / "model"), "--output", output, "--embeddings"]
+        classify.run([*argv, "--engine", engine, "--precision", precision, "--top_k", "5"])
+        summary = json.loads(storage.read_text(f"{output}/summary.json"))
+        assert (summary["model"]["engine"], summary["model"]["precision"]) == (engine, precision)
+        rows[engine, precision] = _rows(output)
+    reference = rows["tensorflow", "fp32"]
+    assert len(reference) == 7 * 24
+    for (engine, precision), other in rows.items():
+        assert list(other.index) == list(reference.index)
+        agreement = (other.label == reference.label).mean()
+        overlap = pd.Series(
+            [
+                len(set(a) & set(b)) / 5
+                for a, b in zip(other.top_k_labels, reference.top_k_labels, strict=True)
+            ]
+        ).mean()
+        print(f"{engine} {precision}: top-1 agreement {agreement:.4f}, top-5 overlap {overlap:.4f}")
+        if precision == "fp32":
+            assert agreement == 1.0 and overlap >= 0.99, (engine, agreement, overlap)
+            assert (other.score - reference.score).abs().max() < 1e-3
+        else:
+            assert agreement >= 0.95 and overlap >= 0.95, (engine, precision, agreement, overlap)
+            assert not (other.score == reference.score).all()  # bf16 really ran

@@ -1,0 +1,184 @@
+"""Inference engines: how a batch of uint8 images becomes top-k classes (and embeddings).
+
+``ENGINES`` maps ``--engine`` to a classifier class; each is built from a
+loaded artifact for one fixed batch shape and called with up to
+``batch_size`` images, returning one ``Prediction`` each. The model handler
+picks one by name; nothing else in the pipeline changes.
+
+- ``tensorflow``: the Keras model as one compiled ``tf.function``; top-k and the
+  embedding inside the graph. ``bf16`` computes with a Keras mixed-precision
+  copy of the model (bfloat16 compute, float32 weights).
+- ``openvino``: the same Keras model converted to OpenVINO (``openvino.convert_model``
+  on the traced function, on the worker), compiled for the CPU with the
+  precision as its inference hint; top-k in NumPy.
+
+``--precision auto`` is ``bf16`` where the CPU computes bf16 natively
+(AVX512_BF16 or AMX, by ``/proc/cpuinfo``), ``fp32`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one image, best first, and its embedding if asked for."""
+
+    labels: list[str]
+    scores: list[float]
+    embedding: list[float] | None = None
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), from ``/proc/cpuinfo``."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return any(flag in flags for flag in _BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
+    """``fp32`` or ``bf16`` for a ``--precision`` value (``auto`` follows the CPU)."""
+    if precision == "auto":
+        return "bf16" if native_bf16(cpuinfo) else "fp32"
+    return precision
+
+
+def inference_function(artifact, batch_size: int, embeddings: bool):
+    """The artifact's model as a ``tf.function`` on a fixed uint8 batch: probabilities[, pooled features]."""
+    import keras
+    import tensorflow as tf
+
+    from beamvision.models import get_spec
+
+    manifest = artifact.manifest
+    outputs = [artifact.model.output]
+    if embeddings:
+        features = artifact.model.get_layer(get_spec(manifest.architecture).classifier_layer).input
+        if len(features.shape) == 4:
+            features = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(features)
+        outputs.append(features)
+    model = keras.Model(artifact.model.inputs, outputs)
+    size = manifest.input_size
+
+    @tf.function(input_signature=[tf.TensorSpec([batch_size, size, size, 3], tf.uint8)])
+    def predict(images):
+        result = model(images, training=False)
+        probabilities, *rest = result if isinstance(result, (list, tuple)) else [result]
+        return {"probabilities": probabilities, **({"embedding": rest[0]} if rest else {})}
+
+    return predict
+
+
+class _Engine:
+    """Pads a short batch to the fixed shape and turns outputs into Predictions."""
+
+    def __init__(self, artifact, batch_size: int, top_k: int):
+        self.batch_size = batch_size
+        self.labels = np.asarray(artifact.manifest.labels, dtype=object)
+        self.k = min(top_k, len(self.labels))
+
+    def _batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        batch = np.zeros((self.batch_size, *images[0].shape), dtype=np.uint8)
+        batch[: len(images)] = np.stack(images)
+        return batch
+
+    def _predictions(self, count: int, scores, indices, embedding) -> list[Prediction]:
+        return [
+            Prediction(
+                labels=self.labels[indices[i]].tolist(),
+                scores=scores[i].tolist(),
+                embedding=None if embedding is None else embedding[i].tolist(),
+            )
+            for i in range(count)
+        ]
+
+
+class TensorFlowClassifier(_Engine):
+    """The Keras model as one compiled graph, top-k inside it."""
+
+    def __init__(self, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str = "fp32"):
+        import tensorflow as tf
+
+        super().__init__(artifact, batch_size, top_k)
+        if precision == "bf16":
+            artifact = dataclasses.replace(artifact, model=_mixed_bfloat16(artifact.model))
+        predict = inference_function(artifact, batch_size, embeddings)
+        k = self.k
+
+        @tf.function(input_signature=predict.input_signature)
+        def top(images):
+            out = predict(images)
+            best = tf.math.top_k(tf.cast(out["probabilities"], tf.float32), k=k)
+            extra = [tf.cast(out["embedding"], tf.float32)] if "embedding" in out else []
+            return [best.values, best.indices, *extra]
+
+        self._predict = top
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        scores, indices, *embedding = (t.numpy() for t in self._predict(self._batch(images)))
+        return self._predictions(len(images), scores, indices, embedding[0] if embedding else None)
+
+
+def _mixed_bfloat16(model):
+    """A copy of ``model`` whose layers compute in bfloat16 (weights kept in float32): Keras mixed precision.
+
+    Each layer is rebuilt from its config with the ``mixed_bfloat16`` policy
+    (a saved layer's config names its own policy, so the global one would not apply).
+    """
+    import keras
+
+    def mixed(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "mixed_bfloat16"})
+
+    copy = keras.models.clone_model(model, clone_function=mixed)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+class OpenVINOClassifier(_Engine):
+    """The Keras model converted to OpenVINO and compiled for the CPU at the given precision."""
+
+    def __init__(self, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str = "fp32"):
+        import openvino as ov
+
+        super().__init__(artifact, batch_size, top_k)
+        converted = ov.convert_model(inference_function(artifact, batch_size, embeddings))
+        hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+        self._compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        self._probabilities = self._compiled.output("probabilities")
+        self._embedding = self._compiled.output("embedding") if embeddings else None
+        self._request = self._compiled.create_infer_request()
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        outputs = self._request.infer([self._batch(images)])
+        probabilities = np.asarray(outputs[self._probabilities], dtype=np.float32)
+        indices = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.k]
+        scores = np.take_along_axis(probabilities, indices, axis=1)
+        embedding = None if self._embedding is None else np.asarray(outputs[self._embedding], np.float32)
+        return self._predictions(len(images), scores, indices, embedding)
+
+
+ENGINES = {"tensorflow": TensorFlowClassifier, "openvino": OpenVINOClassifier}
+
+
+def build_classifier(engine: str, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str):
+    """The classifier of ``engine`` for a loaded artifact; ``precision`` as ``--precision`` gives it."""
+    resolved = resolve_precision(precision)
+    logging.getLogger("beamvision").info("inference engine %s at %s", engine, resolved)
+    return ENGINES[engine](artifact, batch_size, top_k, embeddings, resolved)
