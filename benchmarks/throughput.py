@@ -2,15 +2,18 @@
 
     python benchmarks/throughput.py --images 800
 
-Makes N photo-like 1600x1200 JPEGs, then times three whole processes, one
-after another, on the same images with the same network (mobilenet_v2 at 224,
+Makes N photo-like 1600x1200 JPEGs, then times whole processes, one after
+another, on the same images with the same network (mobilenet_v2 at 224,
 identical weights):
 
 (a) baseline: the job as Beam's RunInference examples write it: fileio.MatchFiles,
     ReadMatches, PIL decode and resize, Keras preprocess_input,
     RunInference(KeyedModelHandler(TFModelHandlerNumpy(...))), WriteToText.
-(b) ceiling: the model alone on pre-decoded uint8 batches (no Beam, no decode).
-(c) beamvision classify.
+(b) ceilings: each engine and precision alone on pre-decoded uint8 batches
+    (no Beam, no decode).
+(c) beamvision classify with each engine and precision.
+
+"of ceiling" compares a beamvision run with its own engine's ceiling.
 
 Prints img/s, ratios and peak RSS (summed over the process tree) as a table.
 """
@@ -100,15 +103,18 @@ def run_baseline(pattern: str, model_path: str, output: str) -> None:
         )
 
 
-def run_ceiling(artifact: str, pixels_path: str, batch_size: int) -> None:
-    """The artifact's model alone on pre-decoded batches, compiled as beamvision compiles it."""
+ENGINES = [("tensorflow", "fp32"), ("tensorflow", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
+
+
+def run_ceiling(artifact: str, pixels_path: str, batch_size: int, engine: str, precision: str) -> None:
+    """The artifact's model alone on pre-decoded batches, built as a beamvision worker builds it."""
     import numpy as np
 
     from beamvision.models.artifact import load_artifact
-    from beamvision.transforms.engines import TensorFlowClassifier
+    from beamvision.transforms.engines import build_classifier
 
     pixels = np.load(pixels_path)
-    classify = TensorFlowClassifier(load_artifact(artifact), batch_size, top_k=5, embeddings=False)
+    classify = build_classifier(engine, load_artifact(artifact), batch_size, 5, False, precision)
     for start in range(0, len(pixels), batch_size):
         classify(list(pixels[start : start + batch_size]))
 
@@ -125,6 +131,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workdir", default=os.path.join(HERE, "out", "throughput"))
     parser.add_argument("--step", choices=["baseline", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default="tensorflow", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
@@ -132,7 +140,7 @@ def main() -> None:
         if args.step == "baseline":
             run_baseline(paths["images"], paths["baseline_model"], paths["baseline_out"])
         else:
-            run_ceiling(paths["artifact"], paths["pixels"], args.batch_size)
+            run_ceiling(paths["artifact"], paths["pixels"], args.batch_size, args.engine, args.precision)
         return
 
     workdir = os.path.abspath(args.workdir)
@@ -151,39 +159,34 @@ def main() -> None:
         "--paths",
         json.dumps(paths),
     ]
-    runs = {}
+    runs, ceilings = {}, {}
     print("(a) baseline: Beam RunInference example ...", flush=True)
-    runs["(a) Beam RunInference example"] = run_process([*me, "--step", "baseline"])
-    print("(b) ceiling: model alone on pre-decoded batches ...", flush=True)
-    runs["(b) model alone (ceiling)"] = run_process([*me, "--step", "ceiling"])
-    print("(c) beamvision classify ...", flush=True)
-    runs["(c) beamvision classify"] = run_process(
-        [
-            sys.executable,
-            "-m",
-            "beamvision",
-            "classify",
-            "--input",
-            paths["images"],
-            "--model",
-            paths["artifact"],
-            "--output",
-            ours_out,
-            "--batch_size",
-            str(args.batch_size),
-        ]
-    )
-    base, ceiling = runs["(a) Beam RunInference example"], runs["(b) model alone (ceiling)"]
+    base = runs["(a) Beam RunInference example"] = run_process([*me, "--step", "baseline"])
+    for engine, precision in ENGINES:
+        print(f"(b) ceiling: {engine} {precision} alone on pre-decoded batches ...", flush=True)
+        flags = ["--step", "ceiling", "--engine", engine, "--precision", precision]
+        ceiling = run_process([*me, *flags])
+        ceilings[engine, precision] = runs[f"(b) model alone, {engine} {precision}"] = ceiling
+    outputs = {}
+    for engine, precision in ENGINES:
+        print(f"(c) beamvision classify, {engine} {precision} ...", flush=True)
+        outputs[engine, precision] = out = f"{ours_out}-{engine}-{precision}"
+        argv = ["classify", "--input", paths["images"], "--model", paths["artifact"], "--output", out]
+        flags = ["--batch_size", str(args.batch_size), "--engine", engine, "--precision", precision]
+        runs[f"(c) beamvision classify, {engine} {precision}"] = run_process(
+            [sys.executable, "-m", "beamvision", *argv, *flags]
+        )
     rows = []
     for name, run in runs.items():
         rate = args.images / run.seconds
+        own = next((c for (e, p), c in ceilings.items() if name.endswith(f"{e} {p}")), None)
         rows.append(
             [
                 name,
                 f"{run.seconds:.1f}",
                 f"{rate:.1f}",
                 f"{base.seconds / run.seconds:.2f}x",
-                f"{ceiling.seconds / run.seconds:.2f}",
+                f"{own.seconds / run.seconds:.2f}" if own and name.startswith("(c)") else "",
                 f"{run.peak_rss_mb:,.0f}",
             ]
         )
@@ -197,8 +200,9 @@ def main() -> None:
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    results, errors = _count_results(ours_out)
-    print(f"\n(c) wrote {results} result rows and {errors} error rows for {args.images} images")
+    for (engine, precision), out in outputs.items():
+        results, errors = _count_results(out)
+        print(f"(c) {engine} {precision}: {results} results and {errors} errors of {args.images} images")
 
 
 if __name__ == "__main__":

@@ -165,8 +165,18 @@ def new_manifest(
     )
 
 
-def save_artifact(model: keras.Model, manifest: Manifest, uri: str, overwrite: bool = False) -> Manifest:
+def save_artifact(
+    model: keras.Model,
+    manifest: Manifest,
+    uri: str,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Manifest:
     """Writes ``model`` and ``manifest`` as an artifact directory at ``uri``.
+
+    ``extra_files``: name in the artifact -> local path, written beside the
+    model and recorded (size, SHA-256) in the manifest, such as an engine's
+    converted model (``openvino/model.xml``).
 
     Returns:
         The manifest as written, with the ``files`` section filled in.
@@ -185,15 +195,18 @@ def save_artifact(model: keras.Model, manifest: Manifest, uri: str, overwrite: b
     with tempfile.TemporaryDirectory() as tmp:
         local_model = os.path.join(tmp, MODEL_FILE)
         model.save(local_model)
+        local = {MODEL_FILE: local_model, **(extra_files or {})}
         files = {
-            MODEL_FILE: {"bytes": os.path.getsize(local_model), "sha256": storage.sha256_file(local_model)}
+            name: {"bytes": os.path.getsize(path), "sha256": storage.sha256_file(path)}
+            for name, path in local.items()
         }
         manifest = dataclasses.replace(manifest, files=files)
         if storage.exists(manifest_uri):
             # Retract the old commit point first: a reader must never pair the
             # old manifest with the new model file.
             storage.delete(manifest_uri)
-        storage.write_atomic(storage.join(uri, MODEL_FILE), local_path=local_model)
+        for name, path in local.items():
+            storage.write_atomic(storage.join(uri, *name.split("/")), local_path=path)
     storage.write_atomic(manifest_uri, manifest.to_json().encode("utf-8"))
     return manifest
 
@@ -232,6 +245,7 @@ def verify_artifact(uri: str) -> Manifest:
         ArtifactError: one line saying what is wrong.
     """
     manifest = load_manifest(uri)
+    _check_other_files(uri, manifest)
     with tempfile.TemporaryDirectory() as tmp:
         config = _keras_config(_download_verified(uri, manifest, tmp), storage.join(uri, MODEL_FILE))
     layers = list(_layers(config))
@@ -275,13 +289,13 @@ def load_artifact(uri: str) -> Artifact:
     return Artifact(uri=uri, model=model, manifest=manifest)
 
 
-def _download_verified(uri: str, manifest: Manifest, tmp: str) -> str:
-    """Copies model.keras into ``tmp``; checks its size and SHA-256 against the manifest."""
-    model_uri = storage.join(uri, MODEL_FILE)
+def _download_verified(uri: str, manifest: Manifest, tmp: str, name: str = MODEL_FILE) -> str:
+    """Copies the artifact's file ``name`` into ``tmp``; checks its size and SHA-256 against the manifest."""
+    model_uri = storage.join(uri, *name.split("/"))
     if not storage.exists(model_uri):
-        raise ArtifactError(f"incomplete model artifact at {uri}: {MODEL_FILE} not found")
-    expected = manifest.files[MODEL_FILE]
-    local_model = os.path.join(tmp, MODEL_FILE)
+        raise ArtifactError(f"incomplete model artifact at {uri}: {name} not found")
+    expected = manifest.files[name]
+    local_model = os.path.join(tmp, name.replace("/", "_"))
     storage.download(model_uri, local_model)
     size, digest = os.path.getsize(local_model), storage.sha256_file(local_model)
     if size != expected.get("bytes") or digest != expected.get("sha256"):
@@ -290,6 +304,28 @@ def _download_verified(uri: str, manifest: Manifest, tmp: str) -> str:
             f"expected {expected.get('bytes')} bytes, sha256 {str(expected.get('sha256'))[:12]}…)"
         )
     return local_model
+
+
+def _check_other_files(uri: str, manifest: Manifest) -> None:
+    """Every other file the manifest lists (an engine's converted model) exists with its recorded size."""
+    from apache_beam.io.filesystems import FileSystems
+
+    for name, expected in manifest.files.items():
+        if name == MODEL_FILE:
+            continue
+        file_uri = storage.join(uri, *name.split("/"))
+        if not storage.exists(file_uri):
+            raise ArtifactError(f"incomplete model artifact at {uri}: {name} not found")
+        size = FileSystems.get_filesystem(file_uri).metadata(file_uri).size_in_bytes
+        if size != expected.get("bytes"):
+            raise ArtifactError(
+                f"{file_uri} does not match its manifest ({size} bytes, expected {expected.get('bytes')})"
+            )
+
+
+def fetch_file(uri: str, manifest: Manifest, name: str, tmp: str) -> str:
+    """The local path of the artifact's file ``name`` (listed in the manifest), downloaded and verified."""
+    return _download_verified(uri, manifest, tmp, name)
 
 
 def _keras_config(local_path: str, uri: str) -> dict[str, Any]:

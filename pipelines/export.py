@@ -5,12 +5,14 @@ beamvision export --architecture mobilenet_v2 --weights imagenet --output gs://b
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 from beamvision.models import create_model
 from beamvision.models.artifact import Manifest, new_manifest, save_artifact
 from beamvision.models.labels import imagenet_labels, numbered_labels, read_labels_file
 from beamvision.pipelines import options
+from beamvision.transforms.engines import engine_files
 
 
 def run(argv: list[str] | None = None) -> Manifest:
@@ -33,7 +35,9 @@ def run(argv: list[str] | None = None) -> Manifest:
     manifest = new_manifest(
         model, config.architecture, labels, weights, name=config.name, version=config.version
     )
-    manifest = save_artifact(model, manifest, config.output, overwrite=config.overwrite)
+    with tempfile.TemporaryDirectory() as converted:
+        extra = engine_files(model, manifest, config.engines, converted)
+        manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=extra)
     megabytes = manifest.files["model.keras"]["bytes"] / 1e6
     print(
         f"exported {manifest.name} version {manifest.version}: {config.architecture}, "

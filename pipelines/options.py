@@ -26,7 +26,7 @@ from beamvision.models.artifact import MANIFEST_FILE
 from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
-from beamvision.transforms.engines import ENGINES, PRECISIONS
+from beamvision.transforms.engines import CONVERTED_ENGINES, ENGINES, PRECISIONS
 from beamvision.transforms.incremental import RUN_ID_PATTERN
 from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
 
@@ -132,6 +132,15 @@ def _add_artifact_identity_arguments(parser: argparse.ArgumentParser, made_by: s
     parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
     parser.add_argument("--version", help=f"model version recorded in results (default: {made_by} time, UTC)")
     _add_switch(parser, "--overwrite", "replace an existing artifact at --output")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=CONVERTED_ENGINES,
+        default=[],
+        metavar="ENGINE",
+        help="also store the model converted for these engines (openvino), so that classify "
+        "--engine openvino workers do not convert it at start-up",
+    )
 
 
 def _add_decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,6 +255,7 @@ class ExportConfig:
     name: str | None
     version: str | None
     overwrite: bool
+    engines: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExportConfig:
@@ -271,6 +281,7 @@ class ExportConfig:
             args.name,
             args.version,
             args.overwrite,
+            tuple(args.engines),
         )
 
 
@@ -656,6 +667,7 @@ class TrainConfig:
     name: str | None
     version: str | None
     overwrite: bool
+    engines: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
@@ -672,6 +684,7 @@ class TrainConfig:
         # Without --input_size, train uses the prepared size, checked once the data is read.
         check_model_arguments(args.architecture, input_size=args.input_size, weights=args.weights)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        values["engines"] = tuple(values["engines"])
         return cls(**{**values, "data": args.data.rstrip("/"), "output": args.output.rstrip("/")})
 
     def to_dict(self) -> dict:

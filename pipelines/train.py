@@ -24,6 +24,7 @@ from beamvision import storage
 from beamvision.models import ArtifactError, ModelArgumentError, get_spec
 from beamvision.models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
 from beamvision.pipelines import options
+from beamvision.transforms.engines import engine_files
 from beamvision.transforms.training import (
     CalibrateBatchNorm,
     build_model,
@@ -176,7 +177,9 @@ def run(argv: list[str] | None = None) -> Manifest:
         training=training,
         metrics=metrics,
     )
-    manifest = save_artifact(model, manifest, config.output, overwrite=config.overwrite)
+    with tempfile.TemporaryDirectory() as converted:
+        extra = engine_files(model, manifest, config.engines, converted)
+        manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=extra)
     storage.write_atomic(storage.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
     print(

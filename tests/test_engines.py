@@ -8,9 +8,12 @@ import json
 import pandas as pd
 import pytest
 from photos import write_photo_classes
+from PIL import Image
 
 from beamvision import storage
+from beamvision.models.artifact import load_artifact, load_manifest, save_artifact, verify_artifact
 from beamvision.pipelines import classify, prepare, train
+from beamvision.pipelines.cli import main
 from beamvision.transforms.engines import native_bf16, resolve_precision
 
 # TensorFlow bf16 first: the fp32 runs after it in this process must not inherit its graph rewrite.
@@ -71,3 +74,37 @@ def test_every_engine_and_precision_agrees_with_tensorflow_fp32(trained):
         else:
             assert agreement >= 0.95 and overlap >= 0.95, (engine, precision, agreement, overlap)
             assert not (other.score == reference.score).all()  # bf16 really ran
+
+
+def test_an_artifact_can_carry_its_openvino_model(photo_batch, tmp_path, capsys):
+    stored, plain = str(tmp_path / "stored"), str(tmp_path / "plain")
+    common = ["export", "--architecture", "squeezenet", "--weights", "none", "--num_classes", "4"]
+    assert (
+        main([*common, "--input_size", "64", "--output", stored, "--engines", "openvino", "--version", "1"])
+        == 0
+    )
+    files = load_manifest(stored).files
+    assert {"openvino/model.xml", "openvino/model.bin"} <= set(files) and files["openvino/model.bin"][
+        "bytes"
+    ] > 0
+    # The same weights without the converted model: workers convert it themselves.
+    artifact = load_artifact(stored)
+    save_artifact(artifact.model, artifact.manifest, plain)
+    assert "openvino/model.xml" not in load_manifest(plain).files
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, pixels in enumerate(photo_batch(80)):
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    outputs = {}
+    for name, model in (("stored", stored), ("plain", plain)):
+        outputs[name] = str(tmp_path / f"out-{name}")
+        argv = ["--input", str(images), "--model", model, "--output", outputs[name], "--engine", "openvino"]
+        classify.run([*argv, "--embeddings"])
+    stored_rows, plain_rows = _rows(outputs["stored"]), _rows(outputs["plain"])
+    assert list(stored_rows.label) == list(plain_rows.label)
+    assert (stored_rows.score - plain_rows.score).abs().max() < 1e-5
+    # A converted model that does not match its manifest is refused before any work.
+    with open(tmp_path / "stored" / "openvino" / "model.bin", "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(Exception, match="does not match its manifest"):
+        verify_artifact(stored)

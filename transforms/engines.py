@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,8 +61,11 @@ def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
     return precision
 
 
-def inference_function(artifact, batch_size: int, embeddings: bool):
-    """The artifact's model as a ``tf.function`` on a fixed uint8 batch: probabilities[, pooled features]."""
+def inference_function(artifact, batch_size: int | None, embeddings: bool):
+    """The artifact's model as a ``tf.function`` on uint8 batches of ``batch_size`` (None: any).
+
+    It returns ``probabilities`` and, with ``embeddings``, ``embedding`` (the pooled features).
+    """
     import keras
     import tensorflow as tf
 
@@ -151,14 +156,46 @@ def _mixed_bfloat16(model):
     return copy
 
 
+OPENVINO_FILES = ("openvino/model.xml", "openvino/model.bin")
+
+
+def convert_openvino(artifact, folder: str) -> dict[str, str]:
+    """Converts the artifact's model to OpenVINO IR in ``folder`` (any batch size, with the embedding).
+
+    Returns ``save_artifact``'s ``extra_files``: name in the artifact -> local path.
+    """
+    import openvino as ov
+
+    xml = os.path.join(folder, "model.xml")
+    ov.save_model(ov.convert_model(inference_function(artifact, None, embeddings=True)), xml)
+    return dict(zip(OPENVINO_FILES, (xml, os.path.join(folder, "model.bin")), strict=True))
+
+
+def _openvino_model(artifact, batch_size: int, embeddings: bool):
+    """The OpenVINO model: the artifact's (converted at export or train), else converted now."""
+    import openvino as ov
+
+    from beamvision.models.artifact import fetch_file
+
+    if not all(name in artifact.manifest.files for name in OPENVINO_FILES):
+        logging.getLogger("beamvision").info("no OpenVINO model in %s: converting it", artifact.uri)
+        return ov.convert_model(inference_function(artifact, batch_size, embeddings))
+    with tempfile.TemporaryDirectory() as tmp:
+        xml, _ = (fetch_file(artifact.uri, artifact.manifest, name, tmp) for name in OPENVINO_FILES)
+        model = ov.Core().read_model(xml)  # (reads model.bin beside it: fetched under the same name)
+    size = artifact.manifest.input_size
+    model.reshape([batch_size, size, size, 3])  # a fixed shape compiles to the fastest kernels
+    return model
+
+
 class OpenVINOClassifier(_Engine):
-    """The Keras model converted to OpenVINO and compiled for the CPU at the given precision."""
+    """The Keras model as OpenVINO (cached in the artifact, or converted), compiled at the given precision."""
 
     def __init__(self, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str = "fp32"):
         import openvino as ov
 
         super().__init__(artifact, batch_size, top_k)
-        converted = ov.convert_model(inference_function(artifact, batch_size, embeddings))
+        converted = _openvino_model(artifact, batch_size, embeddings)
         hint = {"fp32": "f32", "bf16": "bf16"}[precision]
         self._compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
         self._probabilities = self._compiled.output("probabilities")
@@ -175,6 +212,17 @@ class OpenVINOClassifier(_Engine):
 
 
 ENGINES = {"tensorflow": TensorFlowClassifier, "openvino": OpenVINOClassifier}
+CONVERTED_ENGINES = ("openvino",)  # engines whose converted model an artifact can store (--engines)
+
+
+def engine_files(model, manifest, engines, folder: str) -> dict[str, str]:
+    """Converted models for ``engines`` written under ``folder``: ``save_artifact``'s ``extra_files``."""
+    from beamvision.models.artifact import Artifact
+
+    files = {}
+    if "openvino" in engines:
+        files.update(convert_openvino(Artifact(uri=folder, model=model, manifest=manifest), folder))
+    return files
 
 
 def build_classifier(engine: str, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str):
