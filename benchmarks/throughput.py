@@ -10,7 +10,8 @@ identical weights):
     ReadMatches, PIL decode and resize, Keras preprocess_input,
     RunInference(KeyedModelHandler(TFModelHandlerNumpy(...))), WriteToText.
 (b) ceilings: each engine and precision alone on pre-decoded uint8 batches
-    (no Beam, no decode).
+    (no Beam, no decode). The artifact holds its OpenVINO model (as
+    ``export --engines openvino`` stores it), so OpenVINO runs load no TensorFlow.
 (c) beamvision classify with each engine and precision.
 
 "of ceiling" compares a beamvision run with its own engine's ceiling.
@@ -23,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,13 +45,18 @@ def _prepare(workdir: str, count: int) -> dict:
     from beamvision.models.artifact import new_manifest, save_artifact
     from beamvision.models.labels import imagenet_labels
     from beamvision.transforms.decode import decode_image
+    from beamvision.transforms.engines import engine_files
 
     images = make_jpegs(os.path.join(workdir, "images"), count, (1600, 1200))
     artifact = os.path.join(workdir, "model")
     baseline_model = os.path.join(workdir, "baseline_mobilenet_v2.keras")
-    if not os.path.exists(os.path.join(artifact, "manifest.json")):
+    manifest = pathlib.Path(artifact, "manifest.json")
+    if not manifest.exists() or "openvino/model.xml" not in manifest.read_text():
         model = create_model("mobilenet_v2", weights=None)
-        save_artifact(model, new_manifest(model, "mobilenet_v2", list(imagenet_labels()), "none"), artifact)
+        manifest = new_manifest(model, "mobilenet_v2", list(imagenet_labels()), "none")
+        with tempfile.TemporaryDirectory() as converted:  # as export/train --engines openvino store it
+            extra = engine_files(model, manifest, ["openvino"], converted)
+            save_artifact(model, manifest, artifact, overwrite=True, extra_files=extra)
         plain = keras.applications.MobileNetV2(weights=None)
         plain.set_weights(model.get_weights())  # the same network and weights, float input
         plain.save(baseline_model)

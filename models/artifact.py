@@ -116,10 +116,10 @@ class Manifest:
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
-    """A loaded, validated model artifact."""
+    """A loaded, validated model artifact (``model`` is None where an engine uses its converted copy)."""
 
     uri: str
-    model: keras.Model
+    model: keras.Model | None
     manifest: Manifest
 
 

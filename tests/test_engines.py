@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -103,6 +105,16 @@ def test_an_artifact_can_carry_its_openvino_model(photo_batch, tmp_path, capsys)
     stored_rows, plain_rows = _rows(outputs["stored"]), _rows(outputs["plain"])
     assert list(stored_rows.label) == list(plain_rows.label)
     assert (stored_rows.score - plain_rows.score).abs().max() < 1e-5
+    # With the converted model stored, an OpenVINO run never loads TensorFlow or Keras.
+    code = (
+        "import sys\n"
+        "from beamvision.pipelines import classify\n"
+        f"classify.run(['--input', {str(images)!r}, '--model', {stored!r},"
+        f" '--output', {str(tmp_path / 'out-3')!r}, '--engine', 'openvino'])\n"
+        "print('LOADED', sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "LOADED []" in done.stdout, done.stdout[-1000:] + done.stderr[-2000:]
     # A converted model that does not match its manifest is refused before any work.
     with open(tmp_path / "stored" / "openvino" / "model.bin", "ab") as f:
         f.write(b"tampered")

@@ -171,13 +171,18 @@ def convert_openvino(artifact, folder: str) -> dict[str, str]:
     return dict(zip(OPENVINO_FILES, (xml, os.path.join(folder, "model.bin")), strict=True))
 
 
+def has_openvino_model(manifest) -> bool:
+    """Whether an artifact holds its model converted to OpenVINO (``--engines openvino``)."""
+    return all(name in manifest.files for name in OPENVINO_FILES)
+
+
 def _openvino_model(artifact, batch_size: int, embeddings: bool):
     """The OpenVINO model: the artifact's (converted at export or train), else converted now."""
     import openvino as ov
 
     from beamvision.models.artifact import fetch_file
 
-    if not all(name in artifact.manifest.files for name in OPENVINO_FILES):
+    if not has_openvino_model(artifact.manifest):
         logging.getLogger("beamvision").info("no OpenVINO model in %s: converting it", artifact.uri)
         return ov.convert_model(inference_function(artifact, batch_size, embeddings))
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from beamvision.transforms.engines import Prediction, build_classifier
+from beamvision.transforms.engines import Prediction, build_classifier, has_openvino_model
 from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
 
 
@@ -57,9 +57,14 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
         self._batch_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_batch_ms")
 
     def load_model(self):
-        from beamvision.models.artifact import load_artifact
+        from beamvision.models.artifact import Artifact, load_artifact, load_manifest
 
-        artifact = load_artifact(self._model_uri)
+        manifest = load_manifest(self._model_uri)
+        if self._engine == "openvino" and has_openvino_model(manifest):
+            # The converted model is all OpenVINO needs: Keras and TensorFlow are never loaded.
+            artifact = Artifact(self._model_uri, None, manifest)
+        else:
+            artifact = load_artifact(self._model_uri)
         return build_classifier(
             self._engine, artifact, self._batch_size, self._top_k, self._embeddings, self._precision
         )
