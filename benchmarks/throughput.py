@@ -115,14 +115,13 @@ ENGINES = [("tensorflow", "fp32"), ("tensorflow", "bf16"), ("openvino", "fp32"),
 
 
 def run_ceiling(artifact: str, pixels_path: str, batch_size: int, engine: str, precision: str) -> None:
-    """The artifact's model alone on pre-decoded batches, built as a beamvision worker builds it."""
+    """The artifact's model alone on pre-decoded batches, loaded as a beamvision worker loads it."""
     import numpy as np
 
-    from beamvision.models.artifact import load_artifact
-    from beamvision.transforms.engines import build_classifier
+    from beamvision.transforms.inference import BeamvisionModelHandler
 
     pixels = np.load(pixels_path)
-    classify = build_classifier(engine, load_artifact(artifact), batch_size, 5, False, precision)
+    classify = BeamvisionModelHandler(artifact, batch_size, 5, False, engine, precision).load_model()
     for start in range(0, len(pixels), batch_size):
         classify(list(pixels[start : start + batch_size]))
 
