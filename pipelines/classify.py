@@ -31,7 +31,7 @@ from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitAr
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id, run_dir
-from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages
+from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
 from beamvision.transforms.read import LookUpFiles, MatchInputs, ReadFiles
 from beamvision.transforms.write import (
     ERRORS_PREFIX,
@@ -50,6 +50,7 @@ def build_pipeline(
     config: options.ClassifyConfig,
     manifest: Manifest,
     earlier_runs: list[str] | None = None,
+    started_at: float | None = None,
 ) -> None:
     """Adds the classify steps for ``config`` to ``pipeline``, writing to ``config.output``.
 
@@ -103,7 +104,7 @@ def build_pipeline(
     if skipped is not None:
         written["skipped"] = skipped
     _ = written | "WriteResults" >> WriteResults(
-        config.output, config.embeddings, model, started_at=time.time()
+        config.output, config.embeddings, model, started_at=started_at or time.time()
     )
 
 
@@ -120,6 +121,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         "beamvision classify", __doc__.splitlines()[0], options.add_classify_arguments, argv
     )
     config = options.ClassifyConfig.from_args(args)
+    started_at = time.time()
     # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
     manifest = verify_artifact(config.model)
     if config.top_k is None:
@@ -136,7 +138,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         earlier = [] if dry else completed_runs(root, manifest.name, manifest.version)
         earlier = [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config, manifest, earlier)  # before any deletion: building can still fail
+    # Built before any deletion: building can still fail.
+    build_pipeline(pipeline, config, manifest, earlier, started_at)
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
     options.claim_output(config.output, OUTPUTS, config.overwrite, "results")
@@ -148,6 +151,10 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         if summary["inputs"] == 0:  # leave no empty run behind, so the corrected rerun is not refused
             options.claim_output(config.output, OUTPUTS, True, "results")
             raise options.UsageError(f"{_inputs_flags(config)}: matched no file; nothing was classified")
+        timing = start_up_timing(result, started_at)
+        if timing:  # added once the job's metrics are known; the file stays the run's commit point
+            summary["timing"] = timing
+            storage.write_atomic(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
         print(format_summary(summary))
     return result
 

@@ -110,6 +110,10 @@ def test_every_input_is_exactly_one_row(one_worker_run):
     assert summary["model"]["name"] == "corpus" and summary["model"]["version"] == "1"
     counts = sorted(results.label.value_counts().items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
     assert [(x["label"], x["count"]) for x in summary["top_labels"]] == counts[:20]
+    assert (summary["model"]["engine"], summary["model"]["precision"]) == ("tensorflow", "fp32")
+    # Start-up, from the job's metrics: the model loads, then the first batch comes, within the run.
+    timing = summary["timing"]
+    assert 0 < timing["model_load_seconds"] < timing["first_batch_seconds"] < summary["seconds"]
 
 
 def test_each_corpus_file_has_the_expected_row(one_worker_run):

@@ -29,6 +29,39 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 from beamvision.transforms.engines import Prediction, build_classifier, has_openvino_model
 from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
 
+FIRST_BATCH_METRIC = "first_batch_unix_ms"
+# Beam's RunInference records how long each worker took to load its model, in our namespace.
+MODEL_LOAD_METRIC = "load_model_latency_milli_secs"
+
+
+def start_up_timing(result, started_at: float) -> dict[str, float]:
+    """Seconds from launch to the first classified batch, and the slowest model load, from a run's metrics.
+
+    Empty where the runner reports no metrics.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    except Exception:  # a runner without metrics support: no timing, not an error
+        return {}
+    values = {}
+    for record in queried["distributions"]:
+        value = record.committed or record.attempted
+        if value is not None and value.count:
+            name = record.key.metric.name
+            values[name] = (
+                min(values.get(name, value.min), value.min)
+                if name == FIRST_BATCH_METRIC
+                else max(values.get(name, value.max), value.max)
+            )
+    timing = {}
+    if FIRST_BATCH_METRIC in values:
+        timing["first_batch_seconds"] = round(values[FIRST_BATCH_METRIC] / 1000 - started_at, 2)
+    if MODEL_LOAD_METRIC in values:
+        timing["model_load_seconds"] = round(values[MODEL_LOAD_METRIC] / 1000, 2)
+    return timing
+
 
 class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
     """ModelHandler for beamvision model artifacts: uint8 images in, Predictions out.
@@ -55,6 +88,8 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
         self._precision = precision
         self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self._batch_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_batch_ms")
+        # When each worker process finished its first batch (Unix ms; the minimum is the job's first).
+        self._first_batch = Metrics.distribution(METRICS_NAMESPACE, FIRST_BATCH_METRIC)
 
     def load_model(self):
         from beamvision.models.artifact import Artifact, load_artifact, load_manifest
@@ -74,6 +109,9 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
     ) -> list[Prediction]:
         started = time.perf_counter()
         predictions = model(batch)
+        if not getattr(model, "first_batch_done", False):
+            model.first_batch_done = True
+            self._first_batch.update(int(time.time() * 1000))
         self._batches.inc()
         self._batch_ms.update(int((time.perf_counter() - started) * 1000))
         return predictions

@@ -76,11 +76,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"classified {summary['results']:,} of {summary['inputs']:,} images, "
             f"{summary['errors']:,} errors{skipped}, in {summary['seconds']:.1f}s "
             f"({summary['images_per_second'] or 0:.1f} images/s){status}",
-            f"model: {summary['model']['name']} version {summary['model']['version']}",
+            f"model: {summary['model']['name']} version {summary['model']['version']}"
+            + _engine(summary["model"])
+            + _timing(summary.get("timing", {})),
             f"top labels: {labels}",
             f"outputs: {summary['output']} (results-*.parquet, errors-*.parquet, {SUMMARY_FILE})",
         ]
     )
+
+
+def _engine(model: dict[str, Any]) -> str:
+    return f" ({model['engine']} {model['precision']})" if "engine" in model else ""
+
+
+def _timing(timing: dict[str, float]) -> str:
+    if "first_batch_seconds" not in timing:
+        return ""
+    load = f", model loaded in {timing['model_load_seconds']:.1f}s" if "model_load_seconds" in timing else ""
+    return f"; first batch after {timing['first_batch_seconds']:.1f}s{load}"
 
 
 class WriteErrors(beam.PTransform):
