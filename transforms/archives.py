@@ -379,9 +379,9 @@ class ListArchiveMembers(beam.PTransform):
 
     def expand(self, requests):
         listed = requests | "List" >> beam.ParDo(_ListFn()).with_outputs(
-            ERRORS_TAG, "inputs", "not_images", main="members"
+            ERRORS_TAG, "members", "not_images", main="files"
         )
-        return listed.members
+        return listed.files
 
 
 class CountedInputs(beam.PTransform):
