@@ -179,12 +179,11 @@ class ThreadPoolDoFn(beam.DoFn):
         self._pending.append((future, 0 if self._release_when_done else cost))
 
     def finish_bundle(self) -> Iterable:
-        while self._pending:
-            for output in self._emit_oldest():
-                if isinstance(output, beam.pvalue.TaggedOutput):
-                    yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
-                else:
-                    yield GlobalWindows.windowed_value(output)
+        for output in self.emit_pending():
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+            else:
+                yield GlobalWindows.windowed_value(output)
 
     def teardown(self):
         self._abandon_pending()
