@@ -57,24 +57,31 @@ def build_pipeline(
     ``earlier_runs`` (``--incremental``; None otherwise): completed runs whose
     final rows make a file skipped.
     """
+    sizing = config.workers.for_runner(pipeline.options)
     matched = pipeline | "MatchInputs" >> MatchInputs(
         list(config.inputs), config.input_list, config.input_list_column
     )
     split = matched["files"] | "SplitArchives" >> SplitArchives()
     archives = split["archives"] | "GroupArchives" >> GroupArchives()
-    found = split["files"] | "LookUpFiles" >> LookUpFiles()
+    found = split["files"] | "LookUpFiles" >> LookUpFiles(sizing)
     to_read, skipped = found["files"], None
     if earlier_runs is not None:
         skip = to_read | "SkipClassified" >> SkipClassified(list(earlier_runs))
         to_read, skipped = skip["files"], skip["skipped"]
     # Names of files and archives meet before the read: bytes never cross a stage boundary.
     requests = (to_read, archives) | "FilesAndArchives" >> beam.Flatten()
-    read = requests | "ReadFiles" >> ReadFiles(config.buffer_mb * MB)
+    read = requests | "ReadFiles" >> ReadFiles(config.buffer_mb * MB, sizing=sizing)
     decoded = read["files"] | "DecodeImages" >> DecodeImages(
-        manifest.input_size, config.max_pixels, config.buffer_mb
+        manifest.input_size, config.max_pixels, config.buffer_mb, sizing
     )
     handler = BeamvisionModelHandler(
-        config.model, config.batch_size, config.top_k, config.embeddings, config.engine, config.precision
+        config.model,
+        config.batch_size,
+        config.top_k,
+        config.embeddings,
+        config.engine,
+        config.precision,
+        sizing,
     )
     classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
         handler, manifest.name, manifest.version
@@ -93,6 +100,7 @@ def build_pipeline(
         "uri": config.model,
         "engine": config.engine,
         "precision": config.precision,  # as asked; auto is resolved on each worker (and logged there)
+        "workers": sizing.describe(),  # "auto" counts are resolved on each worker (and logged there)
     }
     written = {
         "results": classified["results"],

@@ -29,6 +29,7 @@ from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 from beamvision.transforms.engines import CONVERTED_ENGINES, ENGINES, PRECISIONS
 from beamvision.transforms.incremental import RUN_ID_PATTERN
 from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
+from beamvision.transforms.sizing import DEFAULT_SIZING, READ_THREADS, WorkerSizing
 
 
 class UsageError(Exception):
@@ -159,6 +160,50 @@ def _add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MB",
         help="file bytes and full-size pixels each worker process holds while reading and decoding "
         f"(default {DEFAULT_BUFFER_MB}); a larger file is still read, alone",
+    )
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser, inference: bool) -> None:
+    """How each worker process sizes its threads (beamvision.transforms.sizing): classify, prepare."""
+    parser.add_argument(
+        "--read_threads",
+        type=positive_int,
+        metavar="N",
+        help=f"files each worker process reads at once (default {READ_THREADS}: reads wait on storage, "
+        "not on the CPU)",
+    )
+    parser.add_argument(
+        "--decode_threads",
+        type=positive_int,
+        metavar="N",
+        help="decoding threads per worker process (default: the process's share of the machine's cores, "
+        "cores / processes per machine)",
+    )
+    if not inference:
+        return
+    parser.add_argument(
+        "--inference_threads",
+        type=positive_int,
+        metavar="N",
+        help="threads that compute each batch (default: the process's share of the cores, or with "
+        "--model_copies, cores / copies)",
+    )
+    parser.add_argument(
+        "--model_copies",
+        type=positive_int,
+        metavar="N",
+        help="load N models per machine, shared by all its worker processes (Beam's model_copies; 1 is "
+        "Beam's large_model), instead of one per process: for models too large to hold once per vCPU",
+    )
+
+
+def _worker_sizing(args: argparse.Namespace) -> WorkerSizing:
+    """The sizing flags as given; the processes per machine follow the runner (``build_pipeline``)."""
+    return WorkerSizing(
+        read_threads=args.read_threads,
+        decode_threads=args.decode_threads,
+        inference_threads=getattr(args, "inference_threads", None),
+        model_copies=getattr(args, "model_copies", None),
     )
 
 
@@ -340,6 +385,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         help="fp32 (default), bf16, or auto: bf16 where the CPU computes it natively (AVX512_BF16, AMX)",
     )
     _add_decode_arguments(parser)
+    _add_worker_arguments(parser, inference=True)
     _add_switch(
         parser,
         "--incremental",
@@ -372,6 +418,7 @@ class ClassifyConfig:
     overwrite: bool
     engine: str = "tensorflow"
     precision: str = "fp32"
+    workers: WorkerSizing = DEFAULT_SIZING
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClassifyConfig:
@@ -397,6 +444,7 @@ class ClassifyConfig:
             args.overwrite,
             args.engine,
             args.precision,
+            _worker_sizing(args),
         )
 
 
@@ -523,6 +571,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="salt of the split hash (default 0)")
     _add_decode_arguments(parser)
+    _add_worker_arguments(parser, inference=False)
     _add_switch(parser, "--overwrite", "replace a prepared dataset already at --output")
 
 
@@ -538,6 +587,7 @@ class PrepareConfig:
     max_pixels: int
     buffer_mb: int
     overwrite: bool
+    workers: WorkerSizing = DEFAULT_SIZING
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PrepareConfig:
@@ -558,6 +608,7 @@ class PrepareConfig:
             args.max_pixels,
             args.buffer_mb,
             args.overwrite,
+            _worker_sizing(args),
         )
 
 

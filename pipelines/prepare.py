@@ -103,13 +103,16 @@ def build_pipeline(
         | "Sort" >> beam.Map(sorted)
     )
     # A stage boundary on file names only, so that the read-to-write stage fuses whole.
-    found = files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles()
+    sizing = config.workers.for_runner(pipeline.options)
+    found = files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles(sizing)
     archives = split["archives"] | "GroupArchives" >> GroupArchives()
     # Names of files and archives meet before the read: bytes never cross a stage boundary.
     requests = (found["files"], archives) | "FilesAndArchives" >> beam.Flatten()
-    read = requests | "ReadFiles" >> ReadFiles(config.buffer_mb * MB, label_from_folder=not config.labels)
+    read = requests | "ReadFiles" >> ReadFiles(
+        config.buffer_mb * MB, label_from_folder=not config.labels, sizing=sizing
+    )
     decoded = read["files"] | "DecodeImages" >> DecodeImages(
-        config.image_size, config.max_pixels, config.buffer_mb
+        config.image_size, config.max_pixels, config.buffer_mb, sizing
     )
     examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, config)
     per_split = examples | "BySplit" >> beam.Partition(lambda e, _: SPLITS.index(e[0]), len(SPLITS))

@@ -207,13 +207,21 @@ def test_output_schema(one_worker_run):
     ]
 
 
+# Two processes each with its own model, then sharing one (Beam's model_copies), every count set by flag.
+SHARED_MODEL = ["--model_copies", "1", "--read_threads", "2", "--decode_threads", "1"]
+SHARED_MODEL += ["--inference_threads", "1"]
+
+
 @pytest.mark.slow
-def test_two_workers_give_the_same_rows_as_one(one_worker_run, model_dir, corpus_dir, tmp_path):
+@pytest.mark.parametrize("sizing", [[], SHARED_MODEL], ids=["model-per-process", "one-shared-model"])
+def test_two_workers_give_the_same_rows_as_one(one_worker_run, model_dir, corpus_dir, tmp_path, sizing):
+    from apache_beam.metrics.metric import MetricsFilter
+
     output, _ = one_worker_run
     root, _ = corpus_dir
     listed = os.path.join(os.path.dirname(output), "list.txt")
     two = str(tmp_path / "two")
-    classify.run(
+    result = classify.run(
         [
             "--input",
             root,
@@ -234,6 +242,7 @@ def test_two_workers_give_the_same_rows_as_one(one_worker_run, model_dir, corpus
             "2",
             "--direct_running_mode",
             "multi_processing",
+            *sizing,
         ]
     )
 
@@ -248,6 +257,20 @@ def test_two_workers_give_the_same_rows_as_one(one_worker_run, model_dir, corpus
         r1.drop(columns=["top_k_scores", "embedding"]), r2.drop(columns=["top_k_scores", "embedding"])
     )
     np.testing.assert_allclose(np.stack(r1.top_k_scores), np.stack(r2.top_k_scores), rtol=1e-5)
+    with open(os.path.join(two, "summary.json")) as f:
+        workers = json.load(f)["model"]["workers"]
+    assert workers["processes_per_machine"] == 2
+    if sizing:
+        assert workers == {
+            "processes_per_machine": 2,
+            "read_threads": 2,
+            "decode_threads": 1,
+            "inference_threads": 1,
+            "model_copies": 1,
+        }
+        # Beam records each model load in our namespace: the two processes loaded one model between them.
+        loads = result.metrics().query(MetricsFilter().with_name("load_model_latency_milli_secs"))
+        assert sum((d.committed or d.attempted).count for d in loads["distributions"]) == 1
 
 
 def test_gcs_input_model_and_output(corpus, model_dir, gcs_bucket, capsys):

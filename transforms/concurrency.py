@@ -11,6 +11,11 @@ costs more than the budget still runs, alone: nothing is ever refused.
 Beam metrics are kept per thread, so subclasses return their outputs from
 ``work`` (on a pool thread) and the outputs are counted and emitted on the
 bundle's own thread. Elements must be in the global window (batch pipelines).
+
+A process has one pool per kind of DoFn, shared by the DoFn's instances (a
+runner may run several bundles of a stage at once, each with its own
+instance): the thread counts of ``beamvision.transforms.sizing`` hold per
+process, however many bundle threads there are.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -108,8 +113,40 @@ PROCESS_BYTES = ByteBudget()
 PIXEL_BYTES = ByteBudget(counted_in=PROCESS_BYTES)
 
 
+class _SharedPools:
+    """Thread pools shared by the DoFn instances of a process, by name and size; shut down when unused."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pools: dict[tuple[str, int], list] = {}  # (name, threads) -> [executor, users]
+
+    def acquire(self, name: str, threads: int) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            entry = self._pools.get((name, threads))
+            if entry is None:
+                executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=name)
+                entry = self._pools[name, threads] = [executor, 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, name: str, threads: int) -> None:
+        with self._lock:
+            entry = self._pools[name, threads]
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del self._pools[name, threads]
+        entry[0].shutdown(wait=True, cancel_futures=True)
+
+
+_POOLS = _SharedPools()
+
+
 class ThreadPoolDoFn(beam.DoFn):
     """Runs ``work(element)`` on ``threads`` threads, up to ``depth`` elements ahead.
+
+    ``threads`` is a count, or a function that gives it on the worker (worker
+    sizing follows the worker's cores); the pool is the process's for this class.
 
     ``work`` returns the element's outputs: values for the main output and
     ``beam.pvalue.TaggedOutput`` for others. Main outputs are counted in the
@@ -128,7 +165,7 @@ class ThreadPoolDoFn(beam.DoFn):
 
     def __init__(
         self,
-        threads: int,
+        threads: int | Callable[[], int],
         depth: int,
         ok_counter: str,
         failed_counter: str,
@@ -149,9 +186,8 @@ class ThreadPoolDoFn(beam.DoFn):
         return 0
 
     def setup(self):
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self._threads, thread_name_prefix=type(self).__name__
-        )
+        self._pool_key = (type(self).__name__, self._threads() if callable(self._threads) else self._threads)
+        self._pool = _POOLS.acquire(*self._pool_key)
         self._pending = collections.deque()
 
     def start_bundle(self):
@@ -187,7 +223,7 @@ class ThreadPoolDoFn(beam.DoFn):
 
     def teardown(self):
         self._abandon_pending()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        _POOLS.release(*self._pool_key)
 
     def emit_pending(self) -> Iterable:
         """Emits every element in flight, oldest first (waiting for each)."""

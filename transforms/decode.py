@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import functools
 import io
-import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -45,6 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PIXEL_BYTES, ThreadPoolDoFn
 from beamvision.transforms.rows import ERRORS_TAG, error_row
+from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
@@ -223,17 +223,25 @@ class DecodeImages(beam.PTransform):
     Returns a dict of PCollections: ``images`` and ``errors``. Files waiting
     for or in decoding and their full-resolution pixels count against
     ``buffer_mb`` (with the reads, see ``concurrency.PROCESS_BYTES``); threads
-    decode together only the images whose pixels fit in it.
+    decode together only the images whose pixels fit in it. There are
+    ``sizing``'s decode threads: the process's share of the machine's cores.
     """
 
-    def __init__(self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, buffer_mb: int = DEFAULT_BUFFER_MB):
+    def __init__(
+        self,
+        size: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        buffer_mb: int = DEFAULT_BUFFER_MB,
+        sizing: WorkerSizing = DEFAULT_SIZING,
+    ):
         super().__init__()
         self._size = size
         self._max_pixels = max_pixels
         self._buffer_mb = buffer_mb
+        self._sizing = sizing
 
     def expand(self, files):
-        decode = _DecodeFn(self._size, self._max_pixels, self._buffer_mb * MB)
+        decode = _DecodeFn(self._size, self._max_pixels, self._buffer_mb * MB, self._sizing)
         decoded = files | "Decode" >> beam.ParDo(decode).with_outputs(ERRORS_TAG, main="images")
         return {"images": decoded.images, "errors": decoded[ERRORS_TAG]}
 
@@ -253,11 +261,11 @@ class ImageKey:
 
 
 class _DecodeFn(ThreadPoolDoFn):
-    """Decodes on as many threads as cores, ahead of inference (Pillow releases the GIL)."""
+    """Decodes on the process's share of cores, ahead of inference (Pillow releases the GIL)."""
 
-    def __init__(self, size: int, max_pixels: int, buffer_bytes: int):
+    def __init__(self, size: int, max_pixels: int, buffer_bytes: int, sizing: WorkerSizing):
         super().__init__(
-            threads=os.cpu_count() or 2,
+            threads=functools.partial(sizing.threads, "decode"),
             depth=64,
             ok_counter="images_decoded",
             failed_counter="images_failed",

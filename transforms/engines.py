@@ -13,7 +13,9 @@ picks one by name; nothing else in the pipeline changes.
   precision as its inference hint; top-k in NumPy.
 
 ``--precision auto`` is ``bf16`` where the CPU computes bf16 natively
-(AVX512_BF16 or AMX, by ``/proc/cpuinfo``), ``fp32`` elsewhere.
+(AVX512_BF16 or AMX, by ``/proc/cpuinfo``), ``fp32`` elsewhere. Each engine
+computes on ``threads`` threads (``beamvision.transforms.sizing``: the
+worker process's share of the machine's cores).
 """
 
 from __future__ import annotations
@@ -114,12 +116,41 @@ class _Engine:
         ]
 
 
+def _tensorflow_threads(threads: int | None) -> None:
+    """Sizes TensorFlow's thread pools for this process, unless its runtime already started.
+
+    The pools are the process's and fixed once TensorFlow runs its first op
+    (a model loaded earlier in the same process, as in tests): then they stay.
+    """
+    import tensorflow as tf
+
+    if threads is None:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        current = tf.config.threading.get_intra_op_parallelism_threads()
+        logging.getLogger("beamvision").info(
+            "TensorFlow is already running in this process: it keeps %s threads", current or "its default"
+        )
+
+
 class TensorFlowClassifier(_Engine):
     """The Keras model as one compiled graph, top-k inside it."""
 
-    def __init__(self, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str = "fp32"):
+    def __init__(
+        self,
+        artifact,
+        batch_size: int,
+        top_k: int,
+        embeddings: bool,
+        precision: str = "fp32",
+        threads: int | None = None,
+    ):
         import tensorflow as tf
 
+        _tensorflow_threads(threads)
         super().__init__(artifact, batch_size, top_k)
         if precision == "bf16":
             artifact = dataclasses.replace(artifact, model=_mixed_bfloat16(artifact.model))
@@ -196,13 +227,23 @@ def _openvino_model(artifact, batch_size: int, embeddings: bool):
 class OpenVINOClassifier(_Engine):
     """The Keras model as OpenVINO (cached in the artifact, or converted), compiled at the given precision."""
 
-    def __init__(self, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str = "fp32"):
+    def __init__(
+        self,
+        artifact,
+        batch_size: int,
+        top_k: int,
+        embeddings: bool,
+        precision: str = "fp32",
+        threads: int | None = None,
+    ):
         import openvino as ov
 
         super().__init__(artifact, batch_size, top_k)
         converted = _openvino_model(artifact, batch_size, embeddings)
-        hint = {"fp32": "f32", "bf16": "bf16"}[precision]
-        self._compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._compiled = ov.Core().compile_model(converted, "CPU", config)
         self._probabilities = self._compiled.output("probabilities")
         self._embedding = self._compiled.output("embedding") if embeddings else None
         self._request = self._compiled.create_infer_request()
@@ -230,8 +271,21 @@ def engine_files(model, manifest, engines, folder: str) -> dict[str, str]:
     return files
 
 
-def build_classifier(engine: str, artifact, batch_size: int, top_k: int, embeddings: bool, precision: str):
-    """The classifier of ``engine`` for a loaded artifact; ``precision`` as ``--precision`` gives it."""
+def build_classifier(
+    engine: str,
+    artifact,
+    batch_size: int,
+    top_k: int,
+    embeddings: bool,
+    precision: str,
+    threads: int | None = None,
+):
+    """The classifier of ``engine`` for a loaded artifact; ``precision`` as ``--precision`` gives it.
+
+    ``threads``: how many threads compute (None: the engine's default, every core).
+    """
     resolved = resolve_precision(precision)
-    logging.getLogger("beamvision").info("inference engine %s at %s", engine, resolved)
-    return ENGINES[engine](artifact, batch_size, top_k, embeddings, resolved)
+    logging.getLogger("beamvision").info(
+        "inference engine %s at %s on %s threads", engine, resolved, threads or "all"
+    )
+    return ENGINES[engine](artifact, batch_size, top_k, embeddings, resolved, threads)

@@ -5,9 +5,13 @@ around ``BeamvisionModelHandler``: keys (``ImageKey``: URI and image metadata)
 travel beside uint8 pixel batches. The handler owns how a batch is computed,
 so another engine can replace it without touching the pipeline:
 
-- one model per worker process (Beam's ``Shared`` handle), loaded from the
-  artifact in ``load_model`` and built by the engine ``--engine`` names
-  (``beamvision.transforms.engines``: TensorFlow or OpenVINO, at ``--precision``);
+- one model per worker process (Beam's ``Shared`` handle), or with
+  ``--model_copies N`` N per machine shared by its processes (Beam's
+  ``model_copies``, served to the others over Beam's multi-process proxy: for
+  models too large to hold once per process), loaded from the artifact in
+  ``load_model`` and built by the engine ``--engine`` names
+  (``beamvision.transforms.engines``: TensorFlow or OpenVINO, at ``--precision``,
+  on the threads ``beamvision.transforms.sizing`` gives the process or the copy);
 - a fixed batch shape: the last, short batch of a bundle is padded, so the
   compiled model is traced once.
 
@@ -28,6 +32,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunIn
 
 from beamvision.transforms.engines import Prediction, build_classifier, has_openvino_model
 from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
+from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing, available_cores
 
 FIRST_BATCH_METRIC = "first_batch_unix_ms"
 # Beam's RunInference records how long each worker took to load its model, in our namespace.
@@ -67,7 +72,8 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
     """ModelHandler for beamvision model artifacts: uint8 images in, Predictions out.
 
     ``engine`` (``engines.ENGINES``) and ``precision`` (``engines.PRECISIONS``)
-    choose how a batch is computed, on each worker.
+    choose how a batch is computed, on each worker; ``sizing`` its threads and
+    whether the machine's processes share ``model_copies`` models.
     """
 
     def __init__(
@@ -78,14 +84,19 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
         embeddings: bool = False,
         engine: str = "tensorflow",
         precision: str = "fp32",
+        sizing: WorkerSizing = DEFAULT_SIZING,
     ):
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        super().__init__(
+            min_batch_size=batch_size, max_batch_size=batch_size, model_copies=sizing.model_copies
+        )
         self._model_uri = model_uri
         self._batch_size = batch_size
         self._top_k = top_k
         self._embeddings = embeddings
         self._engine = engine
         self._precision = precision
+        self._sizing = sizing
+        self._first_batch_done = False
         self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self._batch_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_batch_ms")
         # When each worker process finished its first batch (Unix ms; the minimum is the job's first).
@@ -100,8 +111,23 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
             artifact = Artifact(self._model_uri, None, manifest)
         else:
             artifact = load_artifact(self._model_uri)
+        threads = self._sizing.resolve()
+        logging.getLogger("beamvision").info(
+            "worker sizing on %d cores: %s; threads: read %d, decode %d, inference %d",
+            available_cores(),
+            self._sizing.describe(),
+            threads.read,
+            threads.decode,
+            threads.inference,
+        )
         return build_classifier(
-            self._engine, artifact, self._batch_size, self._top_k, self._embeddings, self._precision
+            self._engine,
+            artifact,
+            self._batch_size,
+            self._top_k,
+            self._embeddings,
+            self._precision,
+            threads.inference,
         )
 
     def run_inference(
@@ -109,8 +135,8 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
     ) -> list[Prediction]:
         started = time.perf_counter()
         predictions = model(batch)
-        if not getattr(model, "first_batch_done", False):
-            model.first_batch_done = True
+        if not self._first_batch_done:  # (a shared model is a proxy: the flag lives here)
+            self._first_batch_done = True
             self._first_batch.update(int(time.time() * 1000))
         self._batches.inc()
         self._batch_ms.update(int((time.perf_counter() - started) * 1000))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import glob
 import hashlib
 import os
@@ -32,9 +33,9 @@ from apache_beam.io.filesystems import FileSystems
 from beamvision.transforms.archives import ArchiveRequest, Unpacker
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, ThreadPoolDoFn
 from beamvision.transforms.rows import ERRORS_TAG, ImageFile, error_row
+from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 
 _GLOB_CHARS = ("*", "?", "[")
-READ_THREADS = 16  # object-store reads are latency-bound
 
 
 def expand_pattern(pattern: str) -> str:
@@ -95,11 +96,17 @@ class LookUpFiles(beam.PTransform):
     """``ImageFile`` to the same with its size and modification time, looked up where not yet known.
 
     Returns a dict of PCollections: ``files`` and ``errors`` (error rows of
-    stage ``read`` for files that are missing or cannot be looked up).
+    stage ``read`` for files that are missing or cannot be looked up). Look-ups
+    run on ``sizing``'s read threads.
     """
 
+    def __init__(self, sizing: WorkerSizing = DEFAULT_SIZING):
+        super().__init__()
+        self._sizing = sizing
+
     def expand(self, files):
-        found = files | "LookUp" >> beam.ParDo(_LookUpFn()).with_outputs(ERRORS_TAG, main="files")
+        lookup = _LookUpFn(self._sizing)
+        found = files | "LookUp" >> beam.ParDo(lookup).with_outputs(ERRORS_TAG, main="files")
         return {"files": found.files, "errors": found[ERRORS_TAG]}
 
 
@@ -113,17 +120,24 @@ class ReadFiles(beam.PTransform):
     a runner's buffer. Returns a dict of PCollections: ``files``,
     ``errors`` (rows of stage ``read``, and ``label`` for members),
     ``members`` (one URI per row an archive made, for counting) and
-    ``not_images`` (per archive, members passed over).
+    ``not_images`` (per archive, members passed over). Files are read on
+    ``sizing``'s read threads.
     """
 
-    def __init__(self, buffer_bytes: int = DEFAULT_BUFFER_MB * MB, label_from_folder: bool = False):
+    def __init__(
+        self,
+        buffer_bytes: int = DEFAULT_BUFFER_MB * MB,
+        label_from_folder: bool = False,
+        sizing: WorkerSizing = DEFAULT_SIZING,
+    ):
         super().__init__()
         self._buffer_bytes = buffer_bytes
         self._label_from_folder = label_from_folder
+        self._sizing = sizing
 
     def expand(self, files):
         read = files | "Read" >> beam.ParDo(
-            _ReadFileFn(self._buffer_bytes, self._label_from_folder)
+            _ReadFileFn(self._buffer_bytes, self._label_from_folder, self._sizing)
         ).with_outputs(ERRORS_TAG, "members", "not_images", main="files")
         return {
             "files": read.files,
@@ -252,9 +266,12 @@ class _MatchPatternFn(beam.DoFn):
 class _LookUpFn(ThreadPoolDoFn):
     """Fills in the size and modification time of listed files, on threads (object-store latency)."""
 
-    def __init__(self):
+    def __init__(self, sizing: WorkerSizing):
         super().__init__(
-            threads=READ_THREADS, depth=256, ok_counter="files_found", failed_counter="images_failed"
+            threads=functools.partial(sizing.threads, "read"),
+            depth=256,
+            ok_counter="files_found",
+            failed_counter="images_failed",
         )
 
     def work(self, image_file: ImageFile) -> list:
@@ -275,9 +292,9 @@ class _ReadFileFn(ThreadPoolDoFn):
     budget, which those files would otherwise hold).
     """
 
-    def __init__(self, buffer_bytes: int, label_from_folder: bool = False):
+    def __init__(self, buffer_bytes: int, label_from_folder: bool, sizing: WorkerSizing):
         super().__init__(
-            threads=READ_THREADS,
+            threads=functools.partial(sizing.threads, "read"),
             depth=64,
             ok_counter="images_read",
             failed_counter="images_failed",

@@ -1,0 +1,115 @@
+"""Worker sizing: thread counts follow the process's share of the machine, per runner, and reach the pools."""
+
+from __future__ import annotations
+
+import threading
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that
+
+from beamvision.pipelines.cli import main
+from beamvision.transforms.concurrency import ThreadPoolDoFn
+from beamvision.transforms.sizing import PER_CORE, READ_THREADS, Threads, WorkerSizing, processes_per_machine
+
+
+@pytest.mark.parametrize(
+    ("sizing", "cores", "expected"),
+    [
+        # One process owns the machine (DirectRunner in one process, or one SDK process per VM).
+        (WorkerSizing(processes_per_machine=1), 16, Threads(READ_THREADS, 16, 16)),
+        # Dataflow's default: one process per vCPU, each with one core's worth of threads.
+        (WorkerSizing(processes_per_machine=PER_CORE), 16, Threads(READ_THREADS, 1, 1)),
+        (WorkerSizing(processes_per_machine=4), 16, Threads(READ_THREADS, 4, 4)),
+        # More processes than cores still leaves each one thread.
+        (WorkerSizing(processes_per_machine=8), 2, Threads(READ_THREADS, 1, 1)),
+        # Two models shared by the machine's 16 processes: each copy computes on half the cores.
+        (WorkerSizing(processes_per_machine=PER_CORE, model_copies=2), 16, Threads(READ_THREADS, 1, 8)),
+        # Flags win over the rules.
+        (
+            WorkerSizing(PER_CORE, read_threads=4, decode_threads=3, inference_threads=2),
+            16,
+            Threads(4, 3, 2),
+        ),
+    ],
+)
+def test_threads_are_the_process_share_of_the_machine(sizing, cores, expected):
+    assert sizing.resolve(cores) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], 1),
+        (["--direct_num_workers", "4"], 1),  # multi-threading: threads of one process
+        (["--direct_num_workers", "4", "--direct_running_mode", "multi_processing"], 4),
+        (["--direct_num_workers", "0", "--direct_running_mode", "multi_processing"], PER_CORE),
+        (["--runner", "DataflowRunner"], PER_CORE),
+        (["--runner", "DataflowRunner", "--experiments", "no_use_multiple_sdk_containers"], 1),
+        (["--runner", "FlinkRunner", "--sdk_worker_parallelism", "3"], 3),
+        (["--runner", "PortableRunner"], 1),
+    ],
+)
+def test_processes_per_machine_follow_the_runner(argv, expected):
+    assert processes_per_machine(PipelineOptions(argv)) == expected
+
+
+def test_summary_describes_what_the_worker_decides():
+    described = WorkerSizing(PER_CORE, decode_threads=2).describe()
+    assert described == {
+        "processes_per_machine": "one per core",
+        "read_threads": READ_THREADS,
+        "decode_threads": 2,
+        "inference_threads": "auto",
+        "model_copies": "one per process",
+    }
+
+
+class _ThreadNames(ThreadPoolDoFn):
+    def __init__(self):
+        super().__init__(threads=lambda: 3, depth=8, ok_counter="test_ok", failed_counter="test_failed")
+
+    def work(self, element) -> list:
+        return [threading.current_thread().name]
+
+
+def test_instances_in_a_process_share_one_pool_of_the_sized_count():
+    first, second = _ThreadNames(), _ThreadNames()
+    first.setup()
+    second.setup()
+    assert first._pool is second._pool and first._pool._max_workers == 3
+    first.teardown()
+    assert not first._pool._shutdown  # still the second instance's
+    second.teardown()
+    assert second._pool._shutdown
+
+
+def test_pipeline_work_runs_on_the_sized_threads():
+    def on_three_threads(names):
+        assert len(names) == 40 and 1 <= len(set(names)) <= 3, set(names)
+
+    with TestPipeline() as p:
+        assert_that(p | beam.Create(range(40)) | beam.ParDo(_ThreadNames()), on_three_threads)
+
+
+def test_openvino_computes_on_the_given_threads(tmp_path):
+    from beamvision.models import create_model
+    from beamvision.models.artifact import Artifact, new_manifest
+    from beamvision.transforms.engines import OpenVINOClassifier
+
+    model = create_model("squeezenet", num_classes=3, input_size=32)
+    artifact = Artifact(str(tmp_path), model, new_manifest(model, "squeezenet", ["a", "b", "c"], "none"))
+    classifier = OpenVINOClassifier(artifact, batch_size=2, top_k=2, embeddings=False, threads=1)
+    assert classifier._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--decode_threads", "0"), ("--read_threads", "x"), ("--model_copies", "-1")]
+)
+def test_bad_sizing_flags_are_one_line_errors(flag, value, capsys):
+    argv = ["classify", "--input", "x", "--model", "m", "--output", "o", flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and repr(value) in err and "Traceback" not in err

@@ -1,0 +1,124 @@
+"""Worker sizing: how many threads read, decode and run the model in each worker process.
+
+A machine runs several SDK worker processes (Dataflow: one per vCPU, by
+default, for Python; DirectRunner ``multi_processing``: ``--direct_num_workers``),
+and each has its own model and its own thread pools. Sized by the machine's
+cores instead of the process's share, they oversubscribe it: on 16 vCPUs, 16
+processes each with 16 decode threads and a 16-thread TensorFlow pool. So the
+CPU-bound counts follow the process's share of the machine:
+
+- decode threads: cores / processes (at least 1): decoding is CPU-bound;
+- inference threads: cores / processes; with ``--model_copies C`` (models
+  shared by the machine's processes, Beam's ``model_copies``), cores / C per copy;
+- read threads: ``READ_THREADS`` per process whatever the cores: reads wait on
+  storage latency, not on the CPU, and ``--buffer_mb`` bounds their bytes.
+
+Each flag (``--read_threads``, ``--decode_threads``, ``--inference_threads``)
+overrides its rule. The launcher knows how many processes share a machine
+(``processes_per_machine``, from the pipeline options); each worker counts its
+own cores (``WorkerSizing.resolve``), since a Dataflow worker's machine is
+not the launcher's. Pools are shared by every bundle thread of a process
+(``concurrency.ThreadPoolDoFn``), so the counts hold per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+READ_THREADS = 16
+PER_CORE = 0  # processes_per_machine: one SDK process per core, counted on the worker
+# Dataflow's experiment for one multi-threaded SDK process per machine instead of one per vCPU.
+ONE_SDK_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
+ROLES = ("read", "decode", "inference")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Threads:
+    """Thread counts of one worker process."""
+
+    read: int
+    decode: int
+    inference: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSizing:
+    """How a worker process sizes its pools: processes per machine, and overrides (None: the rule)."""
+
+    processes_per_machine: int = 1  # PER_CORE: one per core of the worker's machine
+    read_threads: int | None = None
+    decode_threads: int | None = None
+    inference_threads: int | None = None
+    model_copies: int | None = None  # models per machine shared by its processes; None: one per process
+
+    def resolve(self, cores: int | None = None) -> Threads:
+        """The thread counts on a machine of ``cores`` cores (default: this process's)."""
+        cores = cores or available_cores()
+        processes = cores if self.processes_per_machine == PER_CORE else self.processes_per_machine
+        share = max(1, cores // processes)
+        per_copy = max(1, cores // self.model_copies) if self.model_copies else share
+        return Threads(
+            read=self.read_threads or READ_THREADS,
+            decode=self.decode_threads or share,
+            inference=self.inference_threads or per_copy,
+        )
+
+    def threads(self, role: str) -> int:
+        """One role's count on this worker (``ROLES``); picklable with ``functools.partial``."""
+        return getattr(self.resolve(), role)
+
+    def for_runner(self, pipeline_options) -> WorkerSizing:
+        """This sizing with the processes per machine of the runner the options name."""
+        return dataclasses.replace(self, processes_per_machine=processes_per_machine(pipeline_options))
+
+    def describe(self) -> dict[str, Any]:
+        """For summary.json: each count as given, or ``"auto"`` where the rule decides on the worker."""
+        processes = self.processes_per_machine
+        return {
+            "processes_per_machine": "one per core" if processes == PER_CORE else processes,
+            "read_threads": self.read_threads or READ_THREADS,
+            "decode_threads": self.decode_threads or "auto",
+            "inference_threads": self.inference_threads or "auto",
+            "model_copies": self.model_copies or "one per process",
+        }
+
+
+DEFAULT_SIZING = WorkerSizing()  # one process per machine, every count by its rule
+
+
+def processes_per_machine(pipeline_options) -> int:
+    """How many SDK worker processes the runner starts on each machine (``PER_CORE``: one per core).
+
+    DirectRunner: ``--direct_num_workers`` with ``multi_processing`` (0 means
+    one per core), else 1 (threads of one process); DataflowRunner: one per
+    vCPU unless ``--experiments no_use_multiple_sdk_containers``; portable
+    runners (Flink, Spark, Prism): ``--sdk_worker_parallelism`` (0: one per core).
+    """
+    from apache_beam.options.pipeline_options import (
+        DebugOptions,
+        DirectOptions,
+        PortableOptions,
+        StandardOptions,
+    )
+
+    runner = str(pipeline_options.view_as(StandardOptions).runner or "DirectRunner")
+    if "Dataflow" in runner:
+        experiments = pipeline_options.view_as(DebugOptions).experiments or []
+        return 1 if ONE_SDK_PROCESS_EXPERIMENT in experiments else PER_CORE
+    if "Direct" in runner or "FnApiRunner" in runner:
+        direct = pipeline_options.view_as(DirectOptions)
+        if direct.direct_running_mode != "multi_processing":
+            return 1
+        return PER_CORE if direct.direct_num_workers == 0 else direct.direct_num_workers
+    parallelism = pipeline_options.view_as(PortableOptions).sdk_worker_parallelism
+    return PER_CORE if parallelism == 0 else int(parallelism or 1)
