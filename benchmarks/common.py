@@ -101,10 +101,14 @@ def make_tiff_scans(directory: str, count: int, side: int) -> list[str]:
 BEAMVISION = [sys.executable, "-m", "beamvision"]
 
 
-def random_model(workdir: str) -> str:
-    """A mobilenet_v2 artifact at 224 with random weights (name bench, version 1) under ``workdir``."""
-    model = os.path.join(workdir, "model")
+def random_model(workdir: str, engines: tuple[str, ...] = ()) -> str:
+    """A mobilenet_v2 artifact at 224 with random weights (name bench, version 1) under ``workdir``.
+
+    ``engines``: also store the model converted for them (``export --engines``).
+    """
+    model = os.path.join(workdir, "-".join(["model", *engines]))
     if not os.path.exists(os.path.join(model, "manifest.json")):
         args = ["export", "--architecture", "mobilenet_v2", "--weights", "none", "--output", model]
-        run_process([*BEAMVISION, *args, "--name", "bench", "--version", "1"])
+        converted = ["--engines", *engines] if engines else []
+        run_process([*BEAMVISION, *args, "--name", "bench", "--version", "1", *converted])
     return model

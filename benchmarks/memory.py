@@ -8,6 +8,9 @@ wall time and the peak RSS of the process tree:
 - ``classify``: 200 against 2,000 photo-like 1024x768 JPEGs, mobilenet_v2 at
   224. Pixels travel only at model input size, never across a shuffle: the
   target is the larger run within 1.3x of the smaller.
+- ``openvino``: the same with ``--engine openvino --precision bf16`` (the
+  artifact holding its OpenVINO model, so no TensorFlow is loaded), 200
+  against 20,000 JPEGs: target within 1.3x.
 - ``prepare``: 400 against 4,000 photo-like 640x480 JPEGs in 4 class folders,
   ``--image_size 224``. The class list comes from the URIs before decoding and
   pixels never leave one fused stage: target within 1.25x.
@@ -39,10 +42,11 @@ def _listing(workdir: str, name: str, paths: list[str]) -> str:
     return listing
 
 
-def _classify(workdir: str, name: str, paths: list[str], *extra: str) -> ProcessRun:
+def _classify(workdir: str, name: str, paths: list[str], *extra: str, engine="tensorflow") -> ProcessRun:
     output = os.path.join(workdir, f"out_{name}")
     listing = _listing(workdir, name, paths)
-    args = ["classify", "--input_list", listing, "--model", random_model(workdir), "--output", output]
+    model = random_model(workdir, ("openvino",) if engine == "openvino" else ())
+    args = ["classify", "--input_list", listing, "--model", model, "--output", output, "--engine", engine]
     return run_process([*BEAMVISION, *args, "--overwrite", *extra])
 
 
@@ -59,15 +63,17 @@ def _ratio(small: ProcessRun, large: ProcessRun, what: str, target: float) -> No
     print(f"\npeak RSS {what}: {ratio:.2f}x ({verdict} the {target}x target)")
 
 
-def classify_growth(workdir: str, small: int, large: int) -> None:
+def classify_growth(workdir: str, small: int, large: int, engine: str = "tensorflow", *extra: str) -> None:
     print(f"[classify] {large} 1024x768 JPEGs in {workdir} ...", flush=True)
     images = make_jpegs(os.path.join(workdir, "images"), large, (1024, 768), seed=1)
     runs = {}
     for count in (small, large):
-        print(f"[classify] {count} images ...", flush=True)
-        runs[f"classify {count}"] = (count, _classify(workdir, str(count), images[:count]))
+        print(f"[classify] {count} images, {engine} {' '.join(extra)} ...", flush=True)
+        run = _classify(workdir, f"{engine}_{count}", images[:count], *extra, engine=engine)
+        runs[f"classify {count}, {engine} {' '.join(extra)}"] = (count, run)
     _table(runs)
-    _ratio(runs[f"classify {small}"][1], runs[f"classify {large}"][1], f"{large:,} / {small:,} images", 1.3)
+    (_, first), (_, last) = runs.values()
+    _ratio(first, last, f"{large:,} / {small:,} images", 1.3)
 
 
 def prepare_growth(workdir: str, small: int, large: int, classes: int = 4) -> None:
@@ -121,12 +127,13 @@ def scans(workdir: str, count: int, mixed: int, small_jpegs: int) -> None:
     )
 
 
-SCENARIOS = ("classify", "prepare", "scans")
+SCENARIOS = ("classify", "openvino", "prepare", "scans")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenarios", nargs="*", metavar="{classify,prepare,scans}", default=list(SCENARIOS))
+    choices = "{" + ",".join(SCENARIOS) + "}"
+    parser.add_argument("scenarios", nargs="*", metavar=choices, default=list(SCENARIOS))
     parser.add_argument("--workdir", default=os.path.join(HERE, "out", "memory"))
     args = parser.parse_args()
     unknown = sorted(set(args.scenarios) - set(SCENARIOS))
@@ -136,6 +143,8 @@ def main() -> None:
     for scenario in args.scenarios:
         if scenario == "classify":
             classify_growth(workdir, 200, 2000)
+        elif scenario == "openvino":
+            classify_growth(workdir, 200, 20000, "openvino", "--precision", "bf16")
         elif scenario == "prepare":
             prepare_growth(os.path.join(workdir, "prepare"), 400, 4000)
         else:
