@@ -113,3 +113,28 @@ def test_bad_sizing_flags_are_one_line_errors(flag, value, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err and repr(value) in err and "Traceback" not in err
+
+
+def test_tensorflow_workers_compute_on_the_given_threads(tmp_path):
+    """In a fresh worker process, the pools are sized before loading the model starts TensorFlow."""
+    import subprocess
+    import sys
+
+    from beamvision.models import create_model
+    from beamvision.models.artifact import new_manifest, save_artifact
+
+    model = create_model("squeezenet", num_classes=3, input_size=32)
+    save_artifact(model, new_manifest(model, "squeezenet", ["a", "b", "c"], "none"), str(tmp_path / "m"))
+    script = (
+        "import tensorflow as tf\n"
+        "from beamvision.transforms.inference import BeamvisionModelHandler\n"
+        "from beamvision.transforms.sizing import WorkerSizing\n"
+        f"uri = {str(tmp_path / 'm')!r}\n"
+        "handler = BeamvisionModelHandler(uri, 2, 2, sizing=WorkerSizing(inference_threads=1))\n"
+        "handler.load_model()\n"
+        "threading = tf.config.threading\n"
+        "print(threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.split() == ["1", "1"]

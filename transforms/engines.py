@@ -95,6 +95,10 @@ def inference_function(artifact, batch_size: int | None, embeddings: bool):
 class _Engine:
     """Pads a short batch to the fixed shape and turns outputs into Predictions."""
 
+    @staticmethod
+    def before_load(threads: int | None) -> None:
+        """Process-wide set-up that must precede loading the artifact (nothing, unless overridden)."""
+
     def __init__(self, artifact, batch_size: int, top_k: int):
         self.batch_size = batch_size
         self.labels = np.asarray(artifact.manifest.labels, dtype=object)
@@ -139,6 +143,9 @@ def _tensorflow_threads(threads: int | None) -> None:
 class TensorFlowClassifier(_Engine):
     """The Keras model as one compiled graph, top-k inside it."""
 
+    # Loading the Keras model starts TensorFlow's runtime, which fixes its pools.
+    before_load = staticmethod(_tensorflow_threads)
+
     def __init__(
         self,
         artifact,
@@ -150,7 +157,6 @@ class TensorFlowClassifier(_Engine):
     ):
         import tensorflow as tf
 
-        _tensorflow_threads(threads)
         super().__init__(artifact, batch_size, top_k)
         if precision == "bf16":
             artifact = dataclasses.replace(artifact, model=_mixed_bfloat16(artifact.model))

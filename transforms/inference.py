@@ -30,7 +30,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from beamvision.transforms.engines import Prediction, build_classifier, has_openvino_model
+from beamvision.transforms.engines import ENGINES, Prediction, build_classifier, has_openvino_model
 from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing, available_cores
 
@@ -105,12 +105,6 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
     def load_model(self):
         from beamvision.models.artifact import Artifact, load_artifact, load_manifest
 
-        manifest = load_manifest(self._model_uri)
-        if self._engine == "openvino" and has_openvino_model(manifest):
-            # The converted model is all OpenVINO needs: Keras and TensorFlow are never loaded.
-            artifact = Artifact(self._model_uri, None, manifest)
-        else:
-            artifact = load_artifact(self._model_uri)
         threads = self._sizing.resolve()
         logging.getLogger("beamvision").info(
             "worker sizing on %d cores: %s; threads: read %d, decode %d, inference %d",
@@ -120,6 +114,13 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
             threads.decode,
             threads.inference,
         )
+        ENGINES[self._engine].before_load(threads.inference)
+        manifest = load_manifest(self._model_uri)
+        if self._engine == "openvino" and has_openvino_model(manifest):
+            # The converted model is all OpenVINO needs: Keras and TensorFlow are never loaded.
+            artifact = Artifact(self._model_uri, None, manifest)
+        else:
+            artifact = load_artifact(self._model_uri)
         return build_classifier(
             self._engine,
             artifact,
