@@ -59,10 +59,12 @@ EXTRAS_REQUIRE = {
     ],
     # beamvision demo: its data, scikit-learn's handwritten digits.
     "demo": ["scikit-learn>=1.9.0"],
-    # benchmarks/: the baseline uses Beam's TFModelHandlerNumpy, which imports tensorflow_hub.
+    # benchmarks/: the baseline uses Beam's TFModelHandlerNumpy, which imports tensorflow_hub;
+    # throughput.py's job (d) runs Ray Data's batch inference as a peer.
     "bench": [
         "tensorflow-hub>=0.16.1",
         "psutil>=5.9",
+        "ray[data]>=2.60.0",
     ],
 }
 

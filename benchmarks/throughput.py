@@ -13,10 +13,19 @@ identical weights):
     (no Beam, no decode). The artifact holds its OpenVINO model (as
     ``export --engines openvino`` stores it), so OpenVINO runs load no TensorFlow.
 (c) beamvision classify with each engine and precision.
+(d) Ray Data, as its documentation writes batch image inference: read_images
+    (mode RGB, resized to 224 by Ray's reader), map_batches with a callable class
+    (an autoscaling pool of 1 to os.cpu_count() actors) that loads the same
+    float-input Keras model as (a), applies preprocess_input and returns top-5
+    indices and scores per image, batch 32, then write_parquet. Ray is started
+    inside the step (ray.init on this machine's CPUs, no dashboard) and shut down
+    before it exits, so its GCS, raylet, agents and workers are descendants of the
+    step: they count in its time and in its process tree's RSS.
 
 "of ceiling" compares a beamvision run with its own engine's ceiling.
 
 Prints img/s, ratios and peak RSS (summed over the process tree) as a table.
+``--jobs a,d`` runs only some of them (default: all four).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from common import make_jpegs, run_process  # noqa: E402
 INPUT_SIZE = 224
 
 
-def _prepare(workdir: str, count: int) -> dict:
+def _prepare(workdir: str, count: int, pixels_needed: bool = True) -> dict:
     import keras
     import numpy as np
 
@@ -60,8 +69,11 @@ def _prepare(workdir: str, count: int) -> dict:
         plain = keras.applications.MobileNetV2(weights=None)
         plain.set_weights(model.get_weights())  # the same network and weights, float input
         plain.save(baseline_model)
+    image_list = os.path.join(workdir, f"images_{count}.json")
+    with open(image_list, "w") as f:
+        json.dump(images, f)
     pixels = os.path.join(workdir, f"pixels_{count}.npy")
-    if not os.path.exists(pixels):
+    if pixels_needed and not os.path.exists(pixels):
         batch = []
         for path in images:
             with open(path, "rb") as f:
@@ -69,6 +81,7 @@ def _prepare(workdir: str, count: int) -> dict:
         np.save(pixels, np.stack(batch))
     return {
         "images": os.path.join(workdir, "images", "*.jpg"),
+        "image_list": image_list,
         "artifact": artifact,
         "baseline_model": baseline_model,
         "pixels": pixels,
@@ -126,10 +139,108 @@ def run_ceiling(artifact: str, pixels_path: str, batch_size: int, engine: str, p
         classify(list(pixels[start : start + batch_size]))
 
 
+class RayClassifier:
+    """The callable class (a Ray actor) of Ray Data's batch inference docs: the model is loaded once in
+    ``__init__`` and ``__call__`` classifies one batch, as the TensorFlow tab of
+    https://docs.ray.io/en/latest/data/batch_inference.html (Quickstart) writes it."""
+
+    def __init__(self, model_path: str):
+        import keras
+
+        self.keras = keras
+        self.model = keras.models.load_model(model_path)  # the float-input MobileNetV2 that (a) loads
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        inputs = self.keras.applications.mobilenet_v2.preprocess_input(batch["image"].astype(np.float32))
+        scores = np.asarray(self.model(inputs, training=False))
+        top = np.argsort(-scores, axis=1)[:, :5]
+        return {"path": batch["path"], "top5": top, "scores": np.take_along_axis(scores, top, axis=1)}
+
+
+def run_ray(image_list: str, model_path: str, output: str, batch_size: int) -> None:
+    """Ray Data's batch image inference, as its documentation writes it.
+
+    Follows "Working with Images" (https://docs.ray.io/en/latest/data/working-with-images.html:
+    read_images, then "Performing inference on images": a callable class given to map_batches with
+    ``compute=ray.data.ActorPoolStrategy(...)``, then "Saving images": write_parquet) and
+    "End-to-end: Offline Batch Inference" (https://docs.ray.io/en/latest/data/batch_inference.html).
+    In Ray 2.60 ``map_batches(concurrency=n)`` is deprecated in favour of that ``compute`` argument.
+    """
+    import logging
+
+    # One machine, nothing leaves it: no usage-stats report, and every Ray server on the loopback
+    # address (on Linux Ray otherwise picks the address of the default route for its node IP).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    import ray.data
+
+    # Quiet: Ray Data logs each execution (and a DEBUG trace to its session file) unless told otherwise.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    with open(image_list) as f:
+        images = json.load(f)  # exactly the N images (the folder may hold more from a larger earlier run)
+    ray.init(
+        num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
+    )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    try:
+        # Actor count. The docs run one model replica per device ("Set the concurrency to the number of GPUs
+        # in your cluster", batch_inference.html), each map_batches actor reserving one CPU by default ("The
+        # default resource assignments of one CPU per task/actor", same page, which caps replicas only by RAM:
+        # two MobileNetV2 replicas fit easily here). So at most one actor per core: max_size=os.cpu_count().
+        # Not a fixed pool of that size: read_images' tasks and write_parquet's tasks each need a CPU too and
+        # are not fused into the actors, so a fixed pool holding every core starves them and the job hangs
+        # (seen here with 2 CPUs: ReadImage "backpressured", CPU budget 0, for 10 minutes; Ray's own warning
+        # is "The Dataset job will hang unless more CPUs are freed up"). An autoscaling pool from 1 to
+        # os.cpu_count() (map_batches' docs: ActorPoolStrategy(min_size=m, max_size=n) "to use an autoscaling
+        # actor pool from m to n workers"; a callable class gets 1 to unlimited by default) lets Ray Data's
+        # resource manager share the cores between reading, the actors and writing.
+        # read_images resizes with PIL's BILINEAR after decoding (Ray's reader), where (a) converts and
+        # resizes with PIL's default (BICUBIC): the same size and layout, uint8 RGB at 224x224.
+        (
+            ray.data.read_images(images, mode="RGB", size=(INPUT_SIZE, INPUT_SIZE), include_paths=True)
+            .map_batches(
+                RayClassifier,
+                fn_constructor_kwargs={"model_path": model_path},
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=os.cpu_count()),
+            )
+            .write_parquet(output)
+        )
+    finally:
+        # Inside the timed step, as a job's end would be. Shutdown stops the raylet first: its workers then
+        # sit re-parented to init for a second or two until they exit, outside the measured tree, but only
+        # after the output is written (the peak comes earlier, with them still in the tree).
+        ray.shutdown()
+
+
+def _count_parquet_rows(directory: str) -> int:
+    import pyarrow.parquet as pq
+
+    files = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".parquet")]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
 def _count_results(beamvision_dir: str) -> tuple[int, int]:
     with open(os.path.join(beamvision_dir, "summary.json")) as f:
         summary = json.load(f)
     return summary["results"], summary["errors"]
+
+
+JOBS = "abcd"
+RAY_ROW = "(d) Ray Data (read_images, map_batches with an actor, write_parquet)"
+
+
+def _jobs(value: str) -> list[str]:
+    jobs = [j.strip() for j in value.split(",") if j.strip()]
+    unknown = [j for j in jobs if j not in JOBS]
+    if unknown or not jobs:
+        raise argparse.ArgumentTypeError(f"jobs are a comma list of {','.join(JOBS)}, not {value!r}")
+    return jobs
 
 
 def main() -> None:
@@ -137,7 +248,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workdir", default=os.path.join(HERE, "out", "throughput"))
-    parser.add_argument("--step", choices=["baseline", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--jobs", type=_jobs, default=list(JOBS), help="comma list of a,b,c,d (default: all, in one run)"
+    )
+    parser.add_argument("--step", choices=["baseline", "ceiling", "ray"], help=argparse.SUPPRESS)
     parser.add_argument("--engine", default="tensorflow", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -146,15 +260,19 @@ def main() -> None:
         paths = json.loads(args.paths)
         if args.step == "baseline":
             run_baseline(paths["images"], paths["baseline_model"], paths["baseline_out"])
+        elif args.step == "ray":
+            run_ray(paths["image_list"], paths["baseline_model"], paths["ray_out"], args.batch_size)
         else:
             run_ceiling(paths["artifact"], paths["pixels"], args.batch_size, args.engine, args.precision)
         return
 
+    jobs = args.jobs
     workdir = os.path.abspath(args.workdir)
     print(f"preparing {args.images} 1600x1200 JPEGs and the models in {workdir} ...", flush=True)
-    paths = _prepare(workdir, args.images)
+    paths = _prepare(workdir, args.images, pixels_needed="b" in jobs)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     paths["baseline_out"] = os.path.join(workdir, f"baseline-{stamp}", "predictions")
+    paths["ray_out"] = os.path.join(workdir, f"ray-{stamp}")
     ours_out = os.path.join(workdir, f"beamvision-{stamp}")
     me = [
         sys.executable,
@@ -167,22 +285,29 @@ def main() -> None:
         json.dumps(paths),
     ]
     runs, ceilings = {}, {}
-    print("(a) baseline: Beam RunInference example ...", flush=True)
-    base = runs["(a) Beam RunInference example"] = run_process([*me, "--step", "baseline"])
-    for engine, precision in ENGINES:
-        print(f"(b) ceiling: {engine} {precision} alone on pre-decoded batches ...", flush=True)
-        flags = ["--step", "ceiling", "--engine", engine, "--precision", precision]
-        ceiling = run_process([*me, *flags])
-        ceilings[engine, precision] = runs[f"(b) model alone, {engine} {precision}"] = ceiling
+    base = None
+    if "a" in jobs:
+        print("(a) baseline: Beam RunInference example ...", flush=True)
+        base = runs["(a) Beam RunInference example"] = run_process([*me, "--step", "baseline"])
+    if "b" in jobs:
+        for engine, precision in ENGINES:
+            print(f"(b) ceiling: {engine} {precision} alone on pre-decoded batches ...", flush=True)
+            flags = ["--step", "ceiling", "--engine", engine, "--precision", precision]
+            ceiling = run_process([*me, *flags])
+            ceilings[engine, precision] = runs[f"(b) model alone, {engine} {precision}"] = ceiling
     outputs = {}
-    for engine, precision in ENGINES:
-        print(f"(c) beamvision classify, {engine} {precision} ...", flush=True)
-        outputs[engine, precision] = out = f"{ours_out}-{engine}-{precision}"
-        argv = ["classify", "--input", paths["images"], "--model", paths["artifact"], "--output", out]
-        flags = ["--batch_size", str(args.batch_size), "--engine", engine, "--precision", precision]
-        runs[f"(c) beamvision classify, {engine} {precision}"] = run_process(
-            [sys.executable, "-m", "beamvision", *argv, *flags]
-        )
+    if "c" in jobs:
+        for engine, precision in ENGINES:
+            print(f"(c) beamvision classify, {engine} {precision} ...", flush=True)
+            outputs[engine, precision] = out = f"{ours_out}-{engine}-{precision}"
+            argv = ["classify", "--input", paths["images"], "--model", paths["artifact"], "--output", out]
+            flags = ["--batch_size", str(args.batch_size), "--engine", engine, "--precision", precision]
+            runs[f"(c) beamvision classify, {engine} {precision}"] = run_process(
+                [sys.executable, "-m", "beamvision", *argv, *flags]
+            )
+    if "d" in jobs:
+        print("(d) Ray Data: read_images, map_batches with an actor, write_parquet ...", flush=True)
+        runs[RAY_ROW] = run_process([*me, "--step", "ray"])
     rows = []
     for name, run in runs.items():
         rate = args.images / run.seconds
@@ -192,7 +317,7 @@ def main() -> None:
                 name,
                 f"{run.seconds:.1f}",
                 f"{rate:.1f}",
-                f"{base.seconds / run.seconds:.2f}x",
+                f"{base.seconds / run.seconds:.2f}x" if base else "",
                 f"{own.seconds / run.seconds:.2f}" if own and name.startswith("(c)") else "",
                 f"{run.peak_rss_mb:,.0f}",
             ]
@@ -210,6 +335,8 @@ def main() -> None:
     for (engine, precision), out in outputs.items():
         results, errors = _count_results(out)
         print(f"(c) {engine} {precision}: {results} results and {errors} errors of {args.images} images")
+    if "d" in jobs:
+        print(f"(d) Ray Data: {_count_parquet_rows(paths['ray_out'])} rows written of {args.images} images")
 
 
 if __name__ == "__main__":
