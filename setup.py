@@ -42,6 +42,7 @@ INSTALL_REQUIRES = [
     "stream-unzip>=0.0.99",  # zip archives read member by member, without the central directory
     "jinja2>=3.1",  # review's HTML, escaped by default
     "openvino>=2025.0",  # --engine openvino
+    "nncf>=3.4",  # beamvision optimize: INT8 post-training quantisation of the OpenVINO model
 ]
 
 EXTRAS_REQUIRE = {

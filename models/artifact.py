@@ -55,6 +55,9 @@ class Manifest:
         metrics: evaluation metrics (empty when not evaluated).
         files: ``{"model.keras": {"bytes": N, "sha256": HEX}}``.
         schema_version: version of this manifest format.
+        quantization: how the stored OpenVINO model was quantised (``beamvision
+            optimize``: method, calibration, accuracy); empty for a float model,
+            and then left out of ``manifest.json``.
     """
 
     name: str
@@ -70,13 +73,17 @@ class Manifest:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        data = dataclasses.asdict(self)
+        if not data["quantization"]:  # a float artifact stays readable by a beamvision without the field
+            del data["quantization"]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
@@ -112,6 +119,15 @@ class Manifest:
         if not isinstance(manifest.input_size, int) or manifest.input_size < 1:
             raise ArtifactError(f"{where}: input_size must be a positive integer")
         return manifest
+
+
+def quantization(manifest: Manifest) -> dict[str, Any] | None:
+    """How the artifact's OpenVINO model was quantised (``beamvision optimize``); None for a float model.
+
+    A quantised artifact's ``model.keras`` is still its float source, so that
+    the artifact stays valid: only ``--engine openvino`` runs the INT8 model.
+    """
+    return manifest.quantization or None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
-from beamvision.models.artifact import Manifest, verify_artifact
+from beamvision.models.artifact import Manifest, quantization, verify_artifact
 from beamvision.pipelines import options
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
@@ -132,6 +132,12 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     started_at = time.time()
     # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
     manifest = verify_artifact(config.model)
+    if quantization(manifest) and config.engine != "openvino":
+        # Its model.keras is the float source: another engine would silently run that, not the INT8 model.
+        raise options.UsageError(
+            f"--engine {config.engine}: {config.model} holds an INT8 model for OpenVINO "
+            "(beamvision optimize); use --engine openvino"
+        )
     if config.top_k is None:
         config = dataclasses.replace(config, top_k=min(options.DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:

@@ -852,3 +852,70 @@ class DemoConfig:
             args.architecture, {"input_size": f"--image_size {args.image_size}"}, input_size=args.image_size
         )
         return cls(args.workdir, args.architecture, args.image_size, args.epochs)
+
+
+# --- beamvision optimize -------------------------------------------------------
+
+QUANTIZATION_PRESETS = ("performance", "mixed")
+DEFAULT_CALIBRATION_SIZE = 300
+
+
+def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="MODEL", help="the model artifact to quantise, local or URI"
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PREFIX",
+        help="output of beamvision prepare for this model: its train split calibrates, "
+        "its test split measures the accuracy of both models",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="the INT8 model artifact to write, local or URI"
+    )
+    parser.add_argument(
+        "--calibration_size",
+        type=positive_int,
+        default=DEFAULT_CALIBRATION_SIZE,
+        metavar="N",
+        help=f"training images that calibrate (default {DEFAULT_CALIBRATION_SIZE}, "
+        "or the whole split if it is smaller)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=QUANTIZATION_PRESETS,
+        default="performance",
+        help="NNCF's quantisation preset: performance (default; symmetric weights and activations) "
+        "or mixed (asymmetric activations: can be more accurate where they are not centred on zero)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="which training images calibrate (default 0)"
+    )
+    parser.add_argument("--name", help="model name recorded in results (default: --model's)")
+    parser.add_argument(
+        "--version", help="model version recorded in results (default: --model's version + '-int8')"
+    )
+    _add_switch(parser, "--overwrite", "replace an existing artifact at --output")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    model: str
+    data: str
+    output: str
+    calibration_size: int
+    preset: str
+    seed: int
+    name: str | None
+    version: str | None
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimizeConfig:
+        model, output = args.model.rstrip("/"), args.output.rstrip("/")
+        if model == output:
+            # The INT8 artifact records the accuracy of its source: the source must stay.
+            raise UsageError(f"--output {args.output}: is --model; write the INT8 artifact to a new place")
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "model": model, "data": args.data.rstrip("/"), "output": output})

@@ -1,0 +1,316 @@
+"""``beamvision optimize``: a model artifact to a new one that runs INT8 on OpenVINO (NNCF post-training).
+
+    beamvision optimize --model gs://bucket/models/f1 --data gs://bucket/data/flowers \\
+        --output gs://bucket/models/f1-int8 [--calibration_size 300] [--preset performance|mixed]
+
+Takes the artifact's OpenVINO model (the one it stores, or converted from
+model.keras as ``--engines openvino`` would), calibrates NNCF post-training
+quantisation on a sample (by ``--seed``) of the training split that prepare
+wrote, as the uint8 pixels classify feeds the model, and measures the top-1
+accuracy of the fp32 and the INT8 model on the test split. The new artifact
+keeps the Keras model (the same weights: it stays a valid artifact), stores
+the INT8 model as openvino/model.xml and model.bin, which ``classify --engine
+openvino`` runs unchanged, and records the quantisation in its manifest (see
+``beamvision.models.artifact.quantization``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from beamvision import storage
+from beamvision.models.artifact import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Artifact,
+    Manifest,
+    fetch_file,
+    load_artifact,
+    new_manifest,
+    quantization,
+    save_artifact,
+    verify_artifact,
+)
+from beamvision.pipelines import options
+from beamvision.transforms.dataset import LABELS_FILE, STATS_FILE, parse_example
+from beamvision.transforms.engines import OPENVINO_FILES, convert_openvino, has_openvino_model
+from beamvision.transforms.evaluation import classification_metrics
+
+if TYPE_CHECKING:  # OpenVINO is imported where a model is converted, quantised or scored
+    import openvino as ov
+
+CALIBRATION_SPLIT = "train"
+# An INT8 model more than this many points of accuracy below fp32 gets a warning.
+WARN_DROP_POINTS = 1.0
+EVALUATION_BATCH = 64
+
+
+def run(argv: list[str] | None = None) -> Manifest:
+    """Quantises ``--model`` into ``--output``; prints a summary.
+
+    Returns:
+        The manifest of the INT8 artifact, as written.
+    """
+    args = options.parse("beamvision optimize", __doc__.splitlines()[0], options.add_optimize_arguments, argv)
+    config = options.OptimizeConfig.from_args(args)
+    import openvino as ov  # (after the flags: --help needs neither OpenVINO nor Keras)
+
+    from beamvision.transforms.training import local_shards
+
+    started = time.monotonic()
+    source = verify_artifact(config.model)
+    labels, stats = _check_inputs(config, source)
+    totals = stats["totals"]
+    evaluated_on = next(split for split in ("test", "val", "train") if totals[split])  # as train evaluates
+    artifact = load_artifact(config.model)  # the Keras model, saved unchanged into the new artifact
+    with tempfile.TemporaryDirectory() as tmp:
+        calibration_shards = local_shards(
+            config.data, CALIBRATION_SPLIT, os.path.join(tmp, CALIBRATION_SPLIT)
+        )
+        images = calibration_sample(
+            calibration_shards,
+            source.input_size,
+            totals[CALIBRATION_SPLIT],
+            config.calibration_size,
+            config.seed,
+        )
+        print(
+            f"calibrating NNCF INT8 quantisation ({config.preset}) of {source.name} version {source.version} "
+            f"on {len(images):,} {CALIBRATION_SPLIT} images of {config.data} ...",
+            flush=True,
+        )
+        fp32_files = _openvino_files(artifact, os.path.join(tmp, "fp32"))
+        fp32 = ov.Core().read_model(fp32_files[OPENVINO_FILES[0]])
+        int8 = quantize(fp32, images, config.preset)
+        int8_files = dict(zip(OPENVINO_FILES, _save(int8, os.path.join(tmp, "int8")), strict=True))
+        evaluation_shards = local_shards(config.data, evaluated_on, os.path.join(tmp, evaluated_on))
+        accuracy = compare_accuracy(fp32, int8, evaluation_shards, stats["image_size"], labels)
+        record = {
+            "precision": "int8",
+            "method": {
+                "tool": "nncf",
+                "nncf_version": _nncf_version(),
+                "openvino_version": ov.get_version(),
+                "algorithm": "post-training quantization",
+                "preset": config.preset,
+            },
+            "source": {
+                "uri": config.model,
+                "name": source.name,
+                "version": source.version,
+                "model_sha256": source.files[MODEL_FILE]["sha256"],
+                "openvino": "stored" if has_openvino_model(source) else "converted",
+            },
+            "calibration": {
+                "data": config.data,
+                "split": CALIBRATION_SPLIT,
+                "images": len(images),
+                "requested": config.calibration_size,
+                "seed": config.seed,
+                "sample_sha256": sample_fingerprint(images),
+            },
+            "accuracy": {"split": evaluated_on, **accuracy},
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        manifest = new_manifest(
+            artifact.model,
+            source.architecture,
+            source.labels,
+            source.weights,
+            name=config.name or source.name,
+            version=config.version or f"{source.version}-int8",
+            training=source.training,  # model.keras is the source's: so are its training and metrics
+            metrics=source.metrics,
+        )
+        manifest = dataclasses.replace(manifest, quantization=record)
+        manifest = save_artifact(
+            artifact.model, manifest, config.output, config.overwrite, extra_files=int8_files
+        )
+        fp32_megabytes = os.path.getsize(fp32_files[OPENVINO_FILES[1]]) / 1e6
+    _print_summary(config, manifest, fp32_megabytes, time.monotonic() - started)
+    return manifest
+
+
+def _check_inputs(config: options.OptimizeConfig, source: Manifest) -> tuple[list[str], dict[str, Any]]:
+    """Refuses what cannot be quantised or measured, before any work; returns the data's labels and stats."""
+    from beamvision.transforms.training import read_dataset_info
+
+    if quantization(source):
+        raise options.UsageError(
+            f"--model {config.model}: is already quantised; optimize the float artifact it came from"
+        )
+    if not config.overwrite and storage.exists(storage.join(config.output, MANIFEST_FILE)):
+        raise options.UsageError(
+            f"--output {config.output}: already holds a model artifact; "
+            "choose a new place or pass --overwrite"
+        )
+    _check_data(config.data)
+    labels, stats = read_dataset_info(config.data)
+    if stats["image_size"] != source.input_size:
+        raise options.UsageError(
+            f"--data {config.data}: its images are {stats['image_size']}px, and --model {config.model} "
+            f"takes {source.input_size}px (prepare the data with --image_size {source.input_size})"
+        )
+    if labels != source.labels:
+        raise options.UsageError(
+            f"--data {config.data}: its {len(labels)} classes are not the labels of --model {config.model} "
+            f"({source.num_classes} classes), so its accuracy cannot be measured on it"
+        )
+    if not stats["totals"][CALIBRATION_SPLIT]:
+        raise options.UsageError(
+            f"--data {config.data}: the training split is empty; nothing to calibrate on"
+        )
+    return labels, stats
+
+
+def _check_data(prefix: str) -> None:
+    """``--data`` must hold a prepared dataset with training shards; the error names the flag."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if not all(storage.exists(storage.join(prefix, name)) for name in (LABELS_FILE, STATS_FILE)):
+        raise options.UsageError(
+            f"--data {prefix}: no prepared dataset there ({LABELS_FILE} and {STATS_FILE} not found; "
+            "beamvision prepare writes them)"
+        )
+    pattern = storage.join(prefix, f"{CALIBRATION_SPLIT}-*.tfrecord")
+    if not FileSystems.match([pattern])[0].metadata_list:
+        raise options.UsageError(
+            f"--data {prefix}: no {CALIBRATION_SPLIT}-*.tfrecord shards there to calibrate on"
+        )
+
+
+def calibration_sample(shards: list[str], image_size: int, total: int, size: int, seed: int) -> np.ndarray:
+    """``size`` images of a split (all of them if it has fewer), drawn by ``seed``.
+
+    The draw depends on nothing but the seed, the split's size and its record
+    order (shards sorted by name, records in file order), so a rerun with the
+    same seed calibrates on the same images; only the chosen ones are decoded.
+
+    Args:
+        shards: local paths of the split's TFRecord shards.
+        image_size: the prepared image side.
+        total: the number of records in ``shards`` (stats.json's count).
+        size: how many to draw.
+        seed: seed of the draw.
+
+    Returns:
+        uint8 images [n, image_size, image_size, 3], exactly as classify feeds the model.
+    """
+    import tensorflow as tf
+
+    wanted = set(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False).tolist())
+    images = []
+    for index, record in enumerate(tf.data.TFRecordDataset(sorted(shards))):  # one reader: a fixed order
+        if index in wanted:
+            images.append(parse_example(record, image_size)[0].numpy())
+            if len(images) == len(wanted):
+                break
+    return np.stack(images)
+
+
+def sample_fingerprint(images: np.ndarray) -> str:
+    """SHA-256 of a calibration sample's pixels: equal exactly when two runs calibrated on the same images."""
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
+def quantize(model: ov.Model, images: np.ndarray, preset: str) -> ov.Model:
+    """NNCF post-training INT8 quantisation of an OpenVINO model, calibrated on every image, one a batch."""
+    import nncf
+
+    dataset = nncf.Dataset(list(images), lambda image: image[None])
+    return nncf.quantize(model, dataset, preset=nncf.QuantizationPreset(preset), subset_size=len(images))
+
+
+def compare_accuracy(
+    fp32: ov.Model, int8: ov.Model, shards: list[str], image_size: int, labels: list[str]
+) -> dict[str, Any]:
+    """Top-1 (and top-5 above 5 classes) accuracy of both OpenVINO models on a split, and their agreement.
+
+    Both are compiled for the CPU with fp32 as the precision of what is not
+    quantised, as ``classify --engine openvino --precision fp32`` runs them.
+    """
+    import openvino as ov
+
+    from beamvision.transforms.training import make_dataset
+
+    core = ov.Core()
+    compiled = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in (fp32, int8)]
+    k = min(5, len(labels))
+    y_true, ranked = [], ([], [])
+    dataset = make_dataset(shards, image_size, image_size, len(labels), EVALUATION_BATCH, training=False)
+    for images, onehot in dataset:
+        y_true.append(np.argmax(onehot.numpy(), axis=1))
+        for model, out in zip(compiled, ranked, strict=True):
+            probabilities = model(images.numpy())[model.output("probabilities")]
+            out.append(np.argsort(-probabilities, axis=1, kind="stable")[:, :k])  # as the engine ranks
+    truth = np.concatenate(y_true)
+    fp32_ranked, int8_ranked = (np.concatenate(r) for r in ranked)
+    scores = {}
+    for name, ranks in (("fp32", fp32_ranked), ("int8", int8_ranked)):
+        metrics = classification_metrics(truth, ranks, labels)
+        scores[name] = {key: metrics[key] for key in ("accuracy", "top5_accuracy") if key in metrics}
+    return {
+        "examples": len(truth),
+        **scores,
+        "drop_points": round(100 * (scores["fp32"]["accuracy"] - scores["int8"]["accuracy"]), 2),
+        "top1_agreement": float(np.mean(fp32_ranked[:, 0] == int8_ranked[:, 0])),
+    }
+
+
+def _openvino_files(artifact: Artifact, folder: str) -> dict[str, str]:
+    """The artifact's fp32 OpenVINO model as local files: its stored copy, else converted as export would."""
+    os.makedirs(folder)
+    if has_openvino_model(artifact.manifest):
+        return {name: fetch_file(artifact.uri, artifact.manifest, name, folder) for name in OPENVINO_FILES}
+    return convert_openvino(artifact, folder)
+
+
+def _save(model: ov.Model, folder: str) -> tuple[str, str]:
+    """Writes an OpenVINO model as ``folder``/model.xml and model.bin; returns their paths."""
+    import openvino as ov
+
+    os.makedirs(folder)
+    xml = os.path.join(folder, "model.xml")
+    ov.save_model(model, xml)  # as convert_openvino saves: float constants that remain, as fp16
+    return xml, os.path.join(folder, "model.bin")
+
+
+def _nncf_version() -> str:
+    import nncf
+
+    return nncf.__version__
+
+
+def _print_summary(
+    config: options.OptimizeConfig, manifest: Manifest, fp32_megabytes: float, seconds: float
+) -> None:
+    record = manifest.quantization
+    accuracy, calibration = record["accuracy"], record["calibration"]
+    fp32, int8, drop = accuracy["fp32"]["accuracy"], accuracy["int8"]["accuracy"], accuracy["drop_points"]
+    int8_megabytes = manifest.files[OPENVINO_FILES[1]]["bytes"] / 1e6
+    print(
+        f"quantised {manifest.name} to INT8 ({config.preset}) in {seconds:.0f}s, calibrated on "
+        f"{calibration['images']:,} {calibration['split']} images (seed {calibration['seed']})"
+    )
+    print(
+        f"{accuracy['split']} accuracy on {accuracy['examples']:,} images: fp32 {fp32:.1%}, int8 {int8:.1%} "
+        f"(drop {drop:.1f} points); same top-1 label on {accuracy['top1_agreement']:.1%}"
+    )
+    print(
+        f"artifact: {config.output} ({manifest.name} version {manifest.version}); OpenVINO model "
+        f"{int8_megabytes:.1f} MB (fp32 {fp32_megabytes:.1f} MB); run it with classify --engine openvino"
+    )
+    if drop > WARN_DROP_POINTS:
+        print(
+            f"WARNING: the INT8 model's {accuracy['split']} accuracy is {drop:.1f} points below fp32's: "
+            "check it before use, or try --preset mixed or a larger --calibration_size",
+            file=sys.stderr,
+        )
