@@ -92,7 +92,7 @@ def run(argv: list[str] | None = None) -> Manifest:
         int8 = quantize(fp32, images, config.preset)
         int8_files = dict(zip(OPENVINO_FILES, _save(int8, os.path.join(tmp, "int8")), strict=True))
         evaluation_shards = local_shards(config.data, evaluated_on, os.path.join(tmp, evaluated_on))
-        accuracy = compare_accuracy(fp32, int8, evaluation_shards, stats["image_size"], labels)
+        accuracy = compare_accuracy(fp32, int8, evaluation_shards, stats["image_size"], labels, source.labels)
         record = {
             "precision": "int8",
             "method": {
@@ -159,10 +159,11 @@ def _check_inputs(config: options.OptimizeConfig, source: Manifest) -> tuple[lis
             f"--data {config.data}: its images are {stats['image_size']}px, and --model {config.model} "
             f"takes {source.input_size}px (prepare the data with --image_size {source.input_size})"
         )
-    if labels != source.labels:
+    unknown = [label for label in labels if label not in source.labels]
+    if unknown:
         raise options.UsageError(
-            f"--data {config.data}: its {len(labels)} classes are not the labels of --model {config.model} "
-            f"({source.num_classes} classes), so its accuracy cannot be measured on it"
+            f"--data {config.data}: {len(unknown)} of its {len(labels)} classes are not labels of --model "
+            f"{config.model} (first: {unknown[0]}), so its accuracy cannot be measured on it"
         )
     if not stats["totals"][CALIBRATION_SPLIT]:
         raise options.UsageError(
@@ -230,9 +231,18 @@ def quantize(model: ov.Model, images: np.ndarray, preset: str) -> ov.Model:
 
 
 def compare_accuracy(
-    fp32: ov.Model, int8: ov.Model, shards: list[str], image_size: int, labels: list[str]
+    fp32: ov.Model,
+    int8: ov.Model,
+    shards: list[str],
+    image_size: int,
+    labels: list[str],
+    model_labels: list[str],
 ) -> dict[str, Any]:
     """Top-1 (and top-5 above 5 classes) accuracy of both OpenVINO models on a split, and their agreement.
+
+    ``labels`` are the data's classes, ``model_labels`` the model's, which
+    may be more: an ImageNet model calibrated and scored on a few of its
+    classes (a data label is matched to the model's by name).
 
     Both are compiled for the CPU with fp32 as the precision of what is not
     quantised, as ``classify --engine openvino --precision fp32`` runs them.
@@ -243,11 +253,12 @@ def compare_accuracy(
 
     core = ov.Core()
     compiled = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in (fp32, int8)]
-    k = min(5, len(labels))
+    k = min(5, len(model_labels))
+    to_model = np.asarray([model_labels.index(label) for label in labels])
     y_true, ranked = [], ([], [])
     dataset = make_dataset(shards, image_size, image_size, len(labels), EVALUATION_BATCH, training=False)
     for images, onehot in dataset:
-        y_true.append(np.argmax(onehot.numpy(), axis=1))
+        y_true.append(to_model[np.argmax(onehot.numpy(), axis=1)])
         for model, out in zip(compiled, ranked, strict=True):
             probabilities = model(images.numpy())[model.output("probabilities")]
             out.append(np.argsort(-probabilities, axis=1, kind="stable")[:, :k])  # as the engine ranks
@@ -255,7 +266,7 @@ def compare_accuracy(
     fp32_ranked, int8_ranked = (np.concatenate(r) for r in ranked)
     scores = {}
     for name, ranks in (("fp32", fp32_ranked), ("int8", int8_ranked)):
-        metrics = classification_metrics(truth, ranks, labels)
+        metrics = classification_metrics(truth, ranks, model_labels)
         scores[name] = {key: metrics[key] for key in ("accuracy", "top5_accuracy") if key in metrics}
     return {
         "examples": len(truth),
