@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/incremental.py
 	$(BIN)/python benchmarks/archives.py
 	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/sizing.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info

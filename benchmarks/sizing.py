@@ -23,7 +23,7 @@ each (no thread settings or memory carried from one measurement to the next):
   intra- and inter-op pools before the model loads, OpenVINO's
   ``INFERENCE_NUM_THREADS``); the threads each engine ran with are read back
   into the JSON (``engine_threads``);
-- img/s on ALL cores of this machine (no pinning, default threads): the
+- img/s on ALL cores of this machine (no pinning, a worker's default sizing: all cores): the
   scaling column is their ratio, how far one process would get on a whole VM;
 - MB per copy: RSS after the engine is built and two batches have run, minus
   RSS just before loading (Beam and NumPy imported; TensorFlow or OpenVINO

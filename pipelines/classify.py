@@ -57,7 +57,7 @@ def build_pipeline(
     ``earlier_runs`` (``--incremental``; None otherwise): completed runs whose
     final rows make a file skipped.
     """
-    sizing = config.workers.for_runner(pipeline.options)
+    sizing = config.workers.for_pipeline(pipeline)
     matched = pipeline | "MatchInputs" >> MatchInputs(
         list(config.inputs), config.input_list, config.input_list_column
     )

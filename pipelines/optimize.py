@@ -319,6 +319,12 @@ def _print_summary(
         f"artifact: {config.output} ({manifest.name} version {manifest.version}); OpenVINO model "
         f"{int8_megabytes:.1f} MB (fp32 {fp32_megabytes:.1f} MB); run it with classify --engine openvino"
     )
+    if accuracy["split"] == CALIBRATION_SPLIT:
+        print(
+            f"WARNING: --data {config.data} has no test or validation images: the accuracy above is on the "
+            "images it calibrated on, and flatters the INT8 model",
+            file=sys.stderr,
+        )
     if drop > WARN_DROP_POINTS:
         print(
             f"WARNING: the INT8 model's {accuracy['split']} accuracy is {drop:.1f} points below fp32's: "

@@ -103,7 +103,7 @@ def build_pipeline(
         | "Sort" >> beam.Map(sorted)
     )
     # A stage boundary on file names only, so that the read-to-write stage fuses whole.
-    sizing = config.workers.for_runner(pipeline.options)
+    sizing = config.workers.for_pipeline(pipeline)
     found = files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles(sizing)
     archives = split["archives"] | "GroupArchives" >> GroupArchives()
     # Names of files and archives meet before the read: bytes never cross a stage boundary.

@@ -269,7 +269,7 @@ def test_user_mistakes_exit_2_with_one_line(mistake, trained, optimized, misfits
     assert not os.path.exists(output)
 
 
-def test_optimize_on_gcs_converts_a_model_without_openvino(trained, gcs_bucket, capsys):
+def test_optimize_on_gcs_converts_a_model_without_openvino(trained, optimized, gcs_bucket, capsys):
     """gs:// for all three flags; the source stores no OpenVINO model, so it is converted from model.keras."""
     _, _, data, model = trained
     artifact = load_artifact(model)
@@ -285,5 +285,8 @@ def test_optimize_on_gcs_converts_a_model_without_openvino(trained, gcs_bucket, 
     record = manifest.quantization
     assert manifest.version == "2-int8" and record["source"]["openvino"] == "converted"
     assert (record["calibration"]["data"], record["calibration"]["images"]) == (remote_data, 100)
+    # The same seed draws the same images from the bucket's copy as from the local data.
+    local = load_manifest(optimized[0]).quantization["calibration"]["sample_sha256"]
+    assert record["calibration"]["sample_sha256"] == local
     assert record["accuracy"]["split"] == "test" and record["accuracy"]["drop_points"] <= 5.0
     assert f"artifact: {output} " in capsys.readouterr().out

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -50,6 +52,9 @@ def test_threads_are_the_process_share_of_the_machine(sizing, cores, expected):
         (["--runner", "DataflowRunner", "--experiments", "no_use_multiple_sdk_containers"], 1),
         (["--runner", "FlinkRunner", "--sdk_worker_parallelism", "3"], 3),
         (["--runner", "PortableRunner"], 1),
+        # Beam takes runner names in any case, with or without "Runner".
+        (["--runner", "dataflow"], PER_CORE),
+        (["--runner", "direct", "--direct_num_workers", "3", "--direct_running_mode", "multi_processing"], 3),
     ],
 )
 def test_processes_per_machine_follow_the_runner(argv, expected):
@@ -68,8 +73,8 @@ def test_summary_describes_what_the_worker_decides():
 
 
 class _ThreadNames(ThreadPoolDoFn):
-    def __init__(self):
-        super().__init__(threads=lambda: 3, depth=8, ok_counter="test_ok", failed_counter="test_failed")
+    def __init__(self, threads: int = 3):
+        super().__init__(threads=lambda: threads, depth=8, ok_counter="test_ok", failed_counter="test_failed")
 
     def work(self, element) -> list:
         return [threading.current_thread().name]
@@ -87,11 +92,65 @@ def test_instances_in_a_process_share_one_pool_of_the_sized_count():
 
 
 def test_pipeline_work_runs_on_the_sized_threads():
-    def on_three_threads(names):
-        assert len(names) == 40 and 1 <= len(set(names)) <= 3, set(names)
+    def on_one_pool_thread(names):
+        assert len(names) == 40 and len(set(names)) == 1 and names[0].startswith("_ThreadNames"), set(names)
 
     with TestPipeline() as p:
-        assert_that(p | beam.Create(range(40)) | beam.ParDo(_ThreadNames()), on_three_threads)
+        assert_that(p | beam.Create(range(40)) | beam.ParDo(_ThreadNames(threads=1)), on_one_pool_thread)
+
+
+def _classify_dofns(argv: list[str]) -> dict[str, object]:
+    """The DoFns of classify's read, decode and inference steps, as its job graph holds them."""
+    from beamvision.models import create_model
+    from beamvision.models.artifact import new_manifest
+    from beamvision.pipelines import classify, options
+
+    args, pipeline_options = options.parse_pipeline_args(
+        "t", "t", options.add_classify_arguments, ["--input", "x/*", "--model", "m", "--output", "o", *argv]
+    )
+    model = create_model("squeezenet", num_classes=3, input_size=32)
+    pipeline = beam.Pipeline(options=pipeline_options)
+    classify.build_pipeline(
+        pipeline,
+        options.ClassifyConfig.from_args(args),
+        new_manifest(model, "squeezenet", ["a", "b", "c"], "none"),
+    )
+    found = {}
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, applied):
+            fn = getattr(applied.transform, "fn", None)
+            fn = getattr(fn, "_fn", fn)  # RunInference's DoFn, inside Beam's exception-handling wrapper
+            if fn is not None:
+                found[type(fn).__name__] = fn
+
+    pipeline.visit(Visitor())
+    return found
+
+
+def test_the_flags_reach_the_workers_steps():
+    dofns = _classify_dofns(["--read_threads", "5", "--decode_threads", "3", "--inference_threads", "2"])
+    assert (
+        dofns["_LookUpFn"]._threads(),
+        dofns["_ReadFileFn"]._threads(),
+        dofns["_DecodeFn"]._threads(),
+    ) == (
+        5,
+        5,
+        3,
+    )
+    handler = dofns["_RunInferenceDoFn"]._model_handler._unkeyed
+    assert handler._sizing.resolve().inference == 2
+
+
+def test_with_a_process_per_core_each_gets_one_core_of_threads():
+    # As on Dataflow (one SDK process per vCPU; its runner's options map to the same, tested above).
+    per_core = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "0"]
+    dofns = _classify_dofns([*per_core, "--model_copies", "1"])
+    assert dofns["_DecodeFn"]._threads() == 1  # whatever this machine's cores
+    handler = dofns["_RunInferenceDoFn"]._model_handler._unkeyed
+    assert handler._sizing.processes_per_machine == PER_CORE and handler.model_copies() == 1
+    assert handler.share_model_across_processes()
 
 
 def test_openvino_computes_on_the_given_threads(tmp_path):
@@ -103,6 +162,15 @@ def test_openvino_computes_on_the_given_threads(tmp_path):
     artifact = Artifact(str(tmp_path), model, new_manifest(model, "squeezenet", ["a", "b", "c"], "none"))
     classifier = OpenVINOClassifier(artifact, batch_size=2, top_k=2, embeddings=False, threads=1)
     assert classifier._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    # One model serves several threads at once (bundle threads; every process with --model_copies).
+    rng = np.random.default_rng(0)
+    batches = [list(rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)) for _ in range(8)]
+    alone = [classifier(batch) for batch in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(classifier, batches * 4))
+    for got, expected in zip(together, alone * 4, strict=True):
+        assert [p.labels for p in got] == [p.labels for p in expected]
+        np.testing.assert_allclose([p.scores for p in got], [p.scores for p in expected], rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -153,7 +154,7 @@ class TensorFlowClassifier(_Engine):
         top_k: int,
         embeddings: bool,
         precision: str = "fp32",
-        threads: int | None = None,
+        threads: int | None = None,  # (TensorFlow's pools are sized in before_load, before the model)
     ):
         import tensorflow as tf
 
@@ -252,10 +253,14 @@ class OpenVINOClassifier(_Engine):
         self._compiled = ov.Core().compile_model(converted, "CPU", config)
         self._probabilities = self._compiled.output("probabilities")
         self._embedding = self._compiled.output("embedding") if embeddings else None
-        self._request = self._compiled.create_infer_request()
+        # An infer request runs one batch at a time, and one model serves several threads: the
+        # bundle threads of a process, and every process of a machine with --model_copies.
+        self._requests = threading.local()
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        outputs = self._request.infer([self._batch(images)])
+        if not hasattr(self._requests, "request"):
+            self._requests.request = self._compiled.create_infer_request()
+        outputs = self._requests.request.infer([self._batch(images)])
         probabilities = np.asarray(outputs[self._probabilities], dtype=np.float32)
         indices = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.k]
         scores = np.take_along_axis(probabilities, indices, axis=1)

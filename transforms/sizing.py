@@ -77,9 +77,10 @@ class WorkerSizing:
         """One role's count on this worker (``ROLES``); picklable with ``functools.partial``."""
         return getattr(self.resolve(), role)
 
-    def for_runner(self, pipeline_options) -> WorkerSizing:
-        """This sizing with the processes per machine of the runner the options name."""
-        return dataclasses.replace(self, processes_per_machine=processes_per_machine(pipeline_options))
+    def for_pipeline(self, pipeline) -> WorkerSizing:
+        """This sizing with the processes per machine of the pipeline's runner."""
+        processes = processes_per_machine(pipeline.options, type(pipeline.runner).__name__)
+        return dataclasses.replace(self, processes_per_machine=processes)
 
     def describe(self) -> dict[str, Any]:
         """For summary.json: each count as given, or ``"auto"`` where the rule decides on the worker."""
@@ -96,7 +97,7 @@ class WorkerSizing:
 DEFAULT_SIZING = WorkerSizing()  # one process per machine, every count by its rule
 
 
-def processes_per_machine(pipeline_options) -> int:
+def processes_per_machine(pipeline_options, runner: str | None = None) -> int:
     """How many SDK worker processes the runner starts on each machine (``PER_CORE``: one per core).
 
     DirectRunner: ``--direct_num_workers`` with ``multi_processing`` (0 means
@@ -111,11 +112,12 @@ def processes_per_machine(pipeline_options) -> int:
         StandardOptions,
     )
 
-    runner = str(pipeline_options.view_as(StandardOptions).runner or "DirectRunner")
-    if "Dataflow" in runner:
+    # Beam takes runner names in any case and with or without "Runner" (--runner dataflow).
+    runner = (runner or str(pipeline_options.view_as(StandardOptions).runner or "DirectRunner")).lower()
+    if "dataflow" in runner:
         experiments = pipeline_options.view_as(DebugOptions).experiments or []
         return 1 if ONE_SDK_PROCESS_EXPERIMENT in experiments else PER_CORE
-    if "Direct" in runner or "FnApiRunner" in runner:
+    if "direct" in runner or "fnapirunner" in runner:
         direct = pipeline_options.view_as(DirectOptions)
         if direct.direct_running_mode != "multi_processing":
             return 1
