@@ -57,6 +57,7 @@ EXTRAS_REQUIRE = {
         "pandas>=2.2",
         "duckdb>=2.0",  # the README's one-table query over incremental runs is tested
         "playwright>=1.50",  # review's page in Debian's Chromium (no browser download)
+        "filelock>=3.12",  # a fixture that trains a model builds it once for all xdist workers
     ],
     # beamvision demo: its data, scikit-learn's handwritten digits.
     "demo": ["scikit-learn>=1.9.0"],

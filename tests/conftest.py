@@ -66,6 +66,29 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+    """A folder that ``build(folder)`` fills once per test session, however many xdist workers ask for it.
+
+    Worksteal shares one module's tests out among the workers, so a module
+    fixture that trains a model would train it once in each; here the first
+    worker builds it under the session's shared temporary folder while the
+    others wait on a lock (pytest-xdist's recipe for a fixture run once).
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, shared by its workers
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A running gcp-storage-emulator; yields its http://host:port."""

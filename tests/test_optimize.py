@@ -6,11 +6,13 @@ import contextlib
 import glob
 import json
 import os
+import pathlib
 
 import numpy as np
 import openvino as ov
 import pandas as pd
 import pytest
+from conftest import built_once
 from photos import write_photo_classes
 
 from beamvision import storage
@@ -34,29 +36,42 @@ CALIBRATION = ("--calibration_size", "100", "--seed", "3")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """mobilenet_v2 at 64 px, trained by prepare and train on crops of 7 real photos; its folders."""
-    work = tmp_path_factory.mktemp("optimize")
-    photos, data, model = str(work / "photos"), str(work / "data"), str(work / "model")
-    write_photo_classes(photos, per_class=40, size=(96, 72))
-    # A quarter for the test split: the accuracies compared are then over ~65 images, not ~25.
-    prepare.run(["--input", photos, "--output", data, "--image_size", "64", "--test_fraction", "0.25"])
-    # --engines openvino: the artifact stores its fp32 OpenVINO model, which optimize starts from.
-    argv = ["--data", data, "--architecture", "mobilenet_v2", "--output", model, "--engines", "openvino"]
-    train.run([*argv, *TRAINING])
-    return work, photos, data, model
+    """mobilenet_v2 at 64 px, trained by prepare and train on crops of 7 real photos; its folders.
+
+    Built once for all xdist workers (``built_once``): tests write only to their own folders.
+    """
+
+    def build(work):
+        photos, data, model = str(work / "photos"), str(work / "data"), str(work / "model")
+        write_photo_classes(photos, per_class=40, size=(96, 72))
+        # A quarter for the test split: the accuracies compared are then over ~65 images, not ~25.
+        prepare.run(["--input", photos, "--output", data, "--image_size", "64", "--test_fraction", "0.25"])
+        # --engines openvino: the artifact stores its fp32 OpenVINO model, which optimize starts from.
+        argv = ["--data", data, "--architecture", "mobilenet_v2", "--output", model, "--engines", "openvino"]
+        train.run([*argv, *TRAINING])
+
+    work = pathlib.Path(built_once(tmp_path_factory, "optimize-trained", build))
+    return work, str(work / "photos"), str(work / "data"), str(work / "model")
 
 
 @pytest.fixture(scope="module")
-def optimized(trained):
+def optimized(trained, tmp_path_factory):
     """The INT8 artifact ``beamvision optimize`` wrote from the trained one, and what it printed."""
-    work, _, data, model = trained
-    output, log = str(work / "int8"), str(work / "optimize.log")
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        code = main(["optimize", "--model", model, "--data", data, "--output", output, *CALIBRATION])
-    with open(log) as f:
-        printed = f.read()
-    assert code == 0, printed[-2000:]
-    return output, printed
+    _, _, data, model = trained
+
+    def build(folder):
+        with (
+            open(folder / "optimize.log", "w") as f,
+            contextlib.redirect_stdout(f),
+            contextlib.redirect_stderr(f),
+        ):
+            code = main(
+                ["optimize", "--model", model, "--data", data, "--output", str(folder / "int8"), *CALIBRATION]
+            )
+        assert code == 0, (folder / "optimize.log").read_text()[-2000:]
+
+    folder = pathlib.Path(built_once(tmp_path_factory, "optimize-int8", build))
+    return str(folder / "int8"), (folder / "optimize.log").read_text()
 
 
 def _rows(output: str) -> pd.DataFrame:
@@ -130,8 +145,9 @@ def test_optimize_writes_a_valid_artifact_whose_openvino_model_is_int8(trained, 
 
 
 @pytest.mark.slow
-def test_classify_runs_the_int8_artifact_on_openvino(trained, optimized, capsys):
-    work, photos, _, model = trained
+def test_classify_runs_the_int8_artifact_on_openvino(trained, optimized, tmp_path, capsys):
+    _, photos, _, model = trained
+    work = tmp_path
     output = optimized[0]
     rows = {}
     for name, artifact in (("fp32", model), ("int8", output)):
@@ -175,9 +191,10 @@ def test_the_same_seed_draws_the_same_calibration_sample(trained, optimized):
 
 
 @pytest.fixture(scope="module")
-def misfits(trained):
+def misfits(trained, tmp_path_factory):
     """Artifacts that do not fit the prepared data: another input size, other labels."""
-    work, _, data, _ = trained
+    _, _, data, _ = trained
+    work = tmp_path_factory.mktemp("misfits")
     labels = str(work / "labels.txt")
     with open(labels, "w") as f:
         f.write("\n".join(json.loads(storage.read_text(f"{data}/labels.json"))) + "\n")
