@@ -63,13 +63,13 @@ def run(argv: list[str] | None = None) -> Manifest:
     config = options.OptimizeConfig.from_args(args)
     import openvino as ov  # (after the flags: --help needs neither OpenVINO nor Keras)
 
-    from beamvision.transforms.training import local_shards
+    from beamvision.transforms.training import evaluation_split, local_shards
 
     started = time.monotonic()
     source = verify_artifact(config.model)
     labels, stats = _check_inputs(config, source)
     totals = stats["totals"]
-    evaluated_on = next(split for split in ("test", "val", "train") if totals[split])  # as train evaluates
+    evaluated_on = evaluation_split(totals)  # as train scores
     artifact = load_artifact(config.model)  # the Keras model, saved unchanged into the new artifact
     with tempfile.TemporaryDirectory() as tmp:
         calibration_shards = local_shards(

@@ -34,6 +34,7 @@ from beamvision.transforms.training import (
     compile_model,
     dataset_fingerprint,
     evaluate,
+    evaluation_split,
     local_shards,
     make_dataset,
     prepare_for_training,
@@ -145,7 +146,7 @@ def run(argv: list[str] | None = None) -> Manifest:
             verbose=2,
             shuffle=False,  # the tf.data pipeline shuffles
         )
-        evaluated_on = "test" if totals["test"] else "val" if totals["val"] else "train"
+        evaluated_on = evaluation_split(totals)
         metrics = evaluate(model, dataset(evaluated_on, False), labels)
     shutil.rmtree(checkpoint_root(config.output), ignore_errors=True)
     chance = chance_accuracy(labels, {k: v["support"] for k, v in metrics["per_class"].items()})

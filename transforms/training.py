@@ -32,6 +32,11 @@ from beamvision.transforms.evaluation import classification_metrics
 BATCHNORM_MOMENTUM = 0.9
 
 
+def evaluation_split(totals: dict[str, int]) -> str:
+    """The split a trained model is scored on: test, else val, else train (for tiny datasets)."""
+    return next((split for split in ("test", "val") if totals[split]), "train")
+
+
 def read_dataset_info(prefix: str) -> tuple[list[str], dict[str, Any]]:
     """labels.json and stats.json of a prepared dataset.
 
