@@ -41,6 +41,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.9",  # evaluate's confusion-matrix PNG, review's charts
     "stream-unzip>=0.0.99",  # zip archives read member by member, without the central directory
     "jinja2>=3.1",  # review's HTML, escaped by default
+    "pyyaml>=6.0",  # tune's search space files
     "openvino>=2025.0",  # --engine openvino
     "nncf>=3.4",  # beamvision optimize: INT8 post-training quantisation of the OpenVINO model
 ]

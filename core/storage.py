@@ -74,3 +74,33 @@ def sha256_file(local_path: str) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every file under the directory ``prefix``, sorted (none when it does not exist)."""
+    matches = FileSystems.match([join(prefix, "**")])[0].metadata_list
+    return sorted(m.path for m in matches)
+
+
+def copy_tree(source: str, target: str) -> None:
+    """Copies every file under ``source`` to the same relative path under ``target``."""
+    files = list_files(source)
+    base = source.rstrip("/") + "/"
+    targets = [join(target, uri[len(base) :]) for uri in files]
+    if FileSystems.get_scheme(target) is None:
+        import os
+
+        for path in targets:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if files:
+        FileSystems.copy(files, targets)
+
+
+def delete_tree(prefix: str) -> None:
+    """Deletes every file under the directory ``prefix`` (and, locally, the directory)."""
+    if FileSystems.get_scheme(prefix) is None:
+        shutil.rmtree(prefix, ignore_errors=True)
+        return
+    files = list_files(prefix)
+    if files:
+        FileSystems.delete(files)

@@ -18,6 +18,7 @@ COMMANDS = {
     "export": ("export", "pack an architecture and its weights into a model artifact"),
     "prepare": ("prepare", "labelled images to split TFRecord shards for training (Beam)"),
     "train": ("train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
+    "tune": ("tune", "search train's flags: trials train side by side in Beam workers, best kept"),
     "optimize": ("optimize", "a model artifact to one that runs INT8 on OpenVINO (NNCF post-training)"),
     "classify": ("classify", "classify image collections in storage into Parquet results (Beam)"),
     "evaluate": ("evaluate", "score a classify output against ground truth"),

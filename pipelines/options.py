@@ -919,3 +919,120 @@ class OptimizeConfig:
             raise UsageError(f"--output {args.output}: is --model; write the INT8 artifact to a new place")
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
         return cls(**{**values, "model": model, "data": args.data.rstrip("/"), "output": output})
+
+
+# --- beamvision tune -----------------------------------------------------------
+
+SEARCHES = ("grid", "random")
+DEFAULT_RANDOM_TRIALS = 10
+# Train flags a search space may not set, and why: tune sets them for every trial.
+TUNE_RESERVED = {
+    "data": "set by tune's --data",
+    "output": "tune writes each trial's artifact under --output",
+    "monitor": "set by tune's --metric",
+    "name": "the best trial's artifact is named by its architecture",
+    "version": "each trial's artifact is versioned by its training time",
+    "overwrite": "tune's --overwrite starts a search afresh",
+}
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="PREFIX", help="output of beamvision prepare")
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="where trials.parquet, summary.json, plot.png, best/ and each trial's files go",
+    )
+    parser.add_argument(
+        "--space",
+        required=True,
+        metavar="FILE",
+        help="YAML or JSON file of train flags: a value, a list of values, or {low, high, log, num}",
+    )
+    parser.add_argument(
+        "--search", choices=SEARCHES, default="random", help="grid: every combination; random (default)"
+    )
+    parser.add_argument(
+        "--trials",
+        type=positive_int,
+        metavar="N",
+        help=f"trials to run (default: {DEFAULT_RANDOM_TRIALS} random ones, or the whole grid)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=MONITORS,
+        default="val_accuracy",
+        help="validation metric that ranks trials and stops them early (default val_accuracy)",
+    )
+    parser.add_argument(
+        "--rungs",
+        type=positive_int,
+        default=2,
+        metavar="R",
+        help="successive halving: trials are ranked after epochs/F^(R-1), ..., epochs/F and only "
+        "the best 1/F go on (default 2: at half their epochs; 1 runs every trial to the end)",
+    )
+    parser.add_argument(
+        "--reduction_factor",
+        type=_checked_number(int, lambda v: v >= 2, "an integer of at least 2"),
+        default=2,
+        metavar="F",
+        help="the F of --rungs (default 2: the best half goes on)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="draws the random trials; each trial's train seed"
+    )
+    _add_switch(parser, "--overwrite", "start afresh: delete the trials already in --output")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    data: str
+    output: str
+    space: str
+    search: str
+    trials: int | None
+    metric: str
+    rungs: int
+    reduction_factor: int
+    seed: int
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TuneConfig:
+        _check_file_exists("--space", args.space)
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        if args.search == "random" and args.trials is None:
+            values["trials"] = DEFAULT_RANDOM_TRIALS
+        return cls(**{**values, "data": args.data.rstrip("/"), "output": args.output.rstrip("/")})
+
+
+def train_flag_argv(flags: dict) -> list[str]:
+    """``beamvision train`` argv for flags given as values (a space file's, a trial's)."""
+    argv = []
+    for flag, value in flags.items():
+        if isinstance(value, bool):
+            argv.append(f"--{flag}={'true' if value else 'false'}")
+        elif isinstance(value, list | tuple):
+            argv += [f"--{flag}", ",".join(map(str, value)) or "none"]
+        else:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
+def train_config(flags: dict) -> TrainConfig:
+    """The TrainConfig of train flags given as values, checked as ``beamvision train`` checks its argv.
+
+    Raises:
+        UsageError: naming the flag and value that train refuses.
+    """
+    args = parse("beamvision train", "", add_train_arguments, train_flag_argv(flags))
+    return TrainConfig.from_args(args)
+
+
+def train_defaults() -> dict:
+    """Every flag of ``beamvision train`` (without dashes) and its default."""
+    required = ["--data", "d", "--architecture", list_models()[0], "--output", "o"]
+    defaults = vars(parse("beamvision train", "", add_train_arguments, required))
+    return {**defaults, "data": None, "architecture": None, "output": None}

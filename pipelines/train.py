@@ -13,6 +13,7 @@ metrics.json beside it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ from beamvision.pipelines import options
 from beamvision.transforms.engines import engine_files
 from beamvision.transforms.training import (
     CalibrateBatchNorm,
+    KeepCheckpoint,
+    PauseAfter,
     build_model,
     chance_accuracy,
     checkpoint_dir,
@@ -39,6 +42,7 @@ from beamvision.transforms.training import (
     make_dataset,
     prepare_for_training,
     read_dataset_info,
+    restore_checkpoint,
     steps_for,
 )
 
@@ -48,14 +52,47 @@ METRICS_FILE = "metrics.json"
 NEAR_CHANCE = 0.25
 
 
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one training run did.
+
+    Attributes:
+        history: every epoch's metrics (``loss``, ``val_accuracy``, ...), resumed epochs included.
+        epochs_run: epochs done, resumed ones included.
+        seconds: wall time of this call.
+        manifest: the exported artifact's manifest; None when the run paused.
+        paused: the run stopped at ``pause_after`` epochs, its checkpoint kept for a later call.
+    """
+
+    history: dict[str, list[float]]
+    epochs_run: int
+    seconds: float
+    manifest: Manifest | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.manifest is None
+
+
 def run(argv: list[str] | None = None) -> Manifest:
     """Trains, evaluates and exports; prints per-epoch progress and a summary."""
-    import keras
-
     args = options.parse("beamvision train", __doc__.splitlines()[0], options.add_train_arguments, argv)
     config = options.TrainConfig.from_args(args)
     if not config.overwrite and storage.exists(storage.join(config.output, MANIFEST_FILE)):
         raise ArtifactError(f"an artifact already exists at {config.output} (pass --overwrite to replace it)")
+    return train(config).manifest
+
+
+def train(config: options.TrainConfig, pause_after: int | None = None, extra: dict | None = None) -> Outcome:
+    """Trains ``config``, evaluates and exports its artifact; prints per-epoch progress and a summary.
+
+    With ``pause_after``, the run stops after that many epochs (resumed ones
+    included) unless it ends first, keeps its checkpoint and exports nothing:
+    a later call with the same config goes on from there (``beamvision tune``'s
+    rungs). ``extra`` joins the manifest's ``training`` record.
+    """
+    import keras
+
     labels, stats = read_dataset_info(config.data)
     image_size = stats["image_size"]
     input_size = config.input_size or image_size
@@ -106,7 +143,11 @@ def run(argv: list[str] | None = None) -> Manifest:
         # artifact's name, version or --overwrite). A rerun with all of these equal resumes.
         resumable = {k: v for k, v in config.to_dict().items() if k not in ("name", "version", "overwrite")}
         resumable.update(input_size=input_size, dataset=fingerprint)
-        callbacks = [keras.callbacks.BackupAndRestore(checkpoint_dir(config.output, resumable))]
+        checkpoint = checkpoint_dir(config.output, resumable)
+        local, history_before = restore_checkpoint(checkpoint)
+        pausing = pause_after is not None and pause_after < config.epochs
+        kept = KeepCheckpoint(checkpoint, local, history_before)
+        callbacks = [keras.callbacks.BackupAndRestore(local, delete_checkpoint=not pausing), kept]
         validation = dataset("val", False) if totals["val"] else None
         if validation is not None:
             callbacks.append(
@@ -119,6 +160,8 @@ def run(argv: list[str] | None = None) -> Manifest:
                     start_from_epoch=0,
                 )
             )
+        pause = PauseAfter(pause_after if pausing else None)
+        callbacks.append(pause)
         # After EarlyStopping, so that the restored weights get their own statistics.
         calibration = make_dataset(
             shards["train"],
@@ -137,7 +180,7 @@ def run(argv: list[str] | None = None) -> Manifest:
             f"{len(labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",
             flush=True,
         )
-        history = model.fit(
+        model.fit(
             dataset("train", True),
             validation_data=validation,
             epochs=config.epochs,
@@ -146,9 +189,15 @@ def run(argv: list[str] | None = None) -> Manifest:
             verbose=2,
             shuffle=False,  # the tf.data pipeline shuffles
         )
+        history = kept.history
+        epochs_run = len(history.get("loss", []))
+        if pause.paused:
+            return Outcome(history, epochs_run, time.monotonic() - started)
         evaluated_on = evaluation_split(totals)
         metrics = evaluate(model, dataset(evaluated_on, False), labels)
-    shutil.rmtree(checkpoint_root(config.output), ignore_errors=True)
+    storage.delete_tree(checkpoint_root(config.output))
+    if local != checkpoint:
+        shutil.rmtree(local, ignore_errors=True)
     chance = chance_accuracy(labels, {k: v["support"] for k, v in metrics["per_class"].items()})
     near_chance = metrics["accuracy"] is not None and metrics["accuracy"] - chance <= NEAR_CHANCE * (
         1 - chance
@@ -158,8 +207,8 @@ def run(argv: list[str] | None = None) -> Manifest:
     training = {
         "config": config.to_dict(),
         "input_size": input_size,
-        "epochs_run": len(history.history.get("loss", [])),
-        "history": {k: [round(float(v), 5) for v in vs] for k, vs in history.history.items()},
+        "epochs_run": epochs_run,
+        "history": history,
         "seconds": round(seconds, 1),
         "dataset": {
             "prefix": config.data,
@@ -167,6 +216,7 @@ def run(argv: list[str] | None = None) -> Manifest:
             "image_size": image_size,
             "totals": totals,
         },
+        **(extra or {}),
     }
     manifest = new_manifest(
         model,
@@ -179,12 +229,12 @@ def run(argv: list[str] | None = None) -> Manifest:
         metrics=metrics,
     )
     with tempfile.TemporaryDirectory() as converted:
-        extra = engine_files(model, manifest, config.engines, converted)
-        manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=extra)
+        engine_extra = engine_files(model, manifest, config.engines, converted)
+        manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=engine_extra)
     storage.write_atomic(storage.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
     print(
-        f"trained {config.architecture} in {seconds:.0f}s ({training['epochs_run']} epochs): "
+        f"trained {config.architecture} in {seconds:.0f}s ({epochs_run} epochs): "
         f"{evaluated_on} accuracy {metrics['accuracy']:.1%}{top5} on {metrics['examples']:,} images, "
         f"macro F1 {metrics['macro_f1']:.3f}"
     )
@@ -199,4 +249,4 @@ def run(argv: list[str] | None = None) -> Manifest:
             "the task. Try --weights imagenet, more images or more --epochs, or a lower --learning_rate.",
             file=sys.stderr,
         )
-    return manifest
+    return Outcome(history, epochs_run, seconds, manifest)

@@ -420,7 +420,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:]
     assert "Epoch 1/4" not in result.stdout and "Epoch 2/4" in result.stdout
-    assert load_artifact(output).manifest.training["epochs_run"] == 3
+    training = load_artifact(output).manifest.training
+    assert training["epochs_run"] == 4  # the epoch before the kill, from the checkpoint, and three more
+    assert len(training["history"]["loss"]) == len(training["history"]["val_accuracy"]) == 4
     assert not os.path.exists(output + ".checkpoints")
 
 

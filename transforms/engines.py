@@ -121,7 +121,7 @@ class _Engine:
         ]
 
 
-def _tensorflow_threads(threads: int | None) -> None:
+def set_tensorflow_threads(threads: int | None) -> None:
     """Sizes TensorFlow's thread pools for this process, unless its runtime already started.
 
     The pools are the process's and fixed once TensorFlow runs its first op
@@ -145,7 +145,7 @@ class TensorFlowClassifier(_Engine):
     """The Keras model as one compiled graph, top-k inside it."""
 
     # Loading the Keras model starts TensorFlow's runtime, which fixes its pools.
-    before_load = staticmethod(_tensorflow_threads)
+    before_load = staticmethod(set_tensorflow_threads)
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -30,6 +31,7 @@ from beamvision.transforms.evaluation import classification_metrics
 # (a few hundred steps) the moving statistics never catch up with the weights
 # and inference-mode accuracy collapses. 0.9 tracks them within ~20 steps.
 BATCHNORM_MOMENTUM = 0.9
+HISTORY_FILE = "history.json"  # beside a checkpoint: the metrics of the epochs it has done
 
 
 def evaluation_split(totals: dict[str, int]) -> str:
@@ -270,6 +272,23 @@ class CalibrateBatchNorm(keras.callbacks.Callback):
                 layer.momentum = momentum
 
 
+class PauseAfter(keras.callbacks.Callback):
+    """Ends ``fit`` once ``epochs`` epochs are done, resumed ones included (None: never).
+
+    ``paused`` says that it did: the run did not end on its own (its last
+    epoch, or early stopping), so its checkpoint is kept to go on from.
+    """
+
+    def __init__(self, epochs: int | None):
+        super().__init__()
+        self._epochs = epochs
+        self.paused = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._epochs is not None and epoch + 1 >= self._epochs and not self.model.stop_training:
+            self.model.stop_training = self.paused = True
+
+
 def chance_accuracy(labels: list[str], support: dict[str, int]) -> float:
     """The accuracy of the best constant guess: the most frequent class's share (at least 1/classes)."""
     total = sum(support.values())
@@ -279,13 +298,8 @@ def chance_accuracy(labels: list[str], support: dict[str, int]) -> float:
 
 
 def checkpoint_root(output: str) -> str:
-    """The local directory that holds resumable checkpoints of runs writing ``output``."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if FileSystems.get_scheme(output) is None:
-        return os.path.abspath(output) + ".checkpoints"
-    key = hashlib.sha256(output.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "beamvision-checkpoints", key)
+    """Where resumable checkpoints of runs writing ``output`` are kept: beside it, in its storage."""
+    return output.rstrip("/") + ".checkpoints"
 
 
 def checkpoint_dir(output: str, config: dict[str, Any]) -> str:
@@ -297,7 +311,68 @@ def checkpoint_dir(output: str, config: dict[str, Any]) -> str:
     never from the other run's weights.
     """
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(checkpoint_root(output), key)
+    return storage.join(checkpoint_root(output), key)
+
+
+def local_checkpoint_dir(checkpoint: str) -> str:
+    """The local directory Keras writes ``checkpoint`` in: itself, or a working copy of a remote one."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if FileSystems.get_scheme(checkpoint) is None:
+        return os.path.abspath(checkpoint)
+    key = hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "beamvision-checkpoints", key)
+
+
+def restore_checkpoint(checkpoint: str) -> tuple[str, dict[str, list[float]]]:
+    """The local directory of ``checkpoint`` (fetched first when remote) and the history it holds.
+
+    The history is that of the epochs the checkpoint has done (empty for a
+    new run), so a resumed run reports every epoch, not only those after it.
+    """
+    local = local_checkpoint_dir(checkpoint)
+    if local != checkpoint and storage.list_files(checkpoint):
+        shutil.rmtree(local, ignore_errors=True)
+        for uri in storage.list_files(checkpoint):
+            target = os.path.join(local, uri[len(checkpoint.rstrip("/")) + 1 :])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            storage.download(uri, target)
+    history_path = os.path.join(local, HISTORY_FILE)
+    metadata_path = os.path.join(local, "training_metadata.json")  # Keras's: the last epoch saved
+    if not (os.path.exists(history_path) and os.path.exists(metadata_path)):
+        return local, {}
+    with open(metadata_path) as f:
+        epochs_done = int(json.load(f)["epoch"]) + 1
+    with open(history_path) as f:
+        return local, {k: v[:epochs_done] for k, v in json.load(f).items()}
+
+
+class KeepCheckpoint(keras.callbacks.Callback):
+    """After ``BackupAndRestore`` saves an epoch: the history so far beside it, and a copy in remote storage.
+
+    Keras checkpoints to a local directory; when the run's output is remote
+    (``gs://``), each epoch's checkpoint is copied there too, so a run resumes
+    on any machine (a preempted worker, the next rung of a tune).
+    """
+
+    def __init__(self, checkpoint: str, local: str, history: dict[str, list[float]]):
+        super().__init__()
+        self._remote = None if checkpoint == local else checkpoint
+        self._local = local
+        self.history = {k: list(v) for k, v in history.items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(round(float(value), 5))
+        path = os.path.join(self._local, HISTORY_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.history, f)
+        os.replace(path + ".tmp", path)
+        if self._remote:
+            for name in sorted(os.listdir(self._local)):
+                if not name.endswith(".tmp"):
+                    path = os.path.join(self._local, name)
+                    storage.write_atomic(storage.join(self._remote, name), local_path=path)
 
 
 def evaluate(model: keras.Model, dataset, labels: list[str]) -> dict[str, Any]:
