@@ -259,7 +259,7 @@ def _format_summary(summary: dict, config: options.TuneConfig, seconds: float) -
         lines.append("no trial completed: see the errors above")
     influential = [f"{flag} {share:.0%}" for flag, share in summary["influence"].items()]
     if influential:
-        lines.append(f"influence on {config.metric}: {', '.join(influential)}")
+        lines.append(f"influence on {config.metric} (the share each flag explains alone): {', '.join(influential)}")
     lines.append(
         f"trials: {summary['outputs']['trials.parquet']}; plot: {summary['outputs']['plot.png']}; "
         f"summary: {storage.join(config.output, SUMMARY_FILE)}"

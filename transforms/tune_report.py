@@ -136,6 +136,7 @@ def plot(
 ) -> None:
     """plot.png: each trial's metric per epoch, then the metric against the most influential flags."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,6 +173,10 @@ def plot(
             x = np.asarray(values, dtype=float)
             if flag in log_flags or (x.min() > 0 and x.max() / x.min() >= 10):
                 axis.set_xscale("log")
+                ticker = matplotlib.ticker
+                axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 3.0)))
+                axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.xaxis.set_minor_formatter(ticker.NullFormatter())
         else:
             labels = [v if isinstance(v, str) else json.dumps(v) for v in values]
             names = list(dict.fromkeys(labels))
@@ -182,7 +187,7 @@ def plot(
             axis.set_xticks(range(len(names)), names, rotation=20)
             axis.set_xlim(-0.5, len(names) - 0.5)
         axis.scatter(x, y, c=[colour(r) for r in scored], s=36, zorder=3)
-        axis.set(xlabel=flag, ylabel=metric, title=f"{flag}: explains {influences.get(flag, 0):.0%}")
+        axis.set(xlabel=flag, ylabel=metric, title=f"{flag}: explains {influences.get(flag, 0):.0%} alone")
         axis.grid(alpha=0.3)
     fig.suptitle(f"{len(records)} trials: orange the best, blue completed, grey stopped early (dashed)")
     fig.tight_layout()
