@@ -678,7 +678,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated subset of {','.join(AUGMENTATIONS)}, or none (default)",
     )
     parser.add_argument(
-        "--label_smoothing", type=non_negative_float, default=0.0, metavar="X", help="default 0"
+        "--label_smoothing", type=fraction, default=0.0, metavar="X", help="in [0, 1), default 0"
     )
     parser.add_argument(
         "--early_stopping_patience",
@@ -722,8 +722,6 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        if args.label_smoothing >= 1:
-            raise UsageError(f"--label_smoothing {args.label_smoothing}: must be below 1")
         if args.freeze_base and (
             args.weights == "none"
             or (args.weights != "imagenet" and not storage.exists(storage.join(args.weights, MANIFEST_FILE)))

@@ -29,7 +29,7 @@ from beamvision.transforms.engines import engine_files
 from beamvision.transforms.training import (
     CalibrateBatchNorm,
     KeepCheckpoint,
-    PauseAfter,
+    ResumableEarlyStopping,
     build_model,
     chance_accuracy,
     checkpoint_dir,
@@ -87,7 +87,8 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
     """Trains ``config``, evaluates and exports its artifact; prints per-epoch progress and a summary.
 
     With ``pause_after``, the run stops after that many epochs (resumed ones
-    included) unless it ends first, keeps its checkpoint and exports nothing:
+    included) unless early stopping ends it first, keeps its checkpoint and
+    exports nothing:
     a later call with the same config goes on from there (``beamvision tune``'s
     rungs). ``extra`` joins the manifest's ``training`` record.
     """
@@ -146,22 +147,24 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
         checkpoint = checkpoint_dir(config.output, resumable)
         local, history_before = restore_checkpoint(checkpoint)
         pausing = pause_after is not None and pause_after < config.epochs
-        kept = KeepCheckpoint(checkpoint, local, history_before)
-        callbacks = [keras.callbacks.BackupAndRestore(local, delete_checkpoint=not pausing), kept]
+        callbacks = [keras.callbacks.BackupAndRestore(local, delete_checkpoint=not pausing)]
         validation = dataset("val", False) if totals["val"] else None
+        early = None
         if validation is not None:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor=config.monitor,
-                    patience=config.early_stopping_patience,
-                    restore_best_weights=True,
-                    # Every validation is meaningful: the warm-up ends within the first epoch
-                    # and BatchNorm statistics are re-estimated before each validation.
-                    start_from_epoch=0,
-                )
+            early = ResumableEarlyStopping(
+                local,
+                history_before,
+                monitor=config.monitor,
+                patience=config.early_stopping_patience,
+                restore_best_weights=True,
+                # Every validation is meaningful: the warm-up ends within the first epoch
+                # and BatchNorm statistics are re-estimated before each validation.
+                start_from_epoch=0,
             )
-        pause = PauseAfter(pause_after if pausing else None)
-        callbacks.append(pause)
+            callbacks.append(early)
+        # After the checkpoint and the best weights are saved: copies them to remote storage.
+        kept = KeepCheckpoint(checkpoint, local, history_before)
+        callbacks.append(kept)
         # After EarlyStopping, so that the restored weights get their own statistics.
         calibration = make_dataset(
             shards["train"],
@@ -180,10 +183,10 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
             f"{len(labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",
             flush=True,
         )
-        model.fit(
+        model.fit(  # the schedule spans config.epochs; a pausing run stops at pause_after
             dataset("train", True),
             validation_data=validation,
-            epochs=config.epochs,
+            epochs=pause_after if pausing else config.epochs,
             steps_per_epoch=steps,
             callbacks=callbacks,
             verbose=2,
@@ -191,13 +194,12 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
         )
         history = kept.history
         epochs_run = len(history.get("loss", []))
-        if pause.paused:
+        if pausing and not (early and early.stopped_epoch):  # paused, not ended by early stopping
+            if local != checkpoint:  # the remote copy is the checkpoint; the next call fetches it
+                shutil.rmtree(local, ignore_errors=True)
             return Outcome(history, epochs_run, time.monotonic() - started)
         evaluated_on = evaluation_split(totals)
         metrics = evaluate(model, dataset(evaluated_on, False), labels)
-    storage.delete_tree(checkpoint_root(config.output))
-    if local != checkpoint:
-        shutil.rmtree(local, ignore_errors=True)
     chance = chance_accuracy(labels, {k: v["support"] for k, v in metrics["per_class"].items()})
     near_chance = metrics["accuracy"] is not None and metrics["accuracy"] - chance <= NEAR_CHANCE * (
         1 - chance
@@ -232,6 +234,10 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
         engine_extra = engine_files(model, manifest, config.engines, converted)
         manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=engine_extra)
     storage.write_atomic(storage.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+    # Only now: an export that fails leaves the checkpoint, and a rerun resumes from it.
+    storage.delete_tree(checkpoint_root(config.output))
+    if local != checkpoint:
+        shutil.rmtree(local, ignore_errors=True)
     top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
     print(
         f"trained {config.architecture} in {seconds:.0f}s ({epochs_run} epochs): "

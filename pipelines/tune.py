@@ -20,7 +20,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -33,7 +35,7 @@ from beamvision.pipelines import options, train
 from beamvision.transforms.search_space import SearchSpace, SpaceError, parse_space
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.training import checkpoint_root, dataset_fingerprint, read_dataset_info
-from beamvision.transforms.trials import MODEL_DIR, TRIALS_DIR, TrainTrials, TrialError, trial_id
+from beamvision.transforms.trials import MODEL_DIR, TRIALS_DIR, TrainTrials, TrialError, rung_epochs, trial_id
 from beamvision.transforms.tune_report import best_record, influence, plot, table_text, trials_table
 
 TRIALS_FILE, TABLE_FILE, SUMMARY_FILE, PLOT_FILE, BEST_DIR = (
@@ -44,7 +46,6 @@ TRIALS_FILE, TABLE_FILE, SUMMARY_FILE, PLOT_FILE, BEST_DIR = (
     "best",
 )
 SEARCH_FILE = "search.json"  # the search as run: flags, space, trials
-DETAILED_METRICS = ("per_class", "confusion_matrix", "labels")  # in the best artifact's metrics.json
 
 
 def load_space(uri: str) -> SearchSpace:
@@ -59,47 +60,80 @@ def load_space(uri: str) -> SearchSpace:
             raise SpaceError(f"{flag}: {str(exc).removeprefix('beamvision train: error: ')}") from None
 
     try:
-        return parse_space(
-            storage.read_text(uri), set(defaults) - set(options.TUNE_RESERVED), check, options.TUNE_RESERVED
-        )
+        text = storage.read_text(uri)
+    except (OSError, UnicodeError) as exc:
+        raise options.UsageError(f"--space {uri}: cannot be read as text ({exc})") from None
+    try:
+        return parse_space(text, set(defaults) - set(options.TUNE_RESERVED), check, options.TUNE_RESERVED)
     except SpaceError as exc:
         raise options.UsageError(f"--space {uri}: {exc}") from None
 
 
 def plan_trials(config: options.TuneConfig, space: SearchSpace, fingerprint: str) -> list[dict[str, Any]]:
-    """The trials in order: index, id and train flags (each with the search's seed unless it varies)."""
+    """The trials in order: index, id, train flags (with the search's seed unless it varies), epochs.
+
+    Each trial's flags are parsed as train parses its argv, so a flag that
+    every trial lacks (``architecture``) fails here, before any work; only
+    what train refuses in combination (``freeze_base`` without pretrained
+    weights) is left for the trial's own error row.
+    """
     try:
         drawn = space.trials(config.search, config.trials, config.seed)
     except SpaceError as exc:
         raise options.UsageError(f"--space {config.space}: {exc}") from None
-    identity = {
+    defaults = options.train_defaults()
+    identity = {  # whatever else shapes a trial's results, so a changed search reuses no record
         "dataset": fingerprint,
         "metric": config.metric,
         "rungs": config.rungs,
         "reduction_factor": config.reduction_factor,
+        "defaults": {k: v for k, v in defaults.items() if k not in options.TUNE_RESERVED},
     }
     trials = []
     for index, flags in enumerate(drawn):
         flags = {**flags, "seed": flags.get("seed", config.seed)}
-        trials.append({"index": index, "trial_id": trial_id(index, flags, identity), "flags": flags})
+        argv = options.train_flag_argv({"data": "d", "output": "o", **flags})
+        try:
+            options.parse("beamvision train", "", options.add_train_arguments, argv)
+        except options.UsageError as exc:
+            message = str(exc).removeprefix("beamvision train: error: ")
+            raise options.UsageError(f"--space {config.space}: trial {index} ({flags}): {message}") from None
+        trials.append(
+            {
+                "index": index,
+                "trial_id": trial_id(index, flags, identity),
+                "flags": flags,
+                "epochs_planned": int(flags.get("epochs", defaults["epochs"])),
+            }
+        )
     return trials
+
+
+_ONE_TRIAL_AT_A_TIME = threading.Lock()
 
 
 def train_trial(data: str, metric: str, flags: dict, output: str, pause_after: int | None, extra: dict):
     """One trial: train's flag checks, then train's own training (TrialError for refused flags)."""
     import keras
 
-    keras.utils.clear_session()  # a worker trains trial after trial: each starts afresh
     values = {**flags, "data": data, "output": output, "monitor": metric, "overwrite": True}
-    try:
-        outcome = train.train(options.train_config(values), pause_after, extra)
-    except (options.UsageError, ModelError) as exc:
-        raise TrialError(str(exc).removeprefix("beamvision train: error: ")) from None
+    # Keras's session, seeds and TensorFlow's pools are the process's: a process that runs bundles
+    # on several threads (Dataflow's one SDK process per machine) trains one trial at a time.
+    with _ONE_TRIAL_AT_A_TIME:
+        keras.utils.clear_session()  # a worker trains trial after trial: each starts afresh
+        try:
+            outcome = train.train(options.train_config(values), pause_after, extra)
+        except (options.UsageError, ModelError) as exc:
+            raise TrialError(str(exc).removeprefix("beamvision train: error: ")) from None
     return outcome.history, outcome.epochs_run, outcome.manifest
 
 
 def size_trial_threads(sizing: WorkerSizing) -> None:
-    """TensorFlow's pools of a worker process: its share of the machine's cores."""
+    """TensorFlow's pools of a worker process: its share of the machine's cores.
+
+    Training computes as inference does, so it takes the inference threads'
+    rule (cores / processes per machine).
+    """
     from beamvision.transforms.engines import set_tensorflow_threads
 
     set_tensorflow_threads(sizing.threads("inference"))
@@ -115,9 +149,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.TuneConfig, space, t
             config.output,
             functools.partial(train_trial, config.data, config.metric),
             config.metric,
-            config.rungs,
+            rung_epochs(max(t["epochs_planned"] for t in trials), config.rungs, config.reduction_factor),
             config.reduction_factor,
-            options.train_defaults()["epochs"],
             functools.partial(size_trial_threads, sizing),
         )
     )
@@ -172,7 +205,7 @@ def write_report(records: list[dict], config: options.TuneConfig, varied: list[s
             "trial_id": best_id,
             "flags": best["flags"],
             config.metric: best["best"],
-            "metrics": {k: v for k, v in best["metrics"].items() if k not in DETAILED_METRICS},
+            "metrics": best["metrics"],
             "artifact": best_uri,
         },
         "outputs": {
@@ -203,6 +236,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     build_pipeline(pipeline, config, space, trials)
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
+    _check_shared_storage(config, pipeline)
     if config.overwrite:
         for name in (TRIALS_DIR, BEST_DIR):
             storage.delete_tree(storage.join(config.output, name))
@@ -218,6 +252,9 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         "trials": trials,
     }
     storage.write_atomic(storage.join(config.output, SEARCH_FILE), json.dumps(search, indent=2).encode())
+    summary_uri = storage.join(config.output, SUMMARY_FILE)
+    if storage.exists(summary_uri):  # the report's commit point: what is printed is this run's
+        storage.delete(summary_uri)
     result = pipeline.run()
     result.wait_until_finish()
     summary = json.loads(storage.read_text(storage.join(config.output, SUMMARY_FILE)))
@@ -226,13 +263,28 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     return result
 
 
+def _check_shared_storage(config: options.TuneConfig, pipeline: beam.Pipeline) -> None:
+    """Workers of a remote runner cannot see this machine's disk: data and output must be in storage."""
+    from apache_beam.io.filesystems import FileSystems
+
+    runner = type(pipeline.runner).__name__
+    if runner in ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner"):
+        return
+    for flag, uri in (("--data", config.data), ("--output", config.output)):
+        if FileSystems.get_scheme(uri) is None:
+            raise options.UsageError(
+                f"{flag} {uri}: a local path, which {runner}'s workers cannot reach (use gs://)"
+            )
+
+
 def _rungs_done(output: str, trials: list[dict]) -> int:
-    folder = storage.join(output, TRIALS_DIR)
+    """Rung records of these trials already in ``output`` (their rungs are not trained again)."""
     ids = {t["trial_id"] for t in trials}
     return sum(
         1
-        for uri in storage.list_files(folder)
-        if os.path.basename(uri).startswith("rung-") and os.path.basename(os.path.dirname(uri)) in ids
+        for uri in storage.list_files(storage.join(output, TRIALS_DIR))
+        if re.fullmatch(r"rung-\d+\.json", os.path.basename(uri))
+        and os.path.basename(os.path.dirname(uri)) in ids
     )
 
 
@@ -259,7 +311,8 @@ def _format_summary(summary: dict, config: options.TuneConfig, seconds: float) -
         lines.append("no trial completed: see the errors above")
     influential = [f"{flag} {share:.0%}" for flag, share in summary["influence"].items()]
     if influential:
-        lines.append(f"influence on {config.metric} (the share each flag explains alone): {', '.join(influential)}")
+        shares = ", ".join(influential)
+        lines.append(f"influence on {config.metric} (the share each flag explains alone): {shares}")
     lines.append(
         f"trials: {summary['outputs']['trials.parquet']}; plot: {summary['outputs']['plot.png']}; "
         f"summary: {storage.join(config.output, SUMMARY_FILE)}"

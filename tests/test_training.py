@@ -189,7 +189,7 @@ def test_demo_without_scikit_learn_says_what_to_install(monkeypatch, tmp_path, c
     assert not (tmp_path / "demo").exists()
 
 
-def test_checkpoints_resume_only_the_same_training_config():
+def test_checkpoints_resume_only_the_same_training_config(tmp_path, monkeypatch):
     from beamvision.transforms.training import checkpoint_dir, checkpoint_root
 
     config = {"architecture": "squeezenet", "epochs": 4, "learning_rate": 0.001}
@@ -198,6 +198,50 @@ def test_checkpoints_resume_only_the_same_training_config():
     assert same != checkpoint_dir("/runs/model", {**config, "learning_rate": 0.01})
     assert same != checkpoint_dir("/runs/other", config)
     assert os.path.dirname(same) == checkpoint_root("/runs/model") == "/runs/model.checkpoints"
+    monkeypatch.chdir(tmp_path)  # a relative output's checkpoints do not move with the working directory
+    assert checkpoint_root("runs/model") == str(tmp_path / "runs" / "model.checkpoints")
+    assert checkpoint_root("gs://b/models/m") == "gs://b/models/m.checkpoints"
+    assert checkpoint_root("gs://b") == "gs://b/.checkpoints"  # not another bucket
+
+
+def test_a_checkpoint_restores_its_epochs_history_and_early_stopping_state(tmp_path):
+    """What a resumed run (a kill, tune's next rung) takes from its checkpoint."""
+    import keras
+
+    from beamvision.transforms.training import ResumableEarlyStopping, restore_checkpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    history = {"loss": [1.0, 0.8, 0.7], "val_accuracy": [0.5, 0.9, 0.7]}
+    (folder / "history.json").write_text(json.dumps(history))
+    (folder / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')  # the history ran ahead
+    assert restore_checkpoint(str(folder)) == (str(folder), {})  # no weights: not a checkpoint
+    assert not folder.exists()
+    folder.mkdir()
+    (folder / "history.json").write_text(json.dumps(history))
+    (folder / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    (folder / "latest.weights.h5").write_bytes(b"weights")
+    _, restored = restore_checkpoint(str(folder))
+    assert restored == {"loss": [1.0, 0.8], "val_accuracy": [0.5, 0.9]}  # the epochs Keras saved
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    best = [np.full(w.shape, 7.0, w.dtype) for w in model.get_weights()]
+    np.savez(str(folder / "best.weights.npz"), *best)
+    early = ResumableEarlyStopping(
+        str(folder), history, monitor="val_accuracy", patience=3, restore_best_weights=True
+    )
+    early.set_model(model)
+    early.on_train_begin()
+    assert (early.best, early.best_epoch, early.wait) == (0.9, 1, 1)
+    for got, want in zip(early.best_weights, best, strict=True):
+        np.testing.assert_array_equal(got, want)
+    early.on_epoch_end(3, {"val_accuracy": 0.95})  # an improvement is saved for the next resume
+    with np.load(folder / "best.weights.npz") as saved:
+        np.testing.assert_array_equal(saved["arr_0"], model.get_weights()[0])
+    loss = ResumableEarlyStopping(str(folder), {"val_loss": [0.9, 0.4, 0.6]}, monitor="val_loss")
+    loss.set_model(model)
+    loss.on_train_begin()
+    assert (loss.best, loss.best_epoch, loss.wait) == (0.4, 1, 1)
 
 
 def test_metrics_agree_with_scikit_learn():

@@ -159,6 +159,15 @@ def test_random_search_is_reproducible_distinct_and_log_uniform(tmp_path):
         ),
         ("[1, 2]", "must be a mapping of train flags"),
         ("epochs: [1, 2", "not valid YAML or JSON"),
+        ("learning_rate: {low: 0.1, high: .inf}", "learning_rate: high must be a finite number"),
+        (
+            "label_smoothing: [0.1, 1.5]",
+            "label_smoothing: argument --label_smoothing: expected a fraction in",
+        ),
+        (  # every trial lacks it: refused before any work, not 10 failed trials
+            "epochs: 3",
+            "trial 0 ({'epochs': 3, 'seed': 0}): the following arguments are required: --architecture",
+        ),
     ],
 )
 def test_a_bad_space_is_one_line_naming_the_key(tmp_path, capsys, text, expected):
@@ -290,8 +299,12 @@ def test_prepare_train_and_tune_from_a_bucket(tmp_path, gcs_bucket, capsys):
     )
     paused = train.train(config, pause_after=1)
     assert paused.paused and paused.epochs_run == 1
-    assert any(u.endswith("latest.weights.h5") for u in storage.list_files(f"{model}.checkpoints"))
+    kept = [os.path.basename(u) for u in storage.list_files(f"{model}.checkpoints")]
+    assert {"latest.weights.h5", "training_metadata.json", "history.json", "best.weights.npz"} <= set(kept)
+    capsys.readouterr()
     finished = train.train(config)
+    trained = capsys.readouterr().out
+    assert "Epoch 2/2" in trained and "Epoch 1/2" not in trained  # resumed from the bucket
     assert finished.epochs_run == 2 and len(finished.history["val_accuracy"]) == 2
     assert finished.history["val_accuracy"][0] == paused.history["val_accuracy"][0]
     assert load_artifact(model).manifest.training["epochs_run"] == 2
@@ -307,6 +320,27 @@ def test_prepare_train_and_tune_from_a_bucket(tmp_path, gcs_bucket, capsys):
     assert load_artifact(f"{out}/best").manifest.training["trial"]["trial_id"] == summary["best"]["trial_id"]
     assert storage.exists(f"{out}/trials.parquet") and storage.exists(f"{out}/plot.png")
     assert "tune: 2 trials" in capsys.readouterr().out
+
+
+def test_a_remote_runner_needs_data_and_output_in_storage(digits_data, tmp_path, gcs_bucket, capsys):
+    _, data = digits_data
+    argv = [
+        *(
+            "tune",
+            "--data",
+            data,
+            "--output",
+            f"{gcs_bucket}/tune",
+            "--space",
+            _space(tmp_path, DIGITS_SPACE),
+        ),
+        *("--runner", "DataflowRunner", "--project", "beamvision-test", "--region", "us-central1"),
+        *("--temp_location", f"{gcs_bucket}/tmp"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--data {data}: a local path, which DataflowRunner's workers cannot reach (use gs://)" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_tune_needs_a_validation_split(tmp_path, capsys):

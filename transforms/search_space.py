@@ -122,9 +122,11 @@ def _number(flag: str, key: str, value: Any) -> float | int:
         raise SpaceError(f"{flag}: {key} must be a number, received {value!r}")
     if isinstance(value, str):
         try:
-            return int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            value = int(value) if value.strip().lstrip("-").isdigit() else float(value)
         except ValueError:
             raise SpaceError(f"{flag}: {key} must be a number, received {value!r}") from None
+    if not math.isfinite(value):
+        raise SpaceError(f"{flag}: {key} must be a finite number, received {value!r}")
     return value
 
 

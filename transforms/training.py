@@ -32,6 +32,9 @@ from beamvision.transforms.evaluation import classification_metrics
 # and inference-mode accuracy collapses. 0.9 tracks them within ~20 steps.
 BATCHNORM_MOMENTUM = 0.9
 HISTORY_FILE = "history.json"  # beside a checkpoint: the metrics of the epochs it has done
+BEST_WEIGHTS_FILE = "best.weights.npz"  # beside a checkpoint: the weights of the best epoch so far
+# What keras.callbacks.BackupAndRestore writes: the epoch's weights, then the epochs done.
+KERAS_WEIGHTS, KERAS_METADATA = "latest.weights.h5", "training_metadata.json"
 
 
 def evaluation_split(totals: dict[str, int]) -> str:
@@ -272,21 +275,40 @@ class CalibrateBatchNorm(keras.callbacks.Callback):
                 layer.momentum = momentum
 
 
-class PauseAfter(keras.callbacks.Callback):
-    """Ends ``fit`` once ``epochs`` epochs are done, resumed ones included (None: never).
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's early stopping, which a resumed run continues instead of starting over.
 
-    ``paused`` says that it did: the run did not end on its own (its last
-    epoch, or early stopping), so its checkpoint is kept to go on from.
+    Keras forgets its best value, its patience count and its best weights at
+    each ``fit``; a resumed run (after a kill, or at tune's next rung) would
+    then restore only the best of its own epochs. This one takes them from
+    the epochs the checkpoint has done (``history``) and keeps the best
+    weights beside the checkpoint, in ``directory``, whenever they improve.
     """
 
-    def __init__(self, epochs: int | None):
-        super().__init__()
-        self._epochs = epochs
-        self.paused = False
+    def __init__(self, directory: str, history: dict[str, list[float]], monitor: str, **kwargs):
+        mode = "min" if monitor.endswith("loss") else "max"  # explicit: resuming needs the direction
+        super().__init__(monitor=monitor, mode=mode, **kwargs)
+        self._path = os.path.join(directory, BEST_WEIGHTS_FILE)
+        self._history = history
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        values = self._history.get(self.monitor, [])
+        if not values:
+            return
+        self.best = (max if self.mode == "max" else min)(values)
+        self.best_epoch = values.index(self.best)  # Keras counts only strict improvements
+        self.wait = len(values) - 1 - self.best_epoch
+        if self.restore_best_weights and os.path.exists(self._path):
+            with np.load(self._path) as saved:
+                self.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._epochs is not None and epoch + 1 >= self._epochs and not self.model.stop_training:
-            self.model.stop_training = self.paused = True
+        super().on_epoch_end(epoch, logs)
+        if self.restore_best_weights and self.best_epoch == epoch and self.best_weights is not None:
+            with open(self._path + ".tmp", "wb") as f:
+                np.savez(f, *self.best_weights)
+            os.replace(self._path + ".tmp", self._path)
 
 
 def chance_accuracy(labels: list[str], support: dict[str, int]) -> float:
@@ -298,8 +320,19 @@ def chance_accuracy(labels: list[str], support: dict[str, int]) -> float:
 
 
 def checkpoint_root(output: str) -> str:
-    """Where resumable checkpoints of runs writing ``output`` are kept: beside it, in its storage."""
-    return output.rstrip("/") + ".checkpoints"
+    """Where resumable checkpoints of runs writing ``output`` are kept: beside it, in its storage.
+
+    A local output's is absolute (a relative one would move with the working
+    directory); an output at a bucket's root keeps them inside it.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    output = output.rstrip("/")
+    if FileSystems.get_scheme(output) is None:
+        return os.path.abspath(output) + ".checkpoints"
+    if output.split("://", 1)[1].count("/") == 0:  # gs://bucket: not gs://bucket.checkpoints
+        return storage.join(output, ".checkpoints")
+    return output + ".checkpoints"
 
 
 def checkpoint_dir(output: str, config: dict[str, Any]) -> str:
@@ -319,7 +352,7 @@ def local_checkpoint_dir(checkpoint: str) -> str:
     from apache_beam.io.filesystems import FileSystems
 
     if FileSystems.get_scheme(checkpoint) is None:
-        return os.path.abspath(checkpoint)
+        return checkpoint
     key = hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "beamvision-checkpoints", key)
 
@@ -331,19 +364,20 @@ def restore_checkpoint(checkpoint: str) -> tuple[str, dict[str, list[float]]]:
     new run), so a resumed run reports every epoch, not only those after it.
     """
     local = local_checkpoint_dir(checkpoint)
-    if local != checkpoint and storage.list_files(checkpoint):
+    if local != checkpoint:  # the working copy mirrors the remote one exactly, even when it has none
         shutil.rmtree(local, ignore_errors=True)
         for uri in storage.list_files(checkpoint):
             target = os.path.join(local, uri[len(checkpoint.rstrip("/")) + 1 :])
             os.makedirs(os.path.dirname(target), exist_ok=True)
             storage.download(uri, target)
-    history_path = os.path.join(local, HISTORY_FILE)
-    metadata_path = os.path.join(local, "training_metadata.json")  # Keras's: the last epoch saved
-    if not (os.path.exists(history_path) and os.path.exists(metadata_path)):
+    paths = {name: os.path.join(local, name) for name in (HISTORY_FILE, KERAS_METADATA, KERAS_WEIGHTS)}
+    if not all(os.path.exists(path) for path in paths.values()):
+        # Keras would resume at the metadata's epoch even without weights: start afresh instead.
+        shutil.rmtree(local, ignore_errors=True)
         return local, {}
-    with open(metadata_path) as f:
-        epochs_done = int(json.load(f)["epoch"]) + 1
-    with open(history_path) as f:
+    with open(paths[KERAS_METADATA]) as f:
+        epochs_done = int(json.load(f)["epoch"])  # Keras records the number of epochs done
+    with open(paths[HISTORY_FILE]) as f:
         return local, {k: v[:epochs_done] for k, v in json.load(f).items()}
 
 
@@ -368,11 +402,11 @@ class KeepCheckpoint(keras.callbacks.Callback):
         with open(path + ".tmp", "w") as f:
             json.dump(self.history, f)
         os.replace(path + ".tmp", path)
-        if self._remote:
-            for name in sorted(os.listdir(self._local)):
-                if not name.endswith(".tmp"):
-                    path = os.path.join(self._local, name)
-                    storage.write_atomic(storage.join(self._remote, name), local_path=path)
+        if self._remote:  # the epochs-done record last: a copy cut short is not taken for a checkpoint
+            names = sorted(n for n in os.listdir(self._local) if not n.endswith((".tmp", ".bkp")))
+            for name in sorted(names, key=lambda n: n == KERAS_METADATA):
+                path = os.path.join(self._local, name)
+                storage.write_atomic(storage.join(self._remote, name), local_path=path)
 
 
 def evaluate(model: keras.Model, dataset, labels: list[str]) -> dict[str, Any]:

@@ -35,9 +35,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beamvision import storage
-from beamvision.transforms.inference import METRICS_NAMESPACE
+from beamvision.transforms.rows import METRICS_NAMESPACE
 
 TRIALS_DIR = "trials"
+DETAILED_METRICS = ("per_class", "confusion_matrix", "labels")  # left in each artifact's metrics.json
 MODEL_DIR = "model"
 # A trial's statuses: paused between rungs; then completed, stopped (not among the best at a rung)
 # or failed (train refused its flags, or training raised: the error is recorded).
@@ -57,10 +58,12 @@ def trial_id(index: int, flags: dict[str, Any], identity: dict[str, Any]) -> str
 
 
 def rung_epochs(epochs: int, rungs: int, factor: int) -> list[int]:
-    """The epochs after which a trial of ``epochs`` epochs is ranked: epochs/F^(R-1), ..., epochs/F, epochs.
+    """The epochs at which trials are ranked: epochs/F^(R-1), ..., epochs/F, epochs.
 
-    Rounded up, at least 1, without repeats: a short trial has fewer rungs
-    and is done after its last one.
+    ``epochs``: the search's longest trial's, so every trial is ranked after
+    the same number of epochs; a shorter trial finishes at the first rung
+    that reaches its own. Rounded up, at least 1, without repeats (fewer
+    rungs when the epochs are few).
     """
     budgets = [max(1, math.ceil(epochs / factor ** (rungs - 1 - i))) for i in range(rungs)]
     return sorted(set(budgets))
@@ -108,14 +111,15 @@ def halve(records: list[dict[str, Any]], metric: str, factor: int) -> tuple[list
 class TrainTrials(beam.PTransform):
     """Trials -> one finished record each (completed, stopped or failed), by successive halving.
 
+    Each trial is ``{"index", "trial_id", "flags", "epochs_planned"}``.
+
     Args:
         output: the search's directory (``DIR``); trials write under DIR/trials.
         train: ``train(flags, output, pause_after, extra) -> (history, epochs_run, manifest or
             None)``, the command's training step; it raises ``TrialError`` for flags that train
             refuses, anything else for a trial that broke.
         metric: what ranks the trials (``val_accuracy``, ``val_loss``).
-        rungs, factor: successive halving's R and F (``rung_epochs``).
-        default_epochs: train's default, for trials whose flags do not set epochs.
+        budgets: the epochs of each rung (``rung_epochs``); factor: the F of halving.
         setup: called once per worker process before its first trial (thread pools).
     """
 
@@ -124,14 +128,13 @@ class TrainTrials(beam.PTransform):
         output: str,
         train: Callable,
         metric: str,
-        rungs: int,
+        budgets: list[int],
         factor: int,
-        default_epochs: int,
         setup: Callable[[], None] | None = None,
     ):
         super().__init__()
-        self._output, self._metric, self._rungs, self._factor = output, metric, rungs, factor
-        self._step = _TrainRungFn(output, train, metric, rungs, factor, default_epochs, setup)
+        self._output, self._metric, self._rungs, self._factor = output, metric, len(budgets), factor
+        self._step = _TrainRungFn(output, train, metric, budgets, setup)
 
     def expand(self, trials):
         finished = []
@@ -168,12 +171,12 @@ def _decide(records: list[dict], metric: str, factor: int):
 class _TrainRungFn(beam.DoFn):
     """Trains one trial on to its epochs at ``rung`` (or reads that rung's record from an earlier run)."""
 
-    def __init__(self, output, train, metric, rungs, factor, default_epochs, setup):
+    def __init__(self, output, train, metric, budgets, setup):
         self._output, self._train, self._metric = output, train, metric
-        self._rungs, self._factor, self._default_epochs, self._setup = rungs, factor, default_epochs, setup
+        self._budgets, self._setup = budgets, setup
         self._trained = Metrics.counter(METRICS_NAMESPACE, "trial_rungs_trained")
         self._reused = Metrics.counter(METRICS_NAMESPACE, "trial_rungs_reused")
-        self._failed = Metrics.counter(METRICS_NAMESPACE, "trials_failed")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "trial_rungs_failed")
 
     def setup(self):
         if self._setup is not None:
@@ -194,10 +197,9 @@ class _TrainRungFn(beam.DoFn):
         yield record
 
     def _run(self, trial: dict[str, Any], rung: int, folder: str) -> dict[str, Any]:
-        epochs = int(trial["flags"].get("epochs", self._default_epochs))
-        budgets = rung_epochs(epochs, self._rungs, self._factor)
-        # A trial with fewer rungs than the search (few epochs) finishes at its last.
-        pause_after = budgets[rung] if rung < len(budgets) - 1 else None
+        epochs = trial["epochs_planned"]  # a trial, or its record from the rung before
+        last = rung == len(self._budgets) - 1 or self._budgets[rung] >= epochs
+        pause_after = None if last else self._budgets[rung]
         record = {
             **{k: trial[k] for k in ("index", "trial_id", "flags")},
             "rung": rung,
@@ -233,6 +235,7 @@ class _TrainRungFn(beam.DoFn):
             best=best_value(history, self._metric),
             seconds=round(record["seconds"] + time.monotonic() - started, 2),
         )
-        if manifest is not None:
-            record.update(artifact=storage.join(folder, MODEL_DIR), metrics=manifest.metrics)
+        if manifest is not None:  # per class and confusion: in the artifact's metrics.json
+            metrics = {k: v for k, v in manifest.metrics.items() if k not in DETAILED_METRICS}
+            record.update(artifact=storage.join(folder, MODEL_DIR), metrics=metrics)
         return record

@@ -5,6 +5,8 @@ A flag's influence is the share of the metric's variance between trials that
 its values explain (the correlation ratio, eta squared: trials grouped by the
 flag's value, numeric flags with many values in four quantile bins). It says
 which flags mattered in this search, not why; with few trials it is rough.
+A trial stopped early counts with its best value before it stopped, beside
+those that ran to the end: the flags that lose early weigh as losers.
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ def _shown(value: Any) -> str:
 
 def table_text(records: list[dict[str, Any]], flags: list[str], metric: str, best_id: str | None) -> str:
     """The trials as the aligned text table that tune prints."""
-    header = ["trial", "status", *flags, "epochs", metric, "test acc", "seconds"]
+    splits = {(r.get("metrics") or {}).get("evaluated_on") for r in records} - {None}
+    scored_on = splits.pop() if len(splits) == 1 else "test"  # test, else val (train's rule)
+    header = ["trial", "status", *flags, "epochs", metric, f"{scored_on} acc", "seconds"]
     rows = []
     for r in sorted(records, key=lambda r: r["index"]):
         accuracy = (r.get("metrics") or {}).get("accuracy")
