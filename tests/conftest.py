@@ -136,6 +136,36 @@ def gcs_bucket(gcs_emulator) -> str:
     return f"gs://{name}"
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Three digit classes, 12 images each, prepared once at 32 px; yields (image root, prepared prefix).
+
+    Architectures whose minimum input is larger train at it with ``--input_size``
+    (train resizes in tf.data), so one prepare serves every architecture.
+    """
+    from digits import render_subset
+
+    from beamvision.pipelines import prepare
+
+    root = render_subset(str(tmp_path_factory.mktemp("tiny")), classes=3, per_class=12)
+    out = str(tmp_path_factory.mktemp("tiny32") / "data")
+    prepare.run(
+        [
+            "--input",
+            root,
+            "--output",
+            out,
+            "--image_size",
+            "32",
+            "--val_fraction",
+            "0.2",
+            "--test_fraction",
+            "0.2",
+        ]
+    )
+    return root, out
+
+
 @pytest.fixture(scope="session")
 def photos():
     """Real RGB photos that ship with scikit-image and scikit-learn, as uint8 arrays."""

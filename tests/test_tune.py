@@ -194,31 +194,9 @@ def test_grid_over_a_range_without_points_is_refused(tmp_path):
 # --- whole searches --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_data(tmp_path_factory):
-    """Three digit classes, 12 real digits each, prepared at 32 px with validation and test splits."""
-    root = render_subset(str(tmp_path_factory.mktemp("tune-digits")), classes=3, per_class=12)
-    data = str(tmp_path_factory.mktemp("tune-prepared") / "data")
-    prepare.run(
-        [
-            "--input",
-            root,
-            "--output",
-            data,
-            "--image_size",
-            "32",
-            "--val_fraction",
-            "0.2",
-            "--test_fraction",
-            "0.2",
-        ]
-    )
-    return root, data
-
-
 @pytest.mark.slow
-def test_six_trials_on_two_workers_keep_every_trial_and_the_best_model(digits_data, tmp_path, capsys):
-    root, data = digits_data
+def test_six_trials_on_two_workers_keep_every_trial_and_the_best_model(tiny, tmp_path, capsys):
+    root, data = tiny
     out = str(tmp_path / "search")
     argv = ["--data", data, "--output", out, "--space", _space(tmp_path, DIGITS_SPACE), "--trials", "6"]
     workers = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]
@@ -322,22 +300,17 @@ def test_prepare_train_and_tune_from_a_bucket(tmp_path, gcs_bucket, capsys):
     assert "tune: 2 trials" in capsys.readouterr().out
 
 
-def test_a_remote_runner_needs_data_and_output_in_storage(digits_data, tmp_path, gcs_bucket, capsys):
-    _, data = digits_data
-    argv = [
-        *(
-            "tune",
-            "--data",
-            data,
-            "--output",
-            f"{gcs_bucket}/tune",
-            "--space",
-            _space(tmp_path, DIGITS_SPACE),
-        ),
+def _on_dataflow(data: str, bucket: str, space: str) -> list[str]:
+    return [
+        *("tune", "--data", data, "--output", f"{bucket}/tune", "--space", space),
         *("--runner", "DataflowRunner", "--project", "beamvision-test", "--region", "us-central1"),
-        *("--temp_location", f"{gcs_bucket}/tmp"),
+        *("--temp_location", f"{bucket}/tmp"),
     ]
-    assert main(argv) == 2
+
+
+def test_a_remote_runner_needs_data_and_output_in_storage(tiny, tmp_path, gcs_bucket, capsys):
+    _, data = tiny
+    assert main(_on_dataflow(data, gcs_bucket, _space(tmp_path, DIGITS_SPACE))) == 2
     err = capsys.readouterr().err
     assert f"--data {data}: a local path, which DataflowRunner's workers cannot reach (use gs://)" in err
     assert len(err.splitlines()) == 1
@@ -352,21 +325,9 @@ def test_tune_needs_a_validation_split(tmp_path, capsys):
     assert "has no validation split, which ranks the trials" in capsys.readouterr().err
 
 
-def test_the_dataflow_job_graph_of_a_search_builds(digits_data, tmp_path, gcs_bucket, capsys):
-    _, data = digits_data
-    argv = [
-        *(
-            "tune",
-            "--data",
-            data,
-            "--output",
-            f"{gcs_bucket}/tune",
-            "--space",
-            _space(tmp_path, DIGITS_SPACE),
-        ),
-        *("--runner", "DataflowRunner", "--project", "beamvision-test", "--region", "us-central1"),
-        *("--temp_location", f"{gcs_bucket}/tmp", "--dry_run"),
-    ]
+def test_the_dataflow_job_graph_of_a_search_builds(tiny, tmp_path, gcs_bucket, capsys):
+    _, data = tiny
+    argv = [*_on_dataflow(data, gcs_bucket, _space(tmp_path, DIGITS_SPACE)), "--dry_run"]
     assert main(argv) == 0
     assert "dry run: built the DataflowRunner job graph" in capsys.readouterr().out
     assert storage.list_files(f"{gcs_bucket}/tune") == []
