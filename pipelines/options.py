@@ -968,8 +968,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=2,
         metavar="R",
-        help="successive halving: trials are ranked after epochs/F^(R-1), ..., epochs/F and only "
-        "the best 1/F go on (default 2: at half their epochs; 1 runs every trial to the end)",
+        help="successive halving: trials are ranked after E/F^(R-1), ..., E/F epochs (E: the longest "
+        "trial's) and only the best 1/F go on (default 2: at half; 1 runs every trial to the end)",
     )
     parser.add_argument(
         "--reduction_factor",
