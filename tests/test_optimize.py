@@ -174,6 +174,7 @@ def test_classify_runs_the_int8_artifact_on_openvino(trained, optimized, tmp_pat
     assert not os.path.exists(work / "tf-on-int8")
 
 
+@pytest.mark.slow  # the first to ask for the INT8 artifact builds it (minutes): early, not last
 def test_the_same_seed_draws_the_same_calibration_sample(trained, optimized):
     _, _, data, _ = trained
     shards = sorted(glob.glob(f"{data}/train-*.tfrecord"))

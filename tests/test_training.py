@@ -580,6 +580,7 @@ def test_training_from_scratch_with_default_flags_learns_real_photos(tmp_path, c
     assert "WARNING" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_model_near_chance_is_flagged_loudly(prepared, tmp_path, capsys):
     """Learning rate 0: the random initial weights, which know nothing of digits."""
     argv = ["--data", prepared, "--architecture", "mobilenet_v2", "--output", str(tmp_path / "m")]
