@@ -7,6 +7,7 @@ every storage backend that Beam's ``FileSystems`` knows works the same way.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import uuid
 
@@ -88,8 +89,6 @@ def copy_tree(source: str, target: str) -> None:
     base = source.rstrip("/") + "/"
     targets = [join(target, uri[len(base) :]) for uri in files]
     if FileSystems.get_scheme(target) is None:
-        import os
-
         for path in targets:
             os.makedirs(os.path.dirname(path), exist_ok=True)
     if files:

@@ -88,9 +88,9 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
 
     With ``pause_after``, the run stops after that many epochs (resumed ones
     included) unless early stopping ends it first, keeps its checkpoint and
-    exports nothing:
-    a later call with the same config goes on from there (``beamvision tune``'s
-    rungs). ``extra`` joins the manifest's ``training`` record.
+    exports nothing: a later call with the same config goes on from there
+    (``beamvision tune``'s rungs). ``extra`` joins the manifest's ``training``
+    record.
     """
     import keras
 

@@ -35,7 +35,17 @@ from beamvision.pipelines import options, train
 from beamvision.transforms.search_space import SearchSpace, SpaceError, parse_space
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.training import checkpoint_root, dataset_fingerprint, read_dataset_info
-from beamvision.transforms.trials import MODEL_DIR, TRIALS_DIR, TrainTrials, TrialError, rung_epochs, trial_id
+from beamvision.transforms.trials import (
+    COMPLETED,
+    FAILED,
+    MODEL_DIR,
+    STOPPED,
+    TRIALS_DIR,
+    TrainTrials,
+    TrialError,
+    rung_epochs,
+    trial_id,
+)
 from beamvision.transforms.tune_report import best_record, influence, plot, table_text, trials_table
 
 TRIALS_FILE, TABLE_FILE, SUMMARY_FILE, PLOT_FILE, BEST_DIR = (
@@ -182,13 +192,13 @@ def write_report(records: list[dict], config: options.TuneConfig, varied: list[s
         storage.join(out, TABLE_FILE), (table_text(records, shown, config.metric, best_id) + "\n").encode()
     )
     for record in records:  # a stopped trial never goes on: its checkpoint goes
-        if record["status"] == "stopped":
+        if record["status"] == STOPPED:
             storage.delete_tree(checkpoint_root(storage.join(out, TRIALS_DIR, record["trial_id"], MODEL_DIR)))
     best_uri = storage.join(out, BEST_DIR)
     storage.delete_tree(best_uri)
     if best:
         storage.copy_tree(best["artifact"], best_uri)
-    counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped", "failed")}
+    counts = {s: sum(r["status"] == s for r in records) for s in (COMPLETED, STOPPED, FAILED)}
     summary = {
         "trials": len(records),
         **counts,

@@ -81,11 +81,15 @@ def best_value(history: dict[str, list[float]], metric: str) -> float | None:
     return max(values) if maximises(metric) else min(values)
 
 
+def scored_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records that have a value of the metric (not failed, and validated at least once)."""
+    return [r for r in records if r["status"] != FAILED and r.get("best") is not None]
+
+
 def rank(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Records with a value of ``metric``, best first; ties go to the earlier trial."""
-    scored = [r for r in records if r["status"] != FAILED and r.get("best") is not None]
     sign = -1 if maximises(metric) else 1
-    return sorted(scored, key=lambda r: (sign * r["best"], r["index"]))
+    return sorted(scored_records(records), key=lambda r: (sign * r["best"], r["index"]))
 
 
 def halve(records: list[dict[str, Any]], metric: str, factor: int) -> tuple[list[dict], list[dict]]:

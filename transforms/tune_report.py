@@ -17,14 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from beamvision.transforms.trials import COMPLETED, FAILED, maximises
+from beamvision.transforms.trials import COMPLETED, FAILED, rank, scored_records
 
 BINS = 4  # numeric flags with more distinct values than this are grouped in quantile bins
 PLOTTED_FLAGS = 3
-
-
-def _scored(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if r["status"] != FAILED and r.get("best") is not None]
 
 
 def _groups(values: list[Any]) -> list[Any]:
@@ -38,7 +34,7 @@ def _groups(values: list[Any]) -> list[Any]:
 
 def influence(records: list[dict[str, Any]], flags: list[str]) -> dict[str, float]:
     """Each flag's eta squared over the scored trials, most influential first (0 with no spread)."""
-    scored = _scored(records)
+    scored = scored_records(records)
     y = np.asarray([r["best"] for r in scored], dtype=float)
     total = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
     out = {}
@@ -54,9 +50,7 @@ def influence(records: list[dict[str, Any]], flags: list[str]) -> dict[str, floa
 
 def best_record(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     """The completed trial with the best ``metric`` (ties: the earlier trial)."""
-    completed = [r for r in _scored(records) if r["status"] == COMPLETED]
-    sign = -1 if maximises(metric) else 1
-    return min(completed, key=lambda r: (sign * r["best"], r["index"]), default=None)
+    return next(iter(rank([r for r in records if r["status"] == COMPLETED], metric)), None)
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -145,7 +139,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = sorted(_scored(records), key=lambda r: r["index"])
+    scored = sorted(scored_records(records), key=lambda r: r["index"])
     spread = [f for f in ranked_flags if len({json.dumps(r["flags"].get(f)) for r in scored}) > 1]
     flags = spread[:PLOTTED_FLAGS]  # a flag with one value among the scored trials shows nothing
 
