@@ -42,6 +42,7 @@ INSTALL_REQUIRES = [
     "stream-unzip>=0.0.99",  # zip archives read member by member, without the central directory
     "jinja2>=3.1",  # review's HTML, escaped by default
     "pyyaml>=6.0",  # tune's search space files
+    "tqdm>=4.66",  # the live progress line of classify and prepare
     "openvino>=2025.0",  # --engine openvino
     "nncf>=3.4",  # beamvision optimize: INT8 post-training quantisation of the OpenVINO model
 ]
@@ -81,5 +82,5 @@ setup(
     package_data={"beamvision.models": ["labels/*.txt"], "beamvision.pipelines": ["templates/*.html"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["beamvision = beamvision.pipelines.cli:main"]},
+    entry_points={"console_scripts": ["beamvision = beamvision.pipelines.cli:console_main"]},
 )

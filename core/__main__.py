@@ -1,7 +1,5 @@
 """``python -m beamvision <command>``: the same as the ``beamvision`` console script."""
 
-import sys
+from beamvision.pipelines.cli import console_main
 
-from beamvision.pipelines.cli import main
-
-sys.exit(main())
+console_main()

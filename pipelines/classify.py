@@ -32,6 +32,7 @@ from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id, run_dir
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
+from beamvision.transforms.progress import ReportProgress, run_with_progress
 from beamvision.transforms.read import LookUpFiles, MatchInputs, ReadFiles
 from beamvision.transforms.write import (
     ERRORS_PREFIX,
@@ -61,7 +62,10 @@ def build_pipeline(
     matched = pipeline | "MatchInputs" >> MatchInputs(
         list(config.inputs), config.input_list, config.input_list_column
     )
-    split = matched["files"] | "SplitArchives" >> SplitArchives()
+    # A stage boundary on names only: every input is counted (the progress total) before reading
+    # starts, and reads spread over the workers (as Beam's own file reads do after a match).
+    spread = matched["files"] | "SpreadFiles" >> beam.Reshuffle()
+    split = spread | "SplitArchives" >> SplitArchives()
     archives = split["archives"] | "GroupArchives" >> GroupArchives()
     found = split["files"] | "LookUpFiles" >> LookUpFiles(sizing)
     to_read, skipped = found["files"], None
@@ -86,13 +90,18 @@ def build_pipeline(
     classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
         handler, manifest.name, manifest.version
     )
-    errors = (
-        found["errors"],
-        read["errors"],
-        decoded["errors"],
-        classified["errors"],
-    ) | "AllErrors" >> beam.Flatten()
+    error_parts = {
+        "found": found["errors"],
+        "read": read["errors"],
+        "decoded": decoded["errors"],
+        "classified": classified["errors"],
+    }
+    errors = list(error_parts.values()) | "AllErrors" >> beam.Flatten()
     inputs = {"named": matched["inputs"], "unpacked": read["members"]} | "CountedInputs" >> CountedInputs()
+    _ = classified["results"] | "ProgressResults" >> ReportProgress("results")
+    _ = error_parts | "ProgressErrors" >> ReportProgress("errors")
+    if skipped is not None:
+        _ = skipped | "ProgressSkipped" >> ReportProgress("skipped")
     model = {
         "name": manifest.name,
         "version": manifest.version,
@@ -156,9 +165,12 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     build_pipeline(pipeline, config, manifest, earlier, started_at)
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
+    options.check_detach(config.detach, pipeline)
     options.claim_output(config.output, OUTPUTS, config.overwrite, "results")
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_with_progress(pipeline, "classify", config.progress_every, config.detach)
+    if config.detach:
+        print(f"classify: detached; the job writes {storage.join(config.output, SUMMARY_FILE)} when it ends")
+        return result
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_text(summary_uri))

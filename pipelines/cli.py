@@ -2,15 +2,18 @@
 
 Command modules are imported only when run, so ``beamvision --help`` is quick.
 User mistakes (``UsageError``, ``ModelError``) print one line and exit 2.
+``console_main`` is the console script (and ``python -m beamvision``, and the
+Flex Template's entry point): it starts quiet (``beamvision.console``) before
+anything is imported, unless ``--verbose``; ``main`` runs one command in the
+calling process, as the tests do.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-from beamvision import __version__
+from beamvision import __version__, console
 
 # name -> (module in beamvision.pipelines, one-line description)
 COMMANDS = {
@@ -38,13 +41,21 @@ def _help() -> str:
     return "\n".join(lines)
 
 
+def console_main(argv: list[str] | None = None) -> None:
+    """The ``beamvision`` program: a quiet start unless ``--verbose``, then ``main``, then exit."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not console.requested(argv, "--verbose"):
+        console.quiet_stderr()
+    sys.exit(main(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one beamvision command; returns the process exit status."""
-    # TensorFlow's C++ start-up chatter (CUDA probing on CPU hosts) hides real output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before the command's module is imported: TensorFlow reads its log level when it loads.
+    console.configure(console.requested(argv, "--verbose"), console.requested(argv, "--quiet"))
     # Progress lines must show as they happen, also when output goes to a file or a pipe.
     sys.stdout.reconfigure(line_buffering=True)
-    argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_help())
         return 0 if argv else 2
@@ -73,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

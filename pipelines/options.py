@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
+from beamvision.console import DEFAULT_PROGRESS_SECONDS, boolean
 from beamvision.models import ModelArgumentError, get_spec, list_models
 from beamvision.models.artifact import MANIFEST_FILE
 from beamvision.models.registry import IMAGENET_CLASSES
@@ -28,6 +29,7 @@ from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 from beamvision.transforms.engines import CONVERTED_ENGINES, ENGINES, PRECISIONS
 from beamvision.transforms.incremental import RUN_ID_PATTERN
+from beamvision.transforms.progress import is_local
 from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
 from beamvision.transforms.sizing import DEFAULT_SIZING, READ_THREADS, WorkerSizing
 
@@ -58,16 +60,6 @@ def _checked_number(convert, is_valid, expected: str):
     return parse
 
 
-def boolean(text: str) -> bool:
-    """argparse type of every on/off flag: true/false (any case) or 1/0, as Flex Templates pass them."""
-    value = text.strip().lower()
-    if value in ("true", "1"):
-        return True
-    if value in ("false", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, received {text!r}")
-
-
 def _add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
     """An on/off flag: bare (on), or with a value, ``--flag=true`` / ``--flag=false`` / 1 / 0."""
     parser.add_argument(
@@ -87,6 +79,7 @@ def run_id(text: str) -> str:
 
 fraction = _checked_number(float, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
 non_negative_float = _checked_number(float, lambda v: v >= 0.0, "a non-negative number")
+positive_float = _checked_number(float, lambda v: v > 0.0 and v != float("inf"), "a positive number")
 
 
 def _summary(doc_line: str) -> str:
@@ -95,10 +88,23 @@ def _summary(doc_line: str) -> str:
 
 
 def parse(prog: str, description: str, add_arguments, argv: list[str] | None) -> argparse.Namespace:
-    """Parses ``argv`` with the flags ``add_arguments`` declares; unknown flags are errors."""
+    """Parses ``argv`` with the flags ``add_arguments`` declares; unknown flags are errors.
+
+    Every command also takes ``--quiet`` and ``--verbose`` (declared and
+    checked here; the CLI reads them before any import, see ``beamvision.console``).
+    """
     parser = OneLineParser(prog=prog, description=_summary(description))
     add_arguments(parser)
+    _add_verbosity_arguments(parser)
     return parser.parse_args(argv)
+
+
+def _add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    _add_switch(group, "--quiet", "print no progress, only warnings, errors and the final summary")
+    _add_switch(
+        group, "--verbose", "show what TensorFlow, absl and Beam log (hidden by default), from INFO up"
+    )
 
 
 # --- flags shared by several commands -----------------------------------------
@@ -205,6 +211,33 @@ def _worker_sizing(args: argparse.Namespace) -> WorkerSizing:
         inference_threads=getattr(args, "inference_threads", None),
         model_copies=getattr(args, "model_copies", None),
     )
+
+
+def _add_progress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress_every",
+        type=positive_float,
+        default=DEFAULT_PROGRESS_SECONDS,
+        metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal "
+        f"(default {DEFAULT_PROGRESS_SECONDS:g}; a terminal gets one line, redrawn)",
+    )
+    _add_switch(
+        parser,
+        "--detach",
+        "with a remote runner (Dataflow): return once the job is submitted, after printing its console URL; "
+        "the job still writes its summary to --output",
+    )
+
+
+def check_detach(detach: bool, pipeline) -> None:
+    """``--detach`` needs a runner whose job outlives this process."""
+    if detach and is_local(pipeline):
+        runner = pipeline.options.view_as(StandardOptions).runner or "DirectRunner"
+        raise UsageError(
+            f"--detach: a {runner} job runs inside this process and ends with it; "
+            "only a remote runner's job can be left running (--runner DataflowRunner)"
+        )
 
 
 def _check_file_exists(flag: str, uri: str | None) -> None:
@@ -399,6 +432,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --incremental: the run's partition name (default: the UTC start time, 20261128T031500Z)",
     )
     _add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
+    _add_progress_arguments(parser)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,6 +453,8 @@ class ClassifyConfig:
     engine: str = "tensorflow"
     precision: str = "fp32"
     workers: WorkerSizing = DEFAULT_SIZING
+    progress_every: float = DEFAULT_PROGRESS_SECONDS
+    detach: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClassifyConfig:
@@ -445,6 +481,8 @@ class ClassifyConfig:
             args.engine,
             args.precision,
             _worker_sizing(args),
+            args.progress_every,
+            args.detach,
         )
 
 
@@ -467,6 +505,7 @@ def parse_pipeline_args(
         "--project, --region, --temp_location, --setup_file, --sdk_container_image, ...",
     )
     add_arguments(parser)
+    _add_verbosity_arguments(parser)
     args, beam_argv = parser.parse_known_args(argv)
     beam_parser = _BeamFlagsParser(prog=prog, allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
@@ -493,7 +532,8 @@ def build_only(pipeline) -> PipelineResult | None:
     else:
         result = None
         steps = len(pipeline.to_runner_api().components.transforms)
-    print(f"dry run: built the {runner} job graph ({steps} steps); nothing was run or written")
+    submitted = "" if is_local(pipeline) else ", no job submitted, so no progress to follow"
+    print(f"dry run: built the {runner} job graph ({steps} steps); nothing was run or written{submitted}")
     return result
 
 
@@ -573,6 +613,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     _add_decode_arguments(parser)
     _add_worker_arguments(parser, inference=False)
     _add_switch(parser, "--overwrite", "replace a prepared dataset already at --output")
+    _add_progress_arguments(parser)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +629,8 @@ class PrepareConfig:
     buffer_mb: int
     overwrite: bool
     workers: WorkerSizing = DEFAULT_SIZING
+    progress_every: float = DEFAULT_PROGRESS_SECONDS
+    detach: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PrepareConfig:
@@ -609,6 +652,8 @@ class PrepareConfig:
             args.buffer_mb,
             args.overwrite,
             _worker_sizing(args),
+            args.progress_every,
+            args.detach,
         )
 
 
@@ -931,6 +976,8 @@ TUNE_RESERVED = {
     "name": "the best trial's artifact is named by its architecture",
     "version": "each trial's artifact is versioned by its training time",
     "overwrite": "tune's --overwrite starts a search afresh",
+    "quiet": "tune's own --quiet and --verbose apply to its trials",
+    "verbose": "tune's own --quiet and --verbose apply to its trials",
 }
 
 

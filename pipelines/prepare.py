@@ -41,9 +41,10 @@ from beamvision.transforms.dataset import (
     shard_prefix,
 )
 from beamvision.transforms.decode import DecodeImages
+from beamvision.transforms.progress import ReportProgress, run_with_progress
 from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
-from beamvision.transforms.write import ERRORS_PREFIX, WriteErrors
+from beamvision.transforms.write import ERRORS_PREFIX, SummarizeErrors, WriteErrors, format_error_groups
 
 # Every file a prepare run writes under --output.
 OUTPUTS = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]
@@ -123,12 +124,15 @@ def build_pipeline(
         >> beam.io.WriteToTFRecord(shard_prefix(config.output, split), file_name_suffix=".tfrecord")
         for i, split in enumerate(SPLITS)
     ]
-    errors = (
-        found["errors"],
-        read["errors"],
-        decoded["errors"],
-        label_errors,
-    ) | "AllErrors" >> beam.Flatten()
+    error_parts = {
+        "found": found["errors"],
+        "read": read["errors"],
+        "decoded": decoded["errors"],
+        "labelled": label_errors,
+    }
+    errors = list(error_parts.values()) | "AllErrors" >> beam.Flatten()
+    _ = examples | "ProgressResults" >> ReportProgress("results")
+    _ = error_parts | "ProgressErrors" >> ReportProgress("errors")
     counted = {"named": inputs, "unpacked": read["members"], "refused": label_errors}
     inputs = counted | "CountedInputs" >> CountedInputs()
     written.append(errors | "WriteErrorShards" >> WriteErrors(config.output))
@@ -147,6 +151,7 @@ def build_pipeline(
             ),
             inputs=beam.pvalue.AsSingleton(inputs | "CountInputs" >> count.Globally()),
             errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
+            error_groups=beam.pvalue.AsSingleton(errors | "SummarizeErrors" >> SummarizeErrors()),
             files=beam.pvalue.AsList(written | "AllWritten" >> beam.Flatten()),
         )
     )
@@ -268,7 +273,7 @@ class _WriteStatsFn(beam.DoFn):
         self._config = config
         self._unannotated = unannotated
 
-    def process(self, _, class_names, counts, inputs, errors, files):
+    def process(self, _, class_names, counts, inputs, errors, error_groups, files):
         config = self._config
         per_split = {split: {name: 0 for name in class_names} for split in SPLITS}
         for (split, name), n in counts:
@@ -286,6 +291,7 @@ class _WriteStatsFn(beam.DoFn):
             "counts": per_split,
             # Named by a folder or the CSV, but none of their files became an example.
             "empty_classes": [name for name in class_names if not any(per_split[s][name] for s in SPLITS)],
+            "error_groups": error_groups,
         }
         if self._unannotated is not None:  # --labels was a Label Studio export
             stats["unannotated_tasks"] = self._unannotated
@@ -318,9 +324,12 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
     # Stale shards of an earlier run (another shard count) would be read by train.
+    options.check_detach(config.detach, pipeline)
     options.claim_output(config.output, OUTPUTS, config.overwrite, "a prepared dataset")
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_with_progress(pipeline, "prepare", config.progress_every, config.detach)
+    if config.detach:
+        print(f"prepare: detached; the job writes {storage.join(config.output, STATS_FILE)} when it ends")
+        return result
     stats_uri = storage.join(config.output, STATS_FILE)
     if storage.exists(stats_uri):
         stats = json.loads(storage.read_text(stats_uri))
@@ -334,10 +343,16 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             f"({totals}; {stats['errors']:,} errors), "
             f"{len(stats['counts']['train'])} classes at {config.image_size}px, to {config.output}"
         )
+        for line in format_error_groups(stats["error_groups"], config.output):
+            print(line)
         if stats["empty_classes"]:
             print(
                 f"WARNING: {len(stats['empty_classes'])} classes have no usable image: "
                 f"{', '.join(stats['empty_classes'][:10])} (see {ERRORS_PREFIX}-*.parquet)",
                 file=sys.stderr,
             )
+        print(
+            f"next: beamvision train --data {config.output} --architecture mobilenet_v2 --output MODEL_DIR "
+            "(every architecture: beamvision models)"
+        )
     return result

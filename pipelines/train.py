@@ -21,13 +21,14 @@ import sys
 import tempfile
 import time
 
-from beamvision import storage
+from beamvision import console, storage
 from beamvision.models import ArtifactError, ModelArgumentError, get_spec
 from beamvision.models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
 from beamvision.pipelines import options
 from beamvision.transforms.engines import engine_files
 from beamvision.transforms.training import (
     CalibrateBatchNorm,
+    EpochProgress,
     KeepCheckpoint,
     ResumableEarlyStopping,
     build_model,
@@ -83,14 +84,19 @@ def run(argv: list[str] | None = None) -> Manifest:
     return train(config).manifest
 
 
-def train(config: options.TrainConfig, pause_after: int | None = None, extra: dict | None = None) -> Outcome:
+def train(
+    config: options.TrainConfig,
+    pause_after: int | None = None,
+    extra: dict | None = None,
+    title: str = "train",
+) -> Outcome:
     """Trains ``config``, evaluates and exports its artifact; prints per-epoch progress and a summary.
 
     With ``pause_after``, the run stops after that many epochs (resumed ones
     included) unless early stopping ends it first, keeps its checkpoint and
     exports nothing: a later call with the same config goes on from there
     (``beamvision tune``'s rungs). ``extra`` joins the manifest's ``training``
-    record.
+    record; ``title`` begins each epoch's line (``train epoch 3/20: ...``).
     """
     import keras
 
@@ -178,6 +184,9 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
             shuffle_buffer=8 * config.batch_size,
         )  # prepare wrote the shards in shuffled order: a small buffer mixes the classes enough
         callbacks.append(CalibrateBatchNorm(calibration, min(steps, 50)))
+        if not console.is_quiet():  # last: an epoch's line means its checkpoint is kept
+            until = pause_after if pausing else config.epochs
+            callbacks.append(EpochProgress(title, until, steps, bar=console.is_terminal()))
         print(
             f"training {config.architecture} at {input_size}px on {totals['train']:,} images, "
             f"{len(labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",
@@ -189,7 +198,7 @@ def train(config: options.TrainConfig, pause_after: int | None = None, extra: di
             epochs=pause_after if pausing else config.epochs,
             steps_per_epoch=steps,
             callbacks=callbacks,
-            verbose=2,
+            verbose=0,  # EpochProgress's lines instead
             shuffle=False,  # the tf.data pipeline shuffles
         )
         history = kept.history

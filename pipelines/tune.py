@@ -132,7 +132,9 @@ def train_trial(data: str, metric: str, flags: dict, output: str, pause_after: i
     with _ONE_TRIAL_AT_A_TIME:
         keras.utils.clear_session()  # a worker trains trial after trial: each starts afresh
         try:
-            outcome = train.train(options.train_config(values), pause_after, extra)
+            outcome = train.train(
+                options.train_config(values), pause_after, extra, f"trial {extra['trial']['index']}"
+            )
         except (options.UsageError, ModelError) as exc:
             raise TrialError(str(exc).removeprefix("beamvision train: error: ")) from None
     return outcome.history, outcome.epochs_run, outcome.manifest

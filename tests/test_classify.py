@@ -7,6 +7,8 @@ import glob
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -14,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from corpus import write_corpus
+from terminal import assert_no_startup_noise, progress_lines
 
 from beamvision import storage
 from beamvision.models import create_model
@@ -108,6 +111,10 @@ def test_every_input_is_exactly_one_row(one_worker_run):
     assert (summary["results"], summary["errors"]) == (len(results), len(errors))
     assert summary["complete"] is True
     assert summary["model"]["name"] == "corpus" and summary["model"]["version"] == "1"
+    groups = errors.groupby(["stage", "error_type"]).image_uri.agg(["size", "min"])
+    assert sorted(
+        (g["stage"], g["error_type"], g["count"], g["sample_uri"]) for g in summary["error_groups"]
+    ) == sorted((stage, kind, n, sample) for (stage, kind), (n, sample) in groups.iterrows())
     counts = sorted(results.label.value_counts().items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
     assert [(x["label"], x["count"]) for x in summary["top_labels"]] == counts[:20]
     assert (summary["model"]["engine"], summary["model"]["precision"]) == ("tensorflow", "fp32")
@@ -212,39 +219,73 @@ SHARED_MODEL = ["--model_copies", "1", "--read_threads", "2", "--decode_threads"
 SHARED_MODEL += ["--inference_threads", "1"]
 
 
+def _check_what_a_run_prints(ran: subprocess.CompletedProcess, output: str, inputs: int) -> None:
+    """No start-up noise; progress up to the final count; a summary that groups errors and says what next."""
+    assert_no_startup_noise(ran.stderr)
+    errors = _read_rows(output, "errors")
+    lines = progress_lines(ran.stderr, "classify")
+    assert len(lines) >= 3, ran.stderr
+    done = [line["done"] for line in lines]
+    assert done == sorted(done) and (done[-1], lines[-1]["total"], lines[-1]["errors"]) == (
+        inputs,
+        inputs,
+        len(errors),
+    )
+    assert any(line["total"] == inputs and line["done"] < inputs for line in lines)  # the total came first
+    assert any(line["rate"] for line in lines)
+    printed = ran.stdout.splitlines()
+    assert f"classified {inputs - len(errors)} of {inputs} images, {len(errors)} errors" in printed[0]
+    start = printed.index(f"errors by stage and type ({len(errors)} rows in {output}/errors-*.parquet):")
+    groups = errors.groupby(["stage", "error_type"]).image_uri.agg(["size", "min"])
+    shown = [line.split(", e.g. ")[0].split() for line in printed[start + 1 : start + 1 + len(groups)]]
+    assert sorted(shown) == sorted([str(n), stage, kind] for (stage, kind), n in groups["size"].items())
+    for (stage, kind), sample in groups["min"].items():
+        assert any(f" {stage} {kind}, e.g. {sample}: " in line for line in printed)
+    # The command it gives to read the results runs, and prints them.
+    code = next(line for line in printed if line.startswith("read them: "))
+    code = code.removeprefix('read them: python -c "').removesuffix('"')
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "image_uri: string" in shown.stdout, shown.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sizing", [[], SHARED_MODEL], ids=["model-per-process", "one-shared-model"])
 def test_two_workers_give_the_same_rows_as_one(one_worker_run, model_dir, corpus_dir, tmp_path, sizing):
     from apache_beam.metrics.metric import MetricsFilter
 
-    output, _ = one_worker_run
+    output, expected = one_worker_run
     root, _ = corpus_dir
     listed = os.path.join(os.path.dirname(output), "list.txt")
     two = str(tmp_path / "two")
-    result = classify.run(
-        [
-            "--input",
-            root,
-            "--input",
-            os.path.join(root, "formats", "*.jpg"),
-            "--input_list",
-            listed,
-            "--model",
-            model_dir,
-            "--output",
-            two,
-            "--top_k",
-            "3",
-            "--batch_size",
-            "4",
-            "--embeddings",
-            "--direct_num_workers",
-            "2",
-            "--direct_running_mode",
-            "multi_processing",
-            *sizing,
-        ]
-    )
+    argv = [
+        "--input",
+        root,
+        "--input",
+        os.path.join(root, "formats", "*.jpg"),
+        "--input_list",
+        listed,
+        "--model",
+        model_dir,
+        "--output",
+        two,
+        "--top_k",
+        "3",
+        "--batch_size",
+        "4",
+        "--embeddings",
+        "--direct_num_workers",
+        "2",
+        "--direct_running_mode",
+        "multi_processing",
+        *sizing,
+    ]
+    if sizing:
+        result = classify.run(argv)
+    else:  # as a user runs it, its output captured (not a terminal): what it prints is checked too
+        command = [sys.executable, "-m", "beamvision", "classify", *argv, "--progress_every", "0.5"]
+        ran = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        _check_what_a_run_prints(ran, two, len(expected))
 
     def comparable(out):
         results = _read_rows(out, "results").drop(columns=["processed_at"]).sort_values("image_uri")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from terminal import assert_no_startup_noise, progress_lines
 
 from beamvision.pipelines.options import add_classify_arguments
 
@@ -36,7 +37,7 @@ def test_flex_template_entry_point_runs_classify():
         dockerfile = f.read()
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/beamvision/deploy/classify_main.py" in dockerfile
     with open(os.path.join(DEPLOY, "classify_main.py")) as f:
-        assert 'main(["classify", *sys.argv[1:]])' in f.read()
+        assert 'console_main(["classify", *sys.argv[1:]])' in f.read()
 
 
 def _flags(text: str):
@@ -139,6 +140,8 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
         "incremental": "true",
         "run_id": "flex-1",
         "overwrite": "false",
+        "progress_every": "0.5",
+        "detach": "false",
     }
     with open(os.path.join(DEPLOY, "metadata.json")) as f:
         assert sorted(p["name"] for p in json.load(f)["parameters"]) == sorted(values)
@@ -150,6 +153,9 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
     ran = _launch(*(f"--{name}={value}" for name, value in values.items()))
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert f"classified {count} of {count} images" in ran.stdout
+    # The launcher's log: no start-up noise, progress lines that end at the count.
+    assert_no_startup_noise(ran.stderr)
+    assert progress_lines(ran.stderr, "classify")[-1]["done"] == count, ran.stderr
     run = work / "out" / "run=flex-1"
     results = pd.concat(pd.read_parquet(run / n) for n in os.listdir(run) if n.startswith("results-"))
     assert len(results) == count and {len(x) for x in results.top_k_labels} == {2}
@@ -176,6 +182,8 @@ def test_flex_entry_point_builds_the_dataflow_job_graph(flex_inputs):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "dry run: built the DataflowRunner job graph" in ran.stdout
+    assert "nothing was run or written, no job submitted, so no progress to follow" in ran.stdout
+    assert_no_startup_noise(ran.stderr)
 
 
 def _metadata_parameters() -> dict[str, dict]:

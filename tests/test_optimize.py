@@ -165,6 +165,7 @@ def test_classify_runs_the_int8_artifact_on_openvino(trained, optimized, tmp_pat
     assert not (int8.score == fp32.score).all()  # INT8 really ran
     # Its model.keras is the float source: the TensorFlow engine would not run INT8, so it is refused.
     refused = ["classify", "--input", photos, "--model", output, "--output", str(work / "tf-on-int8")]
+    capsys.readouterr()  # the runs' progress lines
     assert main(refused) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [

@@ -140,7 +140,7 @@ def test_only_beamvision_lands_in_site_packages(installs, how):
     assert os.path.isfile(os.path.join(package, "models", "labels", "imagenet.txt"))
     assert os.path.isfile(os.path.join(package, "pipelines", "templates", "review.html"))  # beamvision review
     with open(os.path.join(install.site, f"beamvision-{VERSION}.dist-info", "entry_points.txt")) as f:
-        assert "beamvision = beamvision.pipelines.cli:main" in f.read()
+        assert "beamvision = beamvision.pipelines.cli:console_main" in f.read()
     assert os.path.isfile(os.path.join(os.path.dirname(install.python), "beamvision"))
 
 

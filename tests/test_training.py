@@ -293,7 +293,7 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
         ]
     )
     out = capsys.readouterr().out
-    assert f"Epoch 1/{DIGITS_EPOCHS}" in out and "trained mobilenet_v2" in out
+    assert f"train epoch 1/{DIGITS_EPOCHS}: loss " in out and "trained mobilenet_v2" in out
     assert manifest.metrics["evaluated_on"] == "test"
     assert manifest.metrics["accuracy"] >= 0.8
     assert (
@@ -430,14 +430,14 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # epoch 1 is done and checkpointed once epoch 2 starts
-        if line.startswith("Epoch 2/4"):
+        if line.startswith("train epoch 1/4: "):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=120)
     assert os.path.isdir(output + ".checkpoints")
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:]
-    assert "Epoch 1/4" not in result.stdout and "Epoch 2/4" in result.stdout
+    assert "train epoch 1/4" not in result.stdout and "train epoch 2/4: " in result.stdout
     training = load_artifact(output).manifest.training
     assert training["epochs_run"] == 4  # the epoch before the kill, from the checkpoint, and three more
     assert len(training["history"]["loss"]) == len(training["history"]["val_accuracy"]) == 4

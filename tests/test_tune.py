@@ -282,7 +282,7 @@ def test_prepare_train_and_tune_from_a_bucket(tmp_path, gcs_bucket, capsys):
     capsys.readouterr()
     finished = train.train(config)
     trained = capsys.readouterr().out
-    assert "Epoch 2/2" in trained and "Epoch 1/2" not in trained  # resumed from the bucket
+    assert "train epoch 2/2: " in trained and "epoch 1/2" not in trained  # resumed from the bucket
     assert finished.epochs_run == 2 and len(finished.history["val_accuracy"]) == 2
     assert finished.history["val_accuracy"][0] == paused.history["val_accuracy"][0]
     assert load_artifact(model).manifest.training["epochs_run"] == 2

@@ -49,6 +49,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beamvision.transforms.concurrency import MB, PROCESS_BYTES
+from beamvision.transforms.progress import ReportProgress
 from beamvision.transforms.rows import ERRORS_TAG, METRICS_NAMESPACE, ImageFile, error_row
 
 MEMBER_SEPARATOR = "!/"
@@ -391,21 +392,23 @@ class CountedInputs(beam.PTransform):
     archives among them), ``unpacked`` (``ReadFiles``' ``members``: one URI
     per row an archive made) and, optionally, ``refused`` (error rows made
     before reading, such as prepare's label errors, whose archive members
-    never reach it).
+    never reach it). Each is also reported as progress (``ReportProgress``:
+    the run's total, known for named files before any is read).
     """
 
     def expand(self, pcolls):
-        parts = [
-            pcolls["named"] | "NotArchives" >> beam.Filter(lambda uri: not is_archive_input(uri)),
-            pcolls["unpacked"],
-        ]
+        parts = {
+            "named": pcolls["named"] | "NotArchives" >> beam.Filter(lambda uri: not is_archive_input(uri)),
+            "unpacked": pcolls["unpacked"],
+        }
         if "refused" in pcolls:
-            parts.append(
+            parts["refused"] = (
                 pcolls["refused"]
                 | "RefusedUris" >> beam.Map(lambda row: row["image_uri"])
                 | "RefusedMembers" >> beam.Filter(is_archive_input)
             )
-        return parts | "AllInputs" >> beam.Flatten()
+        _ = parts | "Progress" >> ReportProgress("inputs")
+        return list(parts.values()) | "AllInputs" >> beam.Flatten()
 
 
 def _request(image_file: ImageFile) -> tuple[str, ImageFile]:

@@ -191,18 +191,12 @@ def _describe(exc) -> tuple[str, str]:
 
 
 class _FormatResultFn(beam.DoFn):
-    """(ImageKey, Prediction) to a result row; logs progress every 10 seconds."""
-
-    LOG_EVERY_SECONDS = 10.0
+    """(ImageKey, Prediction) to a result row (the run's progress is ``transforms.progress``)."""
 
     def __init__(self, model_name: str, model_version: str):
         self._model_name = model_name
         self._model_version = model_version
         self._classified = Metrics.counter(METRICS_NAMESPACE, "images_classified")
-
-    def setup(self):
-        self._count = 0
-        self._started = self._last_log = time.monotonic()
 
     def process(self, element):
         key, prediction = element
@@ -224,15 +218,4 @@ class _FormatResultFn(beam.DoFn):
         if prediction.embedding is not None:
             row["embedding"] = prediction.embedding
         self._classified.inc()
-        self._log_progress()
         yield row
-
-    def _log_progress(self):
-        self._count += 1
-        now = time.monotonic()
-        if now - self._last_log >= self.LOG_EVERY_SECONDS:
-            self._last_log = now
-            rate = self._count / (now - self._started)
-            logging.getLogger("beamvision").info(
-                "classified %d images in this worker (%.1f images/s)", self._count, rate
-            )

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import keras
@@ -211,6 +212,72 @@ def compile_model(model: keras.Model, config, num_classes: int, total_steps: int
         metrics=metrics,
         jit_compile=False,  # XLA is slower than the default kernels on CPU hosts
     )
+
+
+def epoch_line(
+    title: str, epoch: int, epochs: int, logs: dict[str, float], seconds: float, left: float
+) -> str:
+    """``train epoch 3/20: loss 0.4123, accuracy 0.8810, val_loss ..., val_accuracy ... (12.3s, 03:27 left)``.
+
+    Training metrics come first, then validation ones, each in Keras's name.
+    ``left``: seconds that the epochs still planned would take at this pace.
+    """
+    from tqdm import tqdm
+
+    def order(name: str) -> tuple:
+        return name.startswith("val_"), name.removeprefix("val_") != "loss", name
+
+    names = sorted(logs, key=order)
+    metrics = ", ".join(f"{name} {logs[name]:.4f}" for name in names if name != "learning_rate")
+    pace = f"{seconds:.1f}s" + (f", {tqdm.format_interval(left)} left" if epoch + 1 < epochs else "")
+    return f"{title} epoch {epoch + 1}/{epochs}: {metrics} ({pace})"
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One line per epoch on stdout (``epoch_line``), printed once the epoch's checkpoint is kept.
+
+    On a terminal, a bar of the epoch's steps shows on stderr meanwhile and
+    is cleared when the epoch ends; a log file gets only the lines. The time
+    left is for the planned ``epochs``, at the pace of the epochs after the
+    first (which also traces the model): early stopping may end sooner.
+    """
+
+    def __init__(self, title: str, epochs: int, steps: int, bar: bool):
+        super().__init__()
+        self._title, self._epochs, self._steps, self._show_bar = title, epochs, steps, bar
+        self._seconds: list[float] = []
+        self._bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.monotonic()
+        if self._show_bar:
+            from tqdm import tqdm
+
+            from beamvision import console
+
+            self._bar = tqdm(
+                total=self._steps,
+                desc=f"{self._title} epoch {epoch + 1}/{self._epochs}",
+                unit=" steps",
+                leave=False,
+                file=console.terminal(),
+            )
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._bar is not None:
+            if logs and "loss" in logs:
+                self._bar.set_postfix_str(f"loss {float(logs['loss']):.4f}", refresh=False)
+            self._bar.update(1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._seconds.append(time.monotonic() - self._started)
+        paced = self._seconds[1:] or self._seconds  # the first epoch also builds and traces the model
+        left = sum(paced) / len(paced) * (self._epochs - epoch - 1)
+        values = {name: float(value) for name, value in (logs or {}).items()}
+        print(epoch_line(self._title, epoch, self._epochs, values, self._seconds[-1], left), flush=True)
 
 
 class CalibrateBatchNorm(keras.callbacks.Callback):

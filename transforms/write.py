@@ -25,6 +25,7 @@ RESULTS_PREFIX = "results"
 ERRORS_PREFIX = "errors"
 SUMMARY_FILE = "summary.json"
 TOP_LABELS_IN_SUMMARY = 20
+ERROR_GROUPS_PRINTED = 8
 
 
 def build_summary(
@@ -38,11 +39,13 @@ def build_summary(
     output: str,
     unmatched: list[str] | None = None,
     not_images: int = 0,
+    error_groups: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The content of summary.json.
 
     ``unmatched``: --input patterns that matched no file; ``not_images``:
-    archive members passed over because their names are not images.
+    archive members passed over because their names are not images;
+    ``error_groups``: ``SummarizeErrors``' output.
     """
     return {
         "inputs": inputs,
@@ -54,6 +57,7 @@ def build_summary(
         "images_per_second": round(inputs / seconds, 2) if seconds > 0 else None,
         "model": model,
         "top_labels": [{"label": label, "count": count} for label, count in top_labels],
+        "error_groups": list(error_groups or []),
         "unmatched_patterns": list(unmatched or []),
         "archive_members_not_images": not_images,
         "output": output,
@@ -61,7 +65,7 @@ def build_summary(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A few human-readable lines for the end of a run."""
+    """A few human-readable lines for the end of a run: what happened, what needs attention, what next."""
     labels = ", ".join(f"{x['label']} ({x['count']})" for x in summary["top_labels"][:5]) or "none"
     status = "" if summary["complete"] else "  WARNING: inputs != results + errors + skipped"
     skipped = (
@@ -80,9 +84,80 @@ def format_summary(summary: dict[str, Any]) -> str:
             + _engine(summary["model"])
             + _timing(summary.get("timing", {})),
             f"top labels: {labels}",
+            *format_error_groups(summary.get("error_groups", []), summary["output"]),
             f"outputs: {summary['output']} (results-*.parquet, errors-*.parquet, {SUMMARY_FILE})",
+            f'read them: python -c "{read_results_code(summary["output"])}"',
+            f"review them: beamvision review --results {summary['output']} --output "
+            f"{summary['output'].rstrip('/')}-review",
         ]
     )
+
+
+def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
+    """The summary's lines on errors: each (stage, type) with its count and a sample; none without errors."""
+    if not groups:
+        return []
+    total = sum(group["count"] for group in groups)
+    lines = [f"errors by stage and type ({total:,} rows in {storage.join(output, ERRORS_PREFIX)}-*.parquet):"]
+    width = len(f"{groups[0]['count']:,}")
+    for group in groups[:ERROR_GROUPS_PRINTED]:
+        message = " ".join(group["sample_message"].split())
+        message = message if len(message) <= 100 else message[:99] + "…"
+        lines.append(
+            f"  {group['count']:>{width},}  {group['stage']} {group['error_type']}, "
+            f"e.g. {group['sample_uri']}: {message}"
+        )
+    if len(groups) > ERROR_GROUPS_PRINTED:
+        lines.append(
+            f"  ... and {len(groups) - ERROR_GROUPS_PRINTED} more (stage, type) pairs, in {SUMMARY_FILE}"
+        )
+    return lines
+
+
+def read_results_code(output: str) -> str:
+    """Python that prints the first results of a classify output (local or gs://), with pyarrow."""
+    return (
+        "import pyarrow.dataset as ds; print(ds.dataset("
+        f"'{output}', format='parquet', ignore_prefixes=['.', 'errors-', 'summary']).head(10))"
+    )
+
+
+def merge_error_groups(values) -> tuple[int, str, str]:
+    """(count, sample URI, its message) of one (stage, error type) merged: counts add, the first URI stays."""
+    count, sample = 0, None
+    for n, uri, message in values:
+        count += n
+        if sample is None or uri < sample[0]:
+            sample = (uri, message)
+    return count, *sample
+
+
+class SummarizeErrors(beam.PTransform):
+    """Error rows to one list (one element): a group per (stage, error type), most frequent first.
+
+    Each group is ``{stage, error_type, count, sample_uri, sample_message}``;
+    the sample is the group's first URI in sort order, so reruns agree.
+    """
+
+    def expand(self, errors):
+        return (
+            errors
+            | "StageAndType"
+            >> beam.Map(lambda r: ((r["stage"], r["error_type"]), (1, r["image_uri"], r["message"])))
+            | "PerStageAndType" >> beam.CombinePerKey(merge_error_groups)
+            | "AsGroups"
+            >> beam.MapTuple(
+                lambda key, merged: {
+                    "stage": key[0],
+                    "error_type": key[1],
+                    "count": merged[0],
+                    "sample_uri": merged[1],
+                    "sample_message": merged[2],
+                }
+            )
+            | "Gathered" >> beam.combiners.ToList()
+            | "MostFirst" >> beam.Map(sorted, key=lambda g: (-g["count"], g["stage"], g["error_type"]))
+        )
 
 
 def _engine(model: dict[str, Any]) -> str:
@@ -156,6 +231,7 @@ class WriteResults(beam.PTransform):
                 skipped=beam.pvalue.AsSingleton(skipped | "CountSkipped" >> count.Globally()),
                 not_images=beam.pvalue.AsSingleton(not_images | "SumNotImages" >> beam.CombineGlobally(sum)),
                 top_labels=beam.pvalue.AsSingleton(top_labels),
+                error_groups=beam.pvalue.AsSingleton(errors | "SummarizeErrors" >> SummarizeErrors()),
                 patterns=beam.pvalue.AsList(pcolls["patterns"]),
                 # Side inputs are complete before the step runs: the summary
                 # is written only after every shard has been finalised.
@@ -172,7 +248,18 @@ class _WriteSummaryFn(beam.DoFn):
         self._started_at = started_at
 
     def process(
-        self, _, inputs, results, errors, skipped, not_images, top_labels, patterns, result_files, error_files
+        self,
+        _,
+        inputs,
+        results,
+        errors,
+        skipped,
+        not_images,
+        top_labels,
+        error_groups,
+        patterns,
+        result_files,
+        error_files,
     ):
         seconds = time.time() - self._started_at
         summary = build_summary(
@@ -186,6 +273,7 @@ class _WriteSummaryFn(beam.DoFn):
             self._output,
             unmatched_patterns(patterns),
             not_images,
+            error_groups,
         )
         storage.write_atomic(
             storage.join(self._output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")

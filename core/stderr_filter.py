@@ -1,0 +1,71 @@
+"""``python -m beamvision.stderr_filter``: stdin to stdout, minus TensorFlow's, absl's and gRPC's C++ noise.
+
+The ``beamvision`` console script points its file descriptor 2, which Beam's
+worker processes inherit, at this process (``beamvision.console.quiet_stderr``).
+No log level silences the lines TensorFlow 2.21 prints from C++ while
+``import tensorflow`` runs (absl's "before absl::InitializeLog()" notice, the
+oneDNN and CUDA notes), so they are dropped here, line by line. Everything
+else is copied as it arrives, a partial line (a prompt) after a short wait.
+
+This is a process, not a thread: C++ code that writes to stderr while holding
+Python's GIL cannot block it, and it outlives a crash of the command: it
+ignores Ctrl-C and ends when the last writer closes the pipe, so nothing
+written before a failure is lost. It imports nothing of beamvision's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+
+NOISE = (
+    re.compile(
+        rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\s*$"
+    ),
+    # absl and glog lines from C++ at INFO, WARNING and ERROR (FATAL is kept), e.g.
+    # "I0000 00:00:1796170445.825179   10943 port.cc:153] oneDNN custom operations are on. ..."
+    re.compile(rb"[IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w./+-]+:\d+\] "),
+)
+PARTIAL_LINE_WAIT_SECONDS = 0.2
+
+
+def is_noise(line: bytes) -> bool:
+    """Whether one line (without its newline) is start-up noise that a quiet run drops."""
+    return any(pattern.match(line) for pattern in NOISE)
+
+
+def copy(source: int, target: int) -> None:
+    """Copies ``source`` to ``target`` until end of file, dropping noise lines."""
+    pending = b""
+    while True:
+        ready, _, _ = select.select([source], [], [], PARTIAL_LINE_WAIT_SECONDS if pending else None)
+        if not ready:  # a line without its end waited long enough: it is shown as it is
+            _write(target, pending)
+            pending = b""
+            continue
+        chunk = os.read(source, 65536)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        _write(target, b"".join(line + b"\n" for line in lines if not is_noise(line)))
+    if not is_noise(pending):
+        _write(target, pending)
+
+
+def _write(target: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(target, view) :]
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the command; this ends when it has
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
+        copy(0, 1)
+
+
+if __name__ == "__main__":
+    main()
