@@ -39,6 +39,7 @@ NOISY_PACKAGES = ("apache_beam", "tensorflow", "tf_keras", "keras", "absl", "h5p
 WORKER_RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
 DEFAULT_PROGRESS_SECONDS = 10.0
 TERMINAL_REFRESH_SECONDS = 0.5
+PLAIN_POLL_SECONDS = 1.0
 
 
 @dataclasses.dataclass
@@ -246,8 +247,9 @@ def format_progress(
     total = counts.total if counts.inputs else None
     if total is None:
         head = "{desc}: {n_fmt} " + unit + " [{elapsed}, "
-    else:
-        head = "{desc}: {n_fmt}/{total_fmt} " + unit + " ({percentage:.0f}%) [{elapsed}<{remaining}, "
+    else:  # no rate yet, no time left: tqdm would guess one from the time spent starting up
+        left = "{remaining}" if rate else "?"
+        head = "{desc}: {n_fmt}/{total_fmt} " + unit + " ({percentage:.0f}%) [{elapsed}<" + left + ", "
     speed = f"{rate:.1f} {unit}/s" if rate else f"? {unit}/s"
     bar_format = head + speed + "{postfix}]"
     return tqdm.format_meter(
@@ -270,6 +272,7 @@ class ProgressLine:
     """
 
     RATE_WINDOW_SECONDS = 30.0
+    MIN_RATE_SECONDS = 3.0  # a rate over a shorter time (the first batch just done) is not shown
 
     def __init__(self, title: str, unit: str = "images", every: float = DEFAULT_PROGRESS_SECONDS):
         self.title, self.unit, self.every = title, unit, every
@@ -289,8 +292,8 @@ class ProgressLine:
 
     @property
     def poll_seconds(self) -> float:
-        """How often the counts are worth fetching."""
-        return TERMINAL_REFRESH_SECONDS if self.redraws else self.every
+        """How often the counts are worth fetching: more often than lines are printed, for the rate."""
+        return TERMINAL_REFRESH_SECONDS if self.redraws else min(self.every, PLAIN_POLL_SECONDS)
 
     def update(self, counts: Counts) -> None:
         if is_quiet():
@@ -321,16 +324,19 @@ class ProgressLine:
             return
         # A log's last line is the final count, once; a run that found nothing says so in its own words.
         if counts != self._printed_counts and (counts.done or counts.inputs or self._printed_counts):
-            self._recent.append((time.monotonic(), counts.done))
-            self._print(counts, time.monotonic())
+            now = time.monotonic()
+            self._recent.append((now, counts.done))
+            self._print(counts, now, final=True)
 
-    def _print(self, counts: Counts, now: float) -> None:
+    def _print(self, counts: Counts, now: float, final: bool = False) -> None:
         (then, done_then), (_, done_now) = self._recent[0], self._recent[-1]
-        rate = (done_now - done_then) / (now - then) if now > then and done_now > done_then else None
+        measured = now - then >= (0 if final else self.MIN_RATE_SECONDS) and now > then
+        rate = (done_now - done_then) / (now - then) if measured and done_now > done_then else None
         line = format_progress(self.title, counts, now - self._started, rate, self.unit)
         print(line, file=terminal(), flush=True)
         self._printed, self._printed_counts = now, counts
 
 
 def _postfix(counts: Counts) -> str:
-    return f"{counts.errors:,} errors" + (f", {counts.skipped:,} skipped" if counts.skipped else "")
+    errors = f"{counts.errors:,} error" + ("" if counts.errors == 1 else "s")
+    return errors + (f", {counts.skipped:,} skipped" if counts.skipped else "")

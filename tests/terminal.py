@@ -15,7 +15,7 @@ STARTUP_NOISE = (
 )
 PROGRESS_LINE = re.compile(
     r"^(?P<command>\w+): (?P<done>[\d,]+)(?:/(?P<total>[\d,]+))? images (?:\((?P<percent>\d+)%\) )?"
-    r"\[[\d:]+(?:<[\d:?]+)?, (?P<rate>[\d.]+|\?) images/s, (?P<errors>[\d,]+) errors(?:, [\d,]+ skipped)?\]$"
+    r"\[[\d:]+(?:<[\d:?]+)?, (?P<rate>[\d.]+|\?) images/s, (?P<errors>[\d,]+) errors?(?:, [\d,]+ skipped)?\]$"
 )
 
 

@@ -158,6 +158,8 @@ def test_a_relayed_worker_record_is_shown_as_its_own_message_when_ours():
 def test_progress_lines_say_what_is_known():
     unknown = console.format_progress("classify", console.Counts(), 3.0, None)
     assert unknown == "classify: 0 images [00:03, ? images/s, 0 errors]"
+    starting = console.format_progress("classify", console.Counts(inputs=800), 5.0, None)
+    assert starting == "classify: 0/800 images (0%) [00:05<?, ? images/s, 0 errors]"  # no guess from start-up
     counts = console.Counts(inputs=800, results=400, errors=12)
     line = console.format_progress("classify", counts, 30.0, 20.0)
     assert line == "classify: 412/800 images (52%) [00:30<00:19, 20.0 images/s, 12 errors]"
@@ -173,7 +175,7 @@ def test_a_plain_progress_line_comes_every_few_seconds_and_once_at_the_end(capsy
     monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
     console.configure()
     line = console.ProgressLine("prepare", every=5.0)  # t=0
-    assert not line.redraws and line.poll_seconds == 5.0
+    assert not line.redraws and line.poll_seconds == 1.0  # counts every second, for the rate
     for done in (0, 10, 30, 40):  # t = 1, 2, 6, 7
         line.update(console.Counts(inputs=100, results=done))
     line.update(console.Counts(inputs=100, results=90, errors=10))  # t = 11

@@ -36,6 +36,7 @@ from beamvision.transforms.rows import METRICS_NAMESPACE
 KINDS = ("inputs", "results", "errors", "skipped")
 PROGRESS_DIR_ENV = "BEAMVISION_PROGRESS_DIR"
 WRITE_EVERY_SECONDS = 0.5
+REMOTE_POLL_SECONDS = 5.0
 # Runners that run in this process or its children, whose progress comes from LocalProgress.
 LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner")
 
@@ -186,10 +187,12 @@ def watch_job(
     result: PipelineResult, line: ProgressLine, sleep: Callable[[float], None] = time.sleep
 ) -> None:
     """Shows a remote job's counters on ``line`` until the job ends (then Beam's own checks run)."""
+    # A job's metrics are an API call: on a terminal every few seconds, in a log at each line's time.
+    interval = max(line.poll_seconds, REMOTE_POLL_SECONDS) if line.redraws else line.every
     while not PipelineState.is_terminal(result.state):
         with contextlib.suppress(Exception):  # metrics not yet available (job starting): the next poll
             line.update(job_counts(result))
-        sleep(line.poll_seconds)
+        sleep(interval)
     with contextlib.suppress(Exception):
         line.close(job_counts(result))
     result.wait_until_finish()  # raises as Beam does when the job failed or was cancelled

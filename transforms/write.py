@@ -98,7 +98,8 @@ def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
     if not groups:
         return []
     total = sum(group["count"] for group in groups)
-    lines = [f"errors by stage and type ({total:,} rows in {storage.join(output, ERRORS_PREFIX)}-*.parquet):"]
+    rows = f"{total:,} row" + ("" if total == 1 else "s")
+    lines = [f"errors by stage and type ({rows} in {storage.join(output, ERRORS_PREFIX)}-*.parquet):"]
     width = len(f"{groups[0]['count']:,}")
     for group in groups[:ERROR_GROUPS_PRINTED]:
         message = " ".join(group["sample_message"].split())
@@ -117,8 +118,9 @@ def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
 def read_results_code(output: str) -> str:
     """Python that prints the first results of a classify output (local or gs://), with pyarrow."""
     return (
-        "import pyarrow.dataset as ds; print(ds.dataset("
-        f"'{output}', format='parquet', ignore_prefixes=['.', 'errors-', 'summary']).head(10))"
+        "import pyarrow.dataset as ds; print(*ds.dataset("
+        f"'{output}', format='parquet', ignore_prefixes=['.', 'errors-', 'summary'])"
+        ".head(10, columns=['image_uri', 'label', 'score']).to_pylist(), sep='\\n')"
     )
 
 
