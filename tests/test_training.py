@@ -118,13 +118,23 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys):
     stats = _json(os.path.join(out, "stats.json"))
     assert (stats["inputs"], stats["examples"], stats["errors"]) == (15, 12, 3)
     assert stats["empty_classes"] == ["notes"]
-    assert "WARNING: 1 classes have no usable image: notes" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "WARNING: 1 classes have no usable image: notes" in printed.err
     errors = pd.read_parquet(next(os.path.join(out, n) for n in os.listdir(out) if n.startswith("errors-")))
     assert sorted(zip(errors.stage, errors.error_type, strict=True)) == [
         ("decode", "NotAnImage"),
         ("decode", "NotAnImage"),
         ("label", "NoLabel"),
     ]
+    # What it prints: each kind of error with its first file, then what to run next.
+    groups = [(g["count"], g["stage"], g["error_type"], g["sample_uri"]) for g in stats["error_groups"]]
+    notes = os.path.join(root, "notes", "README.txt")
+    assert groups == [(2, "decode", "NotAnImage", min(notes, os.path.join(root, "0", "broken.png"))),
+                      (1, "label", "NoLabel", os.path.join(root, "stray.png"))]  # fmt: skip
+    lines = printed.out.splitlines()
+    assert f"errors by stage and type (3 rows in {out}/errors-*.parquet):" in lines
+    assert any(line.startswith(f"  1  label NoLabel, e.g. {root}/stray.png: ") for line in lines)
+    assert lines[-1].startswith(f"next: beamvision train --data {out} --architecture ")
 
     csv_path = tmp_path / "labels.csv"
     rows = ["uri,label"] + [
