@@ -31,6 +31,8 @@ COMMANDS = {
 }
 
 USAGE = "usage: beamvision [-h] [--version] <command> [<args>]"
+# Neither these nor any --help load TensorFlow: they start without the stderr filter's process.
+QUICK_COMMANDS = ("-h", "--help", "--version", "models")
 
 
 def _help() -> str:
@@ -44,7 +46,8 @@ def _help() -> str:
 def console_main(argv: list[str] | None = None) -> None:
     """The ``beamvision`` program: a quiet start unless ``--verbose``, then ``main``, then exit."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not console.requested(argv, "--verbose"):
+    loads_libraries = argv and argv[0] not in QUICK_COMMANDS and not {"-h", "--help"} & set(argv)
+    if loads_libraries and not console.requested(argv, "--verbose"):
         console.quiet_stderr()
     sys.exit(main(argv))
 
