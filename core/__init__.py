@@ -7,6 +7,8 @@ each imports only the layers below it:
 - ``beamvision.transforms``: Beam transforms and the plain functions they call.
 - ``beamvision.models``: the architecture registry and the model artifact format.
 - ``beamvision.storage``: whole-file I/O on any Beam filesystem, used by all three.
+- ``beamvision.console`` (and ``beamvision.stderr_filter``): what a run prints,
+  the quiet start and the progress line, used by all three.
 
 In the source tree the three subpackages are the top-level folders
 ``pipelines/``, ``transforms/`` and ``models/``, and this package root is

@@ -23,6 +23,7 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import subprocess
@@ -31,12 +32,13 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 # Libraries whose warnings are start-up noise to a beamvision user; their errors are always shown.
 NOISY_PACKAGES = ("apache_beam", "tensorflow", "tf_keras", "keras", "absl", "h5py", "grpc", "google.protobuf")
 # Beam's direct runner logs what its worker processes log under this name, as "Worker: <LogEntry>".
 WORKER_RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
+WORKER_HANDLERS_FILE = "apache_beam/runners/portability/fn_api_runner/worker_handlers.py"
 DEFAULT_PROGRESS_SECONDS = 10.0
 TERMINAL_REFRESH_SECONDS = 0.5
 PLAIN_POLL_SECONDS = 1.0
@@ -48,6 +50,7 @@ class _State:
     verbose: bool = False
     terminal_fd: int | None = None  # the real stderr, when fd 2 goes through the filter
     terminal: TextIO | None = None
+    bar: Any = None  # the tqdm bar drawn now, if any: log records are written above it
 
 
 _state = _State()
@@ -175,6 +178,15 @@ class _ConsoleHandler(logging.StreamHandler):
         super().__init__()
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if _state.bar is None:
+            super().emit(record)
+            return
+        try:  # above the progress bar, which is drawn again below it
+            _state.bar.write(self.format(record), file=terminal())
+        except Exception:
+            self.handleError(record)
+
     @property
     def stream(self):
         return sys.stderr
@@ -194,29 +206,58 @@ def _from_noisy_package(name: str, path: str) -> bool:
 
 def _quiet_filter(record: logging.LogRecord) -> bool:
     """Keeps errors, our warnings and other libraries' warnings; drops the noisy packages' warnings."""
-    if record.name == WORKER_RELAY_LOGGER and record.args:
-        return _relayed(record)
+    entry = _worker_entry(record)
+    if entry is not None:
+        return _relayed(record, entry)
     if record.levelno >= logging.ERROR or record.name.startswith("beamvision"):
         return True
     return not _from_noisy_package(record.name, record.pathname)
 
 
-def _relayed(record: logging.LogRecord) -> bool:
-    """A worker's record, relayed by Beam: kept if ours or an error, shown as the worker's own message."""
+def _worker_entry(record: logging.LogRecord):
+    """The ``LogEntry`` of a record that Beam relays from one of its worker processes, else None.
+
+    Beam's portable runner logs ``"Worker: %s"`` on ``WORKER_RELAY_LOGGER``;
+    its in-process runner's logging service logs the entry's text itself, on
+    the root logger, from ``WORKER_HANDLERS_FILE``.
+    """
+    if record.name == WORKER_RELAY_LOGGER and record.args:
+        text = str(record.args[0])
+    elif record.pathname.replace("\\", "/").endswith(WORKER_HANDLERS_FILE) and not record.args:
+        text = str(record.msg)
+    else:
+        return None
     from apache_beam.portability.api import beam_fn_api_pb2
     from google.protobuf import text_format
 
     entry = beam_fn_api_pb2.LogEntry()
     try:
-        text_format.Parse(str(record.args[0]), entry)
+        text_format.Parse(text, entry)
     except text_format.ParseError:
-        return record.levelno >= logging.ERROR
-    ours = "beamvision" in entry.log_location.replace("\\", "/").split("/")
-    if not ours and record.levelno < logging.ERROR:
+        return None
+    return entry
+
+
+def _relayed(record: logging.LogRecord, entry) -> bool:
+    """A worker's record: kept if logged by our code or an error, shown as the worker's own message."""
+    path = os.path.realpath(entry.log_location.rsplit(":", 1)[0])
+    if record.levelno < logging.ERROR and not path.startswith(_our_folders()):
         return False
     record.name, record.args = "worker", ()
     record.msg = entry.message + (f"\n{entry.trace}" if entry.trace else "")
     return True
+
+
+@functools.cache
+def _our_folders() -> tuple[str, ...]:
+    """The source folders of beamvision's packages, as installed (an editable install maps four)."""
+    import importlib.util
+
+    folders = []
+    for name in ("beamvision", "beamvision.models", "beamvision.transforms", "beamvision.pipelines"):
+        spec = importlib.util.find_spec(name)
+        folders += list(spec.submodule_search_locations or []) if spec else []
+    return tuple(os.path.join(os.path.realpath(folder), "") for folder in folders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +287,10 @@ def format_progress(
 
     total = counts.total if counts.inputs else None
     if total is None:
-        head = "{desc}: {n_fmt} " + unit + " [{elapsed}, "
+        head = f"{{desc}}: {counts.done:,} {unit} [{{elapsed}}, "
     else:  # no rate yet, no time left: tqdm would guess one from the time spent starting up
         left = "{remaining}" if rate else "?"
-        head = "{desc}: {n_fmt}/{total_fmt} " + unit + " ({percentage:.0f}%) [{elapsed}<" + left + ", "
+        head = f"{{desc}}: {counts.done:,}/{total:,} {unit} ({{percentage:.0f}}%) [{{elapsed}}<{left}, "
     speed = f"{rate:.1f} {unit}/s" if rate else f"? {unit}/s"
     bar_format = head + speed + "{postfix}]"
     return tqdm.format_meter(
@@ -288,7 +329,9 @@ class ProgressLine:
                 width = os.get_terminal_size(terminal().fileno()).columns or 100
             except (OSError, ValueError, AttributeError):
                 width = 100
-            self._bar = tqdm(desc=title, unit=f" {unit}", file=terminal(), ncols=width, mininterval=0.2)
+            self._bar = _state.bar = tqdm(
+                desc=title, unit=f" {unit}", file=terminal(), ncols=width, mininterval=0.2
+            )
 
     @property
     def poll_seconds(self) -> float:
@@ -321,6 +364,7 @@ class ProgressLine:
             self.update(counts)
             self._bar.leave = bool(counts.done or counts.inputs)  # nothing found: the bar goes
             self._bar.close()
+            _state.bar = None
             return
         # A log's last line is the final count, once; a run that found nothing says so in its own words.
         if counts != self._printed_counts and (counts.done or counts.inputs or self._printed_counts):

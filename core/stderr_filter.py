@@ -9,8 +9,9 @@ else is copied as it arrives, a partial line (a prompt) after a short wait.
 
 This is a process, not a thread: C++ code that writes to stderr while holding
 Python's GIL cannot block it, and it outlives a crash of the command: it
-ignores Ctrl-C and ends when the last writer closes the pipe, so nothing
-written before a failure is lost. It imports nothing of beamvision's.
+ignores the signals sent to the command's process group and ends when the
+last writer closes the pipe, so nothing written before a failure is lost.
+It imports nothing of beamvision's.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import re
 import select
 import signal
 
+_LOG_LINE = rb"\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w./+-]+:\d+\] "  # absl/glog: date, time, thread, file:line]
 NOISE = (
     re.compile(
         rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\s*$"
     ),
-    # absl and glog lines from C++ at INFO, WARNING and ERROR (FATAL is kept), e.g.
+    # INFO and WARNING lines from C++, e.g.
     # "I0000 00:00:1796170445.825179   10943 port.cc:153] oneDNN custom operations are on. ..."
-    re.compile(rb"[IWE]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w./+-]+:\d+\] "),
+    re.compile(rb"[IW]" + _LOG_LINE),
+    # ERROR lines only of the GPU probe on a machine without one; other errors, and FATAL, are kept.
+    re.compile(rb"E" + _LOG_LINE + rb".*(cuInit|CUDA|cuDNN|cuFFT|cuBLAS|TensorRT)"),
 )
 PARTIAL_LINE_WAIT_SECONDS = 0.2
 
@@ -62,7 +66,10 @@ def _write(target: int, data: bytes) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the command; this ends when it has
+    # A signal to the process group (Ctrl-C, a timeout, a closed terminal) stops the command;
+    # this ends when the command's last output is through, at the end of its input.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
         copy(0, 1)
 

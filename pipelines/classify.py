@@ -64,7 +64,7 @@ def build_pipeline(
     )
     # A stage boundary on names only: every input is counted (the progress total) before reading
     # starts, and reads spread over the workers (as Beam's own file reads do after a match).
-    spread = matched["files"] | "SpreadFiles" >> beam.Reshuffle()
+    spread = matched["files"] | "SpreadReads" >> beam.Reshuffle()
     split = spread | "SplitArchives" >> SplitArchives()
     archives = split["archives"] | "GroupArchives" >> GroupArchives()
     found = split["files"] | "LookUpFiles" >> LookUpFiles(sizing)

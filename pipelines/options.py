@@ -29,7 +29,7 @@ from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 from beamvision.transforms.engines import CONVERTED_ENGINES, ENGINES, PRECISIONS
 from beamvision.transforms.incremental import RUN_ID_PATTERN
-from beamvision.transforms.progress import is_local
+from beamvision.transforms.progress import is_remote
 from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
 from beamvision.transforms.sizing import DEFAULT_SIZING, READ_THREADS, WorkerSizing
 
@@ -93,7 +93,8 @@ def parse(prog: str, description: str, add_arguments, argv: list[str] | None) ->
     Every command also takes ``--quiet`` and ``--verbose`` (declared and
     checked here; the CLI reads them before any import, see ``beamvision.console``).
     """
-    parser = OneLineParser(prog=prog, description=_summary(description))
+    # No abbreviations: the CLI reads --quiet and --verbose before parsing, by their full names.
+    parser = OneLineParser(prog=prog, description=_summary(description), allow_abbrev=False)
     add_arguments(parser)
     _add_verbosity_arguments(parser)
     return parser.parse_args(argv)
@@ -232,11 +233,11 @@ def _add_progress_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_detach(detach: bool, pipeline) -> None:
     """``--detach`` needs a runner whose job outlives this process."""
-    if detach and is_local(pipeline):
+    if detach and not is_remote(pipeline):
         runner = pipeline.options.view_as(StandardOptions).runner or "DirectRunner"
         raise UsageError(
-            f"--detach: a {runner} job runs inside this process and ends with it; "
-            "only a remote runner's job can be left running (--runner DataflowRunner)"
+            f"--detach: a {runner} job runs on this machine and ends with this process; "
+            "only a Dataflow job can be left running (--runner DataflowRunner)"
         )
 
 
@@ -532,7 +533,7 @@ def build_only(pipeline) -> PipelineResult | None:
     else:
         result = None
         steps = len(pipeline.to_runner_api().components.transforms)
-    submitted = "" if is_local(pipeline) else ", no job submitted, so no progress to follow"
+    submitted = ", no job submitted, so no progress to follow" if is_remote(pipeline) else ""
     print(f"dry run: built the {runner} job graph ({steps} steps); nothing was run or written{submitted}")
     return result
 
@@ -976,8 +977,8 @@ TUNE_RESERVED = {
     "name": "the best trial's artifact is named by its architecture",
     "version": "each trial's artifact is versioned by its training time",
     "overwrite": "tune's --overwrite starts a search afresh",
-    "quiet": "tune's own --quiet and --verbose apply to its trials",
-    "verbose": "tune's own --quiet and --verbose apply to its trials",
+    "quiet": "a flag of tune's own run, not of its trials",
+    "verbose": "a flag of tune's own run, not of its trials",
 }
 
 

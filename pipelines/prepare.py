@@ -323,8 +323,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     build_pipeline(pipeline, config, reviewed, unannotated)  # before any deletion: building can still fail
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
-    # Stale shards of an earlier run (another shard count) would be read by train.
     options.check_detach(config.detach, pipeline)
+    # Stale shards of an earlier run (another shard count) would be read by train.
     options.claim_output(config.output, OUTPUTS, config.overwrite, "a prepared dataset")
     result = run_with_progress(pipeline, "prepare", config.progress_every, config.detach)
     if config.detach:

@@ -186,7 +186,7 @@ def train(
         callbacks.append(CalibrateBatchNorm(calibration, min(steps, 50)))
         if not console.is_quiet():  # last: an epoch's line means its checkpoint is kept
             until = pause_after if pausing else config.epochs
-            callbacks.append(EpochProgress(title, until, steps, bar=console.is_terminal()))
+            callbacks.append(EpochProgress(title, config.epochs, steps, console.is_terminal(), until))
         print(
             f"training {config.architecture} at {input_size}px on {totals['train']:,} images, "
             f"{len(labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",

@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -243,9 +244,9 @@ def _check_what_a_run_prints(ran: subprocess.CompletedProcess, output: str, inpu
     for (stage, kind), sample in groups["min"].items():
         assert any(f" {stage} {kind}, e.g. {sample}: " in line for line in printed)
     # The command it gives to read the results runs, and prints them.
-    code = next(line for line in printed if line.startswith("read them: "))
-    code = code.removeprefix('read them: python -c "').removesuffix('"')
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    command = shlex.split(next(line for line in printed if line.startswith("read them: ")).split(": ", 1)[1])
+    assert command[:2] == ["python", "-c"]
+    shown = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     rows = shown.stdout.splitlines()
     assert len(rows) == min(10, inputs - len(errors))

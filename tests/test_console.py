@@ -31,6 +31,7 @@ TF_LINES = [
     b"W1202 00:01:02.123456    4242 external/local_xla/xla/tsl/lib/monitoring/collection_registry.cc:81] x",
 ]
 KEPT_LINES = [
+    b"E1202 00:01:02.123456    4242 op_kernel.cc:1830] OP_REQUIRES failed: an error of C++ is shown",
     b"F1202 00:01:02.123456    4242 tensor.cc:10] Check failed: a fatal error is always shown",
     b"beamvision classify: error: argument --top_k: expected a positive integer, received '0'",
     b"Traceback (most recent call last):",
@@ -66,8 +67,12 @@ def test_the_filter_copies_a_stream_in_order_and_a_partial_line_at_once():
 
 
 def _read_until(fd: int, end: bytes) -> bytes:
+    import select
+
     data = b""
     while not data.endswith(end):
+        ready, _, _ = select.select([fd], [], [], 10)
+        assert ready, f"nothing more after {data!r}"
         data += os.read(fd, 1000)
     return data
 
@@ -124,8 +129,8 @@ def test_quiet_logging_hides_library_noise_not_our_warnings_nor_errors(record, s
     assert console._quiet_filter(record) is shown
 
 
-def _relayed(severity: str, level: int, location: str, message: str) -> logging.LogRecord:
-    """A worker's record as Beam's direct runner relays it: 'Worker: <LogEntry as text>'."""
+def _log_entry(severity: str, location: str, message: str) -> str:
+    """A worker's LogEntry as text, as Beam relays it to the launching process."""
     from apache_beam.portability.api import beam_fn_api_pb2
 
     entry = beam_fn_api_pb2.LogEntry(
@@ -133,23 +138,33 @@ def _relayed(severity: str, level: int, location: str, message: str) -> logging.
         message=message,
         log_location=location,
     )
-    return _record(
-        console.WORKER_RELAY_LOGGER, level, message="Worker: %s", args=(str(entry).replace("\n", " "),)
-    )
+    return str(entry).replace("\n", " ")
 
 
-def test_a_relayed_worker_record_is_shown_as_its_own_message_when_ours():
-    beam_noise = _relayed(
-        "WARN",
-        logging.WARNING,
-        "/v/apache_beam/ml/inference/base.py:2201",
-        "Resource module is not available",
+@pytest.mark.parametrize("relay", ["portable", "in-process"])
+def test_a_relayed_worker_record_is_shown_as_its_own_message_when_ours(relay):
+    """Beam relays what its workers log: ours is shown as the worker's, Beam's own warnings are not."""
+    import beamvision.transforms.read
+
+    def relayed(severity: str, level: int, location: str, message: str) -> logging.LogRecord:
+        text = _log_entry(severity, location, message)
+        if relay == "portable":  # the portable runner's job service: "Worker: %s" on its logger
+            return _record(console.WORKER_RELAY_LOGGER, level, message="Worker: %s", args=(text,))
+        # FnApiRunner's logging service: the entry's text on the root logger, from worker_handlers.py
+        return _record("root", level, f"/v/site-packages/{console.WORKER_HANDLERS_FILE}", message=text)
+
+    beam_noise = relayed(
+        "WARN", logging.WARNING, "/v/apache_beam/ml/inference/base.py:2201", "Resource module"
     )
     assert not console._quiet_filter(beam_noise)
-    ours = _relayed("WARN", logging.WARNING, "/v/beamvision/transforms/read.py:88", 'slow "bucket"')
+    ours = relayed("WARN", logging.WARNING, f"{beamvision.transforms.read.__file__}:88", 'slow "bucket"')
     assert console._quiet_filter(ours)
     assert (ours.name, ours.getMessage()) == ("worker", 'slow "bucket"')
-    failure = _relayed(
+    elsewhere = relayed(
+        "WARN", logging.WARNING, "/home/me/beamvision/notes.py:3", "a folder named beamvision"
+    )
+    assert not console._quiet_filter(elsewhere)
+    failure = relayed(
         "ERROR", logging.ERROR, "/v/apache_beam/runners/worker/sdk_worker.py:3", "bundle failed"
     )
     assert console._quiet_filter(failure) and failure.getMessage() == "bundle failed"
@@ -164,6 +179,8 @@ def test_progress_lines_say_what_is_known():
     line = console.format_progress("classify", counts, 30.0, 20.0)
     assert line == "classify: 412/800 images (52%) [00:30<00:19, 20.0 images/s, 12 errors]"
     assert progress_lines(line, "classify") == [{"done": 412, "total": 800, "rate": 20.0, "errors": 12}]
+    large = console.format_progress("prepare", console.Counts(inputs=1_200_000, results=1000), 10.0, 100.0)
+    assert large.startswith("prepare: 1,000/1,200,000 images (0%) [00:10<3:19:50, 100.0 images/s")
     skipping = console.format_progress("classify", console.Counts(10, 2, 0, 8), 1.0, 0.5)
     assert skipping.endswith(
         "[00:01<00:00, 0.5 images/s, 0 errors, 8 skipped]"
@@ -198,65 +215,94 @@ def test_quiet_prints_no_progress(capsys):
 
 
 class _DataflowResult:
-    """A DataflowPipelineResult's answers: the job's states over time, its counters (no Dataflow here)."""
+    """A DataflowPipelineResult's answers: the job's states over time, its counters (no Dataflow here).
 
-    def __init__(self, states: list[str], counters: list[dict[str, int]]):
-        self._states, self._counters, self.polls = iter(states), counters, 0
-        self.finished = False
+    ``wait_until_finish`` waits as Beam's does, through the states, and raises
+    as Beam's does when the job ends in another state than DONE.
+    """
 
-    @property
-    def state(self):
-        return next(self._states)
+    def __init__(
+        self, states: list[str], counters: list[dict[str, int]], final: dict[str, int] | None = None
+    ):
+        self._states, self._counters, self._final = states, counters, final
+        self.polls = 0
+        self._ended = threading.Event()
 
     def job_id(self):
         return "2026-12-02_01_02_03-42"
+
+    def wait_until_finish(self):
+        for _ in self._states:
+            self._ended.wait(0.05)
+        self._ended.set()
+        if self._states[-1] != PipelineState.DONE:
+            raise RuntimeError(f"Dataflow pipeline failed. State: {self._states[-1]}")
+        return PipelineState.DONE
 
     def metrics(self):
         result = self
 
         class _Metrics:
             def query(self, _filter):
-                values = result._counters[min(result.polls, len(result._counters) - 1)]
-                result.polls += 1
+                if result._ended.is_set() and result._final is not None:
+                    attempted, committed = result._final, result._final
+                else:
+                    attempted = result._counters[min(result.polls, len(result._counters) - 1)]
+                    committed = {}
+                    result.polls += 1
                 step = "ClassifyImages/FormatResults"
+                names = [*sorted(set(attempted) | set(committed)), "batches"]
                 return {
                     "counters": [
-                        MetricResult(MetricKey(step, MetricName("beamvision", name)), None, value)
-                        for name, value in values.items()
-                    ]
-                    + [MetricResult(MetricKey(step, MetricName("beamvision", "batches")), None, 99)],
+                        MetricResult(
+                            MetricKey(step, MetricName("beamvision", name)),
+                            committed.get(name),
+                            attempted.get(name, 9),
+                        )
+                        for name in names
+                    ],
                     "distributions": [],
                     "gauges": [],
                 }
 
         return _Metrics()
 
-    def wait_until_finish(self):
-        self.finished = True
-        return PipelineState.DONE
+
+def _follow(job: _DataflowResult, capsys) -> list[dict]:
+    console.configure()
+    progress.watch_job(job, console.ProgressLine("classify", every=0.0), interval=0.04)
+    return progress_lines(capsys.readouterr().err, "classify")
 
 
 def test_a_dataflow_job_is_followed_from_its_counters_to_the_end(capsys):
-    console.configure()
     counters = [
         {},  # the job is starting: no counter yet
         {"progress_inputs": 500, "progress_results": 120},
-        {"progress_inputs": 1000, "progress_results": 990, "progress_errors": 10},
+        {"progress_inputs": 1000, "progress_results": 995, "progress_errors": 10},  # a retried bundle counted
     ]
-    states = [PipelineState.PENDING, PipelineState.RUNNING, PipelineState.DONE]
-    job = _DataflowResult(states, counters)
-    progress.watch_job(job, console.ProgressLine("classify", every=0.0), sleep=lambda _: None)
-    lines = progress_lines(capsys.readouterr().err, "classify")
-    assert [(p["done"], p["total"]) for p in lines] == [(0, None), (120, 500), (1000, 1000)]
-    assert lines[-1]["errors"] == 10
-    assert job.finished  # Beam's own end-of-job checks ran (a failed job raises there)
+    final = {"progress_inputs": 1000, "progress_results": 990, "progress_errors": 10}
+    states = [PipelineState.PENDING, PipelineState.RUNNING, PipelineState.RUNNING, PipelineState.DONE]
+    lines = _follow(_DataflowResult(states, counters, final), capsys)
+    assert lines[0] == {"done": 0, "total": None, "rate": None, "errors": 0}
+    assert {"done": 120, "total": 500} in [{k: line[k] for k in ("done", "total")} for line in lines]
+    assert (lines[-1]["done"], lines[-1]["total"], lines[-1]["errors"]) == (
+        1000,
+        1000,
+        10,
+    )  # committed counts
+
+
+def test_a_failed_dataflow_job_raises_as_beam_does(capsys):
+    job = _DataflowResult([PipelineState.RUNNING, PipelineState.FAILED], [{"progress_inputs": 3}])
+    with pytest.raises(RuntimeError, match="State: FAILED"):
+        _follow(job, capsys)
 
 
 def test_the_console_url_names_region_job_and_project():
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(["--project", "my-proj", "--region", "europe-west4"])
-    url = progress.console_url(_DataflowResult([], []), options)
+    url = progress.console_url(_DataflowResult([PipelineState.DONE], []), options)
     assert (
         url
         == "https://console.cloud.google.com/dataflow/jobs/europe-west4/2026-12-02_01_02_03-42?project=my-proj"
@@ -277,8 +323,8 @@ def test_detach_needs_a_remote_runner(capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "beamvision prepare: error: --detach: a DirectRunner job runs inside this process and ends with it; "
-        "only a remote runner's job can be left running (--runner DataflowRunner)"
+        "beamvision prepare: error: --detach: a DirectRunner job runs on this machine and ends with this "
+        "process; only a Dataflow job can be left running (--runner DataflowRunner)"
     ]
 
 

@@ -24,11 +24,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.runners.runner import PipelineResult, PipelineState
+from apache_beam.runners.runner import PipelineResult
 
 from beamvision.console import Counts, ProgressLine
 from beamvision.transforms.rows import METRICS_NAMESPACE
@@ -37,11 +36,13 @@ KINDS = ("inputs", "results", "errors", "skipped")
 PROGRESS_DIR_ENV = "BEAMVISION_PROGRESS_DIR"
 WRITE_EVERY_SECONDS = 0.5
 REMOTE_POLL_SECONDS = 5.0
-# Runners that run in this process or its children, whose progress comes from LocalProgress.
-LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner")
+# Runners whose jobs run on a service, followed through the job's metrics; every other runner's
+# workers run on this machine, started by this process, and report to LocalProgress.
+REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 
 
 def counter_name(kind: str) -> str:
+    """The Beam counter (namespace ``beamvision``) of a progress kind."""
     return f"progress_{kind}"
 
 
@@ -151,6 +152,7 @@ class LocalProgress:
         return Counts(**sums)
 
     def __exit__(self, *exc) -> None:
+        _TALLIES.pop(self.folder, None)  # this process's own tally of the run, if it worked for it
         if self._before is None:
             os.environ.pop(PROGRESS_DIR_ENV, None)
         else:
@@ -158,8 +160,12 @@ class LocalProgress:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def job_counts(result: PipelineResult) -> Counts:
-    """The progress counters of a running job, from the runner's metrics (attempted values)."""
+def job_counts(result: PipelineResult, final: bool = False) -> Counts:
+    """The progress counters of a job, from the runner's metrics.
+
+    While it runs, attempted values (committed ones lag); once it is over,
+    committed ones, which do not count retried bundles twice.
+    """
     from apache_beam.metrics.metric import MetricsFilter
 
     queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
@@ -168,7 +174,10 @@ def job_counts(result: PipelineResult) -> Counts:
     for record in queried["counters"]:
         kind = names.get(record.key.metric.name)
         if kind is not None:
-            sums[kind] += record.attempted or record.committed or 0
+            preferred, other = record.attempted, record.committed
+            if final:
+                preferred, other = other, preferred
+            sums[kind] += preferred if preferred is not None else other or 0
     return Counts(**sums)
 
 
@@ -183,23 +192,43 @@ def console_url(result: PipelineResult, options) -> str | None:
     return f"https://console.cloud.google.com/dataflow/jobs/{gcp.region}/{job_id()}?project={gcp.project}"
 
 
-def watch_job(
-    result: PipelineResult, line: ProgressLine, sleep: Callable[[float], None] = time.sleep
-) -> None:
-    """Shows a remote job's counters on ``line`` until the job ends (then Beam's own checks run)."""
-    # A job's metrics are an API call: on a terminal every few seconds, in a log at each line's time.
-    interval = max(line.poll_seconds, REMOTE_POLL_SECONDS) if line.redraws else line.every
-    while not PipelineState.is_terminal(result.state):
-        with contextlib.suppress(Exception):  # metrics not yet available (job starting): the next poll
-            line.update(job_counts(result))
-        sleep(interval)
+def watch_job(result: PipelineResult, line: ProgressLine, interval: float | None = None) -> None:
+    """Waits for a remote job as Beam does, showing its counters on ``line`` meanwhile.
+
+    Beam's ``wait_until_finish`` runs in a thread, so its own handling stays:
+    the job's messages are logged and a job that did not end DONE (failed,
+    cancelled) raises here. The metrics, an API call, are read every
+    ``interval`` seconds: at least ``REMOTE_POLL_SECONDS``, and in a log at
+    each line's time.
+    """
+    outcome: dict = {}
+
+    def wait() -> None:
+        try:
+            result.wait_until_finish()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=wait, name="beamvision-wait", daemon=True)
+    waiter.start()
+    if interval is None:
+        interval = max(REMOTE_POLL_SECONDS, 0.0 if line.redraws else line.every)
+    counts = Counts()
+    while waiter.is_alive():
+        with contextlib.suppress(Exception):  # no metrics yet (the job is starting): the next poll
+            counts = job_counts(result)
+            line.update(counts)
+        waiter.join(interval)
     with contextlib.suppress(Exception):
-        line.close(job_counts(result))
-    result.wait_until_finish()  # raises as Beam does when the job failed or was cancelled
+        counts = job_counts(result, final=True)
+    line.close(counts)
+    if "error" in outcome:
+        raise outcome["error"]
 
 
-def is_local(pipeline: beam.Pipeline) -> bool:
-    return type(pipeline.runner).__name__ in LOCAL_RUNNERS
+def is_remote(pipeline: beam.Pipeline) -> bool:
+    """Whether the job runs on a service and outlives this process (Dataflow): followed by its metrics."""
+    return type(pipeline.runner).__name__ in REMOTE_RUNNERS
 
 
 def run_with_progress(
@@ -210,7 +239,7 @@ def run_with_progress(
     A remote job is announced with its console URL; with ``detach`` it is left
     running and its result returned at once (the caller prints no summary).
     """
-    if not is_local(pipeline):
+    if is_remote(pipeline):
         result = pipeline.run()
         url = console_url(result, pipeline.options)
         job = f"job {result.job_id()}" if hasattr(result, "job_id") else "job"

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from beamvision import storage
+from beamvision import console, storage
 from beamvision.models.artifact import MANIFEST_FILE, load_artifact
 from beamvision.models.errors import ModelError
 from beamvision.models.registry import IMAGENET_CLASSES, ArchitectureSpec, create_model, get_spec
@@ -220,7 +220,7 @@ def epoch_line(
     """``train epoch 3/20: loss 0.4123, accuracy 0.8810, val_loss ..., val_accuracy ... (12.3s, 03:27 left)``.
 
     Training metrics come first, then validation ones, each in Keras's name.
-    ``left``: seconds that the epochs still planned would take at this pace.
+    ``left``: seconds that the epochs still to run would take at this pace (none shown at 0).
     """
     from tqdm import tqdm
 
@@ -229,7 +229,7 @@ def epoch_line(
 
     names = sorted(logs, key=order)
     metrics = ", ".join(f"{name} {logs[name]:.4f}" for name in names if name != "learning_rate")
-    pace = f"{seconds:.1f}s" + (f", {tqdm.format_interval(left)} left" if epoch + 1 < epochs else "")
+    pace = f"{seconds:.1f}s" + (f", {tqdm.format_interval(left)} left" if left > 0 else "")
     return f"{title} epoch {epoch + 1}/{epochs}: {metrics} ({pace})"
 
 
@@ -242,9 +242,10 @@ class EpochProgress(keras.callbacks.Callback):
     first (which also traces the model): early stopping may end sooner.
     """
 
-    def __init__(self, title: str, epochs: int, steps: int, bar: bool):
+    def __init__(self, title: str, epochs: int, steps: int, bar: bool, until: int | None = None):
         super().__init__()
         self._title, self._epochs, self._steps, self._show_bar = title, epochs, steps, bar
+        self._until = until or epochs  # a paused run (a tune rung) stops there: its time left is to there
         self._seconds: list[float] = []
         self._bar = None
 
@@ -252,8 +253,6 @@ class EpochProgress(keras.callbacks.Callback):
         self._started = time.monotonic()
         if self._show_bar:
             from tqdm import tqdm
-
-            from beamvision import console
 
             self._bar = tqdm(
                 total=self._steps,
@@ -275,7 +274,7 @@ class EpochProgress(keras.callbacks.Callback):
             self._bar = None
         self._seconds.append(time.monotonic() - self._started)
         paced = self._seconds[1:] or self._seconds  # the first epoch also builds and traces the model
-        left = sum(paced) / len(paced) * (self._epochs - epoch - 1)
+        left = sum(paced) / len(paced) * max(self._until - epoch - 1, 0)
         values = {name: float(value) for name, value in (logs or {}).items()}
         print(epoch_line(self._title, epoch, self._epochs, values, self._seconds[-1], left), flush=True)
 

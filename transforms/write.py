@@ -12,6 +12,7 @@ The row schemas are in ``beamvision.transforms.rows``.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from typing import Any
 
@@ -86,7 +87,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"top labels: {labels}",
             *format_error_groups(summary.get("error_groups", []), summary["output"]),
             f"outputs: {summary['output']} (results-*.parquet, errors-*.parquet, {SUMMARY_FILE})",
-            f'read them: python -c "{read_results_code(summary["output"])}"',
+            f"read them: {read_results_command(summary['output'])}",
             f"review them: beamvision review --results {summary['output']} --output "
             f"{summary['output'].rstrip('/')}-review",
         ]
@@ -115,13 +116,14 @@ def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
     return lines
 
 
-def read_results_code(output: str) -> str:
-    """Python that prints the first results of a classify output (local or gs://), with pyarrow."""
-    return (
-        "import pyarrow.dataset as ds; print(*ds.dataset("
-        f"'{output}', format='parquet', ignore_prefixes=['.', 'errors-', 'summary'])"
-        ".head(10, columns=['image_uri', 'label', 'score']).to_pylist(), sep='\\n')"
+def read_results_command(output: str) -> str:
+    """A shell command that prints the first results of a classify output (local or gs://), with pyarrow."""
+    code = (
+        f'import pyarrow.dataset as ds; print(*ds.dataset({json.dumps(output)}, format="parquet", '
+        'ignore_prefixes=[".", "errors-", "summary"]).head(10, columns=["image_uri", "label", "score"])'
+        '.to_pylist(), sep="\\n")'
     )
+    return f"python -c {shlex.quote(code)}"
 
 
 def merge_error_groups(values) -> tuple[int, str, str]:
