@@ -12,7 +12,7 @@ import pytest
 from apache_beam.metrics.execution import MetricKey, MetricResult
 from apache_beam.metrics.metricbase import MetricName
 from apache_beam.runners.runner import PipelineState
-from terminal import STARTUP_NOISE, assert_no_startup_noise, progress_lines
+from terminal import STARTUP_NOISE, progress_lines
 
 from beamvision import console, stderr_filter
 from beamvision.pipelines.cli import main
@@ -366,13 +366,11 @@ def test_an_epoch_line_has_the_metrics_in_order_and_the_time_left():
 
 @pytest.mark.slow
 def test_verbose_brings_tensorflows_start_up_lines_back(tmp_path):
-    """The same command shows TensorFlow's C++ lines only with --verbose: the filter is what hides them."""
+    """With --verbose, TensorFlow's C++ lines show: the filter, not TensorFlow, is what hides them.
+
+    (A plain run's stderr has none of them: test_classify and test_deploy check it on classify runs.)
+    """
     argv = [sys.executable, "-m", "beamvision", "export", "--architecture", "squeezenet", "--weights", "none"]
-    quiet = subprocess.run(
-        [*argv, "--output", str(tmp_path / "q")], capture_output=True, text=True, timeout=300
-    )
-    assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert_no_startup_noise(quiet.stderr)
     verbose = subprocess.run(
         [*argv, "--output", str(tmp_path / "v"), "--verbose"], capture_output=True, text=True, timeout=300
     )
