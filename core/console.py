@@ -275,8 +275,8 @@ class Counts:
 
     @property
     def total(self) -> int | None:
-        """The inputs found so far (None before any): at least the inputs done."""
-        return max(self.inputs, self.done) or None
+        """The inputs found so far, at least the inputs done; None before any is found."""
+        return max(self.inputs, self.done) if self.inputs else None
 
 
 def format_progress(
@@ -285,7 +285,7 @@ def format_progress(
     """One plain progress line: done / total, share, elapsed and remaining time, rate, errors."""
     from tqdm import tqdm
 
-    total = counts.total if counts.inputs else None
+    total = counts.total
     if total is None:
         head = f"{{desc}}: {counts.done:,} {unit} [{{elapsed}}, "
     else:  # no rate yet, no time left: tqdm would guess one from the time spent starting up
@@ -343,7 +343,7 @@ class ProgressLine:
             return
         now = time.monotonic()
         if self._bar is not None:
-            self._bar.total = counts.total if counts.inputs else None
+            self._bar.total = counts.total
             self._bar.set_postfix_str(_postfix(counts), refresh=False)
             self._bar.update(counts.done - self._bar.n)
             self._bar.refresh()
