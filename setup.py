@@ -1,14 +1,14 @@
 """Distribution "beamvision": batch image classification on Apache Beam and Keras.
 
 Installs one import package, ``beamvision``, and the ``beamvision`` console
-script. The repository keeps the product's layout (top-level ``pipelines/``,
-``transforms/`` and ``models/``, and ``core/`` for the package root);
-``package_dir`` maps each folder to its place under ``beamvision``
-(``models/`` -> ``beamvision.models``), so nothing generic lands at the top of
-site-packages. No source folder is named ``beamvision``: run from a checkout or
-from the Docker image's WORKDIR, ``import beamvision`` still finds the installed
-package, never a partial one in the current directory. The same file is what ``--setup_file`` ships
-to Dataflow workers (as an sdist) and what the Docker image installs.
+script. The package root is ``src/beamvision/`` (found by its import name, and
+never on ``sys.path`` from a checkout or from the Docker image's WORKDIR, so it
+cannot shadow the installed package); the product's layers keep their
+top-level folders ``pipelines/``, ``transforms/`` and ``models/``, and
+``package_dir`` maps each to its place under ``beamvision`` (``models/`` ->
+``beamvision.models``), so nothing generic lands at the top of site-packages.
+The same file is what ``--setup_file`` ships to Dataflow workers (as an sdist)
+and what the Docker image installs.
 """
 
 import pathlib
@@ -17,13 +17,15 @@ import re
 from setuptools import setup
 
 HERE = pathlib.Path(__file__).parent
-# The version lives in one place, core/__init__.py (beamvision.__version__).
-VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "core" / "__init__.py").read_text(), re.M)[1]
+# The version lives in one place, src/beamvision/__init__.py (beamvision.__version__).
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "src" / "beamvision" / "__init__.py").read_text(), re.M
+)[1]
 
-# Import package -> source folder. core/ holds the package root (version,
-# storage); the three layers live in the product's top-level folders.
+# Import package -> source folder. src/beamvision/ holds the package root (version,
+# storage, console); the three layers live in the product's top-level folders.
 PACKAGE_DIR = {
-    "beamvision": "core",
+    "beamvision": "src/beamvision",
     "beamvision.models": "models",
     "beamvision.transforms": "transforms",
     "beamvision.pipelines": "pipelines",

@@ -1,6 +1,9 @@
-"""beamvision models: the architecture registry and the model artifact format.
+"""beamvision models: the Keras side, with no Beam in it.
 
-The bottom layer: it imports ``beamvision.storage`` and nothing else of
+The architecture registry (one module per family), the model artifact format
+(``artifact``), prepare's dataset format (``dataset``), training on it
+(``training``) and classification metrics (``metrics``). The bottom layer: it
+imports the package root (``storage``, ``console``) and nothing else of
 beamvision.
 
 Importing the package registers every architecture (one module per family) and

@@ -21,8 +21,8 @@ import tempfile
 import numpy as np
 
 from beamvision import storage
+from beamvision.models.metrics import classification_metrics, save_confusion_png
 from beamvision.pipelines import options
-from beamvision.transforms.evaluation import classification_metrics, save_confusion_png
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"

@@ -39,10 +39,10 @@ from beamvision.models.artifact import (
     save_artifact,
     verify_artifact,
 )
+from beamvision.models.dataset import LABELS_FILE, STATS_FILE, parse_example
+from beamvision.models.metrics import classification_metrics
 from beamvision.pipelines import options
-from beamvision.transforms.dataset import LABELS_FILE, STATS_FILE, parse_example
 from beamvision.transforms.engines import OPENVINO_FILES, convert_openvino, has_openvino_model
-from beamvision.transforms.evaluation import classification_metrics
 
 if TYPE_CHECKING:  # OpenVINO is imported where a model is converted, quantised or scored
     import openvino as ov
@@ -63,7 +63,7 @@ def run(argv: list[str] | None = None) -> Manifest:
     config = options.OptimizeConfig.from_args(args)
     import openvino as ov  # (after the flags: --help needs neither OpenVINO nor Keras)
 
-    from beamvision.transforms.training import evaluation_split, local_shards
+    from beamvision.models.training import evaluation_split, local_shards
 
     started = time.monotonic()
     source = verify_artifact(config.model)
@@ -141,7 +141,7 @@ def run(argv: list[str] | None = None) -> Manifest:
 
 def _check_inputs(config: options.OptimizeConfig, source: Manifest) -> tuple[list[str], dict[str, Any]]:
     """Refuses what cannot be quantised or measured, before any work; returns the data's labels and stats."""
-    from beamvision.transforms.training import read_dataset_info
+    from beamvision.models.training import read_dataset_info
 
     if quantization(source):
         raise options.UsageError(
@@ -249,7 +249,7 @@ def compare_accuracy(
     """
     import openvino as ov
 
-    from beamvision.transforms.training import make_dataset
+    from beamvision.models.training import make_dataset
 
     core = ov.Core()
     compiled = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in (fp32, int8)]

@@ -11,7 +11,7 @@ their members' classes by the member's first folder inside the archive
 Images are decoded by ``decode_image`` (the function classify uses), assigned
 to train/val/test by a hash of their path under ROOT (stable across reruns and
 runners), and written as TFRecord shards with labels.json and stats.json (see
-``beamvision.transforms.dataset``). Bad images become error rows; they never stop the job.
+``beamvision.models.dataset``). Bad images become error rows; they never stop the job.
 """
 
 from __future__ import annotations
@@ -26,11 +26,7 @@ import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
-from beamvision.pipelines import options
-from beamvision.pipelines.export_labels import LOCAL_FILES_URL
-from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
-from beamvision.transforms.concurrency import MB
-from beamvision.transforms.dataset import (
+from beamvision.models.dataset import (
     LABELS_FILE,
     SPLITS,
     STATS_FILE,
@@ -40,6 +36,10 @@ from beamvision.transforms.dataset import (
     serialize_example,
     shard_prefix,
 )
+from beamvision.pipelines import options
+from beamvision.pipelines.export_labels import LOCAL_FILES_URL
+from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
+from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.progress import ReportProgress, run_with_progress
 from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri

@@ -24,9 +24,7 @@ import time
 from beamvision import console, storage
 from beamvision.models import ArtifactError, ModelArgumentError, get_spec
 from beamvision.models.artifact import MANIFEST_FILE, Manifest, new_manifest, save_artifact
-from beamvision.pipelines import options
-from beamvision.transforms.engines import engine_files
-from beamvision.transforms.training import (
+from beamvision.models.training import (
     CalibrateBatchNorm,
     EpochProgress,
     KeepCheckpoint,
@@ -46,6 +44,8 @@ from beamvision.transforms.training import (
     restore_checkpoint,
     steps_for,
 )
+from beamvision.pipelines import options
+from beamvision.transforms.engines import engine_files
 
 METRICS_FILE = "metrics.json"
 # A final accuracy that closes at most this share of the gap from chance (the most

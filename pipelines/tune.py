@@ -31,10 +31,11 @@ from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
 from beamvision.models import ModelError
+from beamvision.models.training import checkpoint_root, dataset_fingerprint, read_dataset_info
 from beamvision.pipelines import options, train
-from beamvision.transforms.search_space import SearchSpace, SpaceError, parse_space
+from beamvision.pipelines.search_space import SearchSpace, SpaceError, parse_space
+from beamvision.pipelines.tune_report import best_record, influence, plot, table_text, trials_table
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
-from beamvision.transforms.training import checkpoint_root, dataset_fingerprint, read_dataset_info
 from beamvision.transforms.trials import (
     COMPLETED,
     FAILED,
@@ -46,7 +47,6 @@ from beamvision.transforms.trials import (
     rung_epochs,
     trial_id,
 )
-from beamvision.transforms.tune_report import best_record, influence, plot, table_text, trials_table
 
 TRIALS_FILE, TABLE_FILE, SUMMARY_FILE, PLOT_FILE, BEST_DIR = (
     "trials.parquet",

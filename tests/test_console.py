@@ -15,9 +15,9 @@ from apache_beam.runners.runner import PipelineState
 from terminal import STARTUP_NOISE, progress_lines
 
 from beamvision import console, stderr_filter
+from beamvision.models.training import epoch_line
 from beamvision.pipelines.cli import main
 from beamvision.transforms import progress
-from beamvision.transforms.training import epoch_line
 from beamvision.transforms.write import format_error_groups, merge_error_groups
 
 # Lines as TensorFlow 2.21, absl and gRPC print them (from a classify run before the quiet start).

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from beamvision.models.metrics import CLASSES_IN_PICTURE, most_frequent_classes, save_confusion_png
 from beamvision.pipelines import classify, evaluate
 from beamvision.pipelines.cli import main
-from beamvision.transforms.evaluation import CLASSES_IN_PICTURE, most_frequent_classes, save_confusion_png
 
 
 def test_a_thousand_class_model_scored_against_two_classes(photos, tmp_path):

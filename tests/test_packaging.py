@@ -24,11 +24,11 @@ import pytest
 from digits import render_subset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-with open(os.path.join(REPO, "core", "__init__.py")) as _f:
+with open(os.path.join(REPO, "src", "beamvision", "__init__.py")) as _f:
     VERSION = re.search(r'__version__ = "(.+)"', _f.read())[1]
 
-# Source folder -> its layer (higher may import lower, never the reverse); core/ is the package root.
-LAYERS = {"core": 0, "models": 1, "transforms": 2, "pipelines": 3}
+# Layer -> its rank (higher may import lower, never the reverse); "root" is the package root.
+LAYERS = {"root": 0, "models": 1, "transforms": 2, "pipelines": 3}
 
 
 def _docker_context(target: str) -> str:
@@ -259,19 +259,20 @@ def _beamvision_imports(path: str) -> set[str]:
             if parts[0] in ("models", "pipelines", "transforms"):
                 found.add(f"bare {parts[0]}")
             elif parts[0] == "beamvision" and len(parts) > 1:
-                found.add(parts[1] if parts[1] in LAYERS else "core")
+                found.add(parts[1] if parts[1] in LAYERS else "root")
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Source folder -> the source folders its modules import from (``core`` is the package root)."""
+    """Layer -> the layers its modules import from (``root`` is the package root, src/beamvision/)."""
     graph = {}
-    for folder in LAYERS:
+    for layer in LAYERS:
+        folder = os.path.join(REPO, "src", "beamvision") if layer == "root" else os.path.join(REPO, layer)
         imported = set()
-        for name in os.listdir(os.path.join(REPO, folder)):
+        for name in os.listdir(folder):
             if name.endswith(".py") and name != "__main__.py":  # __main__ is an entry point
-                imported |= _beamvision_imports(os.path.join(REPO, folder, name))
-        graph[folder] = imported - {folder}
+                imported |= _beamvision_imports(os.path.join(folder, name))
+        graph[layer] = imported - {layer}
     return graph
 
 
@@ -282,8 +283,8 @@ def test_layers_import_downwards_only():
         upward = {name for name in imported if LAYERS[name] > LAYERS[folder]}
         assert not upward, f"{folder} imports {upward}"
     assert graph == {
-        "core": set(),
-        "models": {"core"},
-        "transforms": {"core", "models"},
-        "pipelines": {"core", "models", "transforms"},
+        "root": set(),
+        "models": {"root"},
+        "transforms": {"root", "models"},
+        "pipelines": {"root", "models", "transforms"},
     }

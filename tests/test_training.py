@@ -17,12 +17,12 @@ from digits import render_subset
 
 from beamvision.models import get_spec, list_models
 from beamvision.models.artifact import load_artifact
+from beamvision.models.dataset import assign_split, parse_example
+from beamvision.models.metrics import classification_metrics
 from beamvision.pipelines import classify, evaluate, prepare, train
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.demo import DIGITS_SCHEDULE, render_digits
-from beamvision.transforms.dataset import assign_split, parse_example
 from beamvision.transforms.decode import decode_image
-from beamvision.transforms.evaluation import classification_metrics
 
 # One epoch of two batches of 8: enough to exercise a training path, not to learn.
 TWO_SMALL_STEPS = ("--epochs", "1", "--steps_per_epoch", "2", "--batch_size", "8")
@@ -200,7 +200,7 @@ def test_demo_without_scikit_learn_says_what_to_install(monkeypatch, tmp_path, c
 
 
 def test_checkpoints_resume_only_the_same_training_config(tmp_path, monkeypatch):
-    from beamvision.transforms.training import checkpoint_dir, checkpoint_root
+    from beamvision.models.training import checkpoint_dir, checkpoint_root
 
     config = {"architecture": "squeezenet", "epochs": 4, "learning_rate": 0.001}
     same = checkpoint_dir("/runs/model", dict(config))
@@ -218,7 +218,7 @@ def test_a_checkpoint_restores_its_epochs_history_and_early_stopping_state(tmp_p
     """What a resumed run (a kill, tune's next rung) takes from its checkpoint."""
     import keras
 
-    from beamvision.transforms.training import ResumableEarlyStopping, restore_checkpoint
+    from beamvision.models.training import ResumableEarlyStopping, restore_checkpoint
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -605,7 +605,7 @@ def test_a_model_near_chance_is_flagged_loudly(prepared, tmp_path, capsys):
 def test_batchnorm_statistics_are_re_estimated_from_training_batches(photo_batch):
     import keras
 
-    from beamvision.transforms.training import CalibrateBatchNorm
+    from beamvision.models.training import CalibrateBatchNorm
 
     inputs = keras.Input((8, 8, 3))
     frozen = keras.layers.BatchNormalization(name="frozen")

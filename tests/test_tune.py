@@ -21,9 +21,9 @@ from beamvision import storage
 from beamvision.models.artifact import load_artifact
 from beamvision.pipelines import classify, options, prepare, train, tune
 from beamvision.pipelines.cli import main
-from beamvision.transforms.search_space import SpaceError
+from beamvision.pipelines.search_space import SpaceError
+from beamvision.pipelines.tune_report import influence
 from beamvision.transforms.trials import COMPLETED, FAILED, PAUSED, STOPPED, halve, rung_epochs
-from beamvision.transforms.tune_report import influence
 
 # Two architectures, two learning rates and a switch that train refuses without pretrained
 # weights: random search over these draws some impossible trials, which must become error rows.

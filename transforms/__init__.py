@@ -1,8 +1,8 @@
-"""beamvision transforms: Beam's composite PTransforms and the plain functions they call.
+"""beamvision transforms: Beam's composite PTransforms, their private DoFns and the worker runtime.
 
-The middle layer: it imports ``beamvision.models`` and ``beamvision.storage``,
-never ``beamvision.pipelines``. ``rows`` (schemas, error rows, metrics
-namespace) is the module every other one builds on; ``dataset``, ``training``
-and ``evaluation`` are the plain training-side functions that ``prepare``,
-``train`` and ``evaluate`` (and Beam workers running them) share.
+The middle layer: it imports ``beamvision.models`` and the package root
+(``storage``, ``console``), never ``beamvision.pipelines``. ``rows`` (schemas,
+error rows, metrics namespace) is the module every other one builds on.
+Plain functions here are the ones a transform calls per element (decoding,
+archive members, thumbnails); the Keras side lives in ``beamvision.models``.
 """

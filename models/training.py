@@ -23,10 +23,10 @@ import numpy as np
 
 from beamvision import console, storage
 from beamvision.models.artifact import MANIFEST_FILE, load_artifact
+from beamvision.models.dataset import LABELS_FILE, STATS_FILE, parse_example
 from beamvision.models.errors import ModelError
+from beamvision.models.metrics import classification_metrics
 from beamvision.models.registry import IMAGENET_CLASSES, ArchitectureSpec, create_model, get_spec
-from beamvision.transforms.dataset import LABELS_FILE, STATS_FILE, parse_example
-from beamvision.transforms.evaluation import classification_metrics
 
 # Keras applications use BatchNorm momentum up to 0.999: on a small dataset
 # (a few hundred steps) the moving statistics never catch up with the weights

@@ -4,15 +4,16 @@ The one import package of the distribution. Its subpackages are layered, and
 each imports only the layers below it:
 
 - ``beamvision.pipelines``: the commands (``beamvision <command>``), thin.
-- ``beamvision.transforms``: Beam transforms and the plain functions they call.
-- ``beamvision.models``: the architecture registry and the model artifact format.
+- ``beamvision.transforms``: Beam transforms, their DoFns and the worker runtime.
+- ``beamvision.models``: the Keras side: architectures, the artifact format,
+  prepare's dataset format, training and classification metrics.
 - ``beamvision.storage``: whole-file I/O on any Beam filesystem, used by all three.
 - ``beamvision.console`` (and ``beamvision.stderr_filter``): what a run prints,
   the quiet start and the progress line, used by all three.
 
 In the source tree the three subpackages are the top-level folders
 ``pipelines/``, ``transforms/`` and ``models/``, and this package root is
-``core/`` (setup.py maps them). This module holds the version and imports
+``src/beamvision/`` (setup.py maps them). This module holds the version and imports
 nothing, so importing it is free.
 """
 
