@@ -30,20 +30,12 @@ from beamvision.pipelines import options
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id, run_dir
+from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
+from beamvision.transforms.outputs import RUN_FILES, SUMMARY_FILE, run_dir
 from beamvision.transforms.progress import ReportProgress, run_with_progress
 from beamvision.transforms.read import LookUpFiles, MatchInputs, ReadFiles
-from beamvision.transforms.write import (
-    ERRORS_PREFIX,
-    RESULTS_PREFIX,
-    SUMMARY_FILE,
-    WriteResults,
-    format_summary,
-)
-
-# Every file a classify run writes under --output.
-OUTPUTS = [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE]
+from beamvision.transforms.write import WriteResults, format_summary
 
 
 def build_pipeline(
@@ -166,7 +158,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if options.is_dry_run(pipeline_options):
         return options.build_only(pipeline)
     options.check_detach(config.detach, pipeline)
-    options.claim_output(config.output, OUTPUTS, config.overwrite, "results")
+    options.claim_output(config.output, RUN_FILES, config.overwrite, "results")
     result = run_with_progress(pipeline, "classify", config.progress_every, config.detach)
     if config.detach:
         print(f"classify: detached; the job writes {storage.join(config.output, SUMMARY_FILE)} when it ends")
@@ -175,7 +167,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_text(summary_uri))
         if summary["inputs"] == 0:  # leave no empty run behind, so the corrected rerun is not refused
-            options.claim_output(config.output, OUTPUTS, True, "results")
+            options.claim_output(config.output, RUN_FILES, True, "results")
             raise options.UsageError(f"{_inputs_flags(config)}: matched no file; nothing was classified")
         timing = start_up_timing(result, started_at)
         if timing:  # added once the job's metrics are known; the file stays the run's commit point

@@ -28,9 +28,9 @@ from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 from beamvision.transforms.engines import CONVERTED_ENGINES, ENGINES, PRECISIONS
-from beamvision.transforms.incremental import RUN_ID_PATTERN
-from beamvision.transforms.progress import is_remote
+from beamvision.transforms.outputs import RUN_ID_PATTERN
 from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
+from beamvision.transforms.runners import is_remote
 from beamvision.transforms.sizing import DEFAULT_SIZING, READ_THREADS, WorkerSizing
 
 

@@ -41,10 +41,11 @@ from beamvision.pipelines.export_labels import LOCAL_FILES_URL
 from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
+from beamvision.transforms.outputs import ERRORS_PREFIX
 from beamvision.transforms.progress import ReportProgress, run_with_progress
 from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
-from beamvision.transforms.write import ERRORS_PREFIX, SummarizeErrors, WriteErrors, format_error_groups
+from beamvision.transforms.write import SummarizeErrors, WriteErrors, format_error_groups
 
 # Every file a prepare run writes under --output.
 OUTPUTS = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]

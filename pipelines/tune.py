@@ -35,6 +35,7 @@ from beamvision.models.training import checkpoint_root, dataset_fingerprint, rea
 from beamvision.pipelines import options, train
 from beamvision.pipelines.search_space import SearchSpace, SpaceError, parse_space
 from beamvision.pipelines.tune_report import best_record, influence, plot, table_text, trials_table
+from beamvision.transforms.runners import runner_name, sees_local_disk
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.trials import (
     COMPLETED,
@@ -279,9 +280,9 @@ def _check_shared_storage(config: options.TuneConfig, pipeline: beam.Pipeline) -
     """Workers of a remote runner cannot see this machine's disk: data and output must be in storage."""
     from apache_beam.io.filesystems import FileSystems
 
-    runner = type(pipeline.runner).__name__
-    if runner in ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner"):
+    if sees_local_disk(pipeline):
         return
+    runner = runner_name(pipeline)
     for flag, uri in (("--data", config.data), ("--output", config.output)):
         if FileSystems.get_scheme(uri) is None:
             raise options.UsageError(

@@ -27,19 +27,16 @@ earlier runs' Parquet: no run's rows are ever loaded whole into a worker.
 from __future__ import annotations
 
 import datetime
-import glob
 import json
-import re
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beamvision import storage
+from beamvision.transforms.outputs import errors_pattern, results_pattern, summaries_pattern
 from beamvision.transforms.rows import METRICS_NAMESPACE, file_identity
 
-RUN_PARTITION = "run"
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 # Decode errors that the same bytes always give: skipped like results. Others
 # (DecompressionBomb under another --max_pixels, OutOfMemory on another worker,
 # unexpected exceptions) are retried, as read and inference errors are.
@@ -53,14 +50,9 @@ def default_run_id(now: datetime.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
-def run_dir(root: str, run_id: str) -> str:
-    return storage.join(root, f"{RUN_PARTITION}={run_id}")
-
-
 def completed_runs(root: str, model_name: str, model_version: str) -> list[str]:
     """Directories of the runs under ``root`` that completed with this model name and version."""
-    pattern = storage.join(glob.escape(root), f"{RUN_PARTITION}=*", "summary.json")
-    matches = FileSystems.match([pattern])[0].metadata_list
+    matches = FileSystems.match([summaries_pattern(root)])[0].metadata_list
     runs = []
     for match in sorted(m.path for m in matches):
         summary = json.loads(storage.read_text(match))
@@ -93,12 +85,12 @@ class SkipClassified(beam.PTransform):
         pipeline = files.pipeline
         results = (
             pipeline
-            | "ResultShards" >> beam.Create([storage.join(r, "results-*.parquet") for r in self._runs])
+            | "ResultShards" >> beam.Create([results_pattern(r) for r in self._runs])
             | "ReadResults" >> beam.io.ReadAllFromParquet(columns=["image_uri", "file_size", "file_modified"])
         )
         errors = (
             pipeline
-            | "ErrorShards" >> beam.Create([storage.join(r, "errors-*.parquet") for r in self._runs])
+            | "ErrorShards" >> beam.Create([errors_pattern(r) for r in self._runs])
             | "ReadErrors"
             >> beam.io.ReadAllFromParquet(
                 columns=["image_uri", "stage", "error_type", "file_size", "file_modified"]

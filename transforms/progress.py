@@ -31,14 +31,12 @@ from apache_beam.runners.runner import PipelineResult
 
 from beamvision.console import Counts, ProgressLine
 from beamvision.transforms.rows import METRICS_NAMESPACE
+from beamvision.transforms.runners import is_remote
 
 KINDS = ("inputs", "results", "errors", "skipped")
 PROGRESS_DIR_ENV = "BEAMVISION_PROGRESS_DIR"
 WRITE_EVERY_SECONDS = 0.5
 REMOTE_POLL_SECONDS = 5.0
-# Runners whose jobs run on a service, followed through the job's metrics; every other runner's
-# workers run on this machine, started by this process, and report to LocalProgress.
-REMOTE_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
 
 
 def counter_name(kind: str) -> str:
@@ -224,11 +222,6 @@ def watch_job(result: PipelineResult, line: ProgressLine, interval: float | None
     line.close(counts)
     if "error" in outcome:
         raise outcome["error"]
-
-
-def is_remote(pipeline: beam.Pipeline) -> bool:
-    """Whether the job runs on a service and outlives this process (Dataflow): followed by its metrics."""
-    return type(pipeline.runner).__name__ in REMOTE_RUNNERS
 
 
 def run_with_progress(

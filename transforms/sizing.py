@@ -27,6 +27,8 @@ import dataclasses
 import os
 from typing import Any
 
+from beamvision.transforms.runners import RunnerKind, kind_of
+
 READ_THREADS = 16
 PER_CORE = 0  # processes_per_machine: one SDK process per core, counted on the worker
 # Dataflow's experiment for one multi-threaded SDK process per machine instead of one per vCPU.
@@ -112,12 +114,11 @@ def processes_per_machine(pipeline_options, runner: str | None = None) -> int:
         StandardOptions,
     )
 
-    # Beam takes runner names in any case and with or without "Runner" (--runner dataflow).
-    runner = (runner or str(pipeline_options.view_as(StandardOptions).runner or "DirectRunner")).lower()
-    if "dataflow" in runner:
+    kind = kind_of(runner or pipeline_options.view_as(StandardOptions).runner)
+    if kind is RunnerKind.DATAFLOW:
         experiments = pipeline_options.view_as(DebugOptions).experiments or []
         return 1 if ONE_SDK_PROCESS_EXPERIMENT in experiments else PER_CORE
-    if "direct" in runner or "fnapirunner" in runner:
+    if kind is RunnerKind.DIRECT:
         direct = pipeline_options.view_as(DirectOptions)
         if direct.direct_running_mode != "multi_processing":
             return 1

@@ -1,6 +1,6 @@
 """``WriteResults`` and ``WriteErrors``: Parquet result and error shards, then summary.json.
 
-Layout under the output directory::
+Layout under the output directory (names from ``beamvision.transforms.outputs``)::
 
     results-SSSSS-of-NNNNN.parquet   one row per classified image (RESULT_FIELDS)
     errors-SSSSS-of-NNNNN.parquet    one row per input that could not be classified
@@ -19,12 +19,10 @@ from typing import Any
 import apache_beam as beam
 
 from beamvision import storage
+from beamvision.transforms.outputs import ERRORS_PREFIX, RESULTS_PREFIX, SUMMARY_FILE
 from beamvision.transforms.read import unmatched_patterns
 from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
-RESULTS_PREFIX = "results"
-ERRORS_PREFIX = "errors"
-SUMMARY_FILE = "summary.json"
 TOP_LABELS_IN_SUMMARY = 20
 ERROR_GROUPS_PRINTED = 8
 
@@ -86,7 +84,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             + _timing(summary.get("timing", {})),
             f"top labels: {labels}",
             *format_error_groups(summary.get("error_groups", []), summary["output"]),
-            f"outputs: {summary['output']} (results-*.parquet, errors-*.parquet, {SUMMARY_FILE})",
+            f"outputs: {summary['output']} ({RESULTS_PREFIX}-*.parquet, {ERRORS_PREFIX}-*.parquet, "
+            f"{SUMMARY_FILE})",
             f"read them: {read_results_command(summary['output'])}",
             f"review them: beamvision review --results {summary['output']} --output "
             f"{summary['output'].rstrip('/')}-review",
