@@ -400,3 +400,12 @@ def _check_model_matches(model: keras.Model, manifest: Manifest, uri: str) -> No
             f"model artifact at {uri} must take uint8 images of shape {expected_shape}; "
             f"its model takes {model.inputs[0].dtype} {tuple(model.input_shape)}"
         )
+
+
+def artifact_exists(uri: str) -> bool:
+    """Whether an artifact is at ``uri``: its manifest, the commit point, is there.
+
+    The one rule of "an artifact already exists" (what ``--overwrite`` is
+    needed to replace) and of "``--weights`` names an artifact".
+    """
+    return storage.exists(storage.join(uri, MANIFEST_FILE))

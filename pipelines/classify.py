@@ -16,31 +16,199 @@ the end) counts both.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import time
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
+from beamvision.console import DEFAULT_PROGRESS_SECONDS
 from beamvision.models.artifact import Manifest, quantization, verify_artifact
-from beamvision.pipelines import options
+from beamvision.pipelines.flags import (
+    UsageError,
+    add_decode_arguments,
+    add_progress_arguments,
+    add_switch,
+    add_worker_arguments,
+    check_file_exists,
+    parse_pipeline_args,
+    positive_int,
+    worker_sizing,
+)
+from beamvision.pipelines.launch import Job, is_dry_run, run_job
+from beamvision.pipelines.reports import format_summary
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
+from beamvision.transforms.engines import ENGINES, PRECISIONS
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
-from beamvision.transforms.outputs import RUN_FILES, SUMMARY_FILE, run_dir
-from beamvision.transforms.progress import ReportProgress, run_with_progress
-from beamvision.transforms.read import LookUpFiles, MatchInputs, ReadFiles
-from beamvision.transforms.write import WriteResults, format_summary
+from beamvision.transforms.outputs import RUN_FILES, RUN_ID_PATTERN, SUMMARY_FILE, run_dir
+from beamvision.transforms.progress import ReportProgress
+from beamvision.transforms.read import (
+    LookUpFiles,
+    MatchInputs,
+    ReadFiles,
+    csv_column_index,
+    list_format,
+    parquet_has_column,
+)
+from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
+from beamvision.transforms.write import WriteResults
+
+DEFAULT_TOP_K = 5
+
+
+def run_id(text: str) -> str:
+    """argparse type of --run_id: letters, digits and . _ : - (it becomes a path segment)."""
+    if not RUN_ID_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '_', ':' or '-', received {text!r}")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """classify's flags (deploy/metadata.json mirrors them: the Flex Template's parameters)."""
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="Beam glob (*, **), local or gs://; a bare directory means every file under it. Repeatable.",
+    )
+    parser.add_argument(
+        "--input_list",
+        metavar="FILE",
+        help="image URIs: a text file, one a line, or an inventory .csv (with a header) or .parquet",
+    )
+    parser.add_argument(
+        "--input_list_column",
+        metavar="NAME",
+        help="the column of a .csv or .parquet --input_list that holds the URIs (default uri)",
+    )
+    parser.add_argument(
+        "--model", required=True, metavar="MODEL", help="model artifact directory, local or URI"
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory, local or URI")
+    parser.add_argument(
+        "--top_k",
+        type=positive_int,
+        metavar="K",
+        help=f"classes per image (default {DEFAULT_TOP_K}, or every class of a smaller model)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="images per inference batch (default 32)",
+    )
+    add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="tensorflow",
+        help="how batches are computed: tensorflow (default) or openvino (the same model, converted on "
+        "each worker; faster on Intel CPUs)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), bf16, or auto: bf16 where the CPU computes it natively (AVX512_BF16, AMX)",
+    )
+    add_decode_arguments(parser)
+    add_worker_arguments(parser, inference=True)
+    add_switch(
+        parser,
+        "--incremental",
+        "write to OUTPUT/run=ID/ and skip files an earlier completed run under OUTPUT classified "
+        "with the same model name and version, unchanged since",
+    )
+    parser.add_argument(
+        "--run_id",
+        type=run_id,
+        metavar="ID",
+        help="with --incremental: the run's partition name (default: the UTC start time, 20261128T031500Z)",
+    )
+    add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
+    add_progress_arguments(parser)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    inputs: tuple[str, ...]
+    input_list: str | None
+    input_list_column: str
+    model: str
+    output: str
+    top_k: int | None  # None: DEFAULT_TOP_K, or every class of a smaller model
+    batch_size: int
+    embeddings: bool
+    max_pixels: int
+    buffer_mb: int
+    incremental: bool
+    run_id: str | None
+    overwrite: bool
+    engine: str = "tensorflow"
+    precision: str = "fp32"
+    workers: WorkerSizing = DEFAULT_SIZING
+    progress_every: float = DEFAULT_PROGRESS_SECONDS
+    detach: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        if not args.input and not args.input_list:
+            raise UsageError("give at least one --input PATTERN or an --input_list FILE")
+        if args.run_id and not args.incremental:
+            raise UsageError(f"--run_id {args.run_id}: only with --incremental (it names OUTPUT/run=ID)")
+        check_file_exists("--input_list", args.input_list)
+        column = _check_list_column(args.input_list, args.input_list_column)
+        return cls(
+            tuple(args.input),
+            args.input_list,
+            column,
+            args.model,
+            args.output,
+            args.top_k,
+            args.batch_size,
+            args.embeddings,
+            args.max_pixels,
+            args.buffer_mb,
+            args.incremental,
+            args.run_id,
+            args.overwrite,
+            args.engine,
+            args.precision,
+            worker_sizing(args),
+            args.progress_every,
+            args.detach,
+        )
+
+
+def _check_list_column(input_list: str | None, column: str | None) -> str:
+    """The URI column of an inventory --input_list (default ``uri``), checked against its header."""
+    form = list_format(input_list) if input_list else None
+    if column is not None and form not in ("csv", "parquet"):
+        raise UsageError(f"--input_list_column {column}: only for a .csv or .parquet --input_list")
+    column = column or "uri"
+    try:
+        if form == "csv":
+            csv_column_index(input_list, column)
+        elif form == "parquet":
+            parquet_has_column(input_list, column)
+    except ValueError as exc:
+        raise UsageError(f"--input_list {input_list}: {exc}") from None
+    return column
 
 
 def build_pipeline(
     pipeline: beam.Pipeline,
-    config: options.ClassifyConfig,
+    config: Config,
     manifest: Manifest,
     earlier_runs: list[str] | None = None,
     started_at: float | None = None,
@@ -126,58 +294,73 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     written: DataflowRunner builds its job without submitting it (the result
     is returned); other runners only build the job graph (None is returned).
     """
-    args, pipeline_options = options.parse_pipeline_args(
-        "beamvision classify", __doc__.splitlines()[0], options.add_classify_arguments, argv
+    args, pipeline_options = parse_pipeline_args(
+        "beamvision classify", __doc__.splitlines()[0], add_arguments, argv
     )
-    config = options.ClassifyConfig.from_args(args)
+    config = Config.from_args(args)
     started_at = time.time()
+    config, manifest = _check_model(config)
+    logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
+    earlier = None
+    if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
+        config, earlier = _incremental_run(config, manifest, pipeline_options)
+    pipeline = beam.Pipeline(options=pipeline_options)
+    # Built before any deletion: building can still fail.
+    build_pipeline(pipeline, config, manifest, earlier, started_at)
+    job = Job(
+        "classify",
+        config.output,
+        RUN_FILES,
+        "results",
+        SUMMARY_FILE,
+        config.overwrite,
+        config.progress_every,
+        config.detach,
+    )
+    outcome = run_job(
+        pipeline, pipeline_options, job, f"{_inputs_flags(config)}: matched no file; nothing was classified"
+    )
+    summary = outcome.report
+    if summary is not None:
+        timing = start_up_timing(outcome.result, started_at)
+        if timing:  # added once the job's metrics are known; the file stays the run's commit point
+            summary["timing"] = timing
+            storage.write_atomic(
+                storage.join(config.output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")
+            )
+        print(format_summary(summary))
+    return outcome.result
+
+
+def _check_model(config: Config) -> tuple[Config, Manifest]:
+    """The artifact's manifest, checked against the flags; ``--top_k`` resolved for its classes."""
     # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
     manifest = verify_artifact(config.model)
     if quantization(manifest) and config.engine != "openvino":
         # Its model.keras is the float source: another engine would silently run that, not the INT8 model.
-        raise options.UsageError(
+        raise UsageError(
             f"--engine {config.engine}: {config.model} holds an INT8 model for OpenVINO "
             "(beamvision optimize); use --engine openvino"
         )
     if config.top_k is None:
-        config = dataclasses.replace(config, top_k=min(options.DEFAULT_TOP_K, manifest.num_classes))
+        config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:
-        raise options.UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
-    logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
-    earlier = None
-    if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
-        root = config.output
-        config = dataclasses.replace(config, output=run_dir(root, config.run_id or default_run_id()))
-        # A dry run reads nothing under --output: its graph joins with no earlier run.
-        dry = options.is_dry_run(pipeline_options)
-        earlier = [] if dry else completed_runs(root, manifest.name, manifest.version)
-        earlier = [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
-    pipeline = beam.Pipeline(options=pipeline_options)
-    # Built before any deletion: building can still fail.
-    build_pipeline(pipeline, config, manifest, earlier, started_at)
-    if options.is_dry_run(pipeline_options):
-        return options.build_only(pipeline)
-    options.check_detach(config.detach, pipeline)
-    options.claim_output(config.output, RUN_FILES, config.overwrite, "results")
-    result = run_with_progress(pipeline, "classify", config.progress_every, config.detach)
-    if config.detach:
-        print(f"classify: detached; the job writes {storage.join(config.output, SUMMARY_FILE)} when it ends")
-        return result
-    summary_uri = storage.join(config.output, SUMMARY_FILE)
-    if storage.exists(summary_uri):
-        summary = json.loads(storage.read_text(summary_uri))
-        if summary["inputs"] == 0:  # leave no empty run behind, so the corrected rerun is not refused
-            options.claim_output(config.output, RUN_FILES, True, "results")
-            raise options.UsageError(f"{_inputs_flags(config)}: matched no file; nothing was classified")
-        timing = start_up_timing(result, started_at)
-        if timing:  # added once the job's metrics are known; the file stays the run's commit point
-            summary["timing"] = timing
-            storage.write_atomic(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
-        print(format_summary(summary))
-    return result
+        raise UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
+    return config, manifest
 
 
-def _inputs_flags(config: options.ClassifyConfig) -> str:
+def _incremental_run(
+    config: Config, manifest: Manifest, pipeline_options: PipelineOptions
+) -> tuple[Config, list[str]]:
+    """This run's config, writing OUTPUT/run=ID, and the completed earlier runs under OUTPUT."""
+    root = config.output
+    config = dataclasses.replace(config, output=run_dir(root, config.run_id or default_run_id()))
+    # A dry run reads nothing under --output: its graph joins with no earlier run.
+    earlier = [] if is_dry_run(pipeline_options) else completed_runs(root, manifest.name, manifest.version)
+    return config, [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
+
+
+def _inputs_flags(config: Config) -> str:
     """The input flags as the user gave them, for a message."""
     given = [f"--input {pattern}" for pattern in config.inputs]
     return " ".join(given + ([f"--input_list {config.input_list}"] if config.input_list else []))

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f"beamvision.pipelines.{COMMANDS[command][0]}")
     from beamvision.models import ModelError
-    from beamvision.pipelines.options import UsageError
+    from beamvision.pipelines.flags import UsageError
 
     try:
         module.run(argv[1:])

@@ -3,21 +3,58 @@
 Renders scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits) as
 PNG files in a folder per class, keeps every tenth image aside, then runs
 prepare, train (from scratch), classify on the held-out images and evaluate,
+each as the CLI runs it (``beamvision.pipelines.cli.main``),
 and prints the held-out accuracy and where everything went.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
 import shutil
 import time
 
-from beamvision.pipelines import classify, evaluate, options, prepare, train
+from beamvision.pipelines.flags import (
+    UsageError,
+    add_architecture_argument,
+    check_model_arguments,
+    parse,
+    positive_int,
+)
+from beamvision.pipelines.reports import METRICS_FILE
+from beamvision.transforms.outputs import results_pattern
 
 # Small rotations and zooms (never flips: a mirrored 2 is no digit), label
 # smoothing and a higher peak learning rate: mobilenet_v2 at 32 px from scratch
 # then reaches about 97-98% test accuracy on the digits in 30 epochs.
 DIGITS_SCHEDULE = ("--augment", "rotate,zoom", "--label_smoothing", "0.1", "--learning_rate", "0.002")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="demo-output", metavar="DIR", help="default demo-output")
+    add_architecture_argument(parser, default="mobilenet_v2")
+    parser.add_argument("--image_size", type=positive_int, default=32, metavar="N", help="default 32")
+    parser.add_argument("--epochs", type=positive_int, default=30, metavar="E", help="default 30")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str
+    architecture: str
+    image_size: int
+    epochs: int
+    verbosity: tuple[str, ...] = ()  # --quiet or --verbose, passed on to every step
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        # The demo trains at the size it prepares.
+        check_model_arguments(
+            args.architecture, {"input_size": f"--image_size {args.image_size}"}, input_size=args.image_size
+        )
+        verbosity = tuple(flag for flag in ("--quiet", "--verbose") if getattr(args, flag[2:]))
+        return cls(args.workdir, args.architecture, args.image_size, args.epochs, verbosity)
 
 
 def render_digits(root: str, holdout_every: int = 10) -> tuple[str, str]:
@@ -40,12 +77,11 @@ def render_digits(root: str, holdout_every: int = 10) -> tuple[str, str]:
 
 def run(argv: list[str] | None = None) -> dict:
     """Runs the whole loop in ``--workdir`` and returns the held-out metrics."""
-    args = options.parse("beamvision demo", __doc__.splitlines()[0], options.add_demo_arguments, argv)
-    config = options.DemoConfig.from_args(args)
+    config = Config.from_args(parse("beamvision demo", __doc__.splitlines()[0], add_arguments, argv))
     try:  # the demo's data ships in scikit-learn, which beamvision itself does not need
         import sklearn  # noqa: F401
     except ImportError:
-        raise options.UsageError(
+        raise UsageError(
             "the demo trains on scikit-learn's handwritten digits: pip install 'beamvision[demo]' "
             "(or scikit-learn)"
         ) from None
@@ -56,34 +92,32 @@ def run(argv: list[str] | None = None) -> dict:
     digits, holdout = render_digits(work)
     data, model, results = (os.path.join(work, name) for name in ("data", "model", "results"))
     print("2/5 prepare", flush=True)
-    prepare.run(["--input", digits, "--output", data, "--image_size", str(config.image_size)])
+    _step(config, "prepare", "--input", digits, "--output", data, "--image_size", str(config.image_size))
     print("3/5 train", flush=True)
-    train.run(
-        [
-            "--data",
-            data,
-            "--architecture",
-            config.architecture,
-            "--output",
-            model,
-            "--epochs",
-            str(config.epochs),
-            *DIGITS_SCHEDULE,
-            "--early_stopping_patience",
-            "10",
-            "--name",
-            "digits",
-            "--version",
-            "demo",
-        ]
+    _step(
+        config,
+        "train",
+        *("--data", data, "--architecture", config.architecture, "--output", model),
+        *("--epochs", str(config.epochs), *DIGITS_SCHEDULE, "--early_stopping_patience", "10"),
+        *("--name", "digits", "--version", "demo"),
     )
     print("4/5 classify the held-out images", flush=True)
-    classify.run(["--input", holdout, "--model", model, "--output", results])
+    _step(config, "classify", "--input", holdout, "--model", model, "--output", results)
     print("5/5 evaluate", flush=True)
-    metrics = evaluate.run(["--results", results, "--truth", "folders"])
+    _step(config, "evaluate", "--results", results, "--truth", "folders")
+    with open(os.path.join(results, METRICS_FILE)) as f:
+        metrics = json.load(f)
     print(
         f"\ndemo done in {time.monotonic() - started:.0f}s: held-out accuracy {metrics['accuracy']:.1%} "
         f"on {metrics['examples']} digits the model never saw"
     )
-    print(f"results (Parquet): {results}/results-*.parquet; model artifact: {model}")
+    print(f"results (Parquet): {results_pattern(results)}; model artifact: {model}")
     return metrics
+
+
+def _step(config: Config, command: str, *argv: str) -> None:
+    """Runs one command of the loop as the CLI runs it; its error, printed, ends the demo."""
+    from beamvision.pipelines.cli import main
+
+    if main([command, *argv, *config.verbosity]) != 0:
+        raise UsageError(f"the demo's {command} step failed (its error is above)")

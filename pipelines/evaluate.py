@@ -11,7 +11,9 @@ a true label have no result (their errors are in errors-*.parquet).
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -22,32 +24,35 @@ import numpy as np
 
 from beamvision import storage
 from beamvision.models.metrics import classification_metrics, save_confusion_png
-from beamvision.pipelines import options
+from beamvision.pipelines.flags import UsageError, add_results_argument, parse
+from beamvision.pipelines.reports import METRICS_FILE, read_results
 
-METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
 RESULT_COLUMNS = ["image_uri", "label", "top_k_labels"]  # all that scoring needs (never the embeddings)
 
 
-def read_results(results_dir: str, columns: list[str] = RESULT_COLUMNS, prefix: str = "results"):
-    """All rows of a classify output's ``prefix`` shards (only ``columns``), as one pandas DataFrame.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_results_argument(parser)
+    parser.add_argument(
+        "--truth",
+        required=True,
+        metavar="{CSV,folders}",
+        help="CSV of uri,label, or 'folders': each image's parent folder is its class",
+    )
+    parser.add_argument(
+        "--output", metavar="DIR", help="where metrics.json and the PNG go (default --results)"
+    )
 
-    Result shards must exist (``--results`` names no classify output
-    otherwise); error shards may not, which gives an empty frame.
-    """
-    import pandas as pd
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
 
-    shards = FileSystems.match([storage.join(results_dir, f"{prefix}-*.parquet")])[0].metadata_list
-    if not shards:
-        if prefix != "results":
-            return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
-        raise options.UsageError(f"--results {results_dir}: no results-*.parquet shards there")
-    frames = [
-        pq.read_table(io.BytesIO(storage.read_bytes(m.path)), columns=columns).to_pandas() for m in shards
-    ]
-    return pd.concat(frames, ignore_index=True)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    results: str
+    truth: str
+    output: str  # --output, or --results
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        return cls(args.results, args.truth, (args.output or args.results).rstrip("/"))
 
 
 def read_truth(truth: str, uris) -> dict[str, str]:
@@ -55,13 +60,13 @@ def read_truth(truth: str, uris) -> dict[str, str]:
     if truth == "folders":
         return {uri: posixpath.basename(posixpath.dirname(uri)) for uri in uris}
     if not storage.exists(truth):
-        raise options.UsageError(f"--truth {truth}: no such file (give a CSV of uri,label or 'folders')")
+        raise UsageError(f"--truth {truth}: no such file (give a CSV of uri,label or 'folders')")
     mapping = {}
     for row in csv.reader(io.StringIO(storage.read_text(truth))):
         if len(row) >= 2 and row[0].strip() and row[0].strip().lower() != "uri":
             mapping[row[0].strip()] = row[1].strip()
     if not mapping:
-        raise options.UsageError(f"--truth {truth}: no uri,label rows")
+        raise UsageError(f"--truth {truth}: no uri,label rows")
     return mapping
 
 
@@ -87,15 +92,15 @@ def score(results, truth: dict[str, str]) -> dict:
 
 def run(argv: list[str] | None = None) -> dict:
     """Scores, writes metrics.json and the confusion-matrix PNG, prints a summary."""
-    args = options.parse("beamvision evaluate", __doc__.splitlines()[0], options.add_evaluate_arguments, argv)
-    output = (args.output or args.results).rstrip("/")
-    results = read_results(args.results)
-    truth = read_truth(args.truth, results.image_uri)
+    config = Config.from_args(parse("beamvision evaluate", __doc__.splitlines()[0], add_arguments, argv))
+    output = config.output
+    results = read_results(config.results, RESULT_COLUMNS)
+    truth = read_truth(config.truth, results.image_uri)
     metrics = score(results, truth)
     storage.write_atomic(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
     with tempfile.TemporaryDirectory() as tmp:
         png = os.path.join(tmp, CONFUSION_FILE)
-        save_confusion_png(metrics, png, f"{args.results}")
+        save_confusion_png(metrics, png, config.results)
         storage.write_atomic(storage.join(output, CONFUSION_FILE), local_path=png)
     accuracy = metrics["accuracy"]
     top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""

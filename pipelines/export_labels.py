@@ -3,9 +3,10 @@
     beamvision export-labels --results gs://bucket/runs/1 --format labelstudio --output tasks.json --queue 500
     beamvision export-labels --results out/ --format csv --output labels.csv
 
-``labelstudio`` writes import-ready tasks in Label Studio's documented format:
-``data.image`` and one prediction per task (a ``choices`` result with
-``from_name``/``to_name``, ``score`` and ``model_version``). Images must be
+``labelstudio`` writes import-ready tasks in Label Studio's documented format
+(``beamvision.pipelines.labelstudio``: ``data.image`` and one prediction per
+task, a ``choices`` result with ``from_name``/``to_name``, ``score`` and
+``model_version``). Images must be
 viewable by the tool: ``gs://`` URIs stay as they are (a cloud storage
 source); local files become Label Studio local-files URLs under
 ``--local_files_root``; archive members are extracted to ``--extract_to``
@@ -18,22 +19,24 @@ where the image can be opened) for CVAT, FiftyOne or a spreadsheet.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import re
 import sys
-import urllib.parse
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beamvision import storage
-from beamvision.pipelines import options
-from beamvision.pipelines.evaluate import read_results
+from beamvision.pipelines.flags import UsageError, add_results_argument, parse, positive_int
+from beamvision.pipelines.labelstudio import image_url, label_studio_tasks
+from beamvision.pipelines.reports import read_results
 from beamvision.transforms.archives import (
     ArchiveBroken,
     archive_kind,
@@ -44,57 +47,53 @@ from beamvision.transforms.archives import (
 )
 
 COLUMNS = ["image_uri", "label", "score", "model_name", "model_version", "sha256"]
-LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's URL of a file under its document root
+EXPORT_FORMATS = ("labelstudio", "csv")
 
 
-def image_url(uri: str, local_files_root: str | None) -> str:
-    """What Label Studio can open: a storage URI as it is, a local file as a local-files URL."""
-    if FileSystems.get_scheme(uri) is not None:
-        return uri
-    if local_files_root is None:
-        raise options.UsageError(
-            f"--local_files_root: needed for local images such as {uri} "
-            "(Label Studio serves local files only under its document root)"
-        )
-    root = os.path.abspath(local_files_root)
-    path = os.path.abspath(uri)
-    if os.path.commonpath([root, path]) != root:
-        raise options.UsageError(f"--local_files_root {local_files_root}: {uri} is not under it")
-    return LOCAL_FILES_URL + urllib.parse.quote(os.path.relpath(path, root))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_results_argument(parser)
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="labelstudio or csv")
+    parser.add_argument("--output", required=True, metavar="FILE", help="the file to write, local or URI")
+    parser.add_argument(
+        "--queue",
+        type=positive_int,
+        metavar="N",
+        help="only the N images the model is least sure of (lowest top-1 score)",
+    )
+    parser.add_argument(
+        "--from_name", default="choice", metavar="NAME", help="Label Studio Choices tag name (default choice)"
+    )
+    parser.add_argument(
+        "--to_name", default="image", metavar="NAME", help="Label Studio Image tag name (default image)"
+    )
+    parser.add_argument(
+        "--local_files_root",
+        metavar="DIR",
+        help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: local images under it become "
+        "/data/local-files/?d=... URLs (without it, local paths are refused for labelstudio)",
+    )
+    parser.add_argument(
+        "--extract_to",
+        metavar="DIR",
+        help="where archive members are extracted for the tool to open (local, under "
+        "--local_files_root, or gs://); needed for members with labelstudio",
+    )
 
 
-def label_studio_tasks(
-    rows, from_name: str, to_name: str, local_files_root: str | None, placed: dict[str, str] | None = None
-) -> list[dict]:
-    """One task per result row, with the model's top-1 label as a prediction.
+@dataclasses.dataclass(frozen=True)
+class Config:
+    results: str
+    format: str
+    output: str
+    queue: int | None
+    from_name: str
+    to_name: str
+    local_files_root: str | None
+    extract_to: str | None
 
-    ``placed``: where archive members were extracted (``extract_members``);
-    the task shows that file and keeps the member's URI as ``source_uri``.
-    """
-    placed = placed or {}
-    return [
-        {
-            "data": {
-                "image": image_url(placed.get(row.image_uri, row.image_uri), local_files_root),
-                "source_uri": row.image_uri,
-            },
-            "predictions": [
-                {
-                    "model_version": f"{row.model_name}-{row.model_version}",
-                    "score": float(row.score),
-                    "result": [
-                        {
-                            "from_name": from_name,
-                            "to_name": to_name,
-                            "type": "choices",
-                            "value": {"choices": [row.label]},
-                        }
-                    ],
-                }
-            ],
-        }
-        for row in rows.itertuples()
-    ]
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def extract_members(uris, extract_to: str, digests: dict[str, str] | None = None) -> dict[str, str]:
@@ -156,42 +155,13 @@ def _check_under(target: str, root: str) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Writes the export; prints how many images it holds and where it went."""
-    args = options.parse(
-        "beamvision export-labels", __doc__.splitlines()[0], options.add_export_labels_arguments, argv
-    )
-    rows = read_results(args.results, COLUMNS).sort_values(["score", "image_uri"], kind="stable")
-    if args.queue:
-        rows = rows.head(args.queue)  # lowest top-1 scores first
-    members = [uri for uri in rows.image_uri if split_member_uri(uri)]
-    placed = {}
-    if members and args.extract_to:
-        if args.format == "labelstudio" and FileSystems.get_scheme(args.extract_to) is None:
-            # A folder Label Studio cannot serve fails here, before anything is extracted.
-            image_url(os.path.join(args.extract_to, "member"), args.local_files_root)
-        digests = dict(zip(rows.image_uri, rows.sha256, strict=True))
-        placed = extract_members(members, args.extract_to, digests)
-        print(f"extracted {len(placed):,} archive members to {args.extract_to}")
-    elif members and args.format == "labelstudio":
-        raise options.UsageError(
-            f"--extract_to: needed for archive members such as {members[0]} "
-            "(a labelling tool cannot open a member inside an archive)"
-        )
-    if placed or args.extract_to:
-        missing = rows.image_uri.isin(members) & ~rows.image_uri.isin(placed)
-        if missing.any():
-            print(
-                f"WARNING: {int(missing.sum()):,} archive members could not be extracted and are left out, "
-                f"such as {rows.image_uri[missing].iloc[0]}",
-                file=sys.stderr,
-            )
-            rows = rows[~missing]
-            if rows.empty:
-                raise options.UsageError(
-                    f"--extract_to {args.extract_to}: no archive member could be extracted "
-                    "(see the warnings; relative URIs are read from the current folder)"
-                )
-    if args.format == "labelstudio":
-        tasks = label_studio_tasks(rows, args.from_name, args.to_name, args.local_files_root, placed)
+    config = Config.from_args(parse("beamvision export-labels", __doc__.splitlines()[0], add_arguments, argv))
+    rows = read_results(config.results, COLUMNS).sort_values(["score", "image_uri"], kind="stable")
+    if config.queue:
+        rows = rows.head(config.queue)  # lowest top-1 scores first
+    rows, placed = _place_members(rows, config)
+    if config.format == "labelstudio":
+        tasks = label_studio_tasks(rows, config.from_name, config.to_name, config.local_files_root, placed)
         payload = json.dumps(tasks, indent=1).encode("utf-8")
     else:
         text = io.StringIO()
@@ -202,7 +172,43 @@ def run(argv: list[str] | None = None) -> int:
             for r in rows.itertuples()
         )
         payload = text.getvalue().encode("utf-8")
-    storage.write_atomic(args.output, payload)
-    what = f"the {len(rows):,} least certain" if args.queue else f"{len(rows):,}"
-    print(f"exported {what} images as {args.format} to {args.output}")
+    storage.write_atomic(config.output, payload)
+    what = f"the {len(rows):,} least certain" if config.queue else f"{len(rows):,}"
+    print(f"exported {what} images as {config.format} to {config.output}")
     return len(rows)
+
+
+def _place_members(rows, config: Config):
+    """Extracts the archive members among ``rows`` (``--extract_to``); the rows kept, and where each went.
+
+    Members that could not be extracted are left out, with a warning.
+    """
+    members = [uri for uri in rows.image_uri if split_member_uri(uri)]
+    placed = {}
+    if members and config.extract_to:
+        if config.format == "labelstudio" and FileSystems.get_scheme(config.extract_to) is None:
+            # A folder Label Studio cannot serve fails here, before anything is extracted.
+            image_url(os.path.join(config.extract_to, "member"), config.local_files_root)
+        digests = dict(zip(rows.image_uri, rows.sha256, strict=True))
+        placed = extract_members(members, config.extract_to, digests)
+        print(f"extracted {len(placed):,} archive members to {config.extract_to}")
+    elif members and config.format == "labelstudio":
+        raise UsageError(
+            f"--extract_to: needed for archive members such as {members[0]} "
+            "(a labelling tool cannot open a member inside an archive)"
+        )
+    if placed or config.extract_to:
+        missing = rows.image_uri.isin(members) & ~rows.image_uri.isin(placed)
+        if missing.any():
+            print(
+                f"WARNING: {int(missing.sum()):,} archive members could not be extracted and are left out, "
+                f"such as {rows.image_uri[missing].iloc[0]}",
+                file=sys.stderr,
+            )
+            rows = rows[~missing]
+            if rows.empty:
+                raise UsageError(
+                    f"--extract_to {config.extract_to}: no archive member could be extracted "
+                    "(see the warnings; relative URIs are read from the current folder)"
+                )
+    return rows, placed

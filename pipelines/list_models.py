@@ -5,12 +5,27 @@ Parameter counts are for the default input size and 1,000 classes.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 
 from beamvision.models import get_spec, list_models
-from beamvision.pipelines import options
+from beamvision.pipelines.flags import add_switch, parse
 
 COLUMNS = ("name", "input_size", "min_input_size", "preprocessing", "params", "imagenet_weights")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_switch(parser, "--json", "print a JSON list instead of a table")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    json: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        return cls(args.json)
 
 
 def rows() -> list[dict]:
@@ -50,7 +65,7 @@ def format_table(records: list[dict]) -> str:
 
 def run(argv: list[str] | None = None) -> list[dict]:
     """Prints the architecture table (or JSON with ``--json``) and returns the rows."""
-    args = options.parse("beamvision models", __doc__.splitlines()[0], options.add_models_arguments, argv)
+    config = Config.from_args(parse("beamvision models", __doc__.splitlines()[0], add_arguments, argv))
     records = rows()
-    print(json.dumps(records, indent=2) if args.json else format_table(records))
+    print(json.dumps(records, indent=2) if config.json else format_table(records))
     return records

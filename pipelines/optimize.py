@@ -16,6 +16,7 @@ openvino`` runs unchanged, and records the quantisation in its manifest (see
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import os
@@ -27,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from beamvision import storage
+from beamvision.models import ModelError
 from beamvision.models.artifact import (
-    MANIFEST_FILE,
     MODEL_FILE,
     Artifact,
     Manifest,
+    artifact_exists,
     fetch_file,
     load_artifact,
     new_manifest,
@@ -39,9 +41,10 @@ from beamvision.models.artifact import (
     save_artifact,
     verify_artifact,
 )
-from beamvision.models.dataset import LABELS_FILE, STATS_FILE, parse_example
+from beamvision.models.dataset import parse_example
 from beamvision.models.metrics import classification_metrics
-from beamvision.pipelines import options
+from beamvision.models.training import evaluation_split, local_shards, make_dataset, read_dataset_info
+from beamvision.pipelines.flags import UsageError, add_switch, parse, positive_int
 from beamvision.transforms.engines import OPENVINO_FILES, convert_openvino, has_openvino_model
 
 if TYPE_CHECKING:  # OpenVINO is imported where a model is converted, quantised or scored
@@ -51,6 +54,69 @@ CALIBRATION_SPLIT = "train"
 # An INT8 model more than this many points of accuracy below fp32 gets a warning.
 WARN_DROP_POINTS = 1.0
 EVALUATION_BATCH = 64
+QUANTIZATION_PRESETS = ("performance", "mixed")
+DEFAULT_CALIBRATION_SIZE = 300
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="MODEL", help="the model artifact to quantise, local or URI"
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PREFIX",
+        help="output of beamvision prepare for this model: its train split calibrates, "
+        "its test split measures the accuracy of both models",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="the INT8 model artifact to write, local or URI"
+    )
+    parser.add_argument(
+        "--calibration_size",
+        type=positive_int,
+        default=DEFAULT_CALIBRATION_SIZE,
+        metavar="N",
+        help=f"training images that calibrate (default {DEFAULT_CALIBRATION_SIZE}, "
+        "or the whole split if it is smaller)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=QUANTIZATION_PRESETS,
+        default="performance",
+        help="NNCF's quantisation preset: performance (default; symmetric weights and activations) "
+        "or mixed (asymmetric activations: can be more accurate where they are not centred on zero)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="which training images calibrate (default 0)"
+    )
+    parser.add_argument("--name", help="model name recorded in results (default: --model's)")
+    parser.add_argument(
+        "--version", help="model version recorded in results (default: --model's version + '-int8')"
+    )
+    add_switch(parser, "--overwrite", "replace an existing artifact at --output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str
+    data: str
+    output: str
+    calibration_size: int
+    preset: str
+    seed: int
+    name: str | None
+    version: str | None
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        model, output = args.model.rstrip("/"), args.output.rstrip("/")
+        if model == output:
+            # The INT8 artifact records the accuracy of its source: the source must stay.
+            raise UsageError(f"--output {args.output}: is --model; write the INT8 artifact to a new place")
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**given, "model": model, "data": args.data.rstrip("/"), "output": output})
 
 
 def run(argv: list[str] | None = None) -> Manifest:
@@ -59,67 +125,23 @@ def run(argv: list[str] | None = None) -> Manifest:
     Returns:
         The manifest of the INT8 artifact, as written.
     """
-    args = options.parse("beamvision optimize", __doc__.splitlines()[0], options.add_optimize_arguments, argv)
-    config = options.OptimizeConfig.from_args(args)
+    config = Config.from_args(parse("beamvision optimize", __doc__.splitlines()[0], add_arguments, argv))
     import openvino as ov  # (after the flags: --help needs neither OpenVINO nor Keras)
-
-    from beamvision.models.training import evaluation_split, local_shards
 
     started = time.monotonic()
     source = verify_artifact(config.model)
     labels, stats = _check_inputs(config, source)
-    totals = stats["totals"]
-    evaluated_on = evaluation_split(totals)  # as train scores
+    evaluated_on = evaluation_split(stats["totals"])  # as train scores
     artifact = load_artifact(config.model)  # the Keras model, saved unchanged into the new artifact
     with tempfile.TemporaryDirectory() as tmp:
-        calibration_shards = local_shards(
-            config.data, CALIBRATION_SPLIT, os.path.join(tmp, CALIBRATION_SPLIT)
-        )
-        images = calibration_sample(
-            calibration_shards,
-            source.input_size,
-            totals[CALIBRATION_SPLIT],
-            config.calibration_size,
-            config.seed,
-        )
-        print(
-            f"calibrating NNCF INT8 quantisation ({config.preset}) of {source.name} version {source.version} "
-            f"on {len(images):,} {CALIBRATION_SPLIT} images of {config.data} ...",
-            flush=True,
-        )
+        images = _calibration_images(config, source, stats, tmp)
         fp32_files = _openvino_files(artifact, os.path.join(tmp, "fp32"))
         fp32 = ov.Core().read_model(fp32_files[OPENVINO_FILES[0]])
         int8 = quantize(fp32, images, config.preset)
         int8_files = dict(zip(OPENVINO_FILES, _save(int8, os.path.join(tmp, "int8")), strict=True))
         evaluation_shards = local_shards(config.data, evaluated_on, os.path.join(tmp, evaluated_on))
         accuracy = compare_accuracy(fp32, int8, evaluation_shards, stats["image_size"], labels, source.labels)
-        record = {
-            "precision": "int8",
-            "method": {
-                "tool": "nncf",
-                "nncf_version": _nncf_version(),
-                "openvino_version": ov.get_version(),
-                "algorithm": "post-training quantization",
-                "preset": config.preset,
-            },
-            "source": {
-                "uri": config.model,
-                "name": source.name,
-                "version": source.version,
-                "model_sha256": source.files[MODEL_FILE]["sha256"],
-                "openvino": "stored" if has_openvino_model(source) else "converted",
-            },
-            "calibration": {
-                "data": config.data,
-                "split": CALIBRATION_SPLIT,
-                "images": len(images),
-                "requested": config.calibration_size,
-                "seed": config.seed,
-                "sample_sha256": sample_fingerprint(images),
-            },
-            "accuracy": {"split": evaluated_on, **accuracy},
-            "seconds": round(time.monotonic() - started, 1),
-        }
+        record = _quantization_record(config, source, images, {"split": evaluated_on, **accuracy}, started)
         manifest = new_manifest(
             artifact.model,
             source.architecture,
@@ -139,53 +161,91 @@ def run(argv: list[str] | None = None) -> Manifest:
     return manifest
 
 
-def _check_inputs(config: options.OptimizeConfig, source: Manifest) -> tuple[list[str], dict[str, Any]]:
+def _calibration_images(config: Config, source: Manifest, stats: dict[str, Any], tmp: str) -> np.ndarray:
+    """The calibration sample (``calibration_sample``), announced as calibration starts."""
+
+    shards = local_shards(config.data, CALIBRATION_SPLIT, os.path.join(tmp, CALIBRATION_SPLIT))
+    images = calibration_sample(
+        shards, source.input_size, stats["totals"][CALIBRATION_SPLIT], config.calibration_size, config.seed
+    )
+    print(
+        f"calibrating NNCF INT8 quantisation ({config.preset}) of {source.name} version {source.version} "
+        f"on {len(images):,} {CALIBRATION_SPLIT} images of {config.data} ...",
+        flush=True,
+    )
+    return images
+
+
+def _quantization_record(
+    config: Config, source: Manifest, images: np.ndarray, accuracy: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """The manifest's ``quantization``: method, source, calibration sample and accuracy of both models."""
+    import openvino as ov
+
+    return {
+        "precision": "int8",
+        "method": {
+            "tool": "nncf",
+            "nncf_version": _nncf_version(),
+            "openvino_version": ov.get_version(),
+            "algorithm": "post-training quantization",
+            "preset": config.preset,
+        },
+        "source": {
+            "uri": config.model,
+            "name": source.name,
+            "version": source.version,
+            "model_sha256": source.files[MODEL_FILE]["sha256"],
+            "openvino": "stored" if has_openvino_model(source) else "converted",
+        },
+        "calibration": {
+            "data": config.data,
+            "split": CALIBRATION_SPLIT,
+            "images": len(images),
+            "requested": config.calibration_size,
+            "seed": config.seed,
+            "sample_sha256": sample_fingerprint(images),
+        },
+        "accuracy": accuracy,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _check_inputs(config: Config, source: Manifest) -> tuple[list[str], dict[str, Any]]:
     """Refuses what cannot be quantised or measured, before any work; returns the data's labels and stats."""
-    from beamvision.models.training import read_dataset_info
+    from apache_beam.io.filesystems import FileSystems
 
     if quantization(source):
-        raise options.UsageError(
+        raise UsageError(
             f"--model {config.model}: is already quantised; optimize the float artifact it came from"
         )
-    if not config.overwrite and storage.exists(storage.join(config.output, MANIFEST_FILE)):
-        raise options.UsageError(
+    if not config.overwrite and artifact_exists(config.output):
+        raise UsageError(
             f"--output {config.output}: already holds a model artifact; "
             "choose a new place or pass --overwrite"
         )
-    _check_data(config.data)
-    labels, stats = read_dataset_info(config.data)
+    try:
+        labels, stats = read_dataset_info(config.data)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+    if not FileSystems.match([storage.join(config.data, f"{CALIBRATION_SPLIT}-*.tfrecord")])[0].metadata_list:
+        raise UsageError(
+            f"--data {config.data}: no {CALIBRATION_SPLIT}-*.tfrecord shards there to calibrate on"
+        )
     if stats["image_size"] != source.input_size:
-        raise options.UsageError(
+        raise UsageError(
             f"--data {config.data}: its images are {stats['image_size']}px, and --model {config.model} "
             f"takes {source.input_size}px (prepare the data with --image_size {source.input_size})"
         )
     unknown = [label for label in labels if label not in source.labels]
     if unknown:
-        raise options.UsageError(
+        raise UsageError(
             f"--data {config.data}: {len(unknown)} of its {len(labels)} classes are not labels of --model "
             f"{config.model} (first: {unknown[0]}), so its accuracy cannot be measured on it"
         )
     if not stats["totals"][CALIBRATION_SPLIT]:
-        raise options.UsageError(
-            f"--data {config.data}: the training split is empty; nothing to calibrate on"
-        )
+        raise UsageError(f"--data {config.data}: the training split is empty; nothing to calibrate on")
     return labels, stats
-
-
-def _check_data(prefix: str) -> None:
-    """``--data`` must hold a prepared dataset with training shards; the error names the flag."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if not all(storage.exists(storage.join(prefix, name)) for name in (LABELS_FILE, STATS_FILE)):
-        raise options.UsageError(
-            f"--data {prefix}: no prepared dataset there ({LABELS_FILE} and {STATS_FILE} not found; "
-            "beamvision prepare writes them)"
-        )
-    pattern = storage.join(prefix, f"{CALIBRATION_SPLIT}-*.tfrecord")
-    if not FileSystems.match([pattern])[0].metadata_list:
-        raise options.UsageError(
-            f"--data {prefix}: no {CALIBRATION_SPLIT}-*.tfrecord shards there to calibrate on"
-        )
 
 
 def calibration_sample(shards: list[str], image_size: int, total: int, size: int, seed: int) -> np.ndarray:
@@ -249,8 +309,6 @@ def compare_accuracy(
     """
     import openvino as ov
 
-    from beamvision.models.training import make_dataset
-
     core = ov.Core()
     compiled = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in (fp32, int8)]
     k = min(5, len(model_labels))
@@ -300,9 +358,7 @@ def _nncf_version() -> str:
     return nncf.__version__
 
 
-def _print_summary(
-    config: options.OptimizeConfig, manifest: Manifest, fp32_megabytes: float, seconds: float
-) -> None:
+def _print_summary(config: Config, manifest: Manifest, fp32_megabytes: float, seconds: float) -> None:
     record = manifest.quantization
     accuracy, calibration = record["accuracy"], record["calibration"]
     fp32, int8, drop = accuracy["fp32"]["accuracy"], accuracy["int8"]["accuracy"], accuracy["drop_points"]

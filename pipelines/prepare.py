@@ -4,7 +4,7 @@
 
 Input is a folder per class (``ROOT/<class>/...``), a CSV of ``uri,label`` or
 a Label Studio JSON export of reviewed tasks (``--labels tasks.json``: each
-task's annotation is its label; see ``label_studio_labels``).
+task's annotation is its label; see ``beamvision.pipelines.labelstudio``).
 Archives (.tar, .tar.gz, .zip) under ROOT, or ROOT itself an archive, give
 their members' classes by the member's first folder inside the archive
 (``cats/1.jpg``); a CSV may name members, ``ARCHIVE!/path/in/archive.jpg``.
@@ -16,16 +16,17 @@ runners), and written as TFRecord shards with labels.json and stats.json (see
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
 import sys
-import urllib.parse
 
 import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
+from beamvision.console import DEFAULT_PROGRESS_SECONDS
 from beamvision.models.dataset import (
     LABELS_FILE,
     SPLITS,
@@ -36,24 +37,109 @@ from beamvision.models.dataset import (
     serialize_example,
     shard_prefix,
 )
-from beamvision.pipelines import options
-from beamvision.pipelines.export_labels import LOCAL_FILES_URL
+from beamvision.pipelines.flags import (
+    UsageError,
+    add_decode_arguments,
+    add_progress_arguments,
+    add_switch,
+    add_worker_arguments,
+    check_file_exists,
+    fraction,
+    parse_pipeline_args,
+    positive_int,
+    worker_sizing,
+)
+from beamvision.pipelines.labelstudio import is_label_studio_export, label_studio_labels
+from beamvision.pipelines.launch import Job, run_job
+from beamvision.pipelines.reports import empty_classes_warning, format_prepared
 from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.outputs import ERRORS_PREFIX
-from beamvision.transforms.progress import ReportProgress, run_with_progress
+from beamvision.transforms.progress import ReportProgress
 from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
-from beamvision.transforms.write import SummarizeErrors, WriteErrors, format_error_groups
+from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
+from beamvision.transforms.write import SummarizeErrors, WriteErrors
 
 # Every file a prepare run writes under --output.
 OUTPUTS = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="ROOT",
+        help="dataset root: a folder per class (ROOT/<class>/...), local or gs://",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="instead of class folders: a CSV of uri,label, or a Label Studio JSON export (its "
+        "annotations; tasks without one are skipped); relative URIs are under ROOT",
+    )
+    parser.add_argument("--output", required=True, metavar="PREFIX", help="where TFRecord shards and JSON go")
+    parser.add_argument(
+        "--image_size",
+        type=positive_int,
+        required=True,
+        metavar="N",
+        help="square side the images are decoded and resized to",
+    )
+    parser.add_argument("--val_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
+    parser.add_argument("--test_fraction", type=fraction, default=0.1, metavar="F", help="default 0.1")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="salt of the split hash (default 0)")
+    add_decode_arguments(parser)
+    add_worker_arguments(parser, inference=False)
+    add_switch(parser, "--overwrite", "replace a prepared dataset already at --output")
+    add_progress_arguments(parser)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    input: str
+    labels: str | None
+    output: str
+    image_size: int
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    max_pixels: int
+    buffer_mb: int
+    overwrite: bool
+    workers: WorkerSizing = DEFAULT_SIZING
+    progress_every: float = DEFAULT_PROGRESS_SECONDS
+    detach: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        check_file_exists("--labels", args.labels)
+        if args.val_fraction + args.test_fraction >= 1.0:
+            raise UsageError(
+                f"--val_fraction {args.val_fraction} --test_fraction {args.test_fraction}: "
+                "together they must leave some training data (sum below 1)"
+            )
+        return cls(
+            args.input.rstrip("/"),
+            args.labels,
+            args.output.rstrip("/"),
+            args.image_size,
+            args.val_fraction,
+            args.test_fraction,
+            args.seed,
+            args.max_pixels,
+            args.buffer_mb,
+            args.overwrite,
+            worker_sizing(args),
+            args.progress_every,
+            args.detach,
+        )
+
+
 def build_pipeline(
     pipeline: beam.Pipeline,
-    config: options.PrepareConfig,
+    config: Config,
     reviewed: list[tuple[str, str]] | None = None,
     unannotated: int | None = None,
 ) -> None:
@@ -70,44 +156,21 @@ def build_pipeline(
     before the pass that decodes (for tar.gz and zip, which cannot skip
     data, archives are read twice).
     """
-    if config.labels:
-        if reviewed is not None:
-            pairs = pipeline | "ReviewedLabels" >> beam.Create(reviewed)
-        else:
-            pairs = (
-                pipeline
-                | "ReadLabelCsv" >> beam.io.ReadFromText(config.labels)
-                | "ParseLabels" >> beam.FlatMap(_csv_entry, config.input)
-            )
-        entries = pairs | "OncePerUri" >> beam.GroupByKey()
-        inputs = entries | "InputUris" >> beam.Keys()
-        labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
-        split = labelled.files | "SplitArchives" >> SplitArchives()
-        files, label_errors = split["files"], labelled[ERRORS_TAG]
-        named_classes = labelled.files | "ClassNames" >> beam.Map(lambda f: f.label)
-    else:
-        matched = pipeline | "MatchInputs" >> MatchInputs([config.input])
-        inputs = matched["inputs"]
-        split = matched["files"] | "SplitArchives" >> SplitArchives()
-        foldered = split["files"] | "Label" >> beam.ParDo(_FolderLabelFn(config.input)).with_outputs(
-            ERRORS_TAG, main="files"
-        )
-        files, label_errors = foldered.files, foldered[ERRORS_TAG]
-        # An archive's classes are its members' folders: a listing pass (names only) before the read.
-        listed = split["archives"] | "GroupToList" >> GroupArchives() | "ListArchives" >> ListArchiveMembers()
-        named_classes = (
-            (files, listed) | "Labelled" >> beam.Flatten() | "ClassNames" >> beam.Map(lambda f: f.label)
-        )
+    labelled = (
+        _labelled_by_file(pipeline, config, reviewed)
+        if config.labels
+        else _labelled_by_folder(pipeline, config)
+    )
     class_names = beam.pvalue.AsSingleton(
-        named_classes
+        labelled["named_classes"]
         | "DistinctClasses" >> beam.Distinct()
         | "SortedClasses" >> beam.combiners.ToList()
         | "Sort" >> beam.Map(sorted)
     )
     # A stage boundary on file names only, so that the read-to-write stage fuses whole.
     sizing = config.workers.for_pipeline(pipeline)
-    found = files | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles(sizing)
-    archives = split["archives"] | "GroupArchives" >> GroupArchives()
+    found = labelled["files"] | "SpreadReads" >> beam.Reshuffle() | "LookUpFiles" >> LookUpFiles(sizing)
+    archives = labelled["archives"] | "GroupArchives" >> GroupArchives()
     # Names of files and archives meet before the read: bytes never cross a stage boundary.
     requests = (found["files"], archives) | "FilesAndArchives" >> beam.Flatten()
     read = requests | "ReadFiles" >> ReadFiles(
@@ -117,26 +180,92 @@ def build_pipeline(
         config.image_size, config.max_pixels, config.buffer_mb, sizing
     )
     examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, config)
-    per_split = examples | "BySplit" >> beam.Partition(lambda e, _: SPLITS.index(e[0]), len(SPLITS))
-    written = [
-        per_split[i]
-        | f"Serialized{split.title()}" >> beam.Map(lambda e: e[2])
-        | f"Write{split.title()}"
-        >> beam.io.WriteToTFRecord(shard_prefix(config.output, split), file_name_suffix=".tfrecord")
-        for i, split in enumerate(SPLITS)
-    ]
+    written = _write_splits(examples, config.output)
     error_parts = {
         "found": found["errors"],
         "read": read["errors"],
         "decoded": decoded["errors"],
-        "labelled": label_errors,
+        "labelled": labelled["errors"],
     }
     errors = list(error_parts.values()) | "AllErrors" >> beam.Flatten()
     _ = examples | "ProgressResults" >> ReportProgress("results")
     _ = error_parts | "ProgressErrors" >> ReportProgress("errors")
-    counted = {"named": inputs, "unpacked": read["members"], "refused": label_errors}
+    counted = {"named": labelled["inputs"], "unpacked": read["members"], "refused": labelled["errors"]}
     inputs = counted | "CountedInputs" >> CountedInputs()
     written.append(errors | "WriteErrorShards" >> WriteErrors(config.output))
+    _write_stats(pipeline, config, unannotated, class_names, examples, inputs, errors, written)
+
+
+def _labelled_by_file(
+    pipeline: beam.Pipeline, config: Config, reviewed: list[tuple[str, str]] | None
+) -> dict:
+    """The files a labels CSV or a Label Studio export names, each with its one label.
+
+    Returns a dict of PCollections: ``inputs`` (each URI named), ``files``
+    (labelled ImageFiles), ``archives`` (archives to read members of),
+    ``errors`` (files without one label) and ``named_classes``.
+    """
+    if reviewed is not None:
+        pairs = pipeline | "ReviewedLabels" >> beam.Create(reviewed)
+    else:
+        pairs = (
+            pipeline
+            | "ReadLabelCsv" >> beam.io.ReadFromText(config.labels)
+            | "ParseLabels" >> beam.FlatMap(_csv_entry, config.input)
+        )
+    entries = pairs | "OncePerUri" >> beam.GroupByKey()
+    labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
+    split = labelled.files | "SplitArchives" >> SplitArchives()
+    return {
+        "inputs": entries | "InputUris" >> beam.Keys(),
+        "files": split["files"],
+        "archives": split["archives"],
+        "errors": labelled[ERRORS_TAG],
+        "named_classes": labelled.files | "ClassNames" >> beam.Map(lambda f: f.label),
+    }
+
+
+def _labelled_by_folder(pipeline: beam.Pipeline, config: Config) -> dict:
+    """The files under ROOT, each labelled by its class folder (an archive's members by theirs).
+
+    Returns the dict of PCollections ``_labelled_by_file`` returns.
+    """
+    matched = pipeline | "MatchInputs" >> MatchInputs([config.input])
+    split = matched["files"] | "SplitArchives" >> SplitArchives()
+    foldered = split["files"] | "Label" >> beam.ParDo(_FolderLabelFn(config.input)).with_outputs(
+        ERRORS_TAG, main="files"
+    )
+    # An archive's classes are its members' folders: a listing pass (names only) before the read.
+    listed = split["archives"] | "GroupToList" >> GroupArchives() | "ListArchives" >> ListArchiveMembers()
+    return {
+        "inputs": matched["inputs"],
+        "files": foldered.files,
+        "archives": split["archives"],
+        "errors": foldered[ERRORS_TAG],
+        "named_classes": (
+            (foldered.files, listed)
+            | "Labelled" >> beam.Flatten()
+            | "ClassNames" >> beam.Map(lambda f: f.label)
+        ),
+    }
+
+
+def _write_splits(examples, output: str) -> list:
+    """Writes each split's examples as TFRecord shards; returns the PCollections of file names written."""
+    per_split = examples | "BySplit" >> beam.Partition(lambda e, _: SPLITS.index(e[0]), len(SPLITS))
+    return [
+        per_split[i]
+        | f"Serialized{split.title()}" >> beam.Map(lambda e: e[2])
+        | f"Write{split.title()}"
+        >> beam.io.WriteToTFRecord(shard_prefix(output, split), file_name_suffix=".tfrecord")
+        for i, split in enumerate(SPLITS)
+    ]
+
+
+def _write_stats(
+    pipeline, config: Config, unannotated, class_names, examples, inputs, errors, written
+) -> None:
+    """labels.json and stats.json, once every shard is written (``written``: their file names)."""
     count = beam.combiners.Count
     _ = (
         pipeline
@@ -156,67 +285,6 @@ def build_pipeline(
             files=beam.pvalue.AsList(written | "AllWritten" >> beam.Flatten()),
         )
     )
-
-
-def is_label_studio_export(uri: str) -> bool:
-    """Whether ``--labels`` names a Label Studio JSON export (by its name) rather than a CSV."""
-    return uri.lower().endswith(".json")
-
-
-def label_studio_labels(text: str, root: str) -> tuple[list[tuple[str, str]], int]:
-    """(uri, label) per annotated task of a Label Studio JSON export, and how many had no annotation.
-
-    The label is the first choice of the task's latest annotation that was
-    not cancelled: a person's label overrides the model's prediction, and a
-    task nobody annotated is skipped (and counted). The image is the task's
-    ``source_uri`` (which ``export-labels`` sets: a file, a ``gs://`` object
-    or an archive member) or else its ``image``: a storage URI, or a
-    local-files URL, taken relative to ROOT.
-
-    Raises:
-        options.UsageError: the text is not a Label Studio JSON export.
-    """
-    try:
-        tasks = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise options.UsageError(f"--labels: not JSON ({exc})") from None
-    if not isinstance(tasks, list) or not all(isinstance(t, dict) and "data" in t for t in tasks):
-        raise options.UsageError(
-            "--labels: not a Label Studio JSON export (a list of tasks with data and annotations; "
-            "export with the JSON format, not JSON_MIN)"
-        )
-    labelled, unannotated = [], 0
-    for number, task in enumerate(tasks, 1):
-        try:
-            label = _annotated_choice(task.get("annotations") or [])
-            uri = _task_uri(task["data"], root)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise options.UsageError(f"--labels: task {number} is not a Label Studio task ({exc})") from None
-        if label is None or uri is None:
-            unannotated += 1
-        else:
-            labelled.append((uri, label))
-    return labelled, unannotated
-
-
-def _annotated_choice(annotations: list[dict]) -> str | None:
-    kept = [a for a in annotations if not a.get("was_cancelled")]
-    for annotation in sorted(kept, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0), reverse=True):
-        for result in annotation.get("result") or []:
-            choices = (result.get("value") or {}).get("choices") or []
-            if result.get("type") == "choices" and choices:
-                return str(choices[0])
-    return None
-
-
-def _task_uri(data: dict, root: str) -> str | None:
-    uri = data.get("source_uri") or data.get("image")
-    if not isinstance(uri, str) or not uri:
-        return None
-    if uri.startswith(LOCAL_FILES_URL):
-        uri = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("d", [""])[0]
-    named = listed_uri(uri, root=root)  # a relative path is under ROOT, as in a labels CSV
-    return named[0] if named else None
 
 
 def _csv_entry(line: str, root: str):
@@ -260,7 +328,7 @@ class _FolderLabelFn(beam.DoFn):
             )
 
 
-def _to_example(element, class_names: list[str], config: options.PrepareConfig) -> tuple[str, str, bytes]:
+def _to_example(element, class_names: list[str], config: Config) -> tuple[str, str, bytes]:
     """(ImageKey, pixels) to (split, class name, serialized tf.train.Example)."""
     key, pixels = element
     split = assign_split(
@@ -270,7 +338,7 @@ def _to_example(element, class_names: list[str], config: options.PrepareConfig) 
 
 
 class _WriteStatsFn(beam.DoFn):
-    def __init__(self, config: options.PrepareConfig, unannotated: int | None):
+    def __init__(self, config: Config, unannotated: int | None):
         self._config = config
         self._unannotated = unannotated
 
@@ -305,16 +373,16 @@ class _WriteStatsFn(beam.DoFn):
 
 def run(argv: list[str] | None = None) -> PipelineResult | None:
     """Runs prepare and prints what it wrote; with --dry_run, only builds the job graph (see classify)."""
-    args, pipeline_options = options.parse_pipeline_args(
-        "beamvision prepare", __doc__.splitlines()[0], options.add_prepare_arguments, argv
+    args, pipeline_options = parse_pipeline_args(
+        "beamvision prepare", __doc__.splitlines()[0], add_arguments, argv
     )
-    config = options.PrepareConfig.from_args(args)
+    config = Config.from_args(args)
     reviewed = unannotated = None
     if config.labels and is_label_studio_export(config.labels):
         try:
             text = storage.read_text(config.labels)
         except UnicodeDecodeError:
-            raise options.UsageError(f"--labels {config.labels}: not UTF-8 text") from None
+            raise UsageError(f"--labels {config.labels}: not UTF-8 text") from None
         reviewed, unannotated = label_studio_labels(text, config.input)
         print(
             f"{config.labels}: {len(reviewed):,} annotated tasks, "
@@ -322,38 +390,28 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         )
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, reviewed, unannotated)  # before any deletion: building can still fail
-    if options.is_dry_run(pipeline_options):
-        return options.build_only(pipeline)
-    options.check_detach(config.detach, pipeline)
     # Stale shards of an earlier run (another shard count) would be read by train.
-    options.claim_output(config.output, OUTPUTS, config.overwrite, "a prepared dataset")
-    result = run_with_progress(pipeline, "prepare", config.progress_every, config.detach)
-    if config.detach:
-        print(f"prepare: detached; the job writes {storage.join(config.output, STATS_FILE)} when it ends")
-        return result
-    stats_uri = storage.join(config.output, STATS_FILE)
-    if storage.exists(stats_uri):
-        stats = json.loads(storage.read_text(stats_uri))
-        if stats["inputs"] == 0:  # leave no empty dataset behind, so the corrected rerun is not refused
-            options.claim_output(config.output, OUTPUTS, True, "a prepared dataset")
-            source = f"--labels {config.labels}" if config.labels else f"--input {config.input}"
-            raise options.UsageError(f"{source}: names no file; nothing was prepared")
-        totals = ", ".join(f"{split} {n:,}" for split, n in stats["totals"].items())
-        print(
-            f"prepared {stats['examples']:,} of {stats['inputs']:,} images "
-            f"({totals}; {stats['errors']:,} errors), "
-            f"{len(stats['counts']['train'])} classes at {config.image_size}px, to {config.output}"
-        )
-        for line in format_error_groups(stats["error_groups"], config.output):
+    job = Job(
+        "prepare",
+        config.output,
+        OUTPUTS,
+        "a prepared dataset",
+        STATS_FILE,
+        config.overwrite,
+        config.progress_every,
+        config.detach,
+    )
+    source = f"--labels {config.labels}" if config.labels else f"--input {config.input}"
+    outcome = run_job(pipeline, pipeline_options, job, f"{source}: names no file; nothing was prepared")
+    stats = outcome.report
+    if stats is not None:
+        for line in format_prepared(stats, config.output):
             print(line)
-        if stats["empty_classes"]:
-            print(
-                f"WARNING: {len(stats['empty_classes'])} classes have no usable image: "
-                f"{', '.join(stats['empty_classes'][:10])} (see {ERRORS_PREFIX}-*.parquet)",
-                file=sys.stderr,
-            )
+        warning = empty_classes_warning(stats)
+        if warning:
+            print(warning, file=sys.stderr)
         print(
             f"next: beamvision train --data {config.output} --architecture mobilenet_v2 --output MODEL_DIR "
             "(every architecture: beamvision models)"
         )
-    return result
+    return outcome.result

@@ -18,17 +18,19 @@ Security Policy forbids scripts, so nothing in the data can run.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import importlib.resources
 import io
-import json
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
-from beamvision.pipelines import options
-from beamvision.pipelines.evaluate import read_results
+from beamvision.pipelines.flags import add_results_argument, add_switch, parse_pipeline_args, positive_int
+from beamvision.pipelines.launch import build_only, claim_output, is_dry_run
+from beamvision.pipelines.reports import read_errors, read_results, read_summary
 from beamvision.transforms.thumbnails import thumbnail_name
 
 PAGE = "index.html"
@@ -41,6 +43,45 @@ ERROR_COLUMNS = ["image_uri", "stage", "error_type", "message", "sha256"]
 DUPLICATE_GROUPS_SHOWN = 50
 URIS_SHOWN_PER_GROUP = 20
 LABELS_CHARTED = 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_results_argument(parser)
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="where index.html and its pictures go, local or URI"
+    )
+    parser.add_argument(
+        "--per_label",
+        type=positive_int,
+        default=12,
+        metavar="N",
+        help="thumbnails shown per label (default 12)",
+    )
+    parser.add_argument(
+        "--queue",
+        type=positive_int,
+        default=48,
+        metavar="N",
+        help="the N least certain images (lowest top-1 score) to review first (default 48)",
+    )
+    parser.add_argument(
+        "--thumbnail_size", type=positive_int, default=160, metavar="PX", help="longer side (default 160)"
+    )
+    add_switch(parser, "--overwrite", "replace an earlier report in --output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    results: str
+    output: str
+    per_label: int
+    queue: int
+    thumbnail_size: int
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _spread(uri: str) -> str:
@@ -187,41 +228,28 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
 
     from beamvision.transforms.thumbnails import MakeThumbnails
 
-    args, pipeline_options = options.parse_pipeline_args(
-        "beamvision review", __doc__.splitlines()[0], options.add_review_arguments, argv
+    args, pipeline_options = parse_pipeline_args(
+        "beamvision review", __doc__.splitlines()[0], add_arguments, argv
     )
-    results = read_results(args.results, RESULT_COLUMNS)
-    errors = read_results(args.results, ERROR_COLUMNS, prefix="errors")
-    content = review_content(results, errors, args.per_label, args.queue)
+    config = Config.from_args(args)
+    results = read_results(config.results, RESULT_COLUMNS)
+    errors = read_errors(config.results, ERROR_COLUMNS)
+    content = review_content(results, errors, config.per_label, config.queue)
     uris = sorted({image["uri"] for image in images_of(content)})
     pipeline = beam.Pipeline(options=pipeline_options)
     _ = (
         pipeline
         | "ShownImages" >> beam.Create(uris)
-        | "MakeThumbnails" >> MakeThumbnails(storage.join(args.output, THUMBNAILS), args.thumbnail_size)
+        | "MakeThumbnails" >> MakeThumbnails(storage.join(config.output, THUMBNAILS), config.thumbnail_size)
     )
-    if options.is_dry_run(pipeline_options):
-        return options.build_only(pipeline)
-    options.claim_output(args.output, OUTPUTS, args.overwrite, "a review")
+    if is_dry_run(pipeline_options):
+        return build_only(pipeline)
+    claim_output(config.output, OUTPUTS, config.overwrite, "a review")
     result = pipeline.run()
     result.wait_until_finish()
-    names = _thumbnails_made(args.output)
+    names = _thumbnails_made(config.output)
     made = {uri for uri in uris if thumbnail_name(uri) in names}
-    with_thumbnails(content, made)
-    for name, png in charts(results).items():
-        storage.write_atomic(storage.join(args.output, name), png)
-    summary_uri = storage.join(args.results, "summary.json")
-    summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else {}
-    heading = {
-        "results": args.results,
-        "model": f"{results.model_name.iloc[0]} version {results.model_version.iloc[0]}"
-        if len(results)
-        else "",
-        "inputs": summary.get("inputs"),
-        "skipped": summary.get("skipped", 0),
-    }
-    page = storage.join(args.output, PAGE)
-    storage.write_atomic(page, render(content, heading).encode("utf-8"))
+    page = _write_page(config, with_thumbnails(content, made), results)
     totals = content["totals"]
     print(
         f"reviewed {totals['results']:,} results and {totals['errors']:,} errors: {page} "
@@ -229,3 +257,21 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         f"{len(content['duplicates']):,} duplicate groups)"
     )
     return result
+
+
+def _write_page(config: Config, content: dict, results) -> str:
+    """Writes the charts and the page under ``--output``; returns the page's URI."""
+    for name, png in charts(results).items():
+        storage.write_atomic(storage.join(config.output, name), png)
+    summary = read_summary(config.results)
+    heading = {
+        "results": config.results,
+        "model": f"{results.model_name.iloc[0]} version {results.model_version.iloc[0]}"
+        if len(results)
+        else "",
+        "inputs": summary.get("inputs"),
+        "skipped": summary.get("skipped", 0),
+    }
+    page = storage.join(config.output, PAGE)
+    storage.write_atomic(page, render(content, heading).encode("utf-8"))
+    return page

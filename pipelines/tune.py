@@ -5,7 +5,8 @@
         --direct_running_mode multi_processing ...]
 
 Each trial is one element of the pipeline and runs ``beamvision train``'s own
-code (``train.train``) on the prepared TFRecords; successive halving ranks
+training step (``beamvision.models.trainer.train``) on the prepared TFRecords,
+with a ``TrainConfig`` built from the trial's values; successive halving ranks
 trials at fractions of their epochs and only the best go on
 (``transforms.trials``). Writes, under DIR: trials.parquet (a row per trial:
 flags, metric per epoch, final metrics, seconds, status, error), trials.txt
@@ -17,6 +18,8 @@ a rerun into the same DIR skips every trial rung already done.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -29,12 +32,25 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
-from beamvision import storage
-from beamvision.models import ModelError
-from beamvision.models.training import checkpoint_root, dataset_fingerprint, read_dataset_info
-from beamvision.pipelines import options, train
+from beamvision import storage, values
+from beamvision.models import ModelArgumentError, ModelError
+from beamvision.models.checkpoints import checkpoint_root
+from beamvision.models.trainer import MONITORS, VALUE_CHECKS, TrainConfig, defaults, train
+from beamvision.models.training import dataset_fingerprint, read_dataset_info
+from beamvision.pipelines.flags import (
+    UsageError,
+    add_switch,
+    check_engines,
+    check_file_exists,
+    model_argument_error,
+    parse_pipeline_args,
+    positive_int,
+    value_type,
+)
+from beamvision.pipelines.launch import build_only, is_dry_run
 from beamvision.pipelines.search_space import SearchSpace, SpaceError, parse_space
 from beamvision.pipelines.tune_report import best_record, influence, plot, table_text, trials_table
+from beamvision.transforms.engines import engine_files
 from beamvision.transforms.runners import runner_name, sees_local_disk
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.trials import (
@@ -57,87 +73,197 @@ TRIALS_FILE, TABLE_FILE, SUMMARY_FILE, PLOT_FILE, BEST_DIR = (
     "best",
 )
 SEARCH_FILE = "search.json"  # the search as run: flags, space, trials
+SEARCHES = ("grid", "random")
+DEFAULT_RANDOM_TRIALS = 10
+# Train flags a search space may not set, and why: tune sets them for every trial.
+TUNE_RESERVED = {
+    "data": "set by tune's --data",
+    "output": "tune writes each trial's artifact under --output",
+    "monitor": "set by tune's --metric",
+    "name": "the best trial's artifact is named by its architecture",
+    "version": "each trial's artifact is versioned by its training time",
+    "overwrite": "tune's --overwrite starts a search afresh",
+    "quiet": "a flag of tune's own run, not of its trials",
+    "verbose": "a flag of tune's own run, not of its trials",
+}
+# The rule of each value a trial may set: train's (and --engines', a flag of the artifact it writes).
+TRIAL_CHECKS = {
+    key: check
+    for key, check in {**VALUE_CHECKS, "engines": check_engines}.items()
+    if key not in TUNE_RESERVED
+}
+# What a trial must set that has no default (tune sets data and output).
+TRIAL_REQUIRED = [
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.default is dataclasses.MISSING and f.name not in TUNE_RESERVED
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="PREFIX", help="output of beamvision prepare")
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="where trials.parquet, summary.json, plot.png, best/ and each trial's files go",
+    )
+    parser.add_argument(
+        "--space",
+        required=True,
+        metavar="FILE",
+        help="YAML or JSON file of train flags: a value, a list of values, or {low, high, log, num}",
+    )
+    parser.add_argument(
+        "--search", choices=SEARCHES, default="random", help="grid: every combination; random (default)"
+    )
+    parser.add_argument(
+        "--trials",
+        type=positive_int,
+        metavar="N",
+        help=f"trials to run (default: {DEFAULT_RANDOM_TRIALS} random ones, or the whole grid)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=MONITORS,
+        default="val_accuracy",
+        help="validation metric that ranks trials and stops them early (default val_accuracy)",
+    )
+    parser.add_argument(
+        "--rungs",
+        type=positive_int,
+        default=2,
+        metavar="R",
+        help="successive halving: trials are ranked after E/F^(R-1), ..., E/F epochs (E: the longest "
+        "trial's) and only the best 1/F go on (default 2: at half; 1 runs every trial to the end)",
+    )
+    parser.add_argument(
+        "--reduction_factor",
+        type=value_type(
+            values.checked(int, lambda v: v >= 2, "an integer of at least 2"), "reduction_factor"
+        ),
+        default=2,
+        metavar="F",
+        help="the F of --rungs (default 2: the best half goes on)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="draws the random trials; each trial's train seed"
+    )
+    add_switch(parser, "--overwrite", "start afresh: delete the trials already in --output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: str
+    output: str
+    space: str
+    search: str
+    trials: int | None
+    metric: str
+    rungs: int
+    reduction_factor: int
+    seed: int
+    overwrite: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        check_file_exists("--space", args.space)
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        if args.search == "random" and args.trials is None:
+            given["trials"] = DEFAULT_RANDOM_TRIALS
+        return cls(**{**given, "data": args.data.rstrip("/"), "output": args.output.rstrip("/")})
 
 
 def load_space(uri: str) -> SearchSpace:
-    """The space file at ``uri``, every flag and value checked by train's parser (UsageError if not)."""
-    defaults = options.train_defaults()
+    """The space file at ``uri``, every flag and value checked by train's rules (UsageError if not)."""
 
     def check(flag: str, value: Any) -> None:
-        flags = {"data": "d", "architecture": "squeezenet", "output": "o", flag: value}
         try:
-            options.parse("beamvision train", "", options.add_train_arguments, options.train_flag_argv(flags))
-        except options.UsageError as exc:
-            raise SpaceError(f"{flag}: {str(exc).removeprefix('beamvision train: error: ')}") from None
+            TRIAL_CHECKS[flag](value)
+        except ValueError as exc:
+            raise SpaceError(f"{flag}: argument --{flag}: {exc}") from None
 
     try:
         text = storage.read_text(uri)
     except (OSError, UnicodeError) as exc:
-        raise options.UsageError(f"--space {uri}: cannot be read as text ({exc})") from None
+        raise UsageError(f"--space {uri}: cannot be read as text ({exc})") from None
     try:
-        return parse_space(text, set(defaults) - set(options.TUNE_RESERVED), check, options.TUNE_RESERVED)
+        return parse_space(text, set(TRIAL_CHECKS), check, TUNE_RESERVED)
     except SpaceError as exc:
-        raise options.UsageError(f"--space {uri}: {exc}") from None
+        raise UsageError(f"--space {uri}: {exc}") from None
 
 
-def plan_trials(config: options.TuneConfig, space: SearchSpace, fingerprint: str) -> list[dict[str, Any]]:
+def plan_trials(config: Config, space: SearchSpace, fingerprint: str) -> list[dict[str, Any]]:
     """The trials in order: index, id, train flags (with the search's seed unless it varies), epochs.
 
-    Each trial's flags are parsed as train parses its argv, so a flag that
-    every trial lacks (``architecture``) fails here, before any work; only
-    what train refuses in combination (``freeze_base`` without pretrained
-    weights) is left for the trial's own error row.
+    A value that every trial lacks (``architecture``) fails here, before any
+    work; only what train refuses in combination (``freeze_base`` without
+    pretrained weights) is left for the trial's own error row.
     """
     try:
         drawn = space.trials(config.search, config.trials, config.seed)
     except SpaceError as exc:
-        raise options.UsageError(f"--space {config.space}: {exc}") from None
-    defaults = options.train_defaults()
+        raise UsageError(f"--space {config.space}: {exc}") from None
+    default = defaults()
     identity = {  # whatever else shapes a trial's results, so a changed search reuses no record
         "dataset": fingerprint,
         "metric": config.metric,
         "rungs": config.rungs,
         "reduction_factor": config.reduction_factor,
-        "defaults": {k: v for k, v in defaults.items() if k not in options.TUNE_RESERVED},
+        "defaults": {
+            k: v for k, v in {**dict.fromkeys(TRIAL_REQUIRED), **default}.items() if k not in TUNE_RESERVED
+        },
     }
     trials = []
     for index, flags in enumerate(drawn):
         flags = {**flags, "seed": flags.get("seed", config.seed)}
-        argv = options.train_flag_argv({"data": "d", "output": "o", **flags})
-        try:
-            options.parse("beamvision train", "", options.add_train_arguments, argv)
-        except options.UsageError as exc:
-            message = str(exc).removeprefix("beamvision train: error: ")
-            raise options.UsageError(f"--space {config.space}: trial {index} ({flags}): {message}") from None
+        missing = [f"--{key}" for key in TRIAL_REQUIRED if key not in flags]
+        if missing:
+            raise UsageError(
+                f"--space {config.space}: trial {index} ({flags}): "
+                f"the following arguments are required: {', '.join(missing)}"
+            )
         trials.append(
             {
                 "index": index,
                 "trial_id": trial_id(index, flags, identity),
                 "flags": flags,
-                "epochs_planned": int(flags.get("epochs", defaults["epochs"])),
+                "epochs_planned": int(flags.get("epochs", default["epochs"])),
             }
         )
     return trials
+
+
+def trial_config(data: str, metric: str, flags: dict, output: str) -> TrainConfig:
+    """A trial's TrainConfig: its values (as train's rules take them) and what tune sets for every trial."""
+    checked = {key: TRIAL_CHECKS[key](value) for key, value in flags.items()}
+    return TrainConfig(**checked, data=data, output=output, monitor=metric, overwrite=True)
 
 
 _ONE_TRIAL_AT_A_TIME = threading.Lock()
 
 
 def train_trial(data: str, metric: str, flags: dict, output: str, pause_after: int | None, extra: dict):
-    """One trial: train's flag checks, then train's own training (TrialError for refused flags)."""
+    """One trial: train's checks, then train's own training step (TrialError for refused values)."""
     import keras
 
-    values = {**flags, "data": data, "output": output, "monitor": metric, "overwrite": True}
     # Keras's session, seeds and TensorFlow's pools are the process's: a process that runs bundles
     # on several threads (Dataflow's one SDK process per machine) trains one trial at a time.
     with _ONE_TRIAL_AT_A_TIME:
         keras.utils.clear_session()  # a worker trains trial after trial: each starts afresh
         try:
-            outcome = train.train(
-                options.train_config(values), pause_after, extra, f"trial {extra['trial']['index']}"
+            config = trial_config(data, metric, flags, output)
+            config.check()
+        except ModelArgumentError as exc:
+            raise TrialError(str(model_argument_error(exc))) from None
+        except ValueError as exc:  # a ModelError, or a value refused (the space was checked: unlikely)
+            raise TrialError(str(exc)) from None
+        try:
+            outcome = train(
+                config, pause_after, extra, f"trial {extra['trial']['index']}", engine_files=engine_files
             )
-        except (options.UsageError, ModelError) as exc:
-            raise TrialError(str(exc).removeprefix("beamvision train: error: ")) from None
+        except ModelError as exc:
+            raise TrialError(str(exc)) from None
     return outcome.history, outcome.epochs_run, outcome.manifest
 
 
@@ -152,7 +278,7 @@ def size_trial_threads(sizing: WorkerSizing) -> None:
     set_tensorflow_threads(sizing.threads("inference"))
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: options.TuneConfig, space, trials: list[dict]) -> None:
+def build_pipeline(pipeline: beam.Pipeline, config: Config, space, trials: list[dict]) -> None:
     sizing = DEFAULT_SIZING.for_pipeline(pipeline)
     finished = (
         pipeline
@@ -174,7 +300,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: options.TuneConfig, space, t
     )
 
 
-def write_report(records: list[dict], config: options.TuneConfig, varied: list[str], log_flags: list[str]):
+def write_report(records: list[dict], config: Config, varied: list[str], log_flags: list[str]):
     """trials.parquet, trials.txt, plot.png, best/ and summary.json (last: the search's commit point)."""
     import pyarrow.parquet as pq
 
@@ -230,25 +356,25 @@ def write_report(records: list[dict], config: options.TuneConfig, varied: list[s
 
 def run(argv: list[str] | None = None) -> PipelineResult | None:
     """Checks the data and the space before any work, runs the search, prints its table and summary."""
-    args, pipeline_options = options.parse_pipeline_args(
-        "beamvision tune", __doc__.splitlines()[0], options.add_tune_arguments, argv
+    args, pipeline_options = parse_pipeline_args(
+        "beamvision tune", __doc__.splitlines()[0], add_arguments, argv
     )
-    config = options.TuneConfig.from_args(args)
+    config = Config.from_args(args)
     started = time.monotonic()
     labels, stats = read_dataset_info(config.data)
     if not stats["totals"].get("val"):
-        raise options.UsageError(
+        raise UsageError(
             f"--data {config.data}: has no validation split, which ranks the trials "
             "(prepare with --val_fraction above 0)"
         )
     space = load_space(config.space)
     trials = plan_trials(config, space, dataset_fingerprint(config.data, labels, stats))
     if not trials:
-        raise options.UsageError(f"--space {config.space}: gives no trial")
+        raise UsageError(f"--space {config.space}: gives no trial")
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, space, trials)
-    if options.is_dry_run(pipeline_options):
-        return options.build_only(pipeline)
+    if is_dry_run(pipeline_options):
+        return build_only(pipeline)
     _check_shared_storage(config, pipeline)
     if config.overwrite:
         for name in (TRIALS_DIR, BEST_DIR):
@@ -276,7 +402,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     return result
 
 
-def _check_shared_storage(config: options.TuneConfig, pipeline: beam.Pipeline) -> None:
+def _check_shared_storage(config: Config, pipeline: beam.Pipeline) -> None:
     """Workers of a remote runner cannot see this machine's disk: data and output must be in storage."""
     from apache_beam.io.filesystems import FileSystems
 
@@ -285,9 +411,7 @@ def _check_shared_storage(config: options.TuneConfig, pipeline: beam.Pipeline) -
     runner = runner_name(pipeline)
     for flag, uri in (("--data", config.data), ("--output", config.output)):
         if FileSystems.get_scheme(uri) is None:
-            raise options.UsageError(
-                f"{flag} {uri}: a local path, which {runner}'s workers cannot reach (use gs://)"
-            )
+            raise UsageError(f"{flag} {uri}: a local path, which {runner}'s workers cannot reach (use gs://)")
 
 
 def _rungs_done(output: str, trials: list[dict]) -> int:
@@ -301,7 +425,7 @@ def _rungs_done(output: str, trials: list[dict]) -> int:
     )
 
 
-def _format_summary(summary: dict, config: options.TuneConfig, seconds: float) -> str:
+def _format_summary(summary: dict, config: Config, seconds: float) -> str:
     lines = [
         f"tune: {summary['trials']} trials in {seconds:.0f}s "
         f"({summary['seconds_in_trials']:.0f}s of training in the workers): "

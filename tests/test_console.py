@@ -16,9 +16,10 @@ from terminal import STARTUP_NOISE, progress_lines
 
 from beamvision import console, stderr_filter
 from beamvision.models.training import epoch_line
+from beamvision.pipelines import launch
 from beamvision.pipelines.cli import main
-from beamvision.transforms import progress
-from beamvision.transforms.write import format_error_groups, merge_error_groups
+from beamvision.pipelines.reports import format_error_groups
+from beamvision.transforms.write import merge_error_groups
 
 # Lines as TensorFlow 2.21, absl and gRPC print them (from a classify run before the quiet start).
 TF_LINES = [
@@ -270,7 +271,7 @@ class _DataflowResult:
 
 def _follow(job: _DataflowResult, capsys) -> list[dict]:
     console.configure()
-    progress.watch_job(job, console.ProgressLine("classify", every=0.0), interval=0.04)
+    launch.watch_job(job, console.ProgressLine("classify", every=0.0), interval=0.04)
     return progress_lines(capsys.readouterr().err, "classify")
 
 
@@ -302,7 +303,7 @@ def test_the_console_url_names_region_job_and_project():
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(["--project", "my-proj", "--region", "europe-west4"])
-    url = progress.console_url(_DataflowResult([PipelineState.DONE], []), options)
+    url = launch.console_url(_DataflowResult([PipelineState.DONE], []), options)
     assert (
         url
         == "https://console.cloud.google.com/dataflow/jobs/europe-west4/2026-12-02_01_02_03-42?project=my-proj"

@@ -11,7 +11,7 @@ import sys
 import pytest
 from terminal import assert_no_startup_noise, progress_lines
 
-from beamvision.pipelines.options import add_classify_arguments
+from beamvision.pipelines.classify import add_arguments as add_classify_arguments
 
 DEPLOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy")
 
@@ -41,9 +41,9 @@ def test_flex_template_entry_point_runs_classify():
 
 
 def _flags(text: str):
-    from beamvision.pipelines import options
+    from beamvision.pipelines import flags
 
-    return options.parse_pipeline_args(
+    return flags.parse_pipeline_args(
         "t", "t", add_classify_arguments, ["--model", "m", "--output", "o", *text.split()]
     )
 
@@ -74,7 +74,7 @@ def test_on_off_flags_take_true_false_as_flex_templates_pass_them(given, embeddi
     ],
 )
 def test_an_on_off_flag_with_another_value_is_one_line(given, expected):
-    from beamvision.pipelines.options import UsageError
+    from beamvision.pipelines.flags import UsageError
 
     with pytest.raises(UsageError, match=expected):
         _flags(given)
@@ -202,10 +202,10 @@ def test_the_scheduler_launch_body_uses_only_template_parameters():
     assert template_parameters["incremental"] == "true" and "run_id" not in template_parameters
     assert all(isinstance(v, str) for v in launch["parameters"].values())  # the API takes strings
     assert launch["containerSpecGcsPath"].startswith("gs://") and launch["environment"]["tempLocation"]
-    from beamvision.pipelines import options
+    from beamvision.pipelines import flags
 
     argv = [f"--{k}={v}" for k, v in template_parameters.items()]
-    args, _ = options.parse_pipeline_args("t", "t", add_classify_arguments, argv)
+    args, _ = flags.parse_pipeline_args("t", "t", add_classify_arguments, argv)
     assert args.incremental is True and args.output == "gs://BUCKET/catalog"
 
 

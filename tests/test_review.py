@@ -20,7 +20,7 @@ from photos import write_photo_classes
 from beamvision import storage
 from beamvision.models import create_model
 from beamvision.models.artifact import new_manifest, save_artifact
-from beamvision.pipelines import classify, review
+from beamvision.pipelines import classify, reports, review
 from beamvision.pipelines.cli import main
 
 HOSTILE = "<img src=x onerror=alert(1)>.jpg"
@@ -80,8 +80,8 @@ def test_the_report_loads_offline_and_every_thumbnail_renders(classified, capsys
 
 def test_content_sections_follow_the_rows(classified):
     _, results = classified
-    rows = review.read_results(results, review.RESULT_COLUMNS)
-    errors = review.read_results(results, review.ERROR_COLUMNS, prefix="errors")
+    rows = reports.read_results(results, review.RESULT_COLUMNS)
+    errors = reports.read_errors(results, review.ERROR_COLUMNS)
     content = review.review_content(rows, errors, per_label=2, queue=3)
     assert [i["score"] for i in content["queue"]] == sorted(rows.score)[:3]
     assert sum(s["count"] for s in content["per_label"]) == len(rows)
@@ -97,9 +97,9 @@ def test_content_sections_follow_the_rows(classified):
 
 def test_hostile_labels_and_names_are_escaped_in_the_html(classified):
     _, results = classified
-    rows = review.read_results(results, review.RESULT_COLUMNS)
+    rows = reports.read_results(results, review.RESULT_COLUMNS)
     rows.loc[0, "label"] = HOSTILE_LABEL
-    errors = review.read_results(results, review.ERROR_COLUMNS, prefix="errors")
+    errors = reports.read_errors(results, review.ERROR_COLUMNS)
     content = review.with_thumbnails(review.review_content(rows, errors, 3, 3), set())
     page = review.render(
         content, {"results": "<script>x()</script>", "model": None, "inputs": 1, "skipped": 0}

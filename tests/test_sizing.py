@@ -103,16 +103,16 @@ def _classify_dofns(argv: list[str]) -> dict[str, object]:
     """The DoFns of classify's read, decode and inference steps, as its job graph holds them."""
     from beamvision.models import create_model
     from beamvision.models.artifact import new_manifest
-    from beamvision.pipelines import classify, options
+    from beamvision.pipelines import classify, flags
 
-    args, pipeline_options = options.parse_pipeline_args(
-        "t", "t", options.add_classify_arguments, ["--input", "x/*", "--model", "m", "--output", "o", *argv]
+    args, pipeline_options = flags.parse_pipeline_args(
+        "t", "t", classify.add_arguments, ["--input", "x/*", "--model", "m", "--output", "o", *argv]
     )
     model = create_model("squeezenet", num_classes=3, input_size=32)
     pipeline = beam.Pipeline(options=pipeline_options)
     classify.build_pipeline(
         pipeline,
-        options.ClassifyConfig.from_args(args),
+        classify.Config.from_args(args),
         new_manifest(model, "squeezenet", ["a", "b", "c"], "none"),
     )
     found = {}

@@ -200,7 +200,7 @@ def test_demo_without_scikit_learn_says_what_to_install(monkeypatch, tmp_path, c
 
 
 def test_checkpoints_resume_only_the_same_training_config(tmp_path, monkeypatch):
-    from beamvision.models.training import checkpoint_dir, checkpoint_root
+    from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root
 
     config = {"architecture": "squeezenet", "epochs": 4, "learning_rate": 0.001}
     same = checkpoint_dir("/runs/model", dict(config))
@@ -218,7 +218,8 @@ def test_a_checkpoint_restores_its_epochs_history_and_early_stopping_state(tmp_p
     """What a resumed run (a kill, tune's next rung) takes from its checkpoint."""
     import keras
 
-    from beamvision.models.training import ResumableEarlyStopping, restore_checkpoint
+    from beamvision.models.callbacks import ResumableEarlyStopping
+    from beamvision.models.checkpoints import restore_checkpoint
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -463,7 +464,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
         ),
         (
             ["train", "--data", "/nope", "--architecture", "squeezenet", "--output", "/tmp/o-nope"],
-            "no prepared dataset at /nope",
+            "--data /nope: no prepared dataset there",
         ),
         (
             ["train", "--data", "d", "--architecture", "squeezenet", "--output", "o", "--freeze_base"],
@@ -605,7 +606,7 @@ def test_a_model_near_chance_is_flagged_loudly(prepared, tmp_path, capsys):
 def test_batchnorm_statistics_are_re_estimated_from_training_batches(photo_batch):
     import keras
 
-    from beamvision.models.training import CalibrateBatchNorm
+    from beamvision.models.callbacks import CalibrateBatchNorm
 
     inputs = keras.Input((8, 8, 3))
     frozen = keras.layers.BatchNormalization(name="frozen")

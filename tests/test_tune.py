@@ -19,7 +19,8 @@ from photos import write_photo_classes
 
 from beamvision import storage
 from beamvision.models.artifact import load_artifact
-from beamvision.pipelines import classify, options, prepare, train, tune
+from beamvision.models.trainer import TrainConfig, train
+from beamvision.pipelines import classify, prepare, tune
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.search_space import SpaceError
 from beamvision.pipelines.tune_report import influence
@@ -272,15 +273,13 @@ def test_prepare_train_and_tune_from_a_bucket(tmp_path, gcs_bucket, capsys):
 
     # train on gs://: a run paused after one epoch keeps its checkpoint in the bucket and goes on.
     model = f"{gcs_bucket}/models/photos"
-    config = options.train_config(
-        {"data": data, "output": model, "architecture": "squeezenet", "epochs": 2, "batch_size": 8}
-    )
-    paused = train.train(config, pause_after=1)
+    config = TrainConfig(data=data, output=model, architecture="squeezenet", epochs=2, batch_size=8)
+    paused = train(config, pause_after=1)
     assert paused.paused and paused.epochs_run == 1
     kept = [os.path.basename(u) for u in storage.list_files(f"{model}.checkpoints")]
     assert {"latest.weights.h5", "training_metadata.json", "history.json", "best.weights.npz"} <= set(kept)
     capsys.readouterr()
-    finished = train.train(config)
+    finished = train(config)
     trained = capsys.readouterr().out
     assert "train epoch 2/2: " in trained and "epoch 1/2" not in trained  # resumed from the bucket
     assert finished.epochs_run == 2 and len(finished.history["val_accuracy"]) == 2

@@ -6,13 +6,13 @@ Layout under the output directory (names from ``beamvision.transforms.outputs``)
     errors-SSSSS-of-NNNNN.parquet    one row per input that could not be classified
     summary.json                     written last, after every shard is in place
 
-The row schemas are in ``beamvision.transforms.rows``.
+The row schemas are in ``beamvision.transforms.rows``; what a run prints of
+its summary is ``beamvision.pipelines.reports``.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from typing import Any
 
@@ -24,7 +24,6 @@ from beamvision.transforms.read import unmatched_patterns
 from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
 TOP_LABELS_IN_SUMMARY = 20
-ERROR_GROUPS_PRINTED = 8
 
 
 def build_summary(
@@ -63,68 +62,6 @@ def build_summary(
     }
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """A few human-readable lines for the end of a run: what happened, what needs attention, what next."""
-    labels = ", ".join(f"{x['label']} ({x['count']})" for x in summary["top_labels"][:5]) or "none"
-    status = "" if summary["complete"] else "  WARNING: inputs != results + errors + skipped"
-    skipped = (
-        f", {summary['skipped']:,} skipped (classified by an earlier run)" if summary.get("skipped") else ""
-    )
-    unmatched = [f"WARNING: --input {p} matched no file" for p in summary.get("unmatched_patterns", [])]
-    if summary.get("archive_members_not_images"):
-        skipped += f", {summary['archive_members_not_images']:,} archive members not images (passed over)"
-    return "\n".join(
-        [
-            *unmatched,
-            f"classified {summary['results']:,} of {summary['inputs']:,} images, "
-            f"{summary['errors']:,} errors{skipped}, in {summary['seconds']:.1f}s "
-            f"({summary['images_per_second'] or 0:.1f} images/s){status}",
-            f"model: {summary['model']['name']} version {summary['model']['version']}"
-            + _engine(summary["model"])
-            + _timing(summary.get("timing", {})),
-            f"top labels: {labels}",
-            *format_error_groups(summary.get("error_groups", []), summary["output"]),
-            f"outputs: {summary['output']} ({RESULTS_PREFIX}-*.parquet, {ERRORS_PREFIX}-*.parquet, "
-            f"{SUMMARY_FILE})",
-            f"read them: {read_results_command(summary['output'])}",
-            f"review them: beamvision review --results {summary['output']} --output "
-            f"{summary['output'].rstrip('/')}-review",
-        ]
-    )
-
-
-def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
-    """The summary's lines on errors: each (stage, type) with its count and a sample; none without errors."""
-    if not groups:
-        return []
-    total = sum(group["count"] for group in groups)
-    rows = f"{total:,} row" + ("" if total == 1 else "s")
-    lines = [f"errors by stage and type ({rows} in {storage.join(output, ERRORS_PREFIX)}-*.parquet):"]
-    width = len(f"{groups[0]['count']:,}")
-    for group in groups[:ERROR_GROUPS_PRINTED]:
-        message = " ".join(group["sample_message"].split())
-        message = message if len(message) <= 100 else message[:99] + "…"
-        lines.append(
-            f"  {group['count']:>{width},}  {group['stage']} {group['error_type']}, "
-            f"e.g. {group['sample_uri']}: {message}"
-        )
-    if len(groups) > ERROR_GROUPS_PRINTED:
-        lines.append(
-            f"  ... and {len(groups) - ERROR_GROUPS_PRINTED} more (stage, type) pairs, in {SUMMARY_FILE}"
-        )
-    return lines
-
-
-def read_results_command(output: str) -> str:
-    """A shell command that prints the first results of a classify output (local or gs://), with pyarrow."""
-    code = (
-        f'import pyarrow.dataset as ds; print(*ds.dataset({json.dumps(output)}, format="parquet", '
-        'ignore_prefixes=[".", "errors-", "summary"]).head(10, columns=["image_uri", "label", "score"])'
-        '.to_pylist(), sep="\\n")'
-    )
-    return f"python -c {shlex.quote(code)}"
-
-
 def merge_error_groups(values) -> tuple[int, str, str]:
     """(count, sample URI, its message) of one (stage, error type) merged: counts add, the first URI stays."""
     count, sample = 0, None
@@ -161,17 +98,6 @@ class SummarizeErrors(beam.PTransform):
             | "Gathered" >> beam.combiners.ToList()
             | "MostFirst" >> beam.Map(sorted, key=lambda g: (-g["count"], g["stage"], g["error_type"]))
         )
-
-
-def _engine(model: dict[str, Any]) -> str:
-    return f" ({model['engine']} {model['precision']})" if "engine" in model else ""
-
-
-def _timing(timing: dict[str, float]) -> str:
-    if "first_batch_seconds" not in timing:
-        return ""
-    load = f", model loaded in {timing['model_load_seconds']:.1f}s" if "model_load_seconds" in timing else ""
-    return f"; first batch after {timing['first_batch_seconds']:.1f}s{load}"
 
 
 class WriteErrors(beam.PTransform):

@@ -71,7 +71,7 @@ def requested(argv: Sequence[str], flag: str) -> bool:
 
     Read before anything is imported, so that the quiet start begins first; the
     flags are declared, and bad values refused, with each command's other
-    flags (``beamvision.pipelines.options``).
+    flags (``beamvision.pipelines.flags``).
     """
     for i, arg in enumerate(argv):
         if arg == "--":

@@ -1,0 +1,448 @@
+"""One training run: its config (``TrainConfig``, with the rules of each value) and the step itself.
+
+``beamvision train`` turns its flags into a ``TrainConfig``; ``beamvision
+tune`` builds one per trial from the trial's values. Both check values with
+``check_value`` (the rules of ``VALUE_CHECKS``: ranges, choices, the
+augmentations), so a value is refused in the same words whether it came as a
+flag or from a space file, and both check what depends on several values
+with ``TrainConfig.check``.
+
+``train(config)`` reads the prepared data, builds and fits the model
+(BatchNorm statistics re-estimated before each validation, checkpoints so an
+interrupted run resumes, early stopping with the best weights restored),
+evaluates it on the test split and exports the artifact, with the training
+config, the dataset fingerprint and the metrics in its manifest and
+metrics.json beside it. With ``pause_after`` it stops after that many epochs
+and keeps its checkpoint instead (tune's rungs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from beamvision import console, storage, values
+from beamvision.models.artifact import Manifest, artifact_exists, new_manifest, save_artifact
+from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, restore_checkpoint
+from beamvision.models.errors import ModelArgumentError, ModelError
+from beamvision.models.registry import get_spec, list_models
+from beamvision.models.training import (
+    build_model,
+    chance_accuracy,
+    compile_model,
+    dataset_fingerprint,
+    evaluate,
+    evaluation_split,
+    local_shards,
+    make_dataset,
+    prepare_for_training,
+    read_dataset_info,
+    steps_for,
+)
+
+if TYPE_CHECKING:  # Keras is imported once a run starts
+    import keras
+
+AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+MONITORS = ("val_accuracy", "val_loss")
+METRICS_FILE = "metrics.json"
+# A final accuracy that closes at most this share of the gap from chance (the most
+# frequent class's share) to 100% gets a warning, and near_chance in metrics.json.
+NEAR_CHANCE = 0.25
+
+# The rule of each value a run takes, whether given as a flag's text or a file's value.
+VALUE_CHECKS: dict[str, values.Check] = {
+    "architecture": values.one_of(list_models()),
+    "input_size": values.positive_int,
+    "weights": values.text,
+    "freeze_base": values.switch,
+    "epochs": values.positive_int,
+    "steps_per_epoch": values.positive_int,
+    "batch_size": values.positive_int,
+    "optimizer": values.one_of(OPTIMIZERS),
+    "learning_rate": values.non_negative_float,
+    "augment": values.subset_of(AUGMENTATIONS),
+    "label_smoothing": values.fraction,
+    "early_stopping_patience": values.positive_int,
+    "monitor": values.one_of(MONITORS),
+    "seed": values.integer,
+}
+
+# The files of engines to store beside a model: (model, manifest, engines, folder) -> name -> local path
+# (``beamvision.transforms.engines.engine_files``, which the commands pass in).
+EngineFiles = Callable[["keras.Model", Manifest, tuple[str, ...], str], dict[str, str]]
+
+
+def check_value(key: str, value: Any) -> Any:
+    """``value`` as the run takes it (``VALUE_CHECKS``); ValueError, saying what was expected, if not."""
+    return VALUE_CHECKS[key](value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run takes; the defaults are ``beamvision train``'s."""
+
+    data: str
+    architecture: str
+    output: str
+    input_size: int | None = None  # None: the prepared image size
+    weights: str = "none"  # none, imagenet, an artifact or a weights file
+    freeze_base: bool = False
+    epochs: int = 20
+    steps_per_epoch: int | None = None  # None: one pass over the training split
+    batch_size: int = 64
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    augment: tuple[str, ...] = ()
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 5
+    monitor: str = "val_accuracy"
+    seed: int = 0
+    name: str | None = None
+    version: str | None = None
+    overwrite: bool = False
+    engines: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Refuses what the values cannot be together, before any work.
+
+        Raises:
+            ModelError: ``--freeze_base`` without a pretrained starting point.
+            ModelArgumentError: an input size or weights the architecture cannot take.
+        """
+        if self.freeze_base and (
+            self.weights == "none" or (self.weights != "imagenet" and not artifact_exists(self.weights))
+        ):
+            raise ModelError(
+                f"--freeze_base: needs --weights imagenet or an artifact to put a new head on "
+                f"(--weights {self.weights} is not one)"
+            )
+        # Without an input size, the prepared size is checked once the data is read.
+        get_spec(self.architecture).check_arguments(input_size=self.input_size, weights=self.weights)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "augment": list(self.augment)}
+
+
+def defaults() -> dict[str, Any]:
+    """Each value of a run that has a default, and its default."""
+    return {
+        f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one training run did.
+
+    Attributes:
+        history: every epoch's metrics (``loss``, ``val_accuracy``, ...), resumed epochs included.
+        epochs_run: epochs done, resumed ones included.
+        seconds: wall time of this call.
+        manifest: the exported artifact's manifest; None when the run paused.
+        paused: the run stopped at ``pause_after`` epochs, its checkpoint kept for a later call.
+    """
+
+    history: dict[str, list[float]]
+    epochs_run: int
+    seconds: float
+    manifest: Manifest | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.manifest is None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The prepared dataset a run trains on."""
+
+    labels: list[str]
+    stats: dict[str, Any]
+    input_size: int
+    fingerprint: str
+
+    @property
+    def image_size(self) -> int:
+        return self.stats["image_size"]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return self.stats["totals"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fitted:
+    """What the fit left: its history, and where its checkpoint is (remote, and its local copy)."""
+
+    history: dict[str, list[float]]
+    paused: bool
+    checkpoint: str
+    local: str
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history.get("loss", []))
+
+
+def train(
+    config: TrainConfig,
+    pause_after: int | None = None,
+    extra: dict | None = None,
+    title: str = "train",
+    engine_files: EngineFiles | None = None,
+) -> Outcome:
+    """Trains ``config``, evaluates and exports its artifact; prints per-epoch progress and a summary.
+
+    With ``pause_after``, the run stops after that many epochs (resumed ones
+    included) unless early stopping ends it first, keeps its checkpoint and
+    exports nothing: a later call with the same config goes on from there
+    (``beamvision tune``'s rungs). ``extra`` joins the manifest's ``training``
+    record; ``title`` begins each epoch's line (``train epoch 3/20: ...``);
+    ``engine_files`` makes the files of ``config.engines`` to store beside the model.
+
+    Raises:
+        ModelError: the data cannot train this config.
+    """
+    import keras
+
+    data = _read_data(config)
+    started = time.monotonic()
+    keras.utils.set_random_seed(config.seed)
+    model, head = build_model(config, len(data.labels), data.input_size)
+    prepare_for_training(model, head, config.freeze_base)
+    with tempfile.TemporaryDirectory() as cache:
+        shards = {
+            split: local_shards(config.data, split, os.path.join(cache, split)) for split in data.totals
+        }
+        fitted = _fit(model, config, data, shards, pause_after, title)
+        if fitted.paused:
+            return Outcome(fitted.history, fitted.epochs_run, time.monotonic() - started)
+        evaluated_on = evaluation_split(data.totals)
+        metrics = evaluate(model, _dataset(config, data, shards, evaluated_on, training=False), data.labels)
+    metrics = _with_chance(metrics, data.labels, evaluated_on)
+    seconds = time.monotonic() - started
+    training = {
+        "config": config.to_dict(),
+        "input_size": data.input_size,
+        "epochs_run": fitted.epochs_run,
+        "history": fitted.history,
+        "seconds": round(seconds, 1),
+        "dataset": {
+            "prefix": config.data,
+            "fingerprint": data.fingerprint,
+            "image_size": data.image_size,
+            "totals": data.totals,
+        },
+        **(extra or {}),
+    }
+    manifest = _export(model, config, data.labels, training, metrics, engine_files)
+    # Only now: an export that fails leaves the checkpoint, and a rerun resumes from it.
+    storage.delete_tree(checkpoint_root(config.output))
+    if fitted.local != fitted.checkpoint:
+        shutil.rmtree(fitted.local, ignore_errors=True)
+    _print_trained(config, manifest, metrics, seconds, fitted.epochs_run, len(data.labels))
+    return Outcome(fitted.history, fitted.epochs_run, seconds, manifest)
+
+
+def _read_data(config: TrainConfig) -> _Data:
+    """The prepared dataset, checked against the config; warns of classes with no training image."""
+    labels, stats = read_dataset_info(config.data)
+    image_size = stats["image_size"]
+    if stats["totals"]["train"] == 0:
+        raise ModelError(f"--data {config.data}: the training split is empty")
+    if config.input_size is None:  # the prepared size is the input size: the same rules apply
+        try:
+            get_spec(config.architecture).check_arguments(input_size=image_size, weights=config.weights)
+        except ModelArgumentError as exc:
+            raise ModelError(
+                f"--data {config.data}: its images are {image_size}px, and {exc.reason} "
+                "(pass --input_size to resize them, or prepare with --image_size)"
+            ) from None
+    empty = [name for name in labels if not stats["counts"]["train"].get(name)]
+    if empty:
+        print(
+            f"WARNING: --data {config.data}: {len(empty)} of {len(labels)} classes have no training "
+            f"images ({', '.join(empty[:10])}); the model will never predict them",
+            file=sys.stderr,
+        )
+    fingerprint = dataset_fingerprint(config.data, labels, stats)
+    return _Data(labels, stats, config.input_size or image_size, fingerprint)
+
+
+def _dataset(config: TrainConfig, data: _Data, shards: dict[str, list[str]], split: str, training: bool):
+    """A split's tf.data pipeline at the run's input size (augmented when training)."""
+    return make_dataset(
+        shards[split],
+        data.image_size,
+        data.input_size,
+        len(data.labels),
+        config.batch_size,
+        training,
+        config.augment if training else (),
+        config.seed,
+        count=data.totals[split],
+    )
+
+
+def _fit(
+    model: keras.Model,
+    config: TrainConfig,
+    data: _Data,
+    shards: dict[str, list[str]],
+    pause_after: int | None,
+    title: str,
+) -> _Fitted:
+    """Compiles and fits ``model``, resuming from its checkpoint; pauses after ``pause_after`` epochs."""
+    import keras
+
+    from beamvision.models.callbacks import KeepCheckpoint, ResumableEarlyStopping
+
+    steps = config.steps_per_epoch or steps_for(data.totals["train"], config.batch_size)
+    compile_model(model, config, len(data.labels), steps * config.epochs, min(steps, 100))
+    # What shapes the weights: the training flags, the input size and the data (never the
+    # artifact's name, version or --overwrite). A rerun with all of these equal resumes.
+    resumable = {k: v for k, v in config.to_dict().items() if k not in ("name", "version", "overwrite")}
+    resumable.update(input_size=data.input_size, dataset=data.fingerprint)
+    checkpoint = checkpoint_dir(config.output, resumable)
+    local, history_before = restore_checkpoint(checkpoint)
+    pausing = pause_after is not None and pause_after < config.epochs
+    callbacks = [keras.callbacks.BackupAndRestore(local, delete_checkpoint=not pausing)]
+    validation = _dataset(config, data, shards, "val", training=False) if data.totals["val"] else None
+    early = None
+    if validation is not None:
+        early = ResumableEarlyStopping(
+            local,
+            history_before,
+            monitor=config.monitor,
+            patience=config.early_stopping_patience,
+            restore_best_weights=True,
+            # Every validation is meaningful: the warm-up ends within the first epoch
+            # and BatchNorm statistics are re-estimated before each validation.
+            start_from_epoch=0,
+        )
+        callbacks.append(early)
+    # After the checkpoint and the best weights are saved: copies them to remote storage.
+    kept = KeepCheckpoint(checkpoint, local, history_before)
+    callbacks.append(kept)
+    callbacks += _reporting_callbacks(config, data, shards, steps, pause_after if pausing else None, title)
+    print(
+        f"training {config.architecture} at {data.input_size}px on {data.totals['train']:,} images, "
+        f"{len(data.labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",
+        flush=True,
+    )
+    model.fit(  # the schedule spans config.epochs; a pausing run stops at pause_after
+        _dataset(config, data, shards, "train", training=True),
+        validation_data=validation,
+        epochs=pause_after if pausing else config.epochs,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        verbose=0,  # EpochProgress's lines instead
+        shuffle=False,  # the tf.data pipeline shuffles
+    )
+    paused = pausing and not (early and early.stopped_epoch)  # paused, not ended by early stopping
+    if paused and local != checkpoint:  # the remote copy is the checkpoint; the next call fetches it
+        shutil.rmtree(local, ignore_errors=True)
+    return _Fitted(kept.history, paused, checkpoint, local)
+
+
+def _reporting_callbacks(
+    config: TrainConfig,
+    data: _Data,
+    shards: dict[str, list[str]],
+    steps: int,
+    pause_after: int | None,
+    title: str,
+) -> list:
+    """The callbacks after the checkpoint's: precise BatchNorm, then each epoch's line."""
+    from beamvision.models.callbacks import CalibrateBatchNorm, EpochProgress
+
+    # After EarlyStopping, so that the restored weights get their own statistics.
+    calibration = make_dataset(
+        shards["train"],
+        data.image_size,
+        data.input_size,
+        len(data.labels),
+        config.batch_size,
+        True,
+        seed=config.seed,
+        count=data.totals["train"],
+        shuffle_buffer=8 * config.batch_size,
+    )  # prepare wrote the shards in shuffled order: a small buffer mixes the classes enough
+    callbacks = [CalibrateBatchNorm(calibration, min(steps, 50))]
+    if not console.is_quiet():  # last: an epoch's line means its checkpoint is kept
+        until = pause_after or config.epochs
+        callbacks.append(EpochProgress(title, config.epochs, steps, console.is_terminal(), until))
+    return callbacks
+
+
+def _with_chance(metrics: dict[str, Any], labels: list[str], evaluated_on: str) -> dict[str, Any]:
+    """The metrics with the split they are on, the chance accuracy and whether they are near it."""
+    chance = chance_accuracy(labels, {k: v["support"] for k, v in metrics["per_class"].items()})
+    near_chance = metrics["accuracy"] is not None and metrics["accuracy"] - chance <= NEAR_CHANCE * (
+        1 - chance
+    )
+    return {"evaluated_on": evaluated_on, "chance_accuracy": chance, "near_chance": near_chance, **metrics}
+
+
+def _export(
+    model: keras.Model,
+    config: TrainConfig,
+    labels: list[str],
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    engine_files: EngineFiles | None,
+) -> Manifest:
+    """Saves the artifact (with its engines' files) and metrics.json beside it; returns its manifest."""
+    manifest = new_manifest(
+        model,
+        config.architecture,
+        labels,
+        "trained",
+        name=config.name,
+        version=config.version,
+        training=training,
+        metrics=metrics,
+    )
+    with tempfile.TemporaryDirectory() as converted:
+        engine_extra = engine_files(model, manifest, config.engines, converted) if engine_files else {}
+        manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=engine_extra)
+    storage.write_atomic(storage.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+    return manifest
+
+
+def _print_trained(
+    config: TrainConfig,
+    manifest: Manifest,
+    metrics: dict[str, Any],
+    seconds: float,
+    epochs_run: int,
+    classes: int,
+) -> None:
+    evaluated_on = metrics["evaluated_on"]
+    top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
+    print(
+        f"trained {config.architecture} in {seconds:.0f}s ({epochs_run} epochs): "
+        f"{evaluated_on} accuracy {metrics['accuracy']:.1%}{top5} on {metrics['examples']:,} images, "
+        f"macro F1 {metrics['macro_f1']:.3f}"
+    )
+    print(
+        f"artifact: {config.output} ({manifest.name} version {manifest.version}); metrics: "
+        f"{storage.join(config.output, METRICS_FILE)}"
+    )
+    if metrics["near_chance"]:
+        print(
+            f"WARNING: {evaluated_on} accuracy {metrics['accuracy']:.1%} is near chance "
+            f"({metrics['chance_accuracy']:.1%}, always guessing the most frequent of {classes} classes): "
+            "this model has not learned the task. Try --weights imagenet, more images or more --epochs, "
+            "or a lower --learning_rate.",
+            file=sys.stderr,
+        )

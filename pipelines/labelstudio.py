@@ -1,0 +1,140 @@
+"""The Label Studio format, both directions: the tasks export-labels writes, the export prepare reads.
+
+export-labels writes import-ready tasks in Label Studio's documented format
+(``label_studio_tasks``): ``data.image`` (what the tool can open: a storage
+URI as it is, a local file as a local-files URL, ``image_url``), the image's
+own URI as ``data.source_uri``, and one prediction per task (a ``choices``
+result with ``from_name``/``to_name``, ``score`` and ``model_version``).
+prepare reads a JSON export of the reviewed tasks back (``label_studio_labels``):
+a person's choice is the image's label, found by ``source_uri`` or ``image``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+
+from apache_beam.io.filesystems import FileSystems
+
+from beamvision.pipelines.flags import UsageError
+from beamvision.transforms.read import listed_uri
+
+LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's URL of a file under its document root
+
+
+# --- what export-labels writes ------------------------------------------------------------------
+
+
+def image_url(uri: str, local_files_root: str | None) -> str:
+    """What Label Studio can open: a storage URI as it is, a local file as a local-files URL."""
+    if FileSystems.get_scheme(uri) is not None:
+        return uri
+    if local_files_root is None:
+        raise UsageError(
+            f"--local_files_root: needed for local images such as {uri} "
+            "(Label Studio serves local files only under its document root)"
+        )
+    root = os.path.abspath(local_files_root)
+    path = os.path.abspath(uri)
+    if os.path.commonpath([root, path]) != root:
+        raise UsageError(f"--local_files_root {local_files_root}: {uri} is not under it")
+    return LOCAL_FILES_URL + urllib.parse.quote(os.path.relpath(path, root))
+
+
+def label_studio_tasks(
+    rows, from_name: str, to_name: str, local_files_root: str | None, placed: dict[str, str] | None = None
+) -> list[dict]:
+    """One task per result row, with the model's top-1 label as a prediction.
+
+    ``placed``: where archive members were extracted (``extract_members``);
+    the task shows that file and keeps the member's URI as ``source_uri``.
+    """
+    placed = placed or {}
+    return [
+        {
+            "data": {
+                "image": image_url(placed.get(row.image_uri, row.image_uri), local_files_root),
+                "source_uri": row.image_uri,
+            },
+            "predictions": [
+                {
+                    "model_version": f"{row.model_name}-{row.model_version}",
+                    "score": float(row.score),
+                    "result": [
+                        {
+                            "from_name": from_name,
+                            "to_name": to_name,
+                            "type": "choices",
+                            "value": {"choices": [row.label]},
+                        }
+                    ],
+                }
+            ],
+        }
+        for row in rows.itertuples()
+    ]
+
+
+# --- what prepare reads -------------------------------------------------------------------------
+
+
+def is_label_studio_export(uri: str) -> bool:
+    """Whether ``--labels`` names a Label Studio JSON export (by its name) rather than a CSV."""
+    return uri.lower().endswith(".json")
+
+
+def label_studio_labels(text: str, root: str) -> tuple[list[tuple[str, str]], int]:
+    """(uri, label) per annotated task of a Label Studio JSON export, and how many had no annotation.
+
+    The label is the first choice of the task's latest annotation that was
+    not cancelled: a person's label overrides the model's prediction, and a
+    task nobody annotated is skipped (and counted). The image is the task's
+    ``source_uri`` (which ``export-labels`` sets: a file, a ``gs://`` object
+    or an archive member) or else its ``image``: a storage URI, or a
+    local-files URL, taken relative to ROOT.
+
+    Raises:
+        UsageError: the text is not a Label Studio JSON export.
+    """
+    try:
+        tasks = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--labels: not JSON ({exc})") from None
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and "data" in t for t in tasks):
+        raise UsageError(
+            "--labels: not a Label Studio JSON export (a list of tasks with data and annotations; "
+            "export with the JSON format, not JSON_MIN)"
+        )
+    labelled, unannotated = [], 0
+    for number, task in enumerate(tasks, 1):
+        try:
+            label = _annotated_choice(task.get("annotations") or [])
+            uri = _task_uri(task["data"], root)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise UsageError(f"--labels: task {number} is not a Label Studio task ({exc})") from None
+        if label is None or uri is None:
+            unannotated += 1
+        else:
+            labelled.append((uri, label))
+    return labelled, unannotated
+
+
+def _annotated_choice(annotations: list[dict]) -> str | None:
+    kept = [a for a in annotations if not a.get("was_cancelled")]
+    for annotation in sorted(kept, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0), reverse=True):
+        for result in annotation.get("result") or []:
+            choices = (result.get("value") or {}).get("choices") or []
+            if result.get("type") == "choices" and choices:
+                return str(choices[0])
+    return None
+
+
+def _task_uri(data: dict, root: str) -> str | None:
+    uri = data.get("source_uri") or data.get("image")
+    if not isinstance(uri, str) or not uri:
+        return None
+    if uri.startswith(LOCAL_FILES_URL):
+        uri = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("d", [""])[0]
+    named = listed_uri(uri, root=root)  # a relative path is under ROOT, as in a labels CSV
+    return named[0] if named else None

@@ -1,0 +1,286 @@
+"""The run lifecycle of a command's Beam job: one copy, used by every command.
+
+``run_job`` is the skeleton that classify and prepare share: a dry run only
+builds the job graph (``build_only``); otherwise ``--detach`` is checked
+against the runner (``check_detach``), the files an earlier run left under
+``--output`` are refused or cleared (``claim_output``), the job runs while its
+progress is shown (``run_with_progress``) and the report it writes last
+(summary.json, stats.json) is read back; a job that found no input leaves
+nothing behind. What the job counts comes from
+``beamvision.transforms.progress``: on the direct runners from the tally
+files its workers write into a folder this process names (``LocalProgress``),
+on Dataflow from the job's metrics (``watch_job``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
+from apache_beam.runners.runner import PipelineResult
+
+from beamvision import storage
+from beamvision.console import Counts, ProgressLine
+from beamvision.pipelines.flags import UsageError
+from beamvision.transforms import progress
+from beamvision.transforms.rows import METRICS_NAMESPACE
+from beamvision.transforms.runners import RunnerKind, is_remote, runner_kind, runner_name
+
+REMOTE_POLL_SECONDS = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a command's job writes and how it is followed.
+
+    Attributes:
+        title: the command (``classify``), which begins its progress and messages.
+        output: the ``--output`` it writes under.
+        owned: the file names or globs under ``output`` that a run writes (a rerun replaces them).
+        holds: what those files are, for the refusal (``results``, ``a prepared dataset``).
+        report: the file under ``output`` the job writes last, its commit point.
+        overwrite: ``--overwrite``.
+        progress_every: ``--progress_every``.
+        detach: ``--detach``.
+    """
+
+    title: str
+    output: str
+    owned: list[str]
+    holds: str
+    report: str
+    overwrite: bool
+    progress_every: float
+    detach: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a job ended: its result (None for a dry run on a local runner) and its report, when read."""
+
+    result: PipelineResult | None
+    report: dict[str, Any] | None = None
+
+
+def run_job(pipeline: beam.Pipeline, options: PipelineOptions, job: Job, nothing_found: str) -> Outcome:
+    """Runs a built job from start to end: dry run, --detach, --output, progress, its report.
+
+    Args:
+        pipeline: the job, built (building can still fail: nothing is deleted before).
+        options: its pipeline options (``--dry_run``).
+        job: what it writes and how it is followed.
+        nothing_found: the message of the UsageError raised when the job found no input
+            (its report counts no ``inputs``); its files are removed first.
+
+    Returns:
+        The result, and the report unless the run was dry, detached or wrote none.
+    """
+    if is_dry_run(options):
+        return Outcome(build_only(pipeline))
+    check_detach(job.detach, pipeline)
+    claim_output(job.output, job.owned, job.overwrite, job.holds)
+    report_uri = storage.join(job.output, job.report)
+    result = run_with_progress(pipeline, job.title, job.progress_every, job.detach)
+    if job.detach:
+        print(f"{job.title}: detached; the job writes {report_uri} when it ends")
+        return Outcome(result)
+    if not storage.exists(report_uri):
+        return Outcome(result)
+    report = json.loads(storage.read_text(report_uri))
+    if report["inputs"] == 0:  # leave nothing behind, so the corrected rerun is not refused
+        claim_output(job.output, job.owned, True, job.holds)
+        raise UsageError(nothing_found)
+    return Outcome(result, report)
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    """Whether Beam's ``--dry_run`` was given (``flags.parse_pipeline_args`` reads it as a switch)."""
+    return bool(options.view_as(TestOptions).dry_run)
+
+
+def build_only(pipeline: beam.Pipeline) -> PipelineResult | None:
+    """What ``--dry_run`` does: build the job graph, run nothing, touch no output.
+
+    DataflowRunner builds its job without submitting it (its result is
+    returned); Beam's direct runners would ignore --dry_run and run, so for
+    them the graph is only built (None is returned).
+    """
+    if runner_kind(pipeline) is RunnerKind.DATAFLOW:
+        result = pipeline.run()
+        steps = len(result.job.proto_pipeline.components.transforms)
+    else:
+        result = None
+        steps = len(pipeline.to_runner_api().components.transforms)
+    submitted = ", no job submitted, so no progress to follow" if is_remote(pipeline) else ""
+    print(
+        f"dry run: built the {runner_name(pipeline)} job graph ({steps} steps); "
+        f"nothing was run or written{submitted}"
+    )
+    return result
+
+
+def check_detach(detach: bool, pipeline: beam.Pipeline) -> None:
+    """``--detach`` needs a runner whose job outlives this process."""
+    if detach and not is_remote(pipeline):
+        raise UsageError(
+            f"--detach: a {runner_name(pipeline)} job runs on this machine and ends with this process; "
+            "only a Dataflow job can be left running (--runner DataflowRunner)"
+        )
+
+
+def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> None:
+    """Refuses an ``--output`` that already holds a run's files, unless ``--overwrite``; then clears them.
+
+    ``names`` are file names or globs under ``output`` (``results-*``); a rerun
+    must never mix its files with stale ones of an earlier run.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    matches = FileSystems.match([storage.join(glob.escape(output), name) for name in names])
+    existing = sorted({m.path for match in matches for m in match.metadata_list})
+    if existing and not overwrite:
+        raise UsageError(
+            f"--output {output}: already holds {holds} ({len(existing)} files); "
+            "choose a new place or pass --overwrite"
+        )
+    if existing:
+        FileSystems.delete(existing)
+
+
+# --- following a run ------------------------------------------------------------------------------
+
+
+def run_with_progress(
+    pipeline: beam.Pipeline, title: str, every: float, detach: bool = False
+) -> PipelineResult:
+    """Runs ``pipeline`` to the end while its progress is shown (``console.ProgressLine``).
+
+    A remote job is announced with its console URL; with ``detach`` it is left
+    running and its result returned at once (the caller prints no summary).
+    """
+    if is_remote(pipeline):
+        result = pipeline.run()
+        url = console_url(result, pipeline.options)
+        job = f"job {result.job_id()}" if hasattr(result, "job_id") else "job"
+        print(f"{title}: submitted {job}" + (f": {url}" if url else ""), flush=True)
+        if not detach:
+            watch_job(result, ProgressLine(title, every=every))
+        return result
+    return _run_locally(pipeline, ProgressLine(title, every=every))
+
+
+def _run_locally(pipeline: beam.Pipeline, line: ProgressLine) -> PipelineResult:
+    """Runs a direct job while a thread shows the sums of its workers' tallies on ``line``."""
+    with LocalProgress() as local:
+        stop = threading.Event()
+
+        def show() -> None:
+            while not stop.wait(line.poll_seconds):
+                line.update(local.counts())
+
+        thread = threading.Thread(target=show, name="beamvision-progress", daemon=True)
+        thread.start()
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        finally:
+            stop.set()
+            thread.join()
+            line.close(local.counts())
+    return result
+
+
+class LocalProgress:
+    """The launcher's side of a direct run: a folder its workers report to, and the sum of their reports."""
+
+    def __enter__(self) -> LocalProgress:
+        self.folder = tempfile.mkdtemp(prefix="beamvision-progress-")
+        self._before = os.environ.get(progress.PROGRESS_DIR_ENV)
+        os.environ[progress.PROGRESS_DIR_ENV] = self.folder
+        return self
+
+    def counts(self) -> Counts:
+        return Counts(**progress.read_tallies(self.folder))
+
+    def __exit__(self, *exc) -> None:
+        progress.forget_tally(self.folder)  # this process's own tally of the run, if it worked for it
+        if self._before is None:
+            os.environ.pop(progress.PROGRESS_DIR_ENV, None)
+        else:
+            os.environ[progress.PROGRESS_DIR_ENV] = self._before
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def job_counts(result: PipelineResult, final: bool = False) -> Counts:
+    """The progress counters of a job, from the runner's metrics.
+
+    While it runs, attempted values (committed ones lag); once it is over,
+    committed ones, which do not count retried bundles twice.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    queried = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    sums = dict.fromkeys(progress.KINDS, 0)
+    names = {progress.counter_name(kind): kind for kind in progress.KINDS}
+    for record in queried["counters"]:
+        kind = names.get(record.key.metric.name)
+        if kind is not None:
+            preferred, other = record.attempted, record.committed
+            if final:
+                preferred, other = other, preferred
+            sums[kind] += preferred if preferred is not None else other or 0
+    return Counts(**sums)
+
+
+def console_url(result: PipelineResult, options: PipelineOptions) -> str | None:
+    """The job's page in the Google Cloud console, for a Dataflow job."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    job_id = getattr(result, "job_id", None)
+    if job_id is None:
+        return None
+    gcp = options.view_as(GoogleCloudOptions)
+    return f"https://console.cloud.google.com/dataflow/jobs/{gcp.region}/{job_id()}?project={gcp.project}"
+
+
+def watch_job(result: PipelineResult, line: ProgressLine, interval: float | None = None) -> None:
+    """Waits for a remote job as Beam does, showing its counters on ``line`` meanwhile.
+
+    Beam's ``wait_until_finish`` runs in a thread, so its own handling stays:
+    the job's messages are logged and a job that did not end DONE (failed,
+    cancelled) raises here. The metrics, an API call, are read every
+    ``interval`` seconds: at least ``REMOTE_POLL_SECONDS``, and in a log at
+    each line's time.
+    """
+    outcome: dict = {}
+
+    def wait() -> None:
+        try:
+            result.wait_until_finish()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=wait, name="beamvision-wait", daemon=True)
+    waiter.start()
+    if interval is None:
+        interval = max(REMOTE_POLL_SECONDS, 0.0 if line.redraws else line.every)
+    counts = Counts()
+    while waiter.is_alive():
+        with contextlib.suppress(Exception):  # no metrics yet (the job is starting): the next poll
+            counts = job_counts(result)
+            line.update(counts)
+        waiter.join(interval)
+    with contextlib.suppress(Exception):
+        counts = job_counts(result, final=True)
+    line.close(counts)
+    if "error" in outcome:
+        raise outcome["error"]

@@ -1,0 +1,176 @@
+"""What a run prints, and reading a classify output back.
+
+The lines that end a classify run (``format_summary``: counts, the model,
+errors by stage and type, where the files went and the commands that read
+and review them) and a prepare run (``format_prepared``); and the readers of
+a results folder that evaluate, review and export-labels share
+(``read_results``, ``read_errors``, ``read_summary``), laid out as
+``beamvision.transforms.outputs`` says.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+from typing import Any
+
+from beamvision import storage
+from beamvision.pipelines.flags import UsageError
+from beamvision.transforms.outputs import (
+    ERRORS_PREFIX,
+    RESULTS_PREFIX,
+    SUMMARY_FILE,
+    errors_pattern,
+    results_pattern,
+)
+
+ERROR_GROUPS_PRINTED = 8
+METRICS_FILE = "metrics.json"  # what evaluate writes, beside the results by default
+
+
+# --- reading a results folder ----------------------------------------------------------------------
+
+
+def read_results(results_dir: str, columns: list[str]):
+    """All result rows of a classify output (only ``columns``), as one pandas DataFrame.
+
+    Raises:
+        UsageError: ``--results`` holds no result shards (it names no classify output).
+    """
+    frame = _read_shards(results_pattern(results_dir), columns)
+    if frame is None:
+        raise UsageError(f"--results {results_dir}: no {RESULTS_PREFIX}-*.parquet shards there")
+    return frame
+
+
+def read_errors(results_dir: str, columns: list[str]):
+    """All error rows of a classify output (only ``columns``); an empty frame when it has none."""
+    import pandas as pd
+
+    frame = _read_shards(errors_pattern(results_dir), columns)
+    if frame is None:
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
+    return frame
+
+
+def read_summary(results_dir: str) -> dict[str, Any]:
+    """A classify output's summary.json; empty when there is none (a run still going, or cut short)."""
+    uri = storage.join(results_dir, SUMMARY_FILE)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+
+
+def _read_shards(pattern: str, columns: list[str]):
+    """The Parquet shards matching ``pattern`` as one DataFrame; None when there are none."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    shards = FileSystems.match([pattern])[0].metadata_list
+    if not shards:
+        return None
+    frames = [
+        pq.read_table(io.BytesIO(storage.read_bytes(m.path)), columns=columns).to_pandas() for m in shards
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- what a run prints ------------------------------------------------------------------------------
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few human-readable lines for the end of a run: what happened, what needs attention, what next."""
+    labels = ", ".join(f"{x['label']} ({x['count']})" for x in summary["top_labels"][:5]) or "none"
+    status = "" if summary["complete"] else "  WARNING: inputs != results + errors + skipped"
+    skipped = (
+        f", {summary['skipped']:,} skipped (classified by an earlier run)" if summary.get("skipped") else ""
+    )
+    unmatched = [f"WARNING: --input {p} matched no file" for p in summary.get("unmatched_patterns", [])]
+    if summary.get("archive_members_not_images"):
+        skipped += f", {summary['archive_members_not_images']:,} archive members not images (passed over)"
+    return "\n".join(
+        [
+            *unmatched,
+            f"classified {summary['results']:,} of {summary['inputs']:,} images, "
+            f"{summary['errors']:,} errors{skipped}, in {summary['seconds']:.1f}s "
+            f"({summary['images_per_second'] or 0:.1f} images/s){status}",
+            f"model: {summary['model']['name']} version {summary['model']['version']}"
+            + _engine(summary["model"])
+            + _timing(summary.get("timing", {})),
+            f"top labels: {labels}",
+            *format_error_groups(summary.get("error_groups", []), summary["output"]),
+            f"outputs: {summary['output']} ({RESULTS_PREFIX}-*.parquet, {ERRORS_PREFIX}-*.parquet, "
+            f"{SUMMARY_FILE})",
+            f"read them: {read_results_command(summary['output'])}",
+            f"review them: beamvision review --results {summary['output']} --output "
+            f"{summary['output'].rstrip('/')}-review",
+        ]
+    )
+
+
+def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
+    """The summary's lines on errors: each (stage, type) with its count and a sample; none without errors."""
+    if not groups:
+        return []
+    total = sum(group["count"] for group in groups)
+    rows = f"{total:,} row" + ("" if total == 1 else "s")
+    lines = [f"errors by stage and type ({rows} in {storage.join(output, ERRORS_PREFIX)}-*.parquet):"]
+    width = len(f"{groups[0]['count']:,}")
+    for group in groups[:ERROR_GROUPS_PRINTED]:
+        message = " ".join(group["sample_message"].split())
+        message = message if len(message) <= 100 else message[:99] + "…"
+        lines.append(
+            f"  {group['count']:>{width},}  {group['stage']} {group['error_type']}, "
+            f"e.g. {group['sample_uri']}: {message}"
+        )
+    if len(groups) > ERROR_GROUPS_PRINTED:
+        lines.append(
+            f"  ... and {len(groups) - ERROR_GROUPS_PRINTED} more (stage, type) pairs, in {SUMMARY_FILE}"
+        )
+    return lines
+
+
+def read_results_command(output: str) -> str:
+    """A shell command that prints the first results of a classify output (local or gs://), with pyarrow."""
+    # Everything but the result shards: hidden files, error shards, summary.json.
+    ignored = json.dumps([".", f"{ERRORS_PREFIX}-", os.path.splitext(SUMMARY_FILE)[0]])
+    code = (
+        f'import pyarrow.dataset as ds; print(*ds.dataset({json.dumps(output)}, format="parquet", '
+        f'ignore_prefixes={ignored}).head(10, columns=["image_uri", "label", "score"])'
+        '.to_pylist(), sep="\\n")'
+    )
+    return f"python -c {shlex.quote(code)}"
+
+
+def _engine(model: dict[str, Any]) -> str:
+    return f" ({model['engine']} {model['precision']})" if "engine" in model else ""
+
+
+def _timing(timing: dict[str, float]) -> str:
+    if "first_batch_seconds" not in timing:
+        return ""
+    load = f", model loaded in {timing['model_load_seconds']:.1f}s" if "model_load_seconds" in timing else ""
+    return f"; first batch after {timing['first_batch_seconds']:.1f}s{load}"
+
+
+def format_prepared(stats: dict[str, Any], output: str) -> list[str]:
+    """The lines that end a prepare run: examples per split, errors by stage and type, what next."""
+    totals = ", ".join(f"{split} {n:,}" for split, n in stats["totals"].items())
+    return [
+        f"prepared {stats['examples']:,} of {stats['inputs']:,} images "
+        f"({totals}; {stats['errors']:,} errors), "
+        f"{len(stats['counts']['train'])} classes at {stats['image_size']}px, to {output}",
+        *format_error_groups(stats["error_groups"], output),
+    ]
+
+
+def empty_classes_warning(stats: dict[str, Any]) -> str | None:
+    """A prepare run's warning about classes that no usable image represents; None when there are none."""
+    empty = stats["empty_classes"]
+    if not empty:
+        return None
+    return (
+        f"WARNING: {len(empty)} classes have no usable image: "
+        f"{', '.join(empty[:10])} (see {ERRORS_PREFIX}-*.parquet)"
+    )
