@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import time
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -73,6 +74,31 @@ def run_id(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """classify's flags (deploy/metadata.json mirrors them: the Flex Template's parameters)."""
+    _add_input_arguments(parser)
+    parser.add_argument(
+        "--model", required=True, metavar="MODEL", help="model artifact directory, local or URI"
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory, local or URI")
+    _add_inference_arguments(parser)
+    add_decode_arguments(parser)
+    add_worker_arguments(parser, inference=True)
+    add_switch(
+        parser,
+        "--incremental",
+        "write to OUTPUT/run=ID/ and skip files an earlier completed run under OUTPUT classified "
+        "with the same model name and version, unchanged since",
+    )
+    parser.add_argument(
+        "--run_id",
+        type=run_id,
+        metavar="ID",
+        help="with --incremental: the run's partition name (default: the UTC start time, 20261128T031500Z)",
+    )
+    add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
+    add_progress_arguments(parser)
+
+
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
         action="append",
@@ -90,10 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="the column of a .csv or .parquet --input_list that holds the URIs (default uri)",
     )
-    parser.add_argument(
-        "--model", required=True, metavar="MODEL", help="model artifact directory, local or URI"
-    )
-    parser.add_argument("--output", required=True, metavar="DIR", help="output directory, local or URI")
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--top_k",
         type=positive_int,
@@ -121,22 +146,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="fp32 (default), bf16, or auto: bf16 where the CPU computes it natively (AVX512_BF16, AMX)",
     )
-    add_decode_arguments(parser)
-    add_worker_arguments(parser, inference=True)
-    add_switch(
-        parser,
-        "--incremental",
-        "write to OUTPUT/run=ID/ and skip files an earlier completed run under OUTPUT classified "
-        "with the same model name and version, unchanged since",
-    )
-    parser.add_argument(
-        "--run_id",
-        type=run_id,
-        metavar="ID",
-        help="with --incremental: the run's partition name (default: the UTC start time, 20261128T031500Z)",
-    )
-    add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
-    add_progress_arguments(parser)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,15 +271,6 @@ def build_pipeline(
     _ = error_parts | "ProgressErrors" >> ReportProgress("errors")
     if skipped is not None:
         _ = skipped | "ProgressSkipped" >> ReportProgress("skipped")
-    model = {
-        "name": manifest.name,
-        "version": manifest.version,
-        "architecture": manifest.architecture,
-        "uri": config.model,
-        "engine": config.engine,
-        "precision": config.precision,  # as asked; auto is resolved on each worker (and logged there)
-        "workers": sizing.describe(),  # "auto" counts are resolved on each worker (and logged there)
-    }
     written = {
         "results": classified["results"],
         "errors": errors,
@@ -281,8 +281,21 @@ def build_pipeline(
     if skipped is not None:
         written["skipped"] = skipped
     _ = written | "WriteResults" >> WriteResults(
-        config.output, config.embeddings, model, started_at=started_at or time.time()
+        config.output, config.embeddings, _model_record(config, manifest, sizing), started_at or time.time()
     )
+
+
+def _model_record(config: Config, manifest: Manifest, sizing: WorkerSizing) -> dict[str, Any]:
+    """What summary.json says of the model and how the workers run it."""
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "architecture": manifest.architecture,
+        "uri": config.model,
+        "engine": config.engine,
+        "precision": config.precision,  # as asked; auto is resolved on each worker (and logged there)
+        "workers": sizing.describe(),  # "auto" counts are resolved on each worker (and logged there)
+    }
 
 
 def run(argv: list[str] | None = None) -> PipelineResult | None:

@@ -60,9 +60,7 @@ def value_type(check: values.Check, name: str | None = None) -> Callable[[str], 
 
 positive_int = value_type(values.positive_int, "positive_int")
 fraction = value_type(values.fraction, "fraction")
-non_negative_float = value_type(values.non_negative_float, "non_negative_float")
 positive_float = value_type(values.positive_float, "positive_float")
-integer = value_type(values.integer, "integer")
 
 
 def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:

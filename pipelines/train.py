@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--freeze_base",
         "train only the new classification head (with --weights imagenet or ARTIFACT)",
     )
+    _add_schedule_arguments(parser, default)
+    add_artifact_identity_arguments(parser, "training")
+
+
+def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> None:
+    """How the run trains: epochs, batches, optimizer and learning rate, augmentation, early stopping."""
     parser.add_argument(
         "--epochs",
         type=_typed("epochs"),
@@ -132,7 +138,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=_typed("seed"), default=default["seed"], metavar="S", help=f"default {default['seed']}"
     )
-    add_artifact_identity_arguments(parser, "training")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

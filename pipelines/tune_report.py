@@ -134,7 +134,6 @@ def plot(
 ) -> None:
     """plot.png: each trial's metric per epoch, then the metric against the most influential flags."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -149,10 +148,23 @@ def plot(
         return "tab:blue" if record["status"] == COMPLETED else "grey"
 
     fig, axes = plt.subplots(1, 1 + len(flags), figsize=(4.6 * (1 + len(flags)), 3.8), squeeze=False)
-    curves = axes[0][0]
+    _plot_curves(axes[0][0], scored, metric, best_id, colour)
+    for axis, flag in zip(axes[0][1:], flags, strict=True):
+        x = _flag_positions(axis, [r["flags"].get(flag) for r in scored], flag in log_flags)
+        axis.scatter(x, [r["best"] for r in scored], c=[colour(r) for r in scored], s=36, zorder=3)
+        axis.set(xlabel=flag, ylabel=metric, title=f"{flag}: explains {influences.get(flag, 0):.0%} alone")
+        axis.grid(alpha=0.3)
+    fig.suptitle(f"{len(records)} trials: orange the best, blue completed, grey stopped early (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(axis, scored: list[dict[str, Any]], metric: str, best_id: str | None, colour) -> None:
+    """Each trial's metric per epoch: the best bold, stopped trials dashed."""
     for r in scored:
         values = r["history"].get(metric, [])
-        curves.plot(
+        axis.plot(
             range(1, len(values) + 1),
             values,
             marker="o",
@@ -162,32 +174,29 @@ def plot(
             linestyle="-" if r["status"] == COMPLETED else "--",
             alpha=0.85,
         )
-    curves.set(xlabel="epoch", ylabel=metric, title="each trial's epochs")
-    curves.xaxis.get_major_locator().set_params(integer=True)
-    for axis, flag in zip(axes[0][1:], flags, strict=True):
-        values = [r["flags"].get(flag) for r in scored]
-        y = [r["best"] for r in scored]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            x = np.asarray(values, dtype=float)
-            if flag in log_flags or (x.min() > 0 and x.max() / x.min() >= 10):
-                axis.set_xscale("log")
-                ticker = matplotlib.ticker
-                axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 3.0)))
-                axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-                axis.xaxis.set_minor_formatter(ticker.NullFormatter())
-        else:
-            labels = [v if isinstance(v, str) else json.dumps(v) for v in values]
-            names = list(dict.fromkeys(labels))
-            x = np.asarray([names.index(v) for v in labels], dtype=float)
-            for i, name in enumerate(labels):  # trials of one value side by side, not on top
-                same = [j for j, other in enumerate(labels) if other == name]
-                x[i] += 0.08 * (same.index(i) - (len(same) - 1) / 2)
-            axis.set_xticks(range(len(names)), names, rotation=20)
-            axis.set_xlim(-0.5, len(names) - 0.5)
-        axis.scatter(x, y, c=[colour(r) for r in scored], s=36, zorder=3)
-        axis.set(xlabel=flag, ylabel=metric, title=f"{flag}: explains {influences.get(flag, 0):.0%} alone")
-        axis.grid(alpha=0.3)
-    fig.suptitle(f"{len(records)} trials: orange the best, blue completed, grey stopped early (dashed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axis.set(xlabel="epoch", ylabel=metric, title="each trial's epochs")
+    axis.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _flag_positions(axis, values: list[Any], log_scaled: bool) -> np.ndarray:
+    """Where each trial's value of a flag goes on ``axis``: numbers on a (log) scale, others by name."""
+    import matplotlib.ticker
+
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        x = np.asarray(values, dtype=float)
+        if log_scaled or (x.min() > 0 and x.max() / x.min() >= 10):
+            axis.set_xscale("log")
+            ticker = matplotlib.ticker
+            axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 3.0)))
+            axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.xaxis.set_minor_formatter(ticker.NullFormatter())
+        return x
+    labels = [v if isinstance(v, str) else json.dumps(v) for v in values]
+    names = list(dict.fromkeys(labels))
+    x = np.asarray([names.index(v) for v in labels], dtype=float)
+    for i, name in enumerate(labels):  # trials of one value side by side, not on top
+        same = [j for j, other in enumerate(labels) if other == name]
+        x[i] += 0.08 * (same.index(i) - (len(same) - 1) / 2)
+    axis.set_xticks(range(len(names)), names, rotation=20)
+    axis.set_xlim(-0.5, len(names) - 0.5)
+    return x
