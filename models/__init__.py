@@ -1,8 +1,11 @@
 """beamvision models: the Keras side, with no Beam in it.
 
 The architecture registry (one module per family), the model artifact format
-(``artifact``), prepare's dataset format (``dataset``), training on it
-(``training``) and classification metrics (``metrics``). The bottom layer: it
+(``artifact``), prepare's dataset format (``dataset``), training on it (the
+run's config and step in ``trainer``, built from ``training``'s plain
+functions, ``callbacks`` and ``checkpoints``) and classification metrics
+(``metrics``). Keras is imported only where a model is built, trained or
+loaded (``callbacks`` is imported by the training step alone). The bottom layer: it
 imports the package root (``storage``, ``console``) and nothing else of
 beamvision.
 

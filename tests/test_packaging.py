@@ -288,3 +288,28 @@ def test_layers_import_downwards_only():
         "transforms": {"root", "models"},
         "pipelines": {"root", "models", "transforms"},
     }
+
+
+def _pipelines_modules(path: str) -> set[str]:
+    """The modules of beamvision.pipelines that a source file imports."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "beamvision.pipelines":
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("beamvision.pipelines."):
+            found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("beamvision.pipelines.")}
+    return found
+
+
+def test_no_command_imports_another():
+    """What commands share lives beside them (flags, launch, reports, labelstudio), never in one of them."""
+    from beamvision.pipelines.cli import COMMANDS
+
+    commands = {module for module, _ in COMMANDS.values()}
+    for module in sorted(commands):
+        imported = _pipelines_modules(os.path.join(REPO, "pipelines", f"{module}.py"))
+        assert not imported & (commands - {module}), f"pipelines/{module}.py imports {imported & commands}"

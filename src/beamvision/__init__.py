@@ -10,6 +10,9 @@ each imports only the layers below it:
 - ``beamvision.storage``: whole-file I/O on any Beam filesystem, used by all three.
 - ``beamvision.console`` (and ``beamvision.stderr_filter``): what a run prints,
   the quiet start and the progress line, used by all three.
+- ``beamvision.values``: the rules of a value (a positive integer, a fraction,
+  one of some choices) with one-line messages: a flag's type, and what tune
+  checks its space file with.
 
 In the source tree the three subpackages are the top-level folders
 ``pipelines/``, ``transforms/`` and ``models/``, and this package root is
