@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from beamvision.console import boolean
+
 Check = Callable[[Any], Any]
 
 
@@ -61,8 +63,6 @@ def text(value: Any) -> str:
 
 def switch(value: Any) -> bool:
     """An on/off value: a bool, or the text an on/off flag takes (``beamvision.console.boolean``)."""
-    from beamvision.console import boolean
-
     if isinstance(value, bool):
         return value
     try:
