@@ -25,11 +25,12 @@ import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
-from beamvision.models.artifact import Manifest, quantization, verify_artifact
+from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines import options
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
+from beamvision.transforms.engines import ENGINES
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
 from beamvision.transforms.outputs import RUN_FILES, SUMMARY_FILE, run_dir
@@ -133,12 +134,9 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     started_at = time.time()
     # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
     manifest = verify_artifact(config.model)
-    if quantization(manifest) and config.engine != "openvino":
-        # Its model.keras is the float source: another engine would silently run that, not the INT8 model.
-        raise options.UsageError(
-            f"--engine {config.engine}: {config.model} holds an INT8 model for OpenVINO "
-            "(beamvision optimize); use --engine openvino"
-        )
+    refused = ENGINES[config.engine].refusal(config.model, manifest)
+    if refused:
+        raise options.UsageError(refused)
     if config.top_k is None:
         config = dataclasses.replace(config, top_k=min(options.DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:

@@ -27,7 +27,7 @@ from beamvision.models.artifact import MANIFEST_FILE
 from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
-from beamvision.transforms.engines import CONVERTED_ENGINES, ENGINES, PRECISIONS
+from beamvision.transforms.engines import CONVERTED_ENGINES, DEFAULT_ENGINE, ENGINES, PRECISIONS
 from beamvision.transforms.outputs import RUN_ID_PATTERN
 from beamvision.transforms.read import csv_column_index, list_format, parquet_has_column
 from beamvision.transforms.runners import is_remote
@@ -408,7 +408,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         choices=ENGINES,
-        default="tensorflow",
+        default=DEFAULT_ENGINE,
         help="how batches are computed: tensorflow (default) or openvino (the same model, converted on "
         "each worker; faster on Intel CPUs)",
     )
@@ -451,7 +451,7 @@ class ClassifyConfig:
     incremental: bool
     run_id: str | None
     overwrite: bool
-    engine: str = "tensorflow"
+    engine: str = DEFAULT_ENGINE
     precision: str = "fp32"
     workers: WorkerSizing = DEFAULT_SIZING
     progress_every: float = DEFAULT_PROGRESS_SECONDS
