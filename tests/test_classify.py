@@ -353,10 +353,10 @@ def test_a_batch_that_fails_gives_one_inference_error_row_per_image(model_dir):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from beamvision.transforms.decode import ImageKey
     from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages
+    from beamvision.transforms.rows import ImageKey
 
-    keys = [ImageKey(f"/images/{i}.png", 16, 16, "PNG") for i in range(6)]
+    keys = [ImageKey(f"/images/{i}.png", width=16, height=16, format="PNG") for i in range(6)]
     handler = BeamvisionModelHandler(model_dir, batch_size=4, top_k=3)
     with TestPipeline() as p:
         images = p | beam.Create([(key, np.zeros((SIZE // 2, SIZE // 2, 3), np.uint8)) for key in keys])
