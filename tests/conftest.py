@@ -89,6 +89,16 @@ def built_once(tmp_path_factory, name: str, build) -> str:
     return str(folder)
 
 
+def most_bytes_held(result) -> int:
+    """The most bytes a worker process of a finished run held for its reads and decodes (a Beam metric)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from beamvision.transforms.concurrency import BYTES_HELD_METRIC
+
+    found = result.metrics().query(MetricsFilter().with_name(BYTES_HELD_METRIC))["distributions"]
+    return max((record.committed or record.attempted).max for record in found)
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A running gcp-storage-emulator; yields its http://host:port."""
