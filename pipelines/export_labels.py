@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from beamvision import storage
 from beamvision.pipelines import options
 from beamvision.pipelines.evaluate import read_results
-from beamvision.transforms.archives import (
+from beamvision.transforms.members import (
     ArchiveBroken,
     archive_kind,
     iter_members,

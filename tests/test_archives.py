@@ -23,7 +23,7 @@ from beamvision import storage
 from beamvision.models import create_model
 from beamvision.models.artifact import new_manifest, save_artifact
 from beamvision.pipelines import classify, prepare
-from beamvision.transforms.archives import (
+from beamvision.transforms.members import (
     ArchiveBroken,
     Tally,
     is_image_name,
