@@ -179,6 +179,19 @@ class Engine:
         precision: str = "fp32",
         threads: int | None = None,
     ):
+        """The engine's model for ``artifact``, computing batches of ``batch_size`` at ``precision``.
+
+        Args:
+            artifact: the loaded artifact (its ``model`` is None where ``needs_keras`` said no).
+            batch_size: the fixed batch shape; shorter batches are padded.
+            top_k: classes per image (at most the model's).
+            embeddings: also return each image's pooled features.
+            precision: one of ``precisions`` (``--precision`` resolved).
+            threads: how many threads compute (None: the engine's default, every core).
+
+        Raises:
+            ValueError: the engine does not compute in ``precision``.
+        """
         if precision not in self.precisions:
             raise ValueError(
                 f"the {self.name} engine computes in {', '.join(self.precisions)}; "
