@@ -138,6 +138,7 @@ def _run_commands(block: Block, commands: list[tuple[list[str], int]]) -> str:
 
     printed = []
     for argv, expected in commands:
+        dry_run = _for_this_machine(argv) != argv
         argv = _for_this_machine(argv)
         with captured() as stream:
             try:
@@ -147,6 +148,8 @@ def _run_commands(block: Block, commands: list[tuple[list[str], int]]) -> str:
         printed.append(text_of(stream))
         command, tail = f"beamvision {shlex.join(argv)}", printed[-1][-4000:]
         assert status == expected, f"{block.where}: `{command}` exited {status}, not {expected}:\n{tail}"
+        if dry_run:
+            assert "dry run: built the DataflowRunner job graph" in printed[-1], f"{block.where}: {tail}"
     return "".join(printed)
 
 
