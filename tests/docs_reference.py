@@ -46,7 +46,9 @@ def help_text(argv: list[str]) -> str:
 
     # A real text stream, not a StringIO: cli.main reconfigures stdout's buffering.
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
-    with mock.patch.dict(os.environ, {"COLUMNS": COLUMNS}), contextlib.redirect_stdout(out):
+    # NO_COLOR: Python 3.14's argparse would colour its help where FORCE_COLOR asks for it.
+    fixed = {"COLUMNS": COLUMNS, "NO_COLOR": "1"}
+    with mock.patch.dict(os.environ, fixed), contextlib.redirect_stdout(out):
         try:
             status = cli.main(argv)
         except SystemExit as stop:  # argparse's --help exits 0 after printing
