@@ -27,7 +27,6 @@ import re
 import shlex
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 
 RUN = ("sh", "bash", "python", "sql")
@@ -63,6 +62,11 @@ def read_blocks(path: pathlib.Path, name: str) -> list[Block]:
         if not opening:
             index += 1
             continue
+        if opening[1]:
+            raise ValueError(
+                f"{name}:{index + 1}: an indented ``` fence (in a list?) renders as inline code on the "
+                "site: start it at the left margin"
+            )
         lang = opening[2]
         end = index + 1
         while end < len(lines) and lines[end].strip() != "```":
@@ -70,7 +74,7 @@ def read_blocks(path: pathlib.Path, name: str) -> list[Block]:
         if end == len(lines):
             raise ValueError(f"{name}:{index + 1}: a ``` block that is never closed")
         reason = _NOT_RUN.match(lines[index - 1]) if index else None
-        code = textwrap.dedent("\n".join(lines[index + 1 : end])) + "\n"
+        code = "\n".join(lines[index + 1 : end]) + "\n"
         found.append(Block(name, index + 1, lang, code, reason[1] if reason else None))
         index = end + 1
     return found
