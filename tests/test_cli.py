@@ -152,21 +152,27 @@ def test_models_json_states_what_keras_and_torchvision_report(capsys):
         )
 
 
-@pytest.mark.parametrize("argv", [["models"], ["models", "--json"], ["classify", "--help"], ["--help"]])
-def test_registry_and_help_never_import_tensorflow(argv):
-    """Start-up: listing architectures and printing help need no Keras or TensorFlow (seconds of import)."""
+def test_registry_and_help_never_import_tensorflow():
+    """Start-up: listing architectures and printing help need no Keras or TensorFlow (seconds of import).
+
+    One process runs them in turn and looks after each: the first to load either is named.
+    """
+    calls = [["models"], ["models", "--json"], ["classify", "--help"], ["--help"]]
     code = (
         "import sys\n"
         "from beamvision.pipelines import cli\n"
-        "try:\n"
-        f"    cli.main({argv!r})\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
-        "print('LOADED', loaded, file=sys.stderr)\n"
+        f"for argv in {calls!r}:\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "    print('LOADED', argv, loaded, file=sys.stderr)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "LOADED []" in done.stderr, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("LOADED")] == [
+        f"LOADED {argv!r} []" for argv in calls
+    ], done.stderr[-2000:]
 
 
 def test_models_table(capsys):

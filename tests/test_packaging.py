@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import sysconfig
 import textwrap
 
 import pytest
+from conftest import built_once
 from digits import render_subset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,26 +111,35 @@ def _install(source: str, venv: str, wheels: str) -> Install:
 
 @pytest.fixture(scope="module")
 def installs(tmp_path_factory):
-    """beamvision in two fresh venvs: from Beam's --setup_file sdist, and as the Dockerfile installs it."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.runners.portability.stager import Stager
+    """beamvision in two fresh venvs: from Beam's --setup_file sdist, and as the Dockerfile installs it.
 
-    work = tmp_path_factory.mktemp("packaging")
-    context = _docker_context(str(work / "context"))
-    staging = str(work / "staging")
-    os.makedirs(staging)
-    Stager.create_job_resources(
-        PipelineOptions(["--setup_file", os.path.join(context, "setup.py")]),
-        staging,
-        log_submission_env_dependencies=False,
-    )
-    sdists = [name for name in os.listdir(staging) if name.endswith(".tar.gz")]
-    assert len(sdists) == 1, os.listdir(staging)
-    installs = {
-        name: _install(source, str(work / name), str(work / f"{name}-wheel"))
-        for name, source in [("setup_file", os.path.join(staging, sdists[0])), ("docker", context)]
-    }
-    return installs, context
+    Built once for all xdist workers (``built_once``): tests only run what is installed.
+    """
+
+    def build(work):
+        from apache_beam.options.pipeline_options import PipelineOptions
+        from apache_beam.runners.portability.stager import Stager
+
+        context = _docker_context(str(work / "context"))
+        staging = str(work / "staging")
+        os.makedirs(staging)
+        Stager.create_job_resources(
+            PipelineOptions(["--setup_file", os.path.join(context, "setup.py")]),
+            staging,
+            log_submission_env_dependencies=False,
+        )
+        sdists = [name for name in os.listdir(staging) if name.endswith(".tar.gz")]
+        assert len(sdists) == 1, os.listdir(staging)
+        installs = {
+            name: dataclasses.asdict(_install(source, str(work / name), str(work / f"{name}-wheel")))
+            for name, source in [("setup_file", os.path.join(staging, sdists[0])), ("docker", context)]
+        }
+        (work / "installs.json").write_text(json.dumps(installs))
+
+    work = built_once(tmp_path_factory, "packaging", build)
+    with open(os.path.join(work, "installs.json")) as f:
+        installs = {name: Install(**fields) for name, fields in json.load(f).items()}
+    return installs, os.path.join(work, "context")
 
 
 @pytest.mark.parametrize("how", ["setup_file", "docker"])
