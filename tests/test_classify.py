@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import most_bytes_held
+from conftest import built_once, most_bytes_held
 from corpus import write_corpus
 from terminal import assert_no_startup_noise, progress_lines
 
@@ -33,19 +33,27 @@ LABELS = [f"kind_{i}" for i in range(10)]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model = create_model("mobilenet_v2", num_classes=len(LABELS), input_size=SIZE)
-    # Freshly initialised, the network gives every image nearly uniform
-    # probabilities; larger weights make its outputs differ, so rows are comparable.
-    model.set_weights([w * np.float32(3.0) if w.ndim > 1 else w for w in model.get_weights()])
-    uri = str(tmp_path_factory.mktemp("model") / "mnv2")
-    save_artifact(model, new_manifest(model, "mobilenet_v2", LABELS, "none", name="corpus", version="1"), uri)
-    return uri
+    """A mobilenet_v2 artifact of 10 classes at 32 px; built once for all xdist workers (``built_once``)."""
+
+    def build(folder):
+        model = create_model("mobilenet_v2", num_classes=len(LABELS), input_size=SIZE)
+        # Freshly initialised, the network gives every image nearly uniform
+        # probabilities; larger weights make its outputs differ, so rows are comparable.
+        model.set_weights([w * np.float32(3.0) if w.ndim > 1 else w for w in model.get_weights()])
+        manifest = new_manifest(model, "mobilenet_v2", LABELS, "none", name="corpus", version="1")
+        save_artifact(model, manifest, str(folder / "mnv2"))
+
+    return os.path.join(built_once(tmp_path_factory, "classify-model", build), "mnv2")
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(corpus, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("corpus"))
-    return root, write_corpus(root, corpus)
+    """The corpus written once for all xdist workers; (its root, absolute path -> expected)."""
+    folder = built_once(
+        tmp_path_factory, "classify-corpus", lambda f: write_corpus(str(f / "corpus"), corpus)
+    )
+    root = os.path.join(folder, "corpus")  # below the folder: built_once's marker is no input
+    return root, {os.path.join(root, relative): outcome for relative, (_, outcome) in corpus.items()}
 
 
 def _read_rows(output: str, prefix: str) -> pd.DataFrame:
@@ -73,15 +81,20 @@ def _decoded_pixels(uris) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def one_worker_run(model_dir, corpus_dir, tmp_path_factory):
-    """One in-process run over the corpus, with overlapping patterns and a list file."""
+    """One in-process run over the corpus, with overlapping patterns and a list file.
+
+    Run once for all xdist workers (``built_once``): the tests only read its output.
+    """
     root, expected = corpus_dir
-    work = tmp_path_factory.mktemp("run1")
-    listed = work / "list.txt"
     missing = os.path.join(root, "gone.jpg")
-    first_ok = next(p for p, e in expected.items() if not e.error_type)
-    listed.write_text(f"{first_ok}\n\n{missing}\n{missing}\n")
-    output = str(work / "out")
-    classify.run(_corpus_argv(root, str(listed), model_dir, output))
+
+    def build(work):
+        listed = work / "list.txt"
+        first_ok = next(p for p, e in expected.items() if not e.error_type)
+        listed.write_text(f"{first_ok}\n\n{missing}\n{missing}\n")
+        classify.run(_corpus_argv(root, str(listed), model_dir, str(work / "out")))
+
+    output = os.path.join(built_once(tmp_path_factory, "classify-run1", build), "out")
     return output, {**expected, missing: None}
 
 
