@@ -583,9 +583,8 @@ def test_training_from_scratch_with_default_flags_learns_real_photos(tmp_path, c
     Before BatchNorm statistics were re-estimated for validation, this (at 96
     px) stopped after 6 epochs with the epoch-1 weights: 10% test accuracy.
     A fifth of the images is the test split (49, chance 18%): with the default
-    tenth (22 images, chance 27%), one CPU model scored 68% where another
-    scored 95%, the same training measured on too few images to compare with
-    3x chance.
+    tenth (22 images, chance 27%), a run on one CPU model scored 68% with 93%
+    on validation, too few test images to hold against 3x chance.
     """
     from photos import write_photo_classes
 
