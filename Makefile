@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format test demo bench clean
+.PHONY: install lint format test demo docs docs-reference bench clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/beamvision demo --workdir demo-output
 
+# The user guide as a static site in site/ (built strictly: a broken link or a missing page fails).
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict --site-dir site
+
+# docs/reference.md is generated from the commands' parsers; the suite fails when it is stale.
+docs-reference: $(STAMP)
+	$(BIN)/python tests/docs_reference.py
+
 # Benchmarks are never part of `make test`: they time whole processes and need minutes.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
@@ -40,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sizing.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) demo-output site .pytest_cache .ruff_cache *.egg-info

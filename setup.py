@@ -31,7 +31,7 @@ PACKAGE_DIR = {
     "beamvision.pipelines": "pipelines",
 }
 
-# Lower bounds are the versions the test suite runs against (see README).
+# Lower bounds are the versions the test suite runs against (see docs/getting-started.md).
 INSTALL_REQUIRES = [
     "apache-beam[gcp]>=2.77.0",
     "tensorflow>=2.21.0",
@@ -59,7 +59,8 @@ EXTRAS_REQUIRE = {
         "scikit-image>=0.26.0",
         "ruff>=0.17.0",
         "pandas>=2.2",
-        "duckdb>=2.0",  # the README's one-table query over incremental runs is tested
+        "duckdb>=2.0",  # the docs' SQL blocks (the one-table query over incremental runs) are run
+        "mkdocs>=1.6",  # the docs are built as a site, strictly, by the suite (tests/test_docs.py)
         "playwright>=1.50",  # review's page in Debian's Chromium (no browser download)
         "filelock>=3.12",  # a fixture that trains a model builds it once for all xdist workers
     ],

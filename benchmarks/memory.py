@@ -34,6 +34,7 @@ sys.path.insert(0, HERE)
 from common import BEAMVISION, ProcessRun, make_jpegs, make_tiff_scans, random_model, run_process  # noqa: E402
 
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB  # noqa: E402
+from beamvision.transforms.engines import CONVERTED_ENGINES  # noqa: E402
 
 
 def _listing(workdir: str, name: str, paths: list[str]) -> str:
@@ -46,7 +47,7 @@ def _listing(workdir: str, name: str, paths: list[str]) -> str:
 def _classify(workdir: str, name: str, paths: list[str], *extra: str, engine="tensorflow") -> ProcessRun:
     output = os.path.join(workdir, f"out_{name}")
     listing = _listing(workdir, name, paths)
-    model = random_model(workdir, ("openvino",) if engine == "openvino" else ())
+    model = random_model(workdir, (engine,) if engine in CONVERTED_ENGINES else ())
     args = ["classify", "--input_list", listing, "--model", model, "--output", output, "--engine", engine]
     return run_process([*BEAMVISION, *args, "--overwrite", *extra])
 

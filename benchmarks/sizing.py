@@ -108,11 +108,11 @@ def prepare(workdir: str, architecture: str) -> None:
     from beamvision.models import create_model
     from beamvision.models.artifact import new_manifest, save_artifact
     from beamvision.models.labels import imagenet_labels
-    from beamvision.transforms.engines import engine_files
+    from beamvision.transforms.engines import OpenVINOEngine, engine_files
 
     artifact = _artifact_path(workdir, architecture)
     manifest_path = pathlib.Path(artifact, "manifest.json")
-    if manifest_path.exists() and "openvino/model.xml" in manifest_path.read_text():
+    if manifest_path.exists() and OpenVINOEngine.xml in manifest_path.read_text():
         return
     model = create_model(architecture, weights=None)
     manifest = new_manifest(model, architecture, list(imagenet_labels()), "none")
@@ -167,7 +167,7 @@ def measure(workdir: str, architecture: str, engine: str, cpu: int, batch_size: 
         "batch_size": batch_size,
         "cores": len(os.sched_getaffinity(0)),
         "pinned_cpu": cpu if cpu >= 0 else None,
-        "engine_threads": _engine_threads(engine, classify),
+        "engine_threads": _engine_threads(classify),
         "sizing": sizing.describe(),
         "images_per_s": round(len(latencies) * batch_size / elapsed, 2),
         "batches_timed": len(latencies),
@@ -185,18 +185,20 @@ def measure(workdir: str, architecture: str, engine: str, cpu: int, batch_size: 
     }
 
 
-def _engine_threads(engine: str, classify) -> dict:
+def _engine_threads(classify) -> dict:
     """The thread counts the engine actually runs with (0: the library's default)."""
-    if engine == "tensorflow":
+    from beamvision.transforms.engines import OpenVINOEngine, TensorFlowEngine
+
+    if isinstance(classify, TensorFlowEngine):
         import tensorflow as tf
 
         return {
             "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
         }
-    compiled = getattr(classify, "_compiled", None)
-    if compiled is None:
+    if not isinstance(classify, OpenVINOEngine):
         return {}
+    compiled = classify._compiled
     return {name: int(compiled.get_property(name)) for name in ("INFERENCE_NUM_THREADS", "NUM_STREAMS")}
 
 

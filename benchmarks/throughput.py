@@ -56,13 +56,13 @@ def _prepare(workdir: str, count: int, pixels_needed: bool = True) -> dict:
     from beamvision.models.artifact import new_manifest, save_artifact
     from beamvision.models.labels import imagenet_labels
     from beamvision.transforms.decode import decode_image
-    from beamvision.transforms.engines import engine_files
+    from beamvision.transforms.engines import OpenVINOEngine, engine_files
 
     images = make_jpegs(os.path.join(workdir, "images"), count, (1600, 1200))
     artifact = os.path.join(workdir, "model")
     baseline_model = os.path.join(workdir, "baseline_mobilenet_v2.keras")
     manifest = pathlib.Path(artifact, "manifest.json")
-    if not manifest.exists() or "openvino/model.xml" not in manifest.read_text():
+    if not manifest.exists() or OpenVINOEngine.xml not in manifest.read_text():
         model = create_model("mobilenet_v2", weights=None)
         manifest = new_manifest(model, "mobilenet_v2", list(imagenet_labels()), "none")
         with tempfile.TemporaryDirectory() as converted:  # as export/train --engines openvino store it

@@ -5,6 +5,9 @@ Layout (local path or any Beam filesystem URI such as ``gs://``)::
     DIR/model.keras     uint8 images [batch, H, W, 3] in, probabilities out,
                         the architecture's normalisation inside the graph
     DIR/manifest.json   what the model is (see ``Manifest``)
+    DIR/...             optionally, an engine's converted model (``export`` and
+                        ``train --engines``; which files, ``transforms.engines``
+                        knows), listed in the manifest like model.keras
 
 ``manifest.json`` is written last and records the size and SHA-256 of
 ``model.keras``: it is the commit point, so a reader sees either no artifact or
@@ -55,9 +58,11 @@ class Manifest:
         metrics: evaluation metrics (empty when not evaluated).
         files: ``{"model.keras": {"bytes": N, "sha256": HEX}}``.
         schema_version: version of this manifest format.
-        quantization: how the stored OpenVINO model was quantised (``beamvision
+        quantization: how the stored converted model was quantised (``beamvision
             optimize``: method, calibration, accuracy); empty for a float model,
-            and then left out of ``manifest.json``.
+            and then left out of ``manifest.json``. A quantised artifact's
+            ``model.keras`` is still its float source, so that the artifact
+            stays valid: only an engine that runs INT8 runs the quantised model.
     """
 
     name: str
@@ -119,15 +124,6 @@ class Manifest:
         if not isinstance(manifest.input_size, int) or manifest.input_size < 1:
             raise ArtifactError(f"{where}: input_size must be a positive integer")
         return manifest
-
-
-def quantization(manifest: Manifest) -> dict[str, Any] | None:
-    """How the artifact's OpenVINO model was quantised (``beamvision optimize``); None for a float model.
-
-    A quantised artifact's ``model.keras`` is still its float source, so that
-    the artifact stays valid: only ``--engine openvino`` runs the INT8 model.
-    """
-    return manifest.quantization or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +188,7 @@ def save_artifact(
 
     ``extra_files``: name in the artifact -> local path, written beside the
     model and recorded (size, SHA-256) in the manifest, such as an engine's
-    converted model (``openvino/model.xml``).
+    converted model (``openvino/model.xml``: see ``transforms.engines``).
 
     Returns:
         The manifest as written, with the ``files`` section filled in.
@@ -263,7 +259,7 @@ def verify_artifact(uri: str) -> Manifest:
     manifest = load_manifest(uri)
     _check_other_files(uri, manifest)
     with tempfile.TemporaryDirectory() as tmp:
-        config = _keras_config(_download_verified(uri, manifest, tmp), storage.join(uri, MODEL_FILE))
+        config = _keras_config(fetch_file(uri, manifest, MODEL_FILE, tmp), storage.join(uri, MODEL_FILE))
     layers = list(_layers(config))
     if any(layer.get("class_name") in ("Lambda", "__lambda__") for layer in layers):
         raise _unsafe(storage.join(uri, MODEL_FILE))
@@ -300,26 +296,30 @@ def load_artifact(uri: str) -> Artifact:
     manifest = load_manifest(uri)
     model_uri = storage.join(uri, MODEL_FILE)
     with tempfile.TemporaryDirectory() as tmp:
-        model = _load_keras_safely(_download_verified(uri, manifest, tmp), model_uri)
+        model = _load_keras_safely(fetch_file(uri, manifest, MODEL_FILE, tmp), model_uri)
     _check_model_matches(model, manifest, uri)
     return Artifact(uri=uri, model=model, manifest=manifest)
 
 
-def _download_verified(uri: str, manifest: Manifest, tmp: str, name: str = MODEL_FILE) -> str:
-    """Copies the artifact's file ``name`` into ``tmp``; checks its size and SHA-256 against the manifest."""
-    model_uri = storage.join(uri, *name.split("/"))
-    if not storage.exists(model_uri):
+def fetch_file(uri: str, manifest: Manifest, name: str, tmp: str) -> str:
+    """The local path of the artifact's file ``name``, copied into ``tmp`` and checked against the manifest.
+
+    Raises:
+        ArtifactError: the file is missing, or its size or SHA-256 is not what the manifest records.
+    """
+    file_uri = storage.join(uri, *name.split("/"))
+    if not storage.exists(file_uri):
         raise ArtifactError(f"incomplete model artifact at {uri}: {name} not found")
     expected = manifest.files[name]
-    local_model = os.path.join(tmp, name.replace("/", "_"))
-    storage.download(model_uri, local_model)
-    size, digest = os.path.getsize(local_model), storage.sha256_file(local_model)
+    local = os.path.join(tmp, name.replace("/", "_"))
+    storage.download(file_uri, local)
+    size, digest = os.path.getsize(local), storage.sha256_file(local)
     if size != expected.get("bytes") or digest != expected.get("sha256"):
         raise ArtifactError(
-            f"{model_uri} does not match its manifest ({size} bytes, sha256 {digest[:12]}…; "
+            f"{file_uri} does not match its manifest ({size} bytes, sha256 {digest[:12]}…; "
             f"expected {expected.get('bytes')} bytes, sha256 {str(expected.get('sha256'))[:12]}…)"
         )
-    return local_model
+    return local
 
 
 def _check_other_files(uri: str, manifest: Manifest) -> None:
@@ -337,11 +337,6 @@ def _check_other_files(uri: str, manifest: Manifest) -> None:
             raise ArtifactError(
                 f"{file_uri} does not match its manifest ({size} bytes, expected {expected.get('bytes')})"
             )
-
-
-def fetch_file(uri: str, manifest: Manifest, name: str, tmp: str) -> str:
-    """The local path of the artifact's file ``name`` (listed in the manifest), downloaded and verified."""
-    return _download_verified(uri, manifest, tmp, name)
 
 
 def _keras_config(local_path: str, uri: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
 from beamvision.console import DEFAULT_PROGRESS_SECONDS
-from beamvision.models.artifact import Manifest, quantization, verify_artifact
+from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines.flags import (
     UsageError,
     add_decode_arguments,
@@ -46,7 +46,7 @@ from beamvision.pipelines.reports import format_summary
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.engines import ENGINES, PRECISIONS
+from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES, PRECISIONS
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
 from beamvision.transforms.outputs import RUN_FILES, RUN_ID_PATTERN, SUMMARY_FILE, run_dir
@@ -136,7 +136,7 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
         choices=ENGINES,
-        default="tensorflow",
+        default=DEFAULT_ENGINE,
         help="how batches are computed: tensorflow (default) or openvino (the same model, converted on "
         "each worker; faster on Intel CPUs)",
     )
@@ -163,7 +163,7 @@ class Config:
     incremental: bool
     run_id: str | None
     overwrite: bool
-    engine: str = "tensorflow"
+    engine: str = DEFAULT_ENGINE
     precision: str = "fp32"
     workers: WorkerSizing = DEFAULT_SIZING
     progress_every: float = DEFAULT_PROGRESS_SECONDS
@@ -349,12 +349,9 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
     """The artifact's manifest, checked against the flags; ``--top_k`` resolved for its classes."""
     # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
     manifest = verify_artifact(config.model)
-    if quantization(manifest) and config.engine != "openvino":
-        # Its model.keras is the float source: another engine would silently run that, not the INT8 model.
-        raise UsageError(
-            f"--engine {config.engine}: {config.model} holds an INT8 model for OpenVINO "
-            "(beamvision optimize); use --engine openvino"
-        )
+    refused = ENGINES[config.engine].refusal(config.model, manifest)
+    if refused:
+        raise UsageError(refused)
     if config.top_k is None:
         config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:

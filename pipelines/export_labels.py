@@ -37,7 +37,7 @@ from beamvision import storage
 from beamvision.pipelines.flags import UsageError, add_results_argument, parse, positive_int
 from beamvision.pipelines.labelstudio import image_url, label_studio_tasks
 from beamvision.pipelines.reports import read_results
-from beamvision.transforms.archives import (
+from beamvision.transforms.members import (
     ArchiveBroken,
     archive_kind,
     iter_members,

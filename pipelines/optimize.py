@@ -11,7 +11,7 @@ accuracy of the fp32 and the INT8 model on the test split. The new artifact
 keeps the Keras model (the same weights: it stays a valid artifact), stores
 the INT8 model as openvino/model.xml and model.bin, which ``classify --engine
 openvino`` runs unchanged, and records the quantisation in its manifest (see
-``beamvision.models.artifact.quantization``).
+``beamvision.models.artifact.Manifest``).
 """
 
 from __future__ import annotations
@@ -31,13 +31,10 @@ from beamvision import storage
 from beamvision.models import ModelError
 from beamvision.models.artifact import (
     MODEL_FILE,
-    Artifact,
     Manifest,
     artifact_exists,
-    fetch_file,
     load_artifact,
     new_manifest,
-    quantization,
     save_artifact,
     verify_artifact,
 )
@@ -45,7 +42,7 @@ from beamvision.models.dataset import parse_example
 from beamvision.models.metrics import classification_metrics
 from beamvision.models.training import evaluation_split, local_shards, make_dataset, read_dataset_info
 from beamvision.pipelines.flags import UsageError, add_switch, parse, positive_int
-from beamvision.transforms.engines import OPENVINO_FILES, convert_openvino, has_openvino_model
+from beamvision.transforms.engines import OpenVINOEngine
 
 if TYPE_CHECKING:  # OpenVINO is imported where a model is converted, quantised or scored
     import openvino as ov
@@ -135,10 +132,10 @@ def run(argv: list[str] | None = None) -> Manifest:
     artifact = load_artifact(config.model)  # the Keras model, saved unchanged into the new artifact
     with tempfile.TemporaryDirectory() as tmp:
         images = _calibration_images(config, source, stats, tmp)
-        fp32_files = _openvino_files(artifact, os.path.join(tmp, "fp32"))
-        fp32 = ov.Core().read_model(fp32_files[OPENVINO_FILES[0]])
+        fp32_files = OpenVINOEngine.local_files(artifact, os.path.join(tmp, "fp32"))
+        fp32 = ov.Core().read_model(fp32_files[OpenVINOEngine.xml])
         int8 = quantize(fp32, images, config.preset)
-        int8_files = dict(zip(OPENVINO_FILES, _save(int8, os.path.join(tmp, "int8")), strict=True))
+        int8_files = OpenVINOEngine.save(int8, os.path.join(tmp, "int8"))
         evaluation_shards = local_shards(config.data, evaluated_on, os.path.join(tmp, evaluated_on))
         accuracy = compare_accuracy(fp32, int8, evaluation_shards, stats["image_size"], labels, source.labels)
         record = _quantization_record(config, source, images, {"split": evaluated_on, **accuracy}, started)
@@ -156,7 +153,7 @@ def run(argv: list[str] | None = None) -> Manifest:
         manifest = save_artifact(
             artifact.model, manifest, config.output, config.overwrite, extra_files=int8_files
         )
-        fp32_megabytes = os.path.getsize(fp32_files[OPENVINO_FILES[1]]) / 1e6
+        fp32_megabytes = os.path.getsize(fp32_files[OpenVINOEngine.weights]) / 1e6
     _print_summary(config, manifest, fp32_megabytes, time.monotonic() - started)
     return manifest
 
@@ -196,7 +193,7 @@ def _quantization_record(
             "name": source.name,
             "version": source.version,
             "model_sha256": source.files[MODEL_FILE]["sha256"],
-            "openvino": "stored" if has_openvino_model(source) else "converted",
+            "openvino": "stored" if OpenVINOEngine.holds(source) else "converted",
         },
         "calibration": {
             "data": config.data,
@@ -215,7 +212,7 @@ def _check_inputs(config: Config, source: Manifest) -> tuple[list[str], dict[str
     """Refuses what cannot be quantised or measured, before any work; returns the data's labels and stats."""
     from apache_beam.io.filesystems import FileSystems
 
-    if quantization(source):
+    if source.quantization:
         raise UsageError(
             f"--model {config.model}: is already quantised; optimize the float artifact it came from"
         )
@@ -307,10 +304,7 @@ def compare_accuracy(
     Both are compiled for the CPU with fp32 as the precision of what is not
     quantised, as ``classify --engine openvino --precision fp32`` runs them.
     """
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}) for m in (fp32, int8)]
+    compiled = [OpenVINOEngine.compile(m, "fp32") for m in (fp32, int8)]
     k = min(5, len(model_labels))
     to_model = np.asarray([model_labels.index(label) for label in labels])
     y_true, ranked = [], ([], [])
@@ -334,24 +328,6 @@ def compare_accuracy(
     }
 
 
-def _openvino_files(artifact: Artifact, folder: str) -> dict[str, str]:
-    """The artifact's fp32 OpenVINO model as local files: its stored copy, else converted as export would."""
-    os.makedirs(folder)
-    if has_openvino_model(artifact.manifest):
-        return {name: fetch_file(artifact.uri, artifact.manifest, name, folder) for name in OPENVINO_FILES}
-    return convert_openvino(artifact, folder)
-
-
-def _save(model: ov.Model, folder: str) -> tuple[str, str]:
-    """Writes an OpenVINO model as ``folder``/model.xml and model.bin; returns their paths."""
-    import openvino as ov
-
-    os.makedirs(folder)
-    xml = os.path.join(folder, "model.xml")
-    ov.save_model(model, xml)  # as convert_openvino saves: float constants that remain, as fp16
-    return xml, os.path.join(folder, "model.bin")
-
-
 def _nncf_version() -> str:
     import nncf
 
@@ -362,7 +338,7 @@ def _print_summary(config: Config, manifest: Manifest, fp32_megabytes: float, se
     record = manifest.quantization
     accuracy, calibration = record["accuracy"], record["calibration"]
     fp32, int8, drop = accuracy["fp32"]["accuracy"], accuracy["int8"]["accuracy"], accuracy["drop_points"]
-    int8_megabytes = manifest.files[OPENVINO_FILES[1]]["bytes"] / 1e6
+    int8_megabytes = manifest.files[OpenVINOEngine.weights]["bytes"] / 1e6
     print(
         f"quantised {manifest.name} to INT8 ({config.preset}) in {seconds:.0f}s, calibrated on "
         f"{calibration['images']:,} {calibration['split']} images (seed {calibration['seed']})"

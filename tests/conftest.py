@@ -7,7 +7,8 @@ temporary directory, so the ImageNet code path loads weight files that the
 tests place where Keras looks, and never touches the user's own cache.
 
 With ``make test`` the suite runs on every core (pytest-xdist): each worker
-process has its own emulator, Keras home and module fixtures.
+process has its own emulator, Keras home and module fixtures; the costly inputs
+that tests only read are built once for all workers (``built_once``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ def built_once(tmp_path_factory, name: str, build) -> str:
     return str(folder)
 
 
+def most_bytes_held(result) -> int:
+    """The most bytes a worker process of a finished run held for its reads and decodes (a Beam metric)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from beamvision.transforms.concurrency import BYTES_HELD_METRIC
+
+    found = result.metrics().query(MetricsFilter().with_name(BYTES_HELD_METRIC))["distributions"]
+    return max((record.committed or record.attempted).max for record in found)
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A running gcp-storage-emulator; yields its http://host:port."""
@@ -136,34 +147,26 @@ def gcs_bucket(gcs_emulator) -> str:
     return f"gs://{name}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Three digit classes, 12 images each, prepared once at 32 px; yields (image root, prepared prefix).
 
     Architectures whose minimum input is larger train at it with ``--input_size``
-    (train resizes in tf.data), so one prepare serves every architecture.
+    (train resizes in tf.data), so one prepare serves every architecture. Built
+    once for all xdist workers: tests only read it.
     """
-    from digits import render_subset
 
-    from beamvision.pipelines import prepare
+    def build(folder):
+        from digits import render_subset
 
-    root = render_subset(str(tmp_path_factory.mktemp("tiny")), classes=3, per_class=12)
-    out = str(tmp_path_factory.mktemp("tiny32") / "data")
-    prepare.run(
-        [
-            "--input",
-            root,
-            "--output",
-            out,
-            "--image_size",
-            "32",
-            "--val_fraction",
-            "0.2",
-            "--test_fraction",
-            "0.2",
-        ]
-    )
-    return root, out
+        from beamvision.pipelines import prepare
+
+        root = render_subset(str(folder / "tiny"), classes=3, per_class=12)
+        flags = ["--image_size", "32", "--val_fraction", "0.2", "--test_fraction", "0.2"]
+        prepare.run(["--input", root, "--output", str(folder / "tiny32" / "data"), *flags])
+
+    folder = built_once(tmp_path_factory, "tiny", build)
+    return os.path.join(folder, "tiny"), os.path.join(folder, "tiny32", "data")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import built_once, most_bytes_held
 from corpus import write_corpus
 from terminal import assert_no_startup_noise, progress_lines
 
@@ -32,19 +33,27 @@ LABELS = [f"kind_{i}" for i in range(10)]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model = create_model("mobilenet_v2", num_classes=len(LABELS), input_size=SIZE)
-    # Freshly initialised, the network gives every image nearly uniform
-    # probabilities; larger weights make its outputs differ, so rows are comparable.
-    model.set_weights([w * np.float32(3.0) if w.ndim > 1 else w for w in model.get_weights()])
-    uri = str(tmp_path_factory.mktemp("model") / "mnv2")
-    save_artifact(model, new_manifest(model, "mobilenet_v2", LABELS, "none", name="corpus", version="1"), uri)
-    return uri
+    """A mobilenet_v2 artifact of 10 classes at 32 px; built once for all xdist workers (``built_once``)."""
+
+    def build(folder):
+        model = create_model("mobilenet_v2", num_classes=len(LABELS), input_size=SIZE)
+        # Freshly initialised, the network gives every image nearly uniform
+        # probabilities; larger weights make its outputs differ, so rows are comparable.
+        model.set_weights([w * np.float32(3.0) if w.ndim > 1 else w for w in model.get_weights()])
+        manifest = new_manifest(model, "mobilenet_v2", LABELS, "none", name="corpus", version="1")
+        save_artifact(model, manifest, str(folder / "mnv2"))
+
+    return os.path.join(built_once(tmp_path_factory, "classify-model", build), "mnv2")
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(corpus, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("corpus"))
-    return root, write_corpus(root, corpus)
+    """The corpus written once for all xdist workers; (its root, absolute path -> expected)."""
+    folder = built_once(
+        tmp_path_factory, "classify-corpus", lambda f: write_corpus(str(f / "corpus"), corpus)
+    )
+    root = os.path.join(folder, "corpus")  # below the folder: built_once's marker is no input
+    return root, {os.path.join(root, relative): outcome for relative, (_, outcome) in corpus.items()}
 
 
 def _read_rows(output: str, prefix: str) -> pd.DataFrame:
@@ -72,15 +81,20 @@ def _decoded_pixels(uris) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def one_worker_run(model_dir, corpus_dir, tmp_path_factory):
-    """One in-process run over the corpus, with overlapping patterns and a list file."""
+    """One in-process run over the corpus, with overlapping patterns and a list file.
+
+    Run once for all xdist workers (``built_once``): the tests only read its output.
+    """
     root, expected = corpus_dir
-    work = tmp_path_factory.mktemp("run1")
-    listed = work / "list.txt"
     missing = os.path.join(root, "gone.jpg")
-    first_ok = next(p for p, e in expected.items() if not e.error_type)
-    listed.write_text(f"{first_ok}\n\n{missing}\n{missing}\n")
-    output = str(work / "out")
-    classify.run(_corpus_argv(root, str(listed), model_dir, output))
+
+    def build(work):
+        listed = work / "list.txt"
+        first_ok = next(p for p, e in expected.items() if not e.error_type)
+        listed.write_text(f"{first_ok}\n\n{missing}\n{missing}\n")
+        classify.run(_corpus_argv(root, str(listed), model_dir, str(work / "out")))
+
+    output = os.path.join(built_once(tmp_path_factory, "classify-run1", build), "out")
     return output, {**expected, missing: None}
 
 
@@ -353,10 +367,10 @@ def test_a_batch_that_fails_gives_one_inference_error_row_per_image(model_dir):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from beamvision.transforms.decode import ImageKey
     from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages
+    from beamvision.transforms.rows import ImageKey
 
-    keys = [ImageKey(f"/images/{i}.png", 16, 16, "PNG") for i in range(6)]
+    keys = [ImageKey(f"/images/{i}.png", width=16, height=16, format="PNG") for i in range(6)]
     handler = BeamvisionModelHandler(model_dir, batch_size=4, top_k=3)
     with TestPipeline() as p:
         images = p | beam.Create([(key, np.zeros((SIZE // 2, SIZE // 2, 3), np.uint8)) for key in keys])
@@ -489,12 +503,11 @@ def test_large_files_are_read_and_decoded_within_the_byte_budget(model_dir, phot
     scan_bytes = os.path.getsize(paths[0])
     peaks = {}
     for buffer_mb in (8, 64):
-        PROCESS_BYTES.peak = 0
         output = str(tmp_path / f"out_{buffer_mb}")
         argv = ["--input", str(tmp_path / "in"), "--model", model_dir, "--output", output]
-        classify.run([*argv, "--buffer_mb", str(buffer_mb), "--batch_size", "4"])
+        result = classify.run([*argv, "--buffer_mb", str(buffer_mb), "--batch_size", "4"])
         assert sorted(_read_rows(output, "results").image_uri) == sorted(paths)
-        peaks[buffer_mb] = PROCESS_BYTES.peak
+        peaks[buffer_mb] = most_bytes_held(result)
     # At 8 MB a scan is read and decoded alone: its bytes, its pixels (4 bytes each) and a few JPEGs.
     assert scan_bytes < peaks[8] <= scan_bytes + 1500 * 1530 * 4 + 2 * 2**20
     assert peaks[64] > 2 * scan_bytes  # with room, several files are in flight at once

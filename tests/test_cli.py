@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from beamvision import storage
-from beamvision.models import create_model, get_spec, list_models
+from beamvision.models import create_model, list_models
 from beamvision.models.artifact import load_artifact
 from beamvision.models.labels import imagenet_labels
 from beamvision.pipelines.cli import COMMANDS, main
@@ -40,45 +41,138 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_command_has_help(command, capsys):
+def _help(command: str, capsys) -> str:
     with pytest.raises(SystemExit) as excinfo:
         main([command, "--help"])
     assert excinfo.value.code == 0
-    assert f"beamvision {command}" in capsys.readouterr().out
+    return capsys.readouterr().out
 
 
-def test_models_json_matches_registry(capsys):
+def _usage(text: str) -> str:
+    """The usage paragraph of a --help text, on one line."""
+    return " ".join(text.split("\n\n", 1)[0].split())
+
+
+def _listed_options(text: str) -> dict[str, str]:
+    """Each flag of a --help text's options list -> its help text."""
+    listed, current = {}, []
+    for line in text.split("options:\n", 1)[1].split("\n\n", 1)[0].splitlines():
+        entry = re.match(r"^  (-\S.*?)(?:\s{2,}(\S.*))?$", line)
+        if entry:
+            current = re.findall(r"--[\w-]+", entry[1])
+            listed.update(dict.fromkeys(current, entry[2] or ""))
+        else:  # the help text goes on, further indented
+            listed.update({flag: f"{listed[flag]} {line.strip()}".strip() for flag in current})
+    return listed
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_listing_each_flag_of_its_usage(command, capsys):
+    text = _help(command, capsys)
+    usage = _usage(text)
+    assert usage.startswith(f"usage: beamvision {command} [-h]"), usage
+    declared = set(re.findall(r"(?<![\w-])--[\w-]+", usage))
+    listed = _listed_options(text)
+    assert declared == set(listed) - {"--help"}, (declared, listed)
+    assert all(listed.values()), [flag for flag, help_text in listed.items() if not help_text]
+
+
+def _required_flags(usage: str) -> list[str]:
+    """Each flag the usage requires (those outside brackets) with a value it takes: its first choice, or 1."""
+    while re.search(r"\[[^][]*\]", usage):
+        usage = re.sub(r"\[[^][]*\]", "", usage)
+    argv = []
+    for flag, value in re.findall(r"(--[\w-]+) (\S+)", usage):
+        choice = value.strip("{}").split(",")[0] if value.startswith("{") else "1"
+        argv += [flag, list_models()[0] if flag == "--architecture" else choice]
+    return argv
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_an_unknown_flag_is_one_line_and_exit_2_for_every_command(command, capsys):
+    required = _required_flags(_usage(_help(command, capsys)))
+    assert _error_line(capsys, [command, *required, "--no_such_flag"]) == (
+        f"beamvision {command}: error: unrecognized arguments: --no_such_flag"
+    )
+
+
+# Our name -> Keras's own application of the network: its constructor and the module of its preprocess_input.
+KERAS_APPLICATIONS = {
+    "densenet121": ("DenseNet121", "densenet"),
+    "inception_v3": ("InceptionV3", "inception_v3"),
+    "mobilenet_v1": ("MobileNet", "mobilenet"),
+    "mobilenet_v2": ("MobileNetV2", "mobilenet_v2"),
+    "resnet50": ("ResNet50", "resnet50"),
+    "vgg16": ("VGG16", "vgg16"),
+    "xception": ("Xception", "xception"),
+}
+# Built here with weights=None, so that Keras counts their parameters: two small ones, at 224 and 299 px.
+BUILT = ("mobilenet_v2", "inception_v3")
+# Not in Keras: torchvision's published parameter counts (AlexNet, SqueezeNet 1.1) at 224 px, and its
+# normalisation (ImageNet mean and standard deviation of pixels in [0, 1]).
+TORCHVISION = {"alexnet": 61_100_840, "squeezenet": 1_235_496}
+TORCHVISION_MEAN, TORCHVISION_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_models_json_states_what_keras_and_torchvision_report(capsys):
+    from keras.applications import imagenet_utils
+
     assert main(["models", "--json"]) == 0
-    records = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in records] == list_models()
-    for record in records:
-        spec = get_spec(record["name"])
-        assert record == {
-            "name": spec.name,
-            "input_size": spec.default_input_size,
-            "min_input_size": spec.min_input_size,
-            "preprocessing": spec.preprocessing,
-            "params": spec.params,
-            "imagenet_weights": spec.imagenet_weights,
-        }
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(records) == list_models()
+    assert set(records) == set(KERAS_APPLICATIONS) | set(TORCHVISION), (
+        "a new architecture needs its facts here"
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype("float32")
+    for name, (constructor, module) in KERAS_APPLICATIONS.items():
+        record = records[name]
+        assert record["imagenet_weights"] is True, name
+        np.testing.assert_allclose(
+            imagenet_utils.preprocess_input(pixels.copy(), mode=record["preprocessing"]),
+            getattr(keras.applications, module).preprocess_input(pixels.copy()),
+            rtol=1e-6,
+            err_msg=name,
+        )
+        below = record["min_input_size"] - 1  # Keras refuses it before building anything
+        with pytest.raises(ValueError, match=f"Input size must be at least {below + 1}x{below + 1}"):
+            getattr(keras.applications, constructor)(weights=None, input_shape=(below, below, 3))
+    for name in BUILT:
+        reference = getattr(keras.applications, KERAS_APPLICATIONS[name][0])(weights=None)
+        assert reference.input_shape == (None, records[name]["input_size"], records[name]["input_size"], 3)
+        assert records[name]["params"] == reference.count_params(), name
+        keras.backend.clear_session()
+    for name, params in TORCHVISION.items():
+        record = records[name]
+        assert (record["params"], record["input_size"], record["imagenet_weights"]) == (params, 224, False)
+        np.testing.assert_allclose(
+            imagenet_utils.preprocess_input(pixels.copy(), mode=record["preprocessing"]),
+            (pixels / 255 - TORCHVISION_MEAN) / TORCHVISION_STD,
+            rtol=1e-5,
+            err_msg=name,
+        )
 
 
-@pytest.mark.parametrize("argv", [["models"], ["models", "--json"], ["classify", "--help"], ["--help"]])
-def test_registry_and_help_never_import_tensorflow(argv):
-    """Start-up: listing architectures and printing help need no Keras or TensorFlow (seconds of import)."""
+def test_registry_and_help_never_import_tensorflow():
+    """Start-up: listing architectures and printing help need no Keras or TensorFlow (seconds of import).
+
+    One process runs them in turn and looks after each: the first to load either is named.
+    """
+    calls = [["models"], ["models", "--json"], ["classify", "--help"], ["--help"]]
     code = (
         "import sys\n"
         "from beamvision.pipelines import cli\n"
-        "try:\n"
-        f"    cli.main({argv!r})\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
-        "print('LOADED', loaded, file=sys.stderr)\n"
+        f"for argv in {calls!r}:\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "    print('LOADED', argv, loaded, file=sys.stderr)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "LOADED []" in done.stderr, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("LOADED")] == [
+        f"LOADED {argv!r} []" for argv in calls
+    ], done.stderr[-2000:]
 
 
 def test_models_table(capsys):

@@ -32,14 +32,6 @@ def test_flex_template_metadata_mirrors_classify_flags():
         assert parameter["helpText"]
 
 
-def test_flex_template_entry_point_runs_classify():
-    with open(os.path.join(DEPLOY, "Dockerfile")) as f:
-        dockerfile = f.read()
-    assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/beamvision/deploy/classify_main.py" in dockerfile
-    with open(os.path.join(DEPLOY, "classify_main.py")) as f:
-        assert 'console_main(["classify", *sys.argv[1:]])' in f.read()
-
-
 def _flags(text: str):
     from beamvision.pipelines import flags
 
@@ -104,10 +96,28 @@ def flex_inputs(photos, tmp_path_factory):
     return work, len(photos)
 
 
+def _entry_point() -> str:
+    """The file the image's launcher runs: deploy/Dockerfile's FLEX_TEMPLATE_PYTHON_PY_FILE, in this checkout.
+
+    The image's WORKDIR holds what the Dockerfile COPYs from the repository root,
+    so the path below the WORKDIR is the path below the root.
+    """
+    with open(os.path.join(DEPLOY, "Dockerfile")) as f:
+        lines = [line.split() for line in f if line.strip() and not line.startswith("#")]
+    (workdir,) = [words[1] for words in lines if words[0] == "WORKDIR"]
+    (py_file,) = [
+        w.split("=", 1)[1] for words in lines for w in words[1:] if w.startswith("FLEX_TEMPLATE_PYTHON")
+    ]
+    relative = os.path.relpath(py_file, workdir)
+    assert not relative.startswith(".."), f"{py_file} is outside the WORKDIR {workdir}"
+    assert any(words[0] == "COPY" and relative in words[1:-1] for words in lines), f"{relative} is not copied"
+    return os.path.join(os.path.dirname(DEPLOY), relative)
+
+
 def _launch(*flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python deploy/classify_main.py --name=value ...``: how the Flex Template launcher runs it."""
+    """``python $FLEX_TEMPLATE_PYTHON_PY_FILE --name=value ...`` in the WORKDIR: how the launcher runs it."""
     return subprocess.run(
-        [sys.executable, os.path.join(DEPLOY, "classify_main.py"), *flags],
+        [sys.executable, _entry_point(), *flags],
         cwd=os.path.dirname(DEPLOY),
         capture_output=True,
         text=True,

@@ -13,10 +13,19 @@ from photos import write_photo_classes
 from PIL import Image
 
 from beamvision import storage
-from beamvision.models.artifact import load_artifact, load_manifest, save_artifact, verify_artifact
+from beamvision.models.artifact import Manifest, load_artifact, load_manifest, save_artifact, verify_artifact
 from beamvision.pipelines import classify, prepare, train
 from beamvision.pipelines.cli import main
-from beamvision.transforms.engines import native_bf16, resolve_precision
+from beamvision.transforms.engines import (
+    CONVERTED_ENGINES,
+    ENGINES,
+    PRECISIONS,
+    Engine,
+    OpenVINOEngine,
+    TensorFlowEngine,
+    native_bf16,
+    resolve_precision,
+)
 
 # TensorFlow bf16 first: the fp32 runs after it in this process must not inherit its graph rewrite.
 RUNS = [("tensorflow", "bf16"), ("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
@@ -28,6 +37,53 @@ def test_auto_precision_follows_the_cpu_flags():
     assert native_bf16(with_bf16) and not native_bf16(without)
     assert resolve_precision("auto", with_bf16) == "bf16" and resolve_precision("auto", without) == "fp32"
     assert resolve_precision("fp32", with_bf16) == "fp32"
+
+
+def _manifest(files=(), quantization=None) -> Manifest:
+    listed = {name: {"bytes": 1, "sha256": "0"} for name in ("model.keras", *files)}
+    return Manifest(
+        name="m",
+        version="1",
+        architecture="squeezenet",
+        input_size=32,
+        preprocessing="torch",
+        labels=["a", "b"],
+        weights="none",
+        created_at="2026-01-01T00:00:00+00:00",
+        library_versions={},
+        files=listed,
+        quantization=quantization or {},
+    )
+
+
+def test_each_engine_says_what_it_stores_and_what_it_runs():
+    assert list(ENGINES) == ["tensorflow", "openvino"] and PRECISIONS == ("auto", "fp32", "bf16")
+    assert CONVERTED_ENGINES == ("openvino",)
+    plain, stored = _manifest(), _manifest(OpenVINOEngine.files)
+    assert not OpenVINOEngine.holds(plain) and OpenVINOEngine.holds(stored)
+    assert OpenVINOEngine.needs_keras(plain) and not OpenVINOEngine.needs_keras(stored)
+    assert TensorFlowEngine.needs_keras(stored)  # it stores nothing: it always loads model.keras
+    int8 = _manifest(OpenVINOEngine.files, {"precision": "int8"})
+    assert all(engine.refusal("M", stored) is None for engine in ENGINES.values())
+    assert OpenVINOEngine.refusal("M", int8) is None
+    assert TensorFlowEngine.refusal("M", int8) == (
+        "--engine tensorflow: M holds an INT8 model for OpenVINO (beamvision optimize); use --engine openvino"
+    )
+
+
+def test_a_new_engine_is_one_class(capsys):
+    """Defining an Engine subclass registers it, and classify --engine offers it."""
+
+    class Echo(Engine):
+        name, title = "echo", "Echo"
+
+    try:
+        assert ENGINES["echo"] is Echo and Echo.needs_keras(_manifest()) and not Echo.runs_int8
+        with pytest.raises(SystemExit):
+            main(["classify", "--help"])
+        assert "{tensorflow,openvino,echo}" in capsys.readouterr().out
+    finally:
+        del ENGINES["echo"]
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,13 @@ from beamvision.models.artifact import (
     MODEL_FILE,
     load_artifact,
     load_manifest,
-    quantization,
     save_artifact,
     verify_artifact,
 )
 from beamvision.pipelines import prepare, train
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.optimize import calibration_sample, sample_fingerprint
-from beamvision.transforms.engines import OPENVINO_FILES
+from beamvision.transforms.engines import OpenVINOEngine
 
 # SGD: Keras traces Adam's update about twice as slowly; at this rate 12 epochs learn the crops.
 TRAINING = ("--epochs", "12", "--optimizer", "sgd", "--learning_rate", "0.05", "--batch_size", "32")
@@ -97,7 +96,7 @@ def test_optimize_writes_a_valid_artifact_whose_openvino_model_is_int8(trained, 
     _, _, data, model = trained
     output, printed = optimized
     source, manifest = load_manifest(model), verify_artifact(output)
-    assert quantization(source) is None and quantization(manifest) == manifest.quantization
+    assert source.quantization == {} and manifest.quantization["precision"] == "int8"
     # A float artifact's manifest.json is as before (no quantization field): older readers still read it.
     assert "quantization" not in json.loads(storage.read_text(f"{model}/manifest.json"))
     assert (manifest.name, manifest.version) == (source.name, f"{source.version}-int8")
@@ -135,11 +134,13 @@ def test_optimize_writes_a_valid_artifact_whose_openvino_model_is_int8(trained, 
     ):
         np.testing.assert_array_equal(ours, theirs)
     # The stored OpenVINO model really is quantised: FakeQuantize ops and int8 weights, at half the size.
-    xml = os.path.join(output, OPENVINO_FILES[0])
+    xml = os.path.join(output, OpenVINOEngine.xml)
     assert "FakeQuantize" in _op_types(xml)
     assert "i8" in _constant_types(xml)
     assert record["source"]["openvino"] == "stored"
-    assert manifest.files[OPENVINO_FILES[1]]["bytes"] < 0.6 * source.files[OPENVINO_FILES[1]]["bytes"]
+    assert (
+        manifest.files[OpenVINOEngine.weights]["bytes"] < 0.6 * source.files[OpenVINOEngine.weights]["bytes"]
+    )
     assert "calibrated on 100 train images (seed 3)" in printed
     assert f"test accuracy on {test_images} images: fp32 " in printed and output in printed
 

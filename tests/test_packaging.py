@@ -5,13 +5,15 @@
 - Either way, only ``beamvision`` and its dist-info land in site-packages, and a
   user's own ``models``/``pipelines``/``transforms`` packages on the Python path
   do not shadow ours: every command still runs.
-- The layers import downwards only: models <- transforms <- pipelines.
+- The layers import downwards only: models <- transforms <- pipelines; and module by
+  module, no command imports another command, models imports no Beam.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ import sysconfig
 import textwrap
 
 import pytest
+from conftest import built_once
 from digits import render_subset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,26 +111,35 @@ def _install(source: str, venv: str, wheels: str) -> Install:
 
 @pytest.fixture(scope="module")
 def installs(tmp_path_factory):
-    """beamvision in two fresh venvs: from Beam's --setup_file sdist, and as the Dockerfile installs it."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from apache_beam.runners.portability.stager import Stager
+    """beamvision in two fresh venvs: from Beam's --setup_file sdist, and as the Dockerfile installs it.
 
-    work = tmp_path_factory.mktemp("packaging")
-    context = _docker_context(str(work / "context"))
-    staging = str(work / "staging")
-    os.makedirs(staging)
-    Stager.create_job_resources(
-        PipelineOptions(["--setup_file", os.path.join(context, "setup.py")]),
-        staging,
-        log_submission_env_dependencies=False,
-    )
-    sdists = [name for name in os.listdir(staging) if name.endswith(".tar.gz")]
-    assert len(sdists) == 1, os.listdir(staging)
-    installs = {
-        name: _install(source, str(work / name), str(work / f"{name}-wheel"))
-        for name, source in [("setup_file", os.path.join(staging, sdists[0])), ("docker", context)]
-    }
-    return installs, context
+    Built once for all xdist workers (``built_once``): tests only run what is installed.
+    """
+
+    def build(work):
+        from apache_beam.options.pipeline_options import PipelineOptions
+        from apache_beam.runners.portability.stager import Stager
+
+        context = _docker_context(str(work / "context"))
+        staging = str(work / "staging")
+        os.makedirs(staging)
+        Stager.create_job_resources(
+            PipelineOptions(["--setup_file", os.path.join(context, "setup.py")]),
+            staging,
+            log_submission_env_dependencies=False,
+        )
+        sdists = [name for name in os.listdir(staging) if name.endswith(".tar.gz")]
+        assert len(sdists) == 1, os.listdir(staging)
+        installs = {
+            name: dataclasses.asdict(_install(source, str(work / name), str(work / f"{name}-wheel")))
+            for name, source in [("setup_file", os.path.join(staging, sdists[0])), ("docker", context)]
+        }
+        (work / "installs.json").write_text(json.dumps(installs))
+
+    work = built_once(tmp_path_factory, "packaging", build)
+    with open(os.path.join(work, "installs.json")) as f:
+        installs = {name: Install(**fields) for name, fields in json.load(f).items()}
+    return installs, os.path.join(work, "context")
 
 
 @pytest.mark.parametrize("how", ["setup_file", "docker"])
@@ -243,23 +255,35 @@ def test_a_users_own_models_package_does_not_shadow_beamvision(installs, tmp_pat
     assert "classified 24 of 24 images" in ran.stdout
 
 
-def _beamvision_imports(path: str) -> set[str]:
-    """The beamvision subpackages (or root modules) that a source file imports."""
+def _imported_names(path: str) -> list[tuple[str, str]]:
+    """Every name a source file imports, at any depth (lazy imports too), with the statement that does.
+
+    ``from a.b import c`` gives ``a.b`` and ``a.b.c`` (``c`` may be a module),
+    each with ``LINE: from a.b import c``.
+    """
     with open(path) as f:
         tree = ast.parse(f.read())
-    found = set()
+    found = []
     for node in ast.walk(tree):
-        names = []
         if isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] in ("models", "pipelines", "transforms"):
-                found.add(f"bare {parts[0]}")
-            elif parts[0] == "beamvision" and len(parts) > 1:
-                found.add(parts[1] if parts[1] in LAYERS else "root")
+        else:
+            continue
+        found += [(f"{node.lineno}: {ast.unparse(node)}", name) for name in names]
+    return found
+
+
+def _beamvision_imports(path: str) -> set[str]:
+    """The beamvision subpackages (or root modules) that a source file imports."""
+    found = set()
+    for _, name in _imported_names(path):
+        parts = name.split(".")
+        if parts[0] in ("models", "pipelines", "transforms"):
+            found.add(f"bare {parts[0]}")
+        elif parts[0] == "beamvision" and len(parts) > 1:
+            found.add(parts[1] if parts[1] in LAYERS else "root")
     return found
 
 
@@ -290,26 +314,61 @@ def test_layers_import_downwards_only():
     }
 
 
-def _pipelines_modules(path: str) -> set[str]:
-    """The modules of beamvision.pipelines that a source file imports."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "beamvision.pipelines":
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("beamvision.pipelines."):
-            found.add(node.module.split(".")[2])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("beamvision.pipelines.")}
-    return found
+def _modules() -> dict[str, str]:
+    """Every beamvision module (``beamvision.pipelines.train``) -> its source file, subpackages included."""
+    modules = {}
+    for layer in LAYERS:
+        package = "beamvision" if layer == "root" else f"beamvision.{layer}"
+        folder = os.path.join(REPO, "src", "beamvision") if layer == "root" else os.path.join(REPO, layer)
+        for directory, subfolders, names in os.walk(folder):
+            subfolders[:] = [d for d in subfolders if d != "__pycache__"]
+            relative = os.path.relpath(directory, folder)
+            inner = [] if relative == "." else relative.split(os.sep)
+            for name in names:
+                if name.endswith(".py"):
+                    stem = [] if name == "__init__.py" else [name[:-3]]
+                    modules[".".join([package, *inner, *stem])] = os.path.join(directory, name)
+    return modules
 
 
-def test_no_command_imports_another():
-    """What commands share lives beside them (flags, launch, reports, labelstudio), never in one of them."""
+def _offences(importers: set[str], forbidden) -> list[str]:
+    """``module:LINE: import ...`` for each import by ``importers`` of a name ``forbidden(module, name)``."""
+    modules = _modules()
+    found = {
+        (module, int(statement.split(":")[0]), statement)
+        for module in importers
+        for statement, name in _imported_names(modules[module])
+        if forbidden(module, name)
+    }
+    return [f"{module}:{statement}" for module, _, statement in sorted(found)]
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(f"{package}.")
+
+
+def test_no_command_module_imports_another():
+    """Each command stands alone; what two commands share lives beside them, not in one of them.
+
+    (The demo, which runs the others end to end, calls them through the CLI.)
+    """
     from beamvision.pipelines.cli import COMMANDS
 
-    commands = {module for module, _ in COMMANDS.values()}
-    for module in sorted(commands):
-        imported = _pipelines_modules(os.path.join(REPO, "pipelines", f"{module}.py"))
-        assert not imported & (commands - {module}), f"pipelines/{module}.py imports {imported & commands}"
+    commands = {f"beamvision.pipelines.{module}" for module, _ in COMMANDS.values()}
+    assert commands <= set(_modules()), commands - set(_modules())
+    offences = _offences(commands, lambda module, name: any(_within(name, c) for c in commands - {module}))
+    assert not offences, "a command module imports another:\n" + "\n".join(offences)
+
+
+def test_models_import_neither_beam_nor_transforms_nor_pipelines():
+    """The Keras side has no Beam: models is usable (and testable) without a pipeline."""
+    models = {m for m in _modules() if _within(m, "beamvision.models")}
+    upper = ("apache_beam", "beamvision.transforms", "beamvision.pipelines")
+    offences = _offences(models, lambda _, name: any(_within(name, u) for u in upper))
+    assert not offences, "beamvision.models imports Beam or a layer above it:\n" + "\n".join(offences)
+
+
+def test_transforms_import_no_pipelines():
+    transforms = {m for m in _modules() if _within(m, "beamvision.transforms")}
+    offences = _offences(transforms, lambda _, name: _within(name, "beamvision.pipelines"))
+    assert not offences, "beamvision.transforms imports a command-side module:\n" + "\n".join(offences)

@@ -156,11 +156,11 @@ def test_with_a_process_per_core_each_gets_one_core_of_threads():
 def test_openvino_computes_on_the_given_threads(tmp_path):
     from beamvision.models import create_model
     from beamvision.models.artifact import Artifact, new_manifest
-    from beamvision.transforms.engines import OpenVINOClassifier
+    from beamvision.transforms.engines import OpenVINOEngine
 
     model = create_model("squeezenet", num_classes=3, input_size=32)
     artifact = Artifact(str(tmp_path), model, new_manifest(model, "squeezenet", ["a", "b", "c"], "none"))
-    classifier = OpenVINOClassifier(artifact, batch_size=2, top_k=2, embeddings=False, threads=1)
+    classifier = OpenVINOEngine(artifact, batch_size=2, top_k=2, embeddings=False, threads=1)
     assert classifier._compiled.get_property("INFERENCE_NUM_THREADS") == 1
     # One model serves several threads at once (bundle threads; every process with --model_copies).
     rng = np.random.default_rng(0)

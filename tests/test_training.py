@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import built_once
 from digits import render_subset
 
 from beamvision.models import get_spec, list_models
@@ -46,19 +47,31 @@ def _records(prefix: str, split: str, size: int):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """All 1,797 digits: 90% in class folders, every tenth image held out."""
-    root = str(tmp_path_factory.mktemp("digits"))
-    train_root, holdout_root = render_digits(root)
-    return train_root, holdout_root
+def digits_prepared(tmp_path_factory):
+    """All 1,797 digits: 90% in class folders, every tenth image held out; the 90% prepared at 32 px.
+
+    Built once for all xdist workers (``built_once``): tests only read it.
+    """
+
+    def build(folder):
+        train_root, _ = render_digits(str(folder))  # FOLDER/digits/, FOLDER/holdout/
+        prepare.run(["--input", train_root, "--output", str(folder / "prepared"), "--image_size", "32"])
+
+    folder = built_once(tmp_path_factory, "digits-prepared", build)
+    roots = os.path.join(folder, "digits"), os.path.join(folder, "holdout")
+    return roots, os.path.join(folder, "prepared")
 
 
 @pytest.fixture(scope="module")
-def prepared(digits, tmp_path_factory):
-    train_root, _ = digits
-    output = str(tmp_path_factory.mktemp("prepared") / "data")
-    prepare.run(["--input", train_root, "--output", output, "--image_size", "32"])
-    return output
+def digits(digits_prepared):
+    """(training root, held-out root) of the digits."""
+    return digits_prepared[0]
+
+
+@pytest.fixture(scope="module")
+def prepared(digits_prepared):
+    """The prepared prefix of the digits' training root."""
+    return digits_prepared[1]
 
 
 def test_prepare_writes_splits_labels_and_stats(prepared, digits):
@@ -277,8 +290,9 @@ def test_metrics_agree_with_scikit_learn():
     assert metrics["macro_f1"] == pytest.approx(f1.mean())
 
 
-# Enough for mobilenet_v2 from scratch to pass 80% on the digits with the demo's schedule, with margin.
-DIGITS_EPOCHS = 10
+# Enough for mobilenet_v2 from scratch to pass 80% on the digits with the demo's schedule, with margin
+# (measured: 88.4% on the test split, 89.2% on the held-out images; 10 epochs gave 89.8%).
+DIGITS_EPOCHS = 6
 
 
 @pytest.mark.slow
@@ -569,13 +583,17 @@ def test_training_from_scratch_with_default_flags_learns_real_photos(tmp_path, c
 
     Before BatchNorm statistics were re-estimated for validation, this (at 96
     px) stopped after 6 epochs with the epoch-1 weights: 10% test accuracy.
+    A fifth of the images is the test split (49, chance 18%): with the default
+    tenth (22 images, chance 27%), a run on one CPU model scored 68% with 93%
+    on validation, too few test images to hold against 3x chance.
     """
     from photos import write_photo_classes
 
     root = str(tmp_path / "photos")
     write_photo_classes(root, per_class=40)
     data = str(tmp_path / "data")
-    assert main(["prepare", "--input", root, "--output", data, "--image_size", "64"]) == 0
+    prepare = ["prepare", "--input", root, "--output", data, "--image_size", "64", "--test_fraction", "0.2"]
+    assert main(prepare) == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         manifest = train.run(
@@ -593,8 +611,11 @@ def test_training_from_scratch_with_default_flags_learns_real_photos(tmp_path, c
 
 @pytest.mark.slow
 def test_a_model_near_chance_is_flagged_loudly(prepared, tmp_path, capsys):
-    """Learning rate 0: the random initial weights, which know nothing of digits."""
-    argv = ["--data", prepared, "--architecture", "mobilenet_v2", "--output", str(tmp_path / "m")]
+    """Learning rate 0: the random initial weights, which know nothing of digits.
+
+    (SqueezeNet: the check is train's, whatever the network; it traces in seconds, not half a minute.)
+    """
+    argv = ["--data", prepared, "--architecture", "squeezenet", "--output", str(tmp_path / "m")]
     manifest = train.run([*argv, "--learning_rate", "0", "--epochs", "1", "--steps_per_epoch", "1"])
     assert manifest.metrics["near_chance"] is True
     chance = manifest.metrics["chance_accuracy"]

@@ -11,6 +11,8 @@ costs more than the budget still runs, alone: nothing is ever refused.
 Beam metrics are kept per thread, so subclasses return their outputs from
 ``work`` (on a pool thread) and the outputs are counted and emitted on the
 bundle's own thread. Elements must be in the global window (batch pipelines).
+The most bytes the process held at once is the Beam distribution
+``BYTES_HELD_METRIC`` (reported as each bundle finishes).
 
 A process has one pool per kind of DoFn, shared by the DoFn's instances (a
 runner may run several bundles of a stage at once, each with its own
@@ -50,13 +52,14 @@ class ByteBudget:
     memory a caller already holds). ``hold`` is acquire-and-release around a
     block, also charged to ``counted_in`` if given. A wait longer than
     ``WAIT_WARNING_S`` logs a warning and proceeds: a budget never hangs a job.
+    ``take_most_held`` says the most it held at once since it was last asked.
     """
 
     def __init__(self, limit: int | None = None, counted_in: ByteBudget | None = None):
         self.limit = limit
         self._counted_in = counted_in
         self.used = 0
-        self.peak = 0
+        self._most = 0
         self._changed = threading.Condition()
 
     def acquire(self, room: int, cost: int, limit: int | None = None) -> None:
@@ -74,7 +77,7 @@ class ByteBudget:
                     self.used,
                 )
             self.used += cost
-            self.peak = max(self.peak, self.used)
+            self._most = max(self._most, self.used)
 
     def charge(self, nbytes: int) -> None:
         self.acquire(0, nbytes, limit=None)
@@ -83,6 +86,12 @@ class ByteBudget:
         with self._changed:
             self.used -= nbytes
             self._changed.notify_all()
+
+    def take_most_held(self) -> int:
+        """The most bytes held at once since the last call; the next span starts at what is held now."""
+        with self._changed:
+            most, self._most = self._most, self.used
+            return most
 
     def fits(self, nbytes: int, limit: int | None = None) -> bool:
         limit = self.limit if limit is None else limit
@@ -111,6 +120,9 @@ PROCESS_BYTES = ByteBudget()
 # Full-resolution pixels being decoded in this process, by every decode thread of
 # every bundle: a decode waits for room here (only other decodes hold it).
 PIXEL_BYTES = ByteBudget(counted_in=PROCESS_BYTES)
+# The Beam distribution of the most bytes PROCESS_BYTES held at once: its max is
+# the most a worker process held for its reads and decodes (bounded by --buffer_mb).
+BYTES_HELD_METRIC = "process_bytes_held"
 
 
 class _SharedPools:
@@ -178,6 +190,7 @@ class ThreadPoolDoFn(beam.DoFn):
         self._release_when_done = release_when_done
         self._ok = Metrics.counter(METRICS_NAMESPACE, ok_counter)
         self._failed = Metrics.counter(METRICS_NAMESPACE, failed_counter)
+        self._held = Metrics.distribution(METRICS_NAMESPACE, BYTES_HELD_METRIC)
 
     def work(self, element) -> list:
         raise NotImplementedError
@@ -220,6 +233,8 @@ class ThreadPoolDoFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
             else:
                 yield GlobalWindows.windowed_value(output)
+        # Here, on the bundle's thread: metrics updated on the pool's threads would be lost.
+        self._held.update(PROCESS_BYTES.take_most_held())
 
     def teardown(self):
         self._abandon_pending()

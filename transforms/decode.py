@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PIXEL_BYTES, ThreadPoolDoFn
-from beamvision.transforms.rows import ERRORS_TAG, error_row
+from beamvision.transforms.rows import ERRORS_TAG, ImageKey, error_row
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -246,20 +246,6 @@ class DecodeImages(beam.PTransform):
         return {"images": decoded.images, "errors": decoded[ERRORS_TAG]}
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageKey:
-    """What travels beside the pixels through inference, to fill the result row."""
-
-    uri: str
-    width: int
-    height: int
-    format: str
-    label: str | None = None  # the class prepare gives the file (ImageFile.label)
-    size_bytes: int | None = None  # the file's size and modification time (ImageFile)
-    modified: float | None = None
-    sha256: str | None = None
-
-
 class _DecodeFn(ThreadPoolDoFn):
     """Decodes on the process's share of cores, ahead of inference (Pillow releases the GIL)."""
 
@@ -302,14 +288,5 @@ class _DecodeFn(ThreadPoolDoFn):
                     ),
                 )
             ]
-        key = ImageKey(
-            image_file.uri,
-            image.width,
-            image.height,
-            image.format,
-            image_file.label,
-            image_file.size_bytes,
-            image_file.modified,
-            image_file.sha256,
-        )
+        key = ImageKey.of(image_file, image.width, image.height, image.format)
         return [(key, image.pixels)]

@@ -1,16 +1,29 @@
 """Inference engines: how a batch of uint8 images becomes top-k classes (and embeddings).
 
-``ENGINES`` maps ``--engine`` to a classifier class; each is built from a
-loaded artifact for one fixed batch shape and called with up to
-``batch_size`` images, returning one ``Prediction`` each. The model handler
-picks one by name; nothing else in the pipeline changes.
+An engine is one ``Engine`` subclass, and defining it registers it in
+``ENGINES`` (its ``name`` is what ``--engine`` takes; ``--engine``,
+``--precision`` and ``export``/``train --engines`` offer what the registry
+holds). The class owns all that is known of the engine:
+
+- the files of its converted model that an artifact may store (``files``:
+  what ``--engines`` adds, ``convert`` writes them, ``holds`` says whether an
+  artifact has them), and so whether it needs Keras and ``model.keras`` to
+  load (``needs_keras``);
+- the precisions it computes in (``precisions``) and whether it runs an INT8
+  artifact (``runs_int8``; ``refusal`` says why it cannot run one);
+- the set-up its process needs before any artifact is loaded (``before_load``);
+- built from a loaded artifact for one fixed batch shape, it is called with up
+  to ``batch_size`` images and returns one ``Prediction`` each.
+
+The model handler picks one by name; nothing else in the pipeline changes.
 
 - ``tensorflow``: the Keras model as one compiled ``tf.function``; top-k and the
   embedding inside the graph. ``bf16`` computes with a Keras mixed-precision
   copy of the model (bfloat16 compute, float32 weights).
-- ``openvino``: the same Keras model converted to OpenVINO (``openvino.convert_model``
-  on the traced function, on the worker), compiled for the CPU with the
-  precision as its inference hint; top-k in NumPy.
+- ``openvino``: the artifact's stored OpenVINO IR (``--engines openvino``, or
+  the INT8 model of ``beamvision optimize``), else the Keras model converted
+  (``openvino.convert_model`` on the traced function, on the worker),
+  compiled for the CPU with the precision as its inference hint; top-k in NumPy.
 
 ``--precision auto`` is ``bf16`` where the CPU computes bf16 natively
 (AVX512_BF16 or AMX, by ``/proc/cpuinfo``), ``fp32`` elsewhere. Each engine
@@ -26,10 +39,16 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-PRECISIONS = ("auto", "fp32", "bf16")
+if TYPE_CHECKING:  # the engines' libraries are imported where a model is built
+    import openvino as ov
+
+    from beamvision.models.artifact import Artifact, Manifest
+
+AUTO_PRECISION = "auto"  # --precision: bf16 where the CPU computes it natively, else fp32
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -59,7 +78,7 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
 
 def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
     """``fp32`` or ``bf16`` for a ``--precision`` value (``auto`` follows the CPU)."""
-    if precision == "auto":
+    if precision == AUTO_PRECISION:
         return "bf16" if native_bf16(cpuinfo) else "fp32"
     return precision
 
@@ -93,19 +112,100 @@ def inference_function(artifact, batch_size: int | None, embeddings: bool):
     return predict
 
 
-class _Engine:
-    """Pads a short batch to the fixed shape and turns outputs into Predictions."""
+class Engine:
+    """An inference engine: what it stores in an artifact, what it runs, and how it computes a batch.
+
+    A subclass sets the class attributes, implements ``__init__`` (from a
+    loaded artifact) and ``__call__`` (a batch to Predictions), and, if it
+    stores a converted model, ``convert``. Defining it registers it in
+    ``ENGINES`` under ``name``, in the order of definition.
+
+    Attributes:
+        name: what ``--engine`` takes.
+        title: the engine's name in messages.
+        precisions: what it computes in (``--precision`` resolved).
+        files: its converted model's files, as named in an artifact (empty:
+            it stores none, and loads ``model.keras``).
+        runs_int8: whether it runs the INT8 model of a quantised artifact.
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+    files: ClassVar[tuple[str, ...]] = ()
+    runs_int8: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ENGINES[cls.name] = cls
+
+    @classmethod
+    def holds(cls, manifest: Manifest) -> bool:
+        """Whether the artifact stores this engine's converted model (``--engines NAME``)."""
+        return bool(cls.files) and all(name in manifest.files for name in cls.files)
+
+    @classmethod
+    def needs_keras(cls, manifest: Manifest) -> bool:
+        """Whether loading the artifact for this engine needs Keras and its ``model.keras``."""
+        return not cls.holds(manifest)
+
+    @classmethod
+    def refusal(cls, uri: str, manifest: Manifest) -> str | None:
+        """Why this engine cannot run the artifact at ``uri``, or None when it can."""
+        if not manifest.quantization or cls.runs_int8:
+            return None
+        # Its model.keras is the float source: this engine would silently run that, not the INT8 model.
+        int8 = next(engine for engine in ENGINES.values() if engine.runs_int8)
+        return (
+            f"--engine {cls.name}: {uri} holds an INT8 model for {int8.title} "
+            f"(beamvision optimize); use --engine {int8.name}"
+        )
+
+    @classmethod
+    def convert(cls, artifact: Artifact, folder: str) -> dict[str, str]:
+        """Writes the converted model into ``folder``; returns ``save_artifact``'s ``extra_files`` for it."""
+        raise NotImplementedError(f"the {cls.name} engine stores no converted model")
 
     @staticmethod
     def before_load(threads: int | None) -> None:
         """Process-wide set-up that must precede loading the artifact (nothing, unless overridden)."""
 
-    def __init__(self, artifact, batch_size: int, top_k: int):
+    def __init__(
+        self,
+        artifact: Artifact,
+        batch_size: int,
+        top_k: int,
+        embeddings: bool,
+        precision: str = "fp32",
+        threads: int | None = None,
+    ):
+        """The engine's model for ``artifact``, computing batches of ``batch_size`` at ``precision``.
+
+        Args:
+            artifact: the loaded artifact (its ``model`` is None where ``needs_keras`` said no).
+            batch_size: the fixed batch shape; shorter batches are padded.
+            top_k: classes per image (at most the model's).
+            embeddings: also return each image's pooled features.
+            precision: one of ``precisions`` (``--precision`` resolved).
+            threads: how many threads compute (None: the engine's default, every core).
+
+        Raises:
+            ValueError: the engine does not compute in ``precision``.
+        """
+        if precision not in self.precisions:
+            raise ValueError(
+                f"the {self.name} engine computes in {', '.join(self.precisions)}; "
+                f"Received: precision={precision}"
+            )
         self.batch_size = batch_size
         self.labels = np.asarray(artifact.manifest.labels, dtype=object)
         self.k = min(top_k, len(self.labels))
 
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        raise NotImplementedError
+
     def _batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Pads a short batch to the fixed shape (the compiled model is traced once)."""
         batch = np.zeros((self.batch_size, *images[0].shape), dtype=np.uint8)
         batch[: len(images)] = np.stack(images)
         return batch
@@ -119,6 +219,9 @@ class _Engine:
             )
             for i in range(count)
         ]
+
+
+ENGINES: dict[str, type[Engine]] = {}  # --engine NAME -> its class, filled as each is defined
 
 
 def set_tensorflow_threads(threads: int | None) -> None:
@@ -141,15 +244,17 @@ def set_tensorflow_threads(threads: int | None) -> None:
         )
 
 
-class TensorFlowClassifier(_Engine):
+class TensorFlowEngine(Engine):
     """The Keras model as one compiled graph, top-k inside it."""
 
+    name = "tensorflow"
+    title = "TensorFlow"
     # Loading the Keras model starts TensorFlow's runtime, which fixes its pools.
     before_load = staticmethod(set_tensorflow_threads)
 
     def __init__(
         self,
-        artifact,
+        artifact: Artifact,
         batch_size: int,
         top_k: int,
         embeddings: bool,
@@ -158,7 +263,7 @@ class TensorFlowClassifier(_Engine):
     ):
         import tensorflow as tf
 
-        super().__init__(artifact, batch_size, top_k)
+        super().__init__(artifact, batch_size, top_k, embeddings, precision, threads)
         if precision == "bf16":
             artifact = dataclasses.replace(artifact, model=_mixed_bfloat16(artifact.model))
         predict = inference_function(artifact, batch_size, embeddings)
@@ -194,63 +299,81 @@ def _mixed_bfloat16(model):
     return copy
 
 
-OPENVINO_FILES = ("openvino/model.xml", "openvino/model.bin")
+class OpenVINOEngine(Engine):
+    """The artifact's OpenVINO model (stored, or converted from Keras), compiled at the given precision."""
 
+    name = "openvino"
+    title = "OpenVINO"
+    xml = "openvino/model.xml"  # the model's graph
+    weights = "openvino/model.bin"  # its weights, read beside the graph under the same name
+    files = (xml, weights)
+    runs_int8 = True  # beamvision optimize stores its INT8 model as this engine's files
 
-def convert_openvino(artifact, folder: str) -> dict[str, str]:
-    """Converts the artifact's model to OpenVINO IR in ``folder`` (any batch size, with the embedding).
+    @classmethod
+    def convert(cls, artifact: Artifact, folder: str) -> dict[str, str]:
+        """The artifact's Keras model as OpenVINO IR in ``folder``: any batch size, with the embedding."""
+        import openvino as ov
 
-    Returns ``save_artifact``'s ``extra_files``: name in the artifact -> local path.
-    """
-    import openvino as ov
+        return cls.save(ov.convert_model(inference_function(artifact, None, embeddings=True)), folder)
 
-    xml = os.path.join(folder, "model.xml")
-    ov.save_model(ov.convert_model(inference_function(artifact, None, embeddings=True)), xml)
-    return dict(zip(OPENVINO_FILES, (xml, os.path.join(folder, "model.bin")), strict=True))
+    @classmethod
+    def save(cls, model: ov.Model, folder: str) -> dict[str, str]:
+        """Writes an OpenVINO model into ``folder``: ``save_artifact``'s ``extra_files`` for it.
 
+        Float constants are saved as fp16 (OpenVINO's default), as conversion saves them.
+        """
+        import openvino as ov
 
-def has_openvino_model(manifest) -> bool:
-    """Whether an artifact holds its model converted to OpenVINO (``--engines openvino``)."""
-    return all(name in manifest.files for name in OPENVINO_FILES)
+        os.makedirs(folder, exist_ok=True)
+        xml = os.path.join(folder, "model.xml")
+        ov.save_model(model, xml)
+        return {cls.xml: xml, cls.weights: os.path.join(folder, "model.bin")}
 
+    @classmethod
+    def local_files(cls, artifact: Artifact, folder: str) -> dict[str, str]:
+        """The artifact's OpenVINO model as local files in ``folder``: its stored copy, else converted."""
+        from beamvision.models.artifact import fetch_file
 
-def _openvino_model(artifact, batch_size: int, embeddings: bool):
-    """The OpenVINO model: the artifact's (converted at export or train), else converted now."""
-    import openvino as ov
+        if not cls.holds(artifact.manifest):
+            return cls.convert(artifact, folder)
+        os.makedirs(folder, exist_ok=True)
+        return {name: fetch_file(artifact.uri, artifact.manifest, name, folder) for name in cls.files}
 
-    from beamvision.models.artifact import fetch_file
+    @staticmethod
+    def compile(model: ov.Model, precision: str, threads: int | None = None):
+        """An OpenVINO model compiled for the CPU, computing at ``precision`` on ``threads`` (None: all)."""
+        import openvino as ov
 
-    if not has_openvino_model(artifact.manifest):
-        logging.getLogger("beamvision").info("no OpenVINO model in %s: converting it", artifact.uri)
-        return ov.convert_model(inference_function(artifact, batch_size, embeddings))
-    with tempfile.TemporaryDirectory() as tmp:
-        xml, _ = (fetch_file(artifact.uri, artifact.manifest, name, tmp) for name in OPENVINO_FILES)
-        model = ov.Core().read_model(xml)  # (reads model.bin beside it: fetched under the same name)
-    size = artifact.manifest.input_size
-    model.reshape([batch_size, size, size, 3])  # a fixed shape compiles to the fastest kernels
-    return model
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        return ov.Core().compile_model(model, "CPU", config)
 
+    @classmethod
+    def _model(cls, artifact: Artifact, batch_size: int, embeddings: bool) -> ov.Model:
+        """The OpenVINO model: the artifact's (converted at export or train), else converted now."""
+        import openvino as ov
 
-class OpenVINOClassifier(_Engine):
-    """The Keras model as OpenVINO (cached in the artifact, or converted), compiled at the given precision."""
+        if not cls.holds(artifact.manifest):
+            logging.getLogger("beamvision").info("no OpenVINO model in %s: converting it", artifact.uri)
+            return ov.convert_model(inference_function(artifact, batch_size, embeddings))
+        with tempfile.TemporaryDirectory() as tmp:
+            model = ov.Core().read_model(cls.local_files(artifact, tmp)[cls.xml])
+        size = artifact.manifest.input_size
+        model.reshape([batch_size, size, size, 3])  # a fixed shape compiles to the fastest kernels
+        return model
 
     def __init__(
         self,
-        artifact,
+        artifact: Artifact,
         batch_size: int,
         top_k: int,
         embeddings: bool,
         precision: str = "fp32",
         threads: int | None = None,
     ):
-        import openvino as ov
-
-        super().__init__(artifact, batch_size, top_k)
-        converted = _openvino_model(artifact, batch_size, embeddings)
-        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
-        if threads is not None:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self._compiled = ov.Core().compile_model(converted, "CPU", config)
+        super().__init__(artifact, batch_size, top_k, embeddings, precision, threads)
+        self._compiled = self.compile(self._model(artifact, batch_size, embeddings), precision, threads)
         self._probabilities = self._compiled.output("probabilities")
         self._embedding = self._compiled.output("embedding") if embeddings else None
         # An infer request runs one batch at a time, and one model serves several threads: the
@@ -268,29 +391,33 @@ class OpenVINOClassifier(_Engine):
         return self._predictions(len(images), scores, indices, embedding)
 
 
-ENGINES = {"tensorflow": TensorFlowClassifier, "openvino": OpenVINOClassifier}
-CONVERTED_ENGINES = ("openvino",)  # engines whose converted model an artifact can store (--engines)
+DEFAULT_ENGINE = TensorFlowEngine.name
+# --precision: auto, then what the engines compute in.
+PRECISIONS = (AUTO_PRECISION, *dict.fromkeys(p for engine in ENGINES.values() for p in engine.precisions))
+# Engines whose converted model an artifact can store (export and train --engines).
+CONVERTED_ENGINES = tuple(name for name, engine in ENGINES.items() if engine.files)
 
 
-def engine_files(model, manifest, engines, folder: str) -> dict[str, str]:
-    """Converted models for ``engines`` written under ``folder``: ``save_artifact``'s ``extra_files``."""
+def engine_files(model, manifest: Manifest, engines, folder: str) -> dict[str, str]:
+    """Converted models for the ``engines`` named, under ``folder``: ``save_artifact``'s ``extra_files``."""
     from beamvision.models.artifact import Artifact
 
+    artifact = Artifact(uri=folder, model=model, manifest=manifest)
     files = {}
-    if "openvino" in engines:
-        files.update(convert_openvino(Artifact(uri=folder, model=model, manifest=manifest), folder))
+    for name in engines:
+        files.update(ENGINES[name].convert(artifact, os.path.join(folder, name)))
     return files
 
 
 def build_classifier(
     engine: str,
-    artifact,
+    artifact: Artifact,
     batch_size: int,
     top_k: int,
     embeddings: bool,
     precision: str,
     threads: int | None = None,
-):
+) -> Engine:
     """The classifier of ``engine`` for a loaded artifact; ``precision`` as ``--precision`` gives it.
 
     ``threads``: how many threads compute (None: the engine's default, every core).

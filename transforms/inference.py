@@ -30,7 +30,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from beamvision.transforms.engines import ENGINES, Prediction, build_classifier, has_openvino_model
+from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES, Prediction, build_classifier
 from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing, available_cores
 
@@ -82,7 +82,7 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
         batch_size: int = 32,
         top_k: int = 5,
         embeddings: bool = False,
-        engine: str = "tensorflow",
+        engine: str = DEFAULT_ENGINE,
         precision: str = "fp32",
         sizing: WorkerSizing = DEFAULT_SIZING,
     ):
@@ -114,13 +114,13 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
             threads.decode,
             threads.inference,
         )
-        ENGINES[self._engine].before_load(threads.inference)
+        engine = ENGINES[self._engine]
+        engine.before_load(threads.inference)
         manifest = load_manifest(self._model_uri)
-        if self._engine == "openvino" and has_openvino_model(manifest):
-            # The converted model is all OpenVINO needs: Keras and TensorFlow are never loaded.
-            artifact = Artifact(self._model_uri, None, manifest)
-        else:
+        if engine.needs_keras(manifest):
             artifact = load_artifact(self._model_uri)
+        else:  # its converted model is all the engine needs: Keras and TensorFlow are never loaded
+            artifact = Artifact(self._model_uri, None, manifest)
         return build_classifier(
             self._engine,
             artifact,

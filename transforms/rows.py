@@ -1,4 +1,4 @@
-"""What pipelines carry and emit: ``ImageFile``, result and error row schemas, ``error_row``, the error tag.
+"""What pipelines carry and emit: ``ImageFile``, ``ImageKey``, row schemas, ``error_row``, the error tag.
 
 Every step that can fail on an input (read, decode, label, inference) sends an
 ``error_row`` to its output tagged ``ERRORS_TAG``; ``WriteResults`` and
@@ -31,6 +31,24 @@ class ImageFile:
     modified: float | None = None
     label: str | None = None
     sha256: str | None = None  # of the bytes, once read
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageKey(ImageFile):
+    """An ``ImageFile`` once decoded: what travels beside its pixels through inference, to fill its row.
+
+    ``width`` and ``height`` are the original image's, after EXIF orientation.
+    """
+
+    width: int
+    height: int
+    format: str  # "JPEG", "PNG", ...
+
+    @classmethod
+    def of(cls, image_file: ImageFile, width: int, height: int, format: str) -> ImageKey:
+        """The key of ``image_file`` decoded to an image of that size and format."""
+        fields = {field.name: getattr(image_file, field.name) for field in dataclasses.fields(ImageFile)}
+        return cls(**fields, width=width, height=height, format=format)
 
 
 ERRORS_TAG = "errors"  # tagged output of every step that can fail on an input

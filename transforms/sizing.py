@@ -33,7 +33,6 @@ READ_THREADS = 16
 PER_CORE = 0  # processes_per_machine: one SDK process per core, counted on the worker
 # Dataflow's experiment for one multi-threaded SDK process per machine instead of one per vCPU.
 ONE_SDK_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
-ROLES = ("read", "decode", "inference")
 
 
 def available_cores() -> int:
@@ -76,7 +75,7 @@ class WorkerSizing:
         )
 
     def threads(self, role: str) -> int:
-        """One role's count on this worker (``ROLES``); picklable with ``functools.partial``."""
+        """One role's count on this worker (a ``Threads`` field); picklable with ``functools.partial``."""
         return getattr(self.resolve(), role)
 
     def for_pipeline(self, pipeline) -> WorkerSizing:

@@ -20,7 +20,8 @@ from beamvision import storage
 from beamvision.transforms.archives import GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, ThreadPoolDoFn
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS, to_rgb
-from beamvision.transforms.read import ImageFile, LookUpFiles, ReadFiles
+from beamvision.transforms.read import LookUpFiles, ReadFiles
+from beamvision.transforms.rows import ImageFile
 
 
 def thumbnail_name(uri: str) -> str:
