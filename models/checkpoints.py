@@ -32,10 +32,8 @@ def checkpoint_root(output: str) -> str:
     A local output's is absolute (a relative one would move with the working
     directory); an output at a bucket's root keeps them inside it.
     """
-    from apache_beam.io.filesystems import FileSystems
-
     output = output.rstrip("/")
-    if FileSystems.get_scheme(output) is None:
+    if storage.is_local(output):
         return os.path.abspath(output) + ".checkpoints"
     if output.split("://", 1)[1].count("/") == 0:  # gs://bucket: not gs://bucket.checkpoints
         return storage.join(output, ".checkpoints")
@@ -56,9 +54,7 @@ def checkpoint_dir(output: str, config: dict[str, Any]) -> str:
 
 def local_checkpoint_dir(checkpoint: str) -> str:
     """The local directory Keras writes ``checkpoint`` in: itself, or a working copy of a remote one."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if FileSystems.get_scheme(checkpoint) is None:
+    if storage.is_local(checkpoint):
         return checkpoint
     key = hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "beamvision-checkpoints", key)

@@ -64,11 +64,8 @@ def read_dataset_info(prefix: str) -> tuple[list[str], dict[str, Any]]:
 
 def local_shards(prefix: str, split: str, cache_dir: str) -> list[str]:
     """Local paths of a split's TFRecord shards, copied from remote storage if needed."""
-    from apache_beam.io.filesystems import FileSystems
-
-    matches = FileSystems.match([storage.join(prefix, f"{split}-*.tfrecord")])[0].metadata_list
-    paths = sorted(m.path for m in matches)
-    if FileSystems.get_scheme(prefix) is None:
+    paths = [path for path, _ in storage.match_sizes(storage.join(prefix, f"{split}-*.tfrecord"))]
+    if storage.is_local(prefix):
         return paths
     os.makedirs(cache_dir, exist_ok=True)
     local = []
@@ -81,10 +78,10 @@ def local_shards(prefix: str, split: str, cache_dir: str) -> list[str]:
 
 def dataset_fingerprint(prefix: str, labels: list[str], stats: dict[str, Any]) -> str:
     """SHA-256 over the labels, the stats and the names and sizes of every shard."""
-    from apache_beam.io.filesystems import FileSystems
-
-    matches = FileSystems.match([storage.join(prefix, "*.tfrecord")])[0].metadata_list
-    shards = sorted((os.path.basename(m.path), m.size_in_bytes) for m in matches)
+    shards = sorted(
+        (os.path.basename(path), size)
+        for path, size in storage.match_sizes(storage.join(prefix, "*.tfrecord"))
+    )
     payload = json.dumps({"labels": labels, "stats": stats, "shards": shards}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -77,6 +77,17 @@ def sha256_file(local_path: str) -> str:
     return digest.hexdigest()
 
 
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a path on this machine's disk (no scheme such as ``gs://``)."""
+    return FileSystems.get_scheme(uri) is None
+
+
+def match_sizes(pattern: str) -> list[tuple[str, int]]:
+    """(path, size in bytes) of each file matching the glob ``pattern``, sorted by path."""
+    matches = FileSystems.match([pattern])[0].metadata_list
+    return sorted((m.path, m.size_in_bytes) for m in matches)
+
+
 def list_files(prefix: str) -> list[str]:
     """Every file under the directory ``prefix``, sorted (none when it does not exist)."""
     matches = FileSystems.match([join(prefix, "**")])[0].metadata_list
