@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -137,7 +138,6 @@ class Artifact:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape a model artifact."""
-    import apache_beam
     import keras
     import tensorflow as tf
 
@@ -145,7 +145,7 @@ def library_versions() -> dict[str, str]:
         "beamvision": __version__,
         "keras": keras.__version__,
         "tensorflow": tf.__version__,
-        "apache_beam": apache_beam.__version__,
+        "apache_beam": importlib.metadata.version("apache-beam"),  # its version, without importing Beam
         "python": platform.python_version(),
     }
 
@@ -201,9 +201,9 @@ def save_artifact(
         raise ArtifactError(
             f"model has {model.output_shape[-1]} outputs but the manifest has {manifest.num_classes} labels"
         )
-    manifest_uri = storage.join(uri, MANIFEST_FILE)
-    if not overwrite and storage.exists(manifest_uri):
+    if not overwrite and artifact_exists(uri):
         raise ArtifactError(f"an artifact already exists at {uri} (pass --overwrite to replace it)")
+    manifest_uri = storage.join(uri, MANIFEST_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         local_model = os.path.join(tmp, MODEL_FILE)
         model.save(local_model)
@@ -324,15 +324,13 @@ def fetch_file(uri: str, manifest: Manifest, name: str, tmp: str) -> str:
 
 def _check_other_files(uri: str, manifest: Manifest) -> None:
     """Every other file the manifest lists (an engine's converted model) exists with its recorded size."""
-    from apache_beam.io.filesystems import FileSystems
-
     for name, expected in manifest.files.items():
         if name == MODEL_FILE:
             continue
         file_uri = storage.join(uri, *name.split("/"))
         if not storage.exists(file_uri):
             raise ArtifactError(f"incomplete model artifact at {uri}: {name} not found")
-        size = FileSystems.get_filesystem(file_uri).metadata(file_uri).size_in_bytes
+        size = storage.size(file_uri)
         if size != expected.get("bytes"):
             raise ArtifactError(
                 f"{file_uri} does not match its manifest ({size} bytes, expected {expected.get('bytes')})"

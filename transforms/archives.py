@@ -31,7 +31,6 @@ from beamvision.transforms.members import (
     Member,
     Tally,
     archive_kind,
-    describe_error,
     is_archive_input,
     iter_members,
     member_uri,
@@ -39,7 +38,7 @@ from beamvision.transforms.members import (
     split_member_uri,
 )
 from beamvision.transforms.progress import ReportProgress
-from beamvision.transforms.rows import ERRORS_TAG, METRICS_NAMESPACE, ImageFile, error_row
+from beamvision.transforms.rows import ERRORS_TAG, METRICS_NAMESPACE, ImageFile, error_row, exception_text
 
 
 class SplitArchives(beam.PTransform):
@@ -220,7 +219,7 @@ class Unpacker:
         if isinstance(exc, ArchiveBroken):
             message = str(exc)
         else:
-            message = f"cannot read the archive: {describe_error(exc)}"
+            message = f"cannot read the archive: {exception_text(exc)}"
         if whole:
             yield from self._error(archive, "read", error_type, message)
         for name in unreached:

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PIXEL_BYTES, ThreadPoolDoFn
-from beamvision.transforms.rows import ERRORS_TAG, ImageKey, error_row
+from beamvision.transforms.rows import ERRORS_TAG, ImageKey, error_row, exception_text
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -160,12 +160,8 @@ def decoded_bytes(image: Image.Image) -> int:
 
 
 def _describe(exc: Exception) -> str:
-    """An exception as text; Pillow's OSError messages say enough, others need their type."""
-    return (
-        str(exc)
-        if isinstance(exc, OSError | SyntaxError | ValueError | EOFError)
-        else f"{type(exc).__name__}: {exc}"
-    )
+    """A Pillow exception as text: its OSError messages say enough, others need their type."""
+    return str(exc) if isinstance(exc, OSError | SyntaxError | ValueError | EOFError) else exception_text(exc)
 
 
 def _open(data: bytes) -> Image.Image:

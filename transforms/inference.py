@@ -31,7 +31,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
 from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES, Prediction, build_classifier
-from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, file_identity, utc_now
+from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, exception_parts, file_identity, utc_now
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing, available_cores
 
 FIRST_BATCH_METRIC = "first_batch_unix_ms"
@@ -176,18 +176,9 @@ class ClassifyImages(beam.PTransform):
 
 def _failed_batch_rows(failure):
     batch, exc = failure
-    error_type, message = _describe(exc)
+    error_type, message = exception_parts(exc, unknown="InferenceError")
     for key, _pixels in batch:
         yield error_row(key.uri, "inference", error_type, message, key.size_bytes, key.modified, key.sha256)
-
-
-def _describe(exc) -> tuple[str, str]:
-    """(type name, message) of an exception, or of Beam's (type, repr, traceback) tuple for one."""
-    if isinstance(exc, BaseException):
-        return type(exc).__name__, str(exc)
-    if isinstance(exc, tuple) and exc and isinstance(exc[0], type):
-        return exc[0].__name__, str(exc[1]) if len(exc) > 1 else ""
-    return "InferenceError", str(exc)
 
 
 class _FormatResultFn(beam.DoFn):

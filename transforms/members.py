@@ -39,6 +39,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 
 from beamvision.transforms.concurrency import MB
+from beamvision.transforms.rows import exception_text
 
 MEMBER_SEPARATOR = "!/"
 # No image within the default pixel limit (a 16-bit RGBA TIFF of 89M pixels is
@@ -212,7 +213,7 @@ def iter_members(
         truncated = isinstance(exc, EOFError) or "truncated" in text or "end of" in text
         truncated = truncated or bool(size and counting.position >= size)
         error_type = "TruncatedArchive" if truncated else "CorruptArchive"
-        raise ArchiveBroken(error_type, _where(describe_error(exc), tally, counting.position, size)) from None
+        raise ArchiveBroken(error_type, _where(exception_text(exc), tally, counting.position, size)) from None
 
 
 def _member(name, raw_name, size, is_file, read, read_data, max_member_bytes, admit) -> Member:
@@ -233,12 +234,6 @@ def _member(name, raw_name, size, is_file, read, read_data, max_member_bytes, ad
     if admit is not None and size is None:  # a zip member with a data descriptor: its size is known now
         admit(len(data))
     return Member(name, len(data), data)
-
-
-def describe_error(exc: Exception) -> str:
-    """An exception as one line of text: its type, and its message if it has one."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _unsafe(name: str) -> str:

@@ -130,3 +130,22 @@ def error_row(
         "sha256": sha256,
         "processed_at": utc_now(),
     }
+
+
+def exception_parts(exc: BaseException | tuple | object, unknown: str = "Error") -> tuple[str, str]:
+    """(type name, message) of an exception, or of Beam's (type, value, traceback) tuple for one.
+
+    The one way an error row's ``error_type`` and ``message`` are taken from an
+    exception that no stage named more precisely; anything else is ``unknown``.
+    """
+    if isinstance(exc, BaseException):
+        return type(exc).__name__, str(exc)
+    if isinstance(exc, tuple) and exc and isinstance(exc[0], type):
+        return exc[0].__name__, str(exc[1]) if len(exc) > 1 else ""
+    return unknown, str(exc)
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception as one line of text: its type, and its message if it has one."""
+    name, message = exception_parts(exc)
+    return f"{name}: {message}" if message else name

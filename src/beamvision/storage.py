@@ -82,6 +82,11 @@ def is_local(uri: str) -> bool:
     return FileSystems.get_scheme(uri) is None
 
 
+def size(uri: str) -> int:
+    """The size in bytes of the file at ``uri``."""
+    return FileSystems.get_filesystem(uri).metadata(uri).size_in_bytes
+
+
 def match_sizes(pattern: str) -> list[tuple[str, int]]:
     """(path, size in bytes) of each file matching the glob ``pattern``, sorted by path."""
     matches = FileSystems.match([pattern])[0].metadata_list
