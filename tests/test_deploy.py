@@ -32,6 +32,25 @@ def test_flex_template_metadata_mirrors_classify_flags():
         assert parameter["helpText"]
 
 
+def test_flex_template_choices_are_classify_choices():
+    """A parameter whose flag has choices (--engine, --precision) accepts exactly those choices."""
+    import re
+
+    parser = argparse.ArgumentParser()
+    add_classify_arguments(parser)
+    choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    with open(os.path.join(DEPLOY, "metadata.json")) as f:
+        parameters = {p["name"]: p for p in json.load(f)["parameters"]}
+    assert {"engine", "precision"} <= set(choices)
+    for name, allowed in choices.items():
+        (pattern,) = parameters[name]["regexes"]
+        for value in allowed:
+            assert re.fullmatch(pattern, value), (name, value, pattern)
+        assert not re.fullmatch(pattern, "not-a-choice"), (name, pattern)
+        spelled = re.fullmatch(r"\^\((.*)\)\$", pattern)
+        assert spelled and set(spelled[1].split("|")) == set(allowed), (name, pattern, allowed)
+
+
 def _flags(text: str):
     from beamvision.pipelines import flags
 
