@@ -221,6 +221,11 @@ def compile_model(model: keras.Model, config, num_classes: int, total_steps: int
         metrics=metrics,
         jit_compile=False,  # XLA is slower than the default kernels on CPU hosts
     )
+    # The optimizer's slots (SGD's momenta, Adam's moments) now, as BackupAndRestore does on a
+    # resume: Keras would otherwise create them while tracing the train step, and a tf.function
+    # that creates variables on its first trace traces again without them (two traces of the
+    # whole forward and backward pass). The same variables, in the same order, zero either way.
+    model.optimizer.build(model.trainable_variables)
 
 
 def epoch_line(
