@@ -6,7 +6,9 @@ against the runner (``check_detach``), the files an earlier run left under
 ``--output`` are refused or cleared (``claim_output``), the job runs while its
 progress is shown (``run_with_progress``) and the report it writes last
 (summary.json, stats.json) is read back; a job that found no input leaves
-nothing behind. What the job counts comes from
+nothing behind. review and tune, which show no progress line, run theirs with
+``run_to_end``, the one place every job is started and awaited. What the job
+counts comes from
 ``beamvision.transforms.progress``: on the direct runners from the tally
 files its workers write into a folder this process names (``LocalProgress``),
 on Dataflow from the job's metrics (``watch_job``).
@@ -159,6 +161,18 @@ def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> 
 # --- following a run ------------------------------------------------------------------------------
 
 
+def run_to_end(pipeline: beam.Pipeline) -> PipelineResult:
+    """Runs ``pipeline`` and waits for its end: the one place every command's job is run and awaited.
+
+    ``run_with_progress`` runs a job this way while it shows progress; the
+    commands that show none (review's thumbnails, tune's trials, which print
+    their own lines) call it directly.
+    """
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
 def run_with_progress(
     pipeline: beam.Pipeline, title: str, every: float, detach: bool = False
 ) -> PipelineResult:
@@ -190,8 +204,7 @@ def _run_locally(pipeline: beam.Pipeline, line: ProgressLine) -> PipelineResult:
         thread = threading.Thread(target=show, name="beamvision-progress", daemon=True)
         thread.start()
         try:
-            result = pipeline.run()
-            result.wait_until_finish()
+            result = run_to_end(pipeline)
         finally:
             stop.set()
             thread.join()

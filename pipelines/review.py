@@ -29,7 +29,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
 from beamvision.pipelines.flags import add_results_argument, add_switch, parse_pipeline_args, positive_int
-from beamvision.pipelines.launch import build_only, claim_output, is_dry_run
+from beamvision.pipelines.launch import build_only, claim_output, is_dry_run, run_to_end
 from beamvision.pipelines.reports import read_errors, read_results, read_summary
 from beamvision.transforms.thumbnails import thumbnail_name
 
@@ -245,8 +245,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if is_dry_run(pipeline_options):
         return build_only(pipeline)
     claim_output(config.output, OUTPUTS, config.overwrite, "a review")
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_to_end(pipeline)
     names = _thumbnails_made(config.output)
     made = {uri for uri in uris if thumbnail_name(uri) in names}
     page = _write_page(config, with_thumbnails(content, made), results)

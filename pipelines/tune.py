@@ -47,7 +47,7 @@ from beamvision.pipelines.flags import (
     positive_int,
     value_type,
 )
-from beamvision.pipelines.launch import build_only, is_dry_run
+from beamvision.pipelines.launch import build_only, is_dry_run, run_to_end
 from beamvision.pipelines.search_space import SearchSpace, SpaceError, parse_space
 from beamvision.pipelines.tune_report import best_record, influence, plot, table_text, trials_table
 from beamvision.transforms.engines import engine_files
@@ -394,8 +394,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):  # the report's commit point: what is printed is this run's
         storage.delete(summary_uri)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_to_end(pipeline)
     summary = json.loads(storage.read_text(storage.join(config.output, SUMMARY_FILE)))
     print(storage.read_text(storage.join(config.output, TABLE_FILE)), end="")
     print(_format_summary(summary, config, time.monotonic() - started))
