@@ -7,7 +7,7 @@ against the runner (``check_detach``), the files an earlier run left under
 progress is shown (``run_with_progress``) and the report it writes last
 (summary.json, stats.json) is read back; a job that found no input leaves
 nothing behind. review and tune, which show no progress line, run theirs with
-``run_to_end``, the one place every job is started and awaited. What the job
+``run_to_end``, as ``run_with_progress`` runs a local job. What the job
 counts comes from
 ``beamvision.transforms.progress``: on the direct runners from the tally
 files its workers write into a folder this process names (``LocalProgress``),
@@ -162,11 +162,11 @@ def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> 
 
 
 def run_to_end(pipeline: beam.Pipeline) -> PipelineResult:
-    """Runs ``pipeline`` and waits for its end: the one place every command's job is run and awaited.
+    """Runs ``pipeline`` and waits for its end (a Dataflow job is followed by ``watch_job`` instead).
 
-    ``run_with_progress`` runs a job this way while it shows progress; the
-    commands that show none (review's thumbnails, tune's trials, which print
-    their own lines) call it directly.
+    ``run_with_progress`` runs a local job this way while it shows progress;
+    the commands that show none (review's thumbnails, tune's trials, which
+    print their own lines) call it directly.
     """
     result = pipeline.run()
     result.wait_until_finish()
