@@ -1,4 +1,4 @@
-"""beamvision models: the Keras side, with no Beam in it.
+"""beamvision models: the Keras side; no Beam API (storage goes through ``beamvision.storage``).
 
 The architecture registry (one module per family), the model artifact format
 (``artifact``), prepare's dataset format (``dataset``), training on it (the

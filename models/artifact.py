@@ -201,8 +201,7 @@ def save_artifact(
         raise ArtifactError(
             f"model has {model.output_shape[-1]} outputs but the manifest has {manifest.num_classes} labels"
         )
-    if not overwrite and artifact_exists(uri):
-        raise ArtifactError(f"an artifact already exists at {uri} (pass --overwrite to replace it)")
+    check_free(uri, overwrite)
     manifest_uri = storage.join(uri, MANIFEST_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         local_model = os.path.join(tmp, MODEL_FILE)
@@ -402,3 +401,13 @@ def artifact_exists(uri: str) -> bool:
     needed to replace) and of "``--weights`` names an artifact".
     """
     return storage.exists(storage.join(uri, MANIFEST_FILE))
+
+
+def check_free(uri: str, overwrite: bool) -> None:
+    """Refuses to write an artifact over an existing one unless ``overwrite``.
+
+    Raises:
+        ArtifactError: naming ``uri`` and ``--overwrite``.
+    """
+    if not overwrite and artifact_exists(uri):
+        raise ArtifactError(f"an artifact already exists at {uri} (pass --overwrite to replace it)")

@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from beamvision.models import create_model, get_spec
-from beamvision.models.artifact import Manifest, new_manifest, save_artifact
+from beamvision.models.artifact import MODEL_FILE, Manifest, new_manifest, save_artifact
 from beamvision.models.labels import imagenet_labels, numbered_labels, read_labels_file
 from beamvision.models.registry import IMAGENET_CLASSES
 from beamvision.pipelines.flags import (
@@ -119,7 +119,7 @@ def run(argv: list[str] | None = None) -> Manifest:
     with tempfile.TemporaryDirectory() as converted:
         extra = engine_files(model, manifest, config.engines, converted)
         manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=extra)
-    megabytes = manifest.files["model.keras"]["bytes"] / 1e6
+    megabytes = manifest.files[MODEL_FILE]["bytes"] / 1e6
     print(
         f"exported {manifest.name} version {manifest.version}: {config.architecture}, "
         f"{model.count_params():,} parameters, {megabytes:.1f} MB, to {config.output} "

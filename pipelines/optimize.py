@@ -193,7 +193,7 @@ def _quantization_record(
             "name": source.name,
             "version": source.version,
             "model_sha256": source.files[MODEL_FILE]["sha256"],
-            "openvino": "stored" if OpenVINOEngine.holds(source) else "converted",
+            OpenVINOEngine.name: "stored" if OpenVINOEngine.holds(source) else "converted",
         },
         "calibration": {
             "data": config.data,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from beamvision.models import ArtifactError, ModelArgumentError
-from beamvision.models.artifact import Manifest, artifact_exists
+from beamvision.models import ModelArgumentError
+from beamvision.models.artifact import Manifest, check_free
 from beamvision.models.trainer import (
     AUGMENTATIONS,
     MONITORS,
@@ -166,6 +166,5 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def run(argv: list[str] | None = None) -> Manifest:
     """Trains, evaluates and exports; prints per-epoch progress and a summary."""
     config = train_config(parse("beamvision train", __doc__.splitlines()[0], add_arguments, argv))
-    if not config.overwrite and artifact_exists(config.output):
-        raise ArtifactError(f"an artifact already exists at {config.output} (pass --overwrite to replace it)")
+    check_free(config.output, config.overwrite)  # before any work, not after training
     return train(config, engine_files=engine_files).manifest

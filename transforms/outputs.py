@@ -28,13 +28,13 @@ RUN_FILES = [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE]
 
 
 def results_pattern(folder: str) -> str:
-    """The glob of a run folder's result shards (the folder's own name is taken literally)."""
-    return storage.join(glob.escape(folder), f"{RESULTS_PREFIX}-*.parquet")
+    """The glob of a run folder's result shards (``folder`` may itself be a glob of several runs)."""
+    return storage.join(folder, f"{RESULTS_PREFIX}-*.parquet")
 
 
 def errors_pattern(folder: str) -> str:
-    """The glob of a run folder's error shards (the folder's own name is taken literally)."""
-    return storage.join(glob.escape(folder), f"{ERRORS_PREFIX}-*.parquet")
+    """The glob of a run folder's error shards (``folder`` may itself be a glob of several runs)."""
+    return storage.join(folder, f"{ERRORS_PREFIX}-*.parquet")
 
 
 def run_dir(root: str, run_id: str) -> str:

@@ -35,7 +35,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beamvision import storage
-from beamvision.transforms.rows import METRICS_NAMESPACE
+from beamvision.transforms.rows import METRICS_NAMESPACE, exception_text
 
 TRIALS_DIR = "trials"
 DETAILED_METRICS = ("per_class", "confusion_matrix", "labels")  # left in each artifact's metrics.json
@@ -226,7 +226,7 @@ class _TrainRungFn(beam.DoFn):
             return {
                 **record,
                 "status": FAILED,
-                "error": str(exc) if refused else f"{type(exc).__name__}: {exc}",
+                "error": str(exc) if refused else exception_text(exc),
                 "history": {},
                 "epochs_run": 0,
                 "best": None,
