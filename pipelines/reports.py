@@ -115,7 +115,7 @@ def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
         return []
     total = sum(group["count"] for group in groups)
     rows = f"{total:,} row" + ("" if total == 1 else "s")
-    lines = [f"errors by stage and type ({rows} in {storage.join(output, ERRORS_PREFIX)}-*.parquet):"]
+    lines = [f"errors by stage and type ({rows} in {errors_pattern(output)}):"]
     width = len(f"{groups[0]['count']:,}")
     for group in groups[:ERROR_GROUPS_PRINTED]:
         message = " ".join(group["sample_message"].split())
