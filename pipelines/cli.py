@@ -1,7 +1,10 @@
 """``beamvision <command>``: dispatch to one module per command.
 
 Command modules are imported only when run, so ``beamvision --help`` is quick.
-User mistakes (``UsageError``, ``ModelError``) print one line and exit 2.
+User mistakes (``UsageError``, ``ModelError``) print one line and exit 2; a
+run with too many errors (``exits.RunFailed``) one line and its status; an
+interrupt (SIGINT, SIGTERM) one line saying what was kept and how to go on,
+and exits 130 or 143 (the table is ``beamvision.exits``).
 ``console_main`` is the console script (and ``python -m beamvision``, and the
 Flex Template's entry point): it starts quiet (``beamvision.console``) before
 anything is imported, unless ``--verbose``; ``main`` runs one command in the
@@ -11,9 +14,10 @@ calling process, as the tests do.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
-from beamvision import __version__, console
+from beamvision import __version__, console, exits
 
 # name -> (module in beamvision.pipelines, one-line description)
 COMMANDS = {
@@ -72,18 +76,35 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    with exits.catch_signals() as received:
+        try:
+            return _run_command(command, argv[1:])
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and received.signum is None:
+                received.signum = signal.SIGINT  # raised by another hand than our handler's
+            if received.signum is None:
+                raise
+            print(received.line(command), file=sys.stderr)
+            return received.status
+
+
+def _run_command(command: str, argv: list[str]) -> int:
+    """Imports and runs one command; its user mistakes and failed runs become one line and a status."""
     module = importlib.import_module(f"beamvision.pipelines.{COMMANDS[command][0]}")
     from beamvision.models import ModelError
     from beamvision.pipelines.flags import UsageError
 
     try:
-        module.run(argv[1:])
+        module.run(argv)
     except (UsageError, ModelError) as exc:
         message = str(exc)
         prefix = "" if message.startswith("beamvision") else f"beamvision {command}: error: "
         print(prefix + message, file=sys.stderr)
-        return 2
-    return 0
+        return exits.Status.USAGE
+    except exits.RunFailed as exc:
+        print(f"beamvision {command}: {exc}", file=sys.stderr)
+        return exc.status
+    return exits.Status.DONE
 
 
 if __name__ == "__main__":
