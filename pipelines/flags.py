@@ -326,7 +326,7 @@ def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_error_rate_argument(parser: argparse.ArgumentParser) -> None:
-    """--max_error_rate, of the commands whose inputs end as rows: classify, prepare (``launch.check_errors``)."""
+    """--max_error_rate of classify and prepare, whose inputs end as rows (``launch.check_errors``)."""
     parser.add_argument(
         "--max_error_rate",
         type=share,
