@@ -63,8 +63,8 @@ fraction = value_type(values.fraction, "fraction")
 positive_float = value_type(values.positive_float, "positive_float")
 share = value_type(values.share, "share")
 # Real buckets hold a few corrupt or odd files in a thousand; a systematic fault (no
-# permission, a wrong model or --input) fails most inputs. 5% is far from both.
-DEFAULT_MAX_ERROR_RATE = 0.05
+# permission, a wrong model or --input, a full disk) fails most inputs. One in ten is far from both.
+DEFAULT_MAX_ERROR_RATE = 0.1
 
 
 def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:

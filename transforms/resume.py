@@ -55,6 +55,8 @@ from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
 DEFAULT_CHECKPOINT_SECONDS = 30.0
 PART_MAX_ROWS = 10_000  # a part is also flushed at this many rows, whatever the time
+# As Beam's WriteToParquet writes (lists' items named "item"): one schema across old and new runs.
+PARQUET_OPTIONS = {"use_compliant_nested_type": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +220,7 @@ class _WritePartsFn(beam.DoFn):
 
     def _flush(self) -> str:
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self._rows, schema=self._schema), buffer)
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=self._schema), buffer, **PARQUET_OPTIONS)
         uri = storage.join(self._partial, part_name(self._prefix, uuid.uuid4().hex))
         storage.write_atomic(uri, buffer.getvalue())
         self._rows, self._since = [], time.monotonic()
@@ -239,7 +241,7 @@ def commit_run(output: str, result_parts: list[str], error_parts: list[str], emb
         parts = sorted(parts)
         if not parts:  # readers find the schema, as in the shard Beam's sinks write for no rows
             buffer = io.BytesIO()
-            pq.write_table(schema.empty_table(), buffer)
+            pq.write_table(schema.empty_table(), buffer, **PARQUET_OPTIONS)
             storage.write_atomic(storage.join(output, shard_name(prefix, 0, 1)), buffer.getvalue())
         for index, part in enumerate(parts):
             storage.rename(part, storage.join(output, shard_name(prefix, index, len(parts))))

@@ -73,8 +73,11 @@ _current: Received | None = None
 
 
 def on_interrupt(kept: Callable[[], str]) -> None:
-    """What an interrupt now keeps, said when it comes: ``kept()`` is called then, and names how to go on."""
-    if _current is not None:
+    """What an interrupt now keeps, said when it comes: ``kept()`` is called then, and names how to go on.
+
+    Only the command's own thread says it (never a Beam worker thread in the same process).
+    """
+    if _current is not None and threading.current_thread() is threading.main_thread():
         _current.kept = kept
 
 
