@@ -247,6 +247,7 @@ def train(
     manifest = _export(model, config, data.labels, training, metrics, engine_files)
     # Only now: an export that fails leaves the checkpoint, and a rerun resumes from it.
     storage.delete_tree(checkpoint_root(config.output))
+    exits.on_interrupt(lambda: f"the trained artifact is complete in {config.output}")
     if fitted.local != fitted.checkpoint:
         shutil.rmtree(fitted.local, ignore_errors=True)
     _print_trained(config, manifest, metrics, seconds, fitted.epochs_run, len(data.labels))
