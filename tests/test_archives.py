@@ -335,10 +335,8 @@ def test_a_labels_csv_may_name_a_whole_archive_and_label_errors_on_members_are_c
     ]
     labels.write_text("uri,label\n" + "".join(f"{row}\n" for row in [*rows, f"{other}!/{rocket[2]},"]))
     output = str(tmp_path / "prepared")
-    prepare.run(
-        ["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"]
-        + ["--max_error_rate", "1"]  # two of six labelled inputs fail on purpose
-    )
+    flags = ["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"]
+    prepare.run([*flags, "--max_error_rate", "1"])  # labelled inputs fail on purpose
     stats = json.loads(storage.read_text(f"{output}/stats.json"))
     cat_count = sum(n.startswith("cat/") for n in photo_members)
     per_class = {c: sum(stats["counts"][s][c] for s in stats["counts"]) for c in ("cat", "rocket")}
@@ -400,10 +398,8 @@ def test_prepare_reads_members_a_labels_csv_names(photo_members, tmp_path):
         "uri,label\n" + "".join(f"{archive}!/{n},{'even' if i % 2 else 'odd'}\n" for i, n in enumerate(names))
     )
     output = str(tmp_path / "prepared")
-    prepare.run(
-        ["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"]
-        + ["--max_error_rate", "1"]  # two of six labelled inputs fail on purpose
-    )
+    flags = ["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"]
+    prepare.run([*flags, "--max_error_rate", "1"])  # labelled inputs fail on purpose
     stats = json.loads(storage.read_text(f"{output}/stats.json"))
     assert (stats["examples"], stats["inputs"]) == (6, 6)
     assert json.loads(storage.read_text(f"{output}/labels.json")) == ["even", "odd"]
