@@ -21,10 +21,12 @@ summary.json: those rows are kept as the parts are.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import io
 import json
+import os
 import time
 import uuid
 from typing import Any
@@ -225,6 +227,15 @@ class _WritePartsFn(beam.DoFn):
         storage.write_atomic(uri, buffer.getvalue())
         self._rows, self._since = [], time.monotonic()
         return uri
+
+
+def remove_partial(partial: str) -> None:
+    """Deletes a committed run's partial folder, and a local ``_partial`` its last run left empty."""
+    storage.delete_tree(partial)
+    parent = os.path.dirname(partial.rstrip("/"))
+    if storage.is_local(partial) and os.path.basename(parent) == PARTIAL_DIR:
+        with contextlib.suppress(OSError):  # another run's partial folder is still there
+            os.rmdir(parent)
 
 
 def commit_run(output: str, result_parts: list[str], error_parts: list[str], embeddings: bool) -> None:

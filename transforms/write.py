@@ -25,7 +25,7 @@ import apache_beam as beam
 from beamvision import storage
 from beamvision.transforms.outputs import ERRORS_PREFIX, RESULTS_PREFIX, SUMMARY_FILE
 from beamvision.transforms.read import unmatched_patterns
-from beamvision.transforms.resume import WriteParts, commit_run
+from beamvision.transforms.resume import WriteParts, commit_run, remove_partial
 from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
 TOP_LABELS_IN_SUMMARY = 20
@@ -251,5 +251,5 @@ class _CommitFn(beam.DoFn):
         storage.write_atomic(
             storage.join(self._output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")
         )
-        storage.delete_tree(self._partial)  # after the commit point: parts of every attempt
+        remove_partial(self._partial)  # after the commit point: the parts of every attempt
         yield summary
