@@ -403,7 +403,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         print(format_summary(summary))
         if summary.get("resumed"):
             print(f"resumed: {summary['resumed']:,} rows kept from the interrupted run, not made again")
-        check_errors("classify", summary, config.max_error_rate, errors_pattern(config.output))
+        check_errors(summary, config.max_error_rate, errors_pattern(config.output))
     return outcome.result
 
 

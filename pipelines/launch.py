@@ -197,7 +197,7 @@ def _owned_files(output: str, names: list[str]) -> list[str]:
     return sorted({m.path for match in matches for m in match.metadata_list})
 
 
-def check_errors(title: str, report: dict[str, Any], max_rate: float, rows_in: str) -> None:
+def check_errors(report: dict[str, Any], max_rate: float, rows_in: str) -> None:
     """Raises ``exits.RunFailed`` (status 3) when every input failed or more than ``max_rate`` of them did.
 
     The share is of the inputs this run made a row for (``results`` + ``errors``;

@@ -415,7 +415,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         warning = empty_classes_warning(stats)
         if warning:
             print(warning, file=sys.stderr)
-        check_errors("prepare", stats, config.max_error_rate, errors_pattern(config.output))
+        check_errors(stats, config.max_error_rate, errors_pattern(config.output))
         print(
             f"next: beamvision train --data {config.output} --architecture mobilenet_v2 --output MODEL_DIR "
             "(every architecture: beamvision models)"

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -140,6 +141,45 @@ def test_a_killed_night_is_never_seen_by_catalog_readers_and_the_next_run_finish
 
 
 @pytest.mark.slow
+def test_a_rerun_keeps_a_cut_commits_rows_and_reads_an_interrupted_archive_again(inputs, tmp_path):
+    photos, model = _relative(inputs, tmp_path)
+    os.makedirs(tmp_path / "shards")
+    with tarfile.open(tmp_path / "shards/cats.tar", "w") as tar:
+        for name in sorted(os.listdir(os.path.join(inputs, "photos", "cat")))[:20]:
+            tar.add(os.path.join(inputs, "photos", "cat", name), arcname=f"scan/{name}")
+    argv = ["classify", "--input", photos, "--input", "shards", "--model", model, "--output", "out"]
+    argv += ["--checkpoint_every", "0.2"]
+    proc, _ = _start(tmp_path, *argv)
+    _wait_for(lambda: _rows_in(str(tmp_path / "out/_partial/results-part-*.parquet")) >= 300, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    # A commit cut short leaves some parts already renamed to shards, and no summary.json.
+    part = sorted(glob.glob(str(tmp_path / "out/_partial/results-part-*.parquet")))[0]
+    os.rename(part, tmp_path / "out/results-00000-of-00009.parquet")
+    kept = _rows_in(str(tmp_path / "out/_partial/*-part-*.parquet")) + _rows_in(
+        str(tmp_path / "out/results-*")
+    )
+    members = ds.dataset(
+        glob.glob(str(tmp_path / "out/_partial/results-part-*.parquet"))
+        + glob.glob(str(tmp_path / "out/results-*")),
+        format="parquet",
+    ).to_table(columns=["image_uri"])
+    member_rows = sum("cats.tar!" in uri for uri in members.column(0).to_pylist())
+
+    again = _run(tmp_path, *argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    # Every file's row was kept, but the archive's: it is read again whole.
+    assert summary["resumed"] == kept - member_rows
+    total = 7 * IMAGES_PER_CLASS + 20
+    assert (summary["inputs"], summary["results"]) == (total, total)
+    rows = ds.dataset(glob.glob(str(tmp_path / "out/results-*.parquet")), format="parquet").to_table()
+    uris = rows.column("image_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == total
+    assert not os.path.exists(tmp_path / "out/_partial")
+
+
+@pytest.mark.slow
 def test_sigterm_in_prepare_leaves_no_unfinished_file_and_the_rerun_is_not_refused(inputs, tmp_path):
     photos, _ = _relative(inputs, tmp_path)
     argv = ["prepare", "--input", photos, "--output", "data", "--image_size", "32", "--progress_every", "0.1"]
@@ -173,3 +213,27 @@ def test_a_run_whose_every_input_failed_exits_3_and_suggests_nothing(tmp_path, m
         "beamvision prepare: every input failed (3 of 3; --max_error_rate 0.1); the error rows are in "
         "data/errors-*.parquet"
     )
+
+
+@pytest.mark.parametrize(
+    ("results", "errors", "max_rate", "fails"),
+    [
+        (90, 10, 0.1, False),  # exactly at the bound: not over it
+        (89, 11, 0.1, True),
+        (0, 1, 1.0, True),  # every input failed: whatever the bound
+        (1, 0, 0.0, False),
+        (99, 1, 0.0, True),
+        (0, 0, 0.1, False),  # nothing to fail (everything skipped)
+    ],
+)
+def test_the_error_share_that_fails_a_run(results, errors, max_rate, fails):
+    from beamvision.exits import RunFailed, Status
+    from beamvision.pipelines.launch import check_errors
+
+    report = {"results": results, "errors": errors}
+    if not fails:
+        check_errors(report, max_rate, "out/errors-*.parquet")
+        return
+    with pytest.raises(RunFailed) as raised:
+        check_errors(report, max_rate, "out/errors-*.parquet")
+    assert raised.value.status is Status.TOO_MANY_ERRORS
