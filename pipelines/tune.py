@@ -395,8 +395,10 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if storage.exists(summary_uri):  # the report's commit point: what is printed is this run's
         storage.delete(summary_uri)
     exits.on_interrupt(
-        lambda: f"kept {_rungs_done(config.output, trials)} finished trial rungs in {config.output}; "
-        "run the same command again to go on from them"
+        lambda: (
+            f"kept {_rungs_done(config.output, trials)} finished trial rungs in {config.output}; "
+            "run the same command again to go on from them"
+        )
     )
     result = run_to_end(pipeline)
     summary = json.loads(storage.read_text(storage.join(config.output, SUMMARY_FILE)))
