@@ -102,7 +102,8 @@ def _run_command(command: str, argv: list[str]) -> int:
         print(prefix + message, file=sys.stderr)
         return exits.Status.USAGE
     except exits.RunFailed as exc:
-        print(f"beamvision {command}: {exc}", file=sys.stderr)
+        if str(exc):
+            print(f"beamvision {command}: {exc}", file=sys.stderr)
         return exc.status
     return exits.Status.DONE
 

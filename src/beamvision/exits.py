@@ -42,7 +42,7 @@ NOTHING_KEPT = "nothing was kept; run the same command again"
 
 
 class RunFailed(Exception):
-    """A run that ended, but not well: one line on stderr and ``status`` (not a traceback)."""
+    """A run that ended, but not well: one line on stderr (none for an empty message: said) and ``status``."""
 
     def __init__(self, message: str, status: Status = Status.TOO_MANY_ERRORS):
         super().__init__(message)
@@ -89,6 +89,9 @@ def catch_signals() -> Iterator[Received]:
     left as they are and nothing is recorded.
     """
     global _current
+    if _current is not None:  # a command run by another (demo's steps): the outer handlers stay
+        yield _current
+        return
     received = Received()
     if threading.current_thread() is not threading.main_thread():
         yield received
