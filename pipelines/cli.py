@@ -14,6 +14,7 @@ calling process, as the tests do.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -53,7 +54,14 @@ def console_main(argv: list[str] | None = None) -> None:
     loads_libraries = argv and argv[0] not in QUICK_COMMANDS and not {"-h", "--help"} & set(argv)
     if loads_libraries and not console.requested(argv, "--verbose"):
         console.quiet_stderr()
-    sys.exit(main(argv))
+    status = main(argv)
+    if status in exits.SIGNAL_STATUS.values():
+        # Beam's worker processes and threads of an interrupted job would keep this process (and
+        # their work) going: they are stopped, and the process ends without waiting for its threads.
+        exits.stop_children(spare=console.filter_pids())
+        console.release_stderr()
+        os._exit(status)
+    sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

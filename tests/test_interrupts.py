@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import built_once
 
+from beamvision.exits import descendants
 from beamvision.pipelines.cli import main
 from beamvision.transforms.resume import count_rows
 
@@ -68,6 +69,14 @@ def _rows_in(pattern: str) -> int:
     return count_rows(sorted(glob.glob(pattern)))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _run(cwd, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "beamvision", *argv], cwd=cwd, capture_output=True, text=True, timeout=300
@@ -84,10 +93,14 @@ def _relative(inputs: str, cwd) -> tuple[str, str]:
 def test_ctrl_c_keeps_the_finished_rows_and_the_rerun_classifies_only_the_rest(inputs, tmp_path):
     photos, model = _relative(inputs, tmp_path)
     argv = ["classify", "--input", photos, "--model", model, "--output", "out", "--checkpoint_every", "0.2"]
+    argv += ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]  # worker processes
     proc, stderr = _start(tmp_path, *argv)
     _wait_for(lambda: _rows_in(str(tmp_path / "out/_partial/results-part-*.parquet")) >= 100, proc)
+    workers = descendants(proc.pid)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
+    time.sleep(0.5)
+    assert workers and not {pid for pid in workers if _alive(pid)}, "a worker outlived the interrupted run"
     time.sleep(0.2)  # the reader thread's last lines
     assert not any("Traceback" in line for line in stderr), "".join(stderr)
     last = stderr[-1].strip()
