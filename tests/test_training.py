@@ -127,6 +127,7 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys):
         f.write("not an image\n")
     out = str(tmp_path / "data")
     argv = ["prepare", "--input", root, "--output", out, "--image_size", "16", "--val_fraction", "0"]
+    argv += ["--max_error_rate", "0.25"]  # 3 of 15 fail on purpose: over the default 0.1
     assert main([*argv, "--test_fraction", "0.5"]) == 0
     stats = _json(os.path.join(out, "stats.json"))
     assert (stats["inputs"], stats["examples"], stats["errors"]) == (15, 12, 3)
@@ -160,7 +161,8 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys):
     rows += [f"{first},odd", "0/broken.png,"]  # a second label for a file; a row without one
     csv_path.write_text("\n".join(rows) + "\n")
     out_csv = str(tmp_path / "data_csv")
-    prepare.run(["--input", root, "--labels", str(csv_path), "--output", out_csv, "--image_size", "16"])
+    flags = ["--labels", str(csv_path), "--output", out_csv, "--image_size", "16", "--max_error_rate", "0.2"]
+    prepare.run(["--input", root, *flags])
     assert _json(os.path.join(out_csv, "labels.json")) == ["even", "odd"]
     stats = _json(os.path.join(out_csv, "stats.json"))
     assert (stats["inputs"], stats["examples"], stats["errors"]) == (13, 11, 2)
