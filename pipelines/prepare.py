@@ -31,11 +31,18 @@ from beamvision.models.dataset import (
     LABELS_FILE,
     SPLITS,
     STATS_FILE,
+    add_to_split_summary,
     assign_split,
+    classes_missing_from_splits,
+    empty_split_summary,
     folder_label,
+    merge_split_summaries,
+    missing_split_warnings,
     relative_key,
     serialize_example,
     shard_prefix,
+    split_overrides,
+    split_position,
 )
 from beamvision.pipelines.flags import (
     UsageError,
@@ -179,7 +186,8 @@ def build_pipeline(
     decoded = read["files"] | "DecodeImages" >> DecodeImages(
         config.image_size, config.max_pixels, config.buffer_mb, sizing
     )
-    examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, config)
+    overrides = beam.pvalue.AsDict(labelled["labelled"] | "SplitEveryClass" >> _SplitEveryClass(config))
+    examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, overrides, config)
     written = _write_splits(examples, config.output)
     error_parts = {
         "found": found["errors"],
@@ -221,6 +229,7 @@ def _labelled_by_file(
         "files": split["files"],
         "archives": split["archives"],
         "errors": labelled[ERRORS_TAG],
+        "labelled": labelled.files,
         "named_classes": labelled.files | "ClassNames" >> beam.Map(lambda f: f.label),
     }
 
@@ -237,16 +246,14 @@ def _labelled_by_folder(pipeline: beam.Pipeline, config: Config) -> dict:
     )
     # An archive's classes are its members' folders: a listing pass (names only) before the read.
     listed = split["archives"] | "GroupToList" >> GroupArchives() | "ListArchives" >> ListArchiveMembers()
+    every = (foldered.files, listed) | "Labelled" >> beam.Flatten()
     return {
         "inputs": matched["inputs"],
         "files": foldered.files,
         "archives": split["archives"],
         "errors": foldered[ERRORS_TAG],
-        "named_classes": (
-            (foldered.files, listed)
-            | "Labelled" >> beam.Flatten()
-            | "ClassNames" >> beam.Map(lambda f: f.label)
-        ),
+        "labelled": every,
+        "named_classes": every | "ClassNames" >> beam.Map(lambda f: f.label),
     }
 
 
@@ -328,11 +335,63 @@ class _FolderLabelFn(beam.DoFn):
             )
 
 
-def _to_example(element, class_names: list[str], config: Config) -> tuple[str, str, bytes]:
+class _SplitEveryClass(beam.PTransform):
+    """Labelled ImageFiles (names only, before any read) to (key, split) for the few files moved.
+
+    Each file's split is its hash's (``assign_split``) unless its class needs
+    it elsewhere so that every split holds the class (``split_overrides``).
+    A combiner per class keeps only counts and the few files at the ends of
+    each split, never the class's whole list, so this stays small however
+    many files a class has; the result (at most a few files per class) is a
+    side input of the fused read-to-write stage.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self._config = config
+
+    def expand(self, files):
+        config = self._config
+
+        def placed(image_file: ImageFile) -> tuple[str, tuple[float, str]]:
+            key = relative_key(image_file.uri, config.input)
+            return image_file.label, (split_position(key, config.seed), key)
+
+        return (
+            files
+            | "Placed" >> beam.Map(placed)
+            | "PerClass" >> beam.CombinePerKey(_SplitSummaryFn((config.val_fraction, config.test_fraction)))
+            | "Moved" >> beam.FlatMap(lambda entry: sorted(split_overrides(entry[1]).items()))
+        )
+
+
+class _SplitSummaryFn(beam.CombineFn):
+    """A class's (position, key) pairs to its ``SplitSummary`` (counts and the ends of each split)."""
+
+    def __init__(self, fractions: tuple[float, float]):
+        self._fractions = fractions
+
+    def create_accumulator(self):
+        return empty_split_summary()
+
+    def add_input(self, accumulator, entry):
+        return add_to_split_summary(accumulator, entry, self._fractions)
+
+    def merge_accumulators(self, accumulators):
+        return merge_split_summaries(accumulators)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def _to_example(
+    element, class_names: list[str], overrides: dict[str, str], config: Config
+) -> tuple[str, str, bytes]:
     """(ImageKey, pixels) to (split, class name, serialized tf.train.Example)."""
     key, pixels = element
-    split = assign_split(
-        relative_key(key.uri, config.input), config.val_fraction, config.test_fraction, config.seed
+    relative = relative_key(key.uri, config.input)
+    split = overrides.get(relative) or assign_split(
+        relative, config.val_fraction, config.test_fraction, config.seed
     )
     return split, key.label, serialize_example(pixels, class_names.index(key.label), key.uri)
 
@@ -360,6 +419,8 @@ class _WriteStatsFn(beam.DoFn):
             "counts": per_split,
             # Named by a folder or the CSV, but none of their files became an example.
             "empty_classes": [name for name in class_names if not any(per_split[s][name] for s in SPLITS)],
+            # Classes with examples, but none in this split (too few images, or images that failed).
+            "missing_from_splits": classes_missing_from_splits(class_names, per_split),
             "error_groups": error_groups,
         }
         if self._unannotated is not None:  # --labels was a Label Studio export
@@ -407,9 +468,9 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if stats is not None:
         for line in format_prepared(stats, config.output):
             print(line)
-        warning = empty_classes_warning(stats)
-        if warning:
-            print(warning, file=sys.stderr)
+        for warning in (empty_classes_warning(stats), *missing_split_warnings(stats["missing_from_splits"])):
+            if warning:
+                print(warning, file=sys.stderr)
         print(
             f"next: beamvision train --data {config.output} --architecture mobilenet_v2 --output MODEL_DIR "
             "(every architecture: beamvision models)"
