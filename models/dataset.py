@@ -26,8 +26,15 @@ STATS_FILE = "stats.json"
 
 
 def relative_key(uri: str, root: str | None) -> str:
-    """The URI relative to the dataset root (so splits survive moving the dataset)."""
+    """The URI relative to the dataset root (so splits survive moving the dataset).
+
+    Local paths are compared absolute, so a file named by its absolute path
+    (a Label Studio task's ``source_uri``) has the same key under a relative
+    ROOT as when prepare listed it.
+    """
     if root:
+        if storage.is_local(root) and storage.is_local(uri):
+            root, uri = storage.absolute(root), storage.absolute(uri)
         for base in (root.rstrip("/") + "/", root + "!/"):  # a file under ROOT, a member of ROOT (an archive)
             if uri.startswith(base):
                 return uri[len(base) :]

@@ -44,6 +44,8 @@ from beamvision.models.dataset import (
     split_overrides,
     split_position,
 )
+from beamvision.models.errors import ModelError
+from beamvision.models.labels import read_labels_file
 from beamvision.pipelines.flags import (
     UsageError,
     add_decode_arguments,
@@ -86,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of class folders: a CSV of uri,label, or a Label Studio JSON export (its "
         "annotations; tasks without one are skipped); relative URIs are under ROOT",
     )
+    parser.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="every class of the dataset, kept even with no image: one name a line, or a JSON list "
+        "(a labels.json); classes with images but not in it are added",
+    )
     parser.add_argument("--output", required=True, metavar="PREFIX", help="where TFRecord shards and JSON go")
     parser.add_argument(
         "--image_size",
@@ -107,6 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Config:
     input: str
     labels: str | None
+    classes: str | None
     output: str
     image_size: int
     val_fraction: float
@@ -122,6 +131,7 @@ class Config:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
         check_file_exists("--labels", args.labels)
+        check_file_exists("--classes", args.classes)
         if args.val_fraction + args.test_fraction >= 1.0:
             raise UsageError(
                 f"--val_fraction {args.val_fraction} --test_fraction {args.test_fraction}: "
@@ -130,6 +140,7 @@ class Config:
         return cls(
             args.input.rstrip("/"),
             args.labels,
+            args.classes,
             args.output.rstrip("/"),
             args.image_size,
             args.val_fraction,
@@ -149,11 +160,14 @@ def build_pipeline(
     config: Config,
     reviewed: list[tuple[str, str]] | None = None,
     unannotated: int | None = None,
+    classes: list[str] = (),
 ) -> None:
     """Adds the prepare steps for ``config`` to ``pipeline``.
 
     ``reviewed``: (uri, label) pairs of a Label Studio export given as
     ``--labels`` (``label_studio_labels``), with ``unannotated`` tasks skipped.
+    ``classes``: classes to keep even without an image (``--classes``, and
+    those a Label Studio export records); labels.json is every class named.
 
     Every file's class is known from its URI (folder) or the labels file
     before any file is read, so the class list is ready before decoding
@@ -168,8 +182,10 @@ def build_pipeline(
         if config.labels
         else _labelled_by_folder(pipeline, config)
     )
+    kept = pipeline | "KeptClasses" >> beam.Create(sorted(classes))
     class_names = beam.pvalue.AsSingleton(
-        labelled["named_classes"]
+        (labelled["named_classes"], kept)
+        | "EveryClass" >> beam.Flatten()
         | "DistinctClasses" >> beam.Distinct()
         | "SortedClasses" >> beam.combiners.ToList()
         | "Sort" >> beam.Map(sorted)
@@ -432,6 +448,22 @@ class _WriteStatsFn(beam.DoFn):
         yield stats
 
 
+def _read_classes(uri: str) -> list[str]:
+    """``--classes``: a JSON list of names (a labels.json) or a label file, one name a line."""
+    if uri.lower().endswith(".json"):
+        try:
+            names = json.loads(storage.read_text(uri))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--classes {uri}: not a JSON list of class names ({exc})") from None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise UsageError(f"--classes {uri}: not a JSON list of class names")
+        return names
+    try:
+        return read_labels_file(uri)
+    except ModelError as exc:
+        raise UsageError(f"--classes: {exc}") from None
+
+
 def run(argv: list[str] | None = None) -> PipelineResult | None:
     """Runs prepare and prints what it wrote; with --dry_run, only builds the job graph (see classify)."""
     args, pipeline_options = parse_pipeline_args(
@@ -439,18 +471,23 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     )
     config = Config.from_args(args)
     reviewed = unannotated = None
+    classes = set(_read_classes(config.classes)) if config.classes else set()
     if config.labels and is_label_studio_export(config.labels):
         try:
             text = storage.read_text(config.labels)
         except UnicodeDecodeError:
             raise UsageError(f"--labels {config.labels}: not UTF-8 text") from None
-        reviewed, unannotated = label_studio_labels(text, config.input)
+        export = label_studio_labels(text, config.input)
+        reviewed, unannotated = export.labelled, export.unannotated
+        classes.update(export.classes)
+        recorded = f"; {len(export.classes):,} classes recorded" if export.classes else ""
         print(
             f"{config.labels}: {len(reviewed):,} annotated tasks, "
-            f"{unannotated:,} without a choice annotation (skipped)"
+            f"{unannotated:,} without a choice annotation (skipped){recorded}"
         )
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config, reviewed, unannotated)  # before any deletion: building can still fail
+    # Before any deletion: building can still fail.
+    build_pipeline(pipeline, config, reviewed, unannotated, sorted(classes))
     # Stale shards of an earlier run (another shard count) would be read by train.
     job = Job(
         "prepare",
