@@ -12,8 +12,9 @@ source); local files become Label Studio local-files URLs under
 ``--local_files_root``; archive members are extracted to ``--extract_to``
 (a labelling tool cannot open a member) and shown from there, keeping the
 member's URI as ``source_uri`` so reviewed labels map back to it
-(``prepare --labels``). ``csv`` writes ``uri,label,score,file`` (``file``:
-where the image can be opened) for CVAT, FiftyOne or a spreadsheet.
+(``prepare --labels``). ``csv`` writes ``uri,label,score,file,duplicates``
+(``file``: where the image can be opened; ``duplicates``: a JSON list of the
+other copies' URIs) for CVAT, FiftyOne or a spreadsheet.
 ``--queue N`` keeps the N least certain images. Exact duplicates (the same
 SHA-256) are exported once, the task listing the other URIs as
 ``duplicates``; every path is checked before any member is extracted.

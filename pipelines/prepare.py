@@ -10,8 +10,10 @@ their members' classes by the member's first folder inside the archive
 (``cats/1.jpg``); a CSV may name members, ``ARCHIVE!/path/in/archive.jpg``.
 Images are decoded by ``decode_image`` (the function classify uses), assigned
 to train/val/test by a hash of their path under ROOT (stable across reruns and
-runners), and written as TFRecord shards with labels.json and stats.json (see
-``beamvision.models.dataset``). Bad images become error rows; they never stop the job.
+runners), a class of 3 images or more keeping one in each split (a few files
+moved: ``_SplitEveryClass``), and written as TFRecord shards with labels.json
+and stats.json (see ``beamvision.models.dataset``). ``--classes FILE`` keeps
+classes that have no image. Bad images become error rows; they never stop the job.
 """
 
 from __future__ import annotations
