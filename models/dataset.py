@@ -54,7 +54,11 @@ def assign_split(key: str, val_fraction: float, test_fraction: float, seed: int 
     but the key, the fractions and the seed. ``split_overrides`` moves the
     few files a small class needs moved so that every split holds it.
     """
-    position = split_position(key, seed)
+    return split_at(split_position(key, seed), val_fraction, test_fraction)
+
+
+def split_at(position: float, val_fraction: float, test_fraction: float) -> str:
+    """The split of a place in [0, 1): test below ``test_fraction``, then val, then train."""
     if position < test_fraction:
         return "test"
     if position < test_fraction + val_fraction:
@@ -84,15 +88,12 @@ def empty_split_summary() -> SplitSummary:
 def add_to_split_summary(
     summary: SplitSummary, entry: tuple[float, str], fractions: tuple[float, float]
 ) -> SplitSummary:
-    """``summary`` with one more (position, key) of the class."""
-    val_fraction, test_fraction = fractions
-    position = entry[0]
-    split = (
-        "test" if position < test_fraction else "val" if position < test_fraction + val_fraction else "train"
-    )
-    return merge_split_summaries(
-        [summary, {**empty_split_summary(), split: {"count": 1, "low": [entry], "high": [entry]}}]
-    )
+    """``summary``, updated in place, with one more (position, key) of the class."""
+    part = summary[split_at(entry[0], *fractions)]
+    part["count"] += 1
+    part["low"] = sorted([*map(tuple, part["low"]), tuple(entry)])[:KEPT_AT_EACH_END]
+    part["high"] = sorted([*map(tuple, part["high"]), tuple(entry)])[-KEPT_AT_EACH_END:]
+    return summary
 
 
 def merge_split_summaries(summaries) -> SplitSummary:
