@@ -26,27 +26,148 @@ STATS_FILE = "stats.json"
 
 
 def relative_key(uri: str, root: str | None) -> str:
-    """The URI relative to the dataset root (so splits survive moving the dataset)."""
+    """The URI relative to the dataset root (so splits survive moving the dataset).
+
+    Local paths are compared absolute, so a file named by its absolute path
+    (a Label Studio task's ``source_uri``) has the same key under a relative
+    ROOT as when prepare listed it.
+    """
     if root:
+        if storage.is_local(root) and storage.is_local(uri):
+            root, uri = storage.absolute(root), storage.absolute(uri)
         for base in (root.rstrip("/") + "/", root + "!/"):  # a file under ROOT, a member of ROOT (an archive)
             if uri.startswith(base):
                 return uri[len(base) :]
     return uri
 
 
+def split_position(key: str, seed: int = 0) -> float:
+    """Where a file falls in [0, 1), from a hash of its key and the seed: the order splits are cut in."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def assign_split(key: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """``train``, ``val`` or ``test`` for a file, from a hash of its key and the seed.
 
     Deterministic across reruns, runners and machines: it depends on nothing
-    but the key, the fractions and the seed.
+    but the key, the fractions and the seed. ``split_overrides`` moves the
+    few files a small class needs moved so that every split holds it.
     """
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    position = int.from_bytes(digest[:8], "big") / 2**64
+    return split_at(split_position(key, seed), val_fraction, test_fraction)
+
+
+def split_at(position: float, val_fraction: float, test_fraction: float) -> str:
+    """The split of a place in [0, 1): test below ``test_fraction``, then val, then train."""
     if position < test_fraction:
         return "test"
     if position < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+# A class's files, summarised for split_overrides: per split as the hash assigns them, how many,
+# and the (position, key) pairs of the lowest and of the highest few (never the whole list).
+SplitSummary = dict[str, dict]
+KEPT_AT_EACH_END = 2
+MIN_FOR_EVERY_SPLIT = 3  # a class with this many files has at least one in each split
+
+
+def summarise_split(entries: list[tuple[float, str]], fractions: tuple[float, float]) -> SplitSummary:
+    """The summary of (position, key) pairs of one class (``fractions``: val, test)."""
+    summary = empty_split_summary()
+    for entry in entries:
+        summary = add_to_split_summary(summary, entry, fractions)
+    return summary
+
+
+def empty_split_summary() -> SplitSummary:
+    return {split: {"count": 0, "low": [], "high": []} for split in SPLITS}
+
+
+def add_to_split_summary(
+    summary: SplitSummary, entry: tuple[float, str], fractions: tuple[float, float]
+) -> SplitSummary:
+    """``summary``, updated in place, with one more (position, key) of the class."""
+    part = summary[split_at(entry[0], *fractions)]
+    part["count"] += 1
+    part["low"] = sorted([*map(tuple, part["low"]), tuple(entry)])[:KEPT_AT_EACH_END]
+    part["high"] = sorted([*map(tuple, part["high"]), tuple(entry)])[-KEPT_AT_EACH_END:]
+    return summary
+
+
+def merge_split_summaries(summaries) -> SplitSummary:
+    """One summary of the union of the classes' files that ``summaries`` describe."""
+    merged = empty_split_summary()
+    for summary in summaries:
+        for split in SPLITS:
+            part, into = summary[split], merged[split]
+            into["count"] += part["count"]
+            into["low"] = sorted(map(tuple, into["low"] + part["low"]))[:KEPT_AT_EACH_END]
+            into["high"] = sorted(map(tuple, into["high"] + part["high"]))[-KEPT_AT_EACH_END:]
+    return merged
+
+
+def split_overrides(summary: SplitSummary) -> dict[str, str]:
+    """The files of one class to move out of their hashed split (key -> split), so that every split holds it.
+
+    A class of at least ``MIN_FOR_EVERY_SPLIT`` files keeps one in each
+    split: an empty test split takes the class's lowest-placed file, then an
+    empty validation split the lowest-placed training file (the highest test
+    file if training holds none), then an empty training split the highest
+    validation file (or test file, where validation has only one). A smaller
+    class goes to training whole: it cannot be both learned and measured.
+    Every other file keeps the split its own hash gives it, so adding files
+    moves none of them; only a moved file may move back once its class has
+    a file of its own in that split.
+    """
+    counts = {split: summary[split]["count"] for split in SPLITS}
+    if sum(counts.values()) < MIN_FOR_EVERY_SPLIT:
+        return {key: "train" for split in ("val", "test") for _, key in summary[split]["low"]}
+    low = {split: [key for _, key in summary[split]["low"]] for split in SPLITS}
+    high = {split: [key for _, key in reversed(summary[split]["high"])] for split in SPLITS}
+    moved: dict[str, str] = {}
+
+    def move(source: str, ends: dict[str, list[str]], target: str) -> None:
+        key = next(k for k in ends[source] if k not in moved)
+        moved[key] = target
+        counts[source] -= 1
+        counts[target] += 1
+
+    if not counts["test"]:
+        move("val" if counts["val"] else "train", low, "test")
+    if not counts["val"]:
+        if counts["train"]:
+            move("train", low, "val")
+        else:
+            move("test", high, "val")
+    if not counts["train"]:
+        move("val" if counts["val"] > 1 else "test", high, "train")
+    return moved
+
+
+# What a class with images but none in a split costs, and what can be done about it.
+SPLIT_CONSEQUENCES = {
+    "train": "the model will never predict them; add images of them",
+    "val": "early stopping never sees them; a class needs 3 images to be in every split",
+    "test": "their accuracy is not measured; a class needs 3 images to be in every split",
+}
+
+
+def classes_missing_from_splits(labels: list[str], counts: dict[str, dict[str, int]]) -> dict[str, list[str]]:
+    """Per split, the classes with examples in some split but none in this one (``counts``: stats.json's)."""
+    present = [name for name in labels if any(counts[split].get(name) for split in SPLITS)]
+    return {split: [name for name in present if not counts[split].get(name)] for split in SPLITS}
+
+
+def missing_split_warnings(missing: dict[str, list[str]], splits=SPLITS) -> list[str]:
+    """One warning line per split of ``splits`` that some classes are missing from (``missing``: as above)."""
+    return [
+        f"WARNING: {len(missing[split])} classes have no {split} image: {', '.join(missing[split][:10])} "
+        f"({SPLIT_CONSEQUENCES[split]})"
+        for split in splits
+        if missing.get(split)
+    ]
 
 
 def folder_label(uri: str, root: str) -> str | None:

@@ -30,7 +30,9 @@ def _keras_builder(constructor_name: str):
     return build
 
 
-def _register(name, constructor, size, min_size, preprocessing, params, classifier="predictions"):
+def _register(
+    name, constructor, size, min_size, preprocessing, params, weights_file, classifier="predictions"
+):
     register(
         ArchitectureSpec(
             name=name,
@@ -41,14 +43,43 @@ def _register(name, constructor, size, min_size, preprocessing, params, classifi
             imagenet_weights=True,
             params=params,
             classifier_layer=classifier,
+            imagenet_file=weights_file,
         )
     )
 
 
-_register("vgg16", "VGG16", 224, 32, "caffe", 138_357_544)
-_register("resnet50", "ResNet50", 224, 32, "caffe", 25_636_712)
-_register("inception_v3", "InceptionV3", 299, 75, "tf", 23_851_784)
-_register("densenet121", "DenseNet121", 224, 32, "torch", 8_062_504)
-_register("xception", "Xception", 299, 71, "tf", 22_910_480)
-_register("mobilenet_v1", "MobileNet", 224, 32, "tf", 4_253_864, classifier="conv_preds")
-_register("mobilenet_v2", "MobileNetV2", 224, 32, "tf", 3_538_984)
+_register("vgg16", "VGG16", 224, 32, "caffe", 138_357_544, "vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+_register(
+    "resnet50", "ResNet50", 224, 32, "caffe", 25_636_712, "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
+)
+_register(
+    "inception_v3",
+    "InceptionV3",
+    299,
+    75,
+    "tf",
+    23_851_784,
+    "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+)
+_register(
+    "densenet121",
+    "DenseNet121",
+    224,
+    32,
+    "torch",
+    8_062_504,
+    "densenet121_weights_tf_dim_ordering_tf_kernels.h5",
+)
+_register("xception", "Xception", 299, 71, "tf", 22_910_480, "xception_weights_tf_dim_ordering_tf_kernels.h5")
+_register(
+    "mobilenet_v1", "MobileNet", 224, 32, "tf", 4_253_864, "mobilenet_1_0_224_tf.h5", classifier="conv_preds"
+)
+_register(
+    "mobilenet_v2",
+    "MobileNetV2",
+    224,
+    32,
+    "tf",
+    3_538_984,
+    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
+)

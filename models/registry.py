@@ -51,6 +51,8 @@ class ArchitectureSpec:
         classifier_layer: the final classifying layer; its input, globally
             average-pooled where it is still a feature map, is the image
             embedding (the pooled features before the classifier).
+        imagenet_file: the ImageNet weight file's name in Keras's cache dir
+            (``keras_cache_dir``), where Keras loads it from before any download.
     """
 
     name: str
@@ -61,6 +63,7 @@ class ArchitectureSpec:
     imagenet_weights: bool
     params: int
     classifier_layer: str
+    imagenet_file: str | None = None
 
     def __post_init__(self):
         if self.preprocessing not in PREPROCESSING_MODES:
@@ -177,11 +180,21 @@ def create_model(
     return model
 
 
+def keras_cache_dir() -> str:
+    """Where Keras looks for weight files before downloading: ``$KERAS_HOME/models`` (``~/.keras/models``)."""
+    return os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+
+
+def imagenet_weights_cached(spec: ArchitectureSpec) -> bool:
+    """Whether ``--weights imagenet`` can build ``spec`` without a download: its file is in Keras's cache."""
+    return bool(spec.imagenet_file) and os.path.isfile(os.path.join(keras_cache_dir(), spec.imagenet_file))
+
+
 def _build_with_imagenet_weights(spec: ArchitectureSpec, inputs, num_classes: int) -> keras.Model:
     try:
         return spec.builder(inputs, num_classes, "imagenet")
     except Exception as exc:  # Keras's get_file raises a bare Exception when offline.
-        cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+        cache = keras_cache_dir()
         reason = " ".join(str(exc).split())[:200]
         raise ModelError(
             f"ImageNet weights for {spec.name} are not in Keras's cache ({cache}) and could not be "

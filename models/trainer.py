@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 from beamvision import console, exits, storage, values
 from beamvision.models.artifact import Manifest, artifact_exists, new_manifest, save_artifact
 from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, restore_checkpoint
+from beamvision.models.dataset import classes_missing_from_splits, missing_split_warnings
 from beamvision.models.errors import ModelArgumentError, ModelError
-from beamvision.models.registry import get_spec, list_models
+from beamvision.models.registry import get_spec, imagenet_weights_cached, list_models
 from beamvision.models.training import (
     build_model,
     chance_accuracy,
@@ -275,6 +276,10 @@ def _read_data(config: TrainConfig) -> _Data:
             f"images ({', '.join(empty[:10])}); the model will never predict them",
             file=sys.stderr,
         )
+    for warning in missing_split_warnings(
+        classes_missing_from_splits(labels, stats["counts"]), ("val", "test")
+    ):
+        print(f"{warning.replace('WARNING: ', f'WARNING: --data {config.data}: ', 1)}", file=sys.stderr)
     fingerprint = dataset_fingerprint(config.data, labels, stats)
     return _Data(labels, stats, config.input_size or image_size, fingerprint)
 
@@ -462,7 +467,15 @@ def _print_trained(
         print(
             f"WARNING: {evaluated_on} accuracy {metrics['accuracy']:.1%} is near chance "
             f"({metrics['chance_accuracy']:.1%}, always guessing the most frequent of {classes} classes): "
-            "this model has not learned the task. Try --weights imagenet, more images or more --epochs, "
-            "or a lower --learning_rate.",
+            f"this model has not learned the task. Try {_what_to_try(config)}.",
             file=sys.stderr,
         )
+
+
+def _what_to_try(config: TrainConfig) -> str:
+    """What may lift a model from chance, on this machine: ImageNet weights only where Keras has them."""
+    spec = get_spec(config.architecture)
+    tries = ["more images", "more --epochs", "a lower --learning_rate"]
+    if config.weights == "none" and imagenet_weights_cached(spec):
+        tries.insert(0, f"--weights imagenet --input_size {spec.default_input_size}")
+    return ", ".join(tries[:-1]) + " or " + tries[-1]

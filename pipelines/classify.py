@@ -340,6 +340,7 @@ def _model_record(config: Config, manifest: Manifest, sizing: WorkerSizing) -> d
         "version": manifest.version,
         "architecture": manifest.architecture,
         "uri": config.model,
+        "labels": list(manifest.labels),  # the classes it could choose: export-labels hands them on
         "engine": config.engine,
         "precision": config.precision,  # as asked; auto is resolved on each worker (and logged there)
         "workers": sizing.describe(),  # "auto" counts are resolved on each worker (and logged there)

@@ -12,9 +12,16 @@ source); local files become Label Studio local-files URLs under
 ``--local_files_root``; archive members are extracted to ``--extract_to``
 (a labelling tool cannot open a member) and shown from there, keeping the
 member's URI as ``source_uri`` so reviewed labels map back to it
-(``prepare --labels``). ``csv`` writes ``uri,label,score,file`` (``file``:
-where the image can be opened) for CVAT, FiftyOne or a spreadsheet.
-``--queue N`` keeps the N least certain images.
+(``prepare --labels``). ``csv`` writes ``uri,label,score,file,duplicates``
+(``file``: where the image can be opened; ``duplicates``: a JSON list of the
+other copies' URIs) for CVAT, FiftyOne or a spreadsheet.
+``--queue N`` keeps the N least certain images. Exact duplicates (the same
+SHA-256) are exported once, the task listing the other URIs as
+``duplicates``; every path is checked before any member is extracted.
+Every task records the model's class list (``data.classes``, from the
+classify summary) and a labelling config listing every class is written
+beside the tasks (``tasks.label-config.xml``), so a class nobody chooses
+survives the round trip to ``prepare --labels``.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beamvision import storage
+from beamvision.models.artifact import artifact_exists, load_manifest
 from beamvision.pipelines.flags import UsageError, add_results_argument, parse, positive_int
-from beamvision.pipelines.labelstudio import image_url, label_studio_tasks
-from beamvision.pipelines.reports import read_results
+from beamvision.pipelines.labelstudio import image_url, label_config, label_studio_tasks
+from beamvision.pipelines.reports import distinct_least_certain, read_results, read_summary
 from beamvision.transforms.members import (
     ArchiveBroken,
     archive_kind,
@@ -156,19 +164,36 @@ def _check_under(target: str, root: str) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Writes the export; prints how many images it holds and where it went."""
     config = Config.from_args(parse("beamvision export-labels", __doc__.splitlines()[0], add_arguments, argv))
-    rows = read_results(config.results, COLUMNS).sort_values(["score", "image_uri"], kind="stable")
+    rows = distinct_least_certain(read_results(config.results, COLUMNS))  # each image once
     if config.queue:
         rows = rows.head(config.queue)  # lowest top-1 scores first
+    if config.format == "labelstudio":
+        _check_servable(rows, config)  # every path, before anything is extracted
     rows, placed = _place_members(rows, config)
     if config.format == "labelstudio":
-        tasks = label_studio_tasks(rows, config.from_name, config.to_name, config.local_files_root, placed)
+        classes = _model_classes(config.results, rows)
+        tasks = label_studio_tasks(
+            rows, config.from_name, config.to_name, config.local_files_root, placed, classes
+        )
         payload = json.dumps(tasks, indent=1).encode("utf-8")
+        config_file = label_config_file(config.output)
+        storage.write_atomic(config_file, label_config(classes, config.from_name, config.to_name).encode())
+        print(
+            f"labelling config with all {len(classes):,} classes: {config_file} "
+            "(the project's labeling interface)"
+        )
     else:
         text = io.StringIO()
         writer = csv.writer(text)
-        writer.writerow(["uri", "label", "score", "file"])
+        writer.writerow(["uri", "label", "score", "file", "duplicates"])
         writer.writerows(
-            (r.image_uri, r.label, f"{r.score:.6f}", placed.get(r.image_uri, r.image_uri))
+            (
+                r.image_uri,
+                r.label,
+                f"{r.score:.6f}",
+                placed.get(r.image_uri, r.image_uri),
+                json.dumps(list(r.duplicates)) if len(r.duplicates) else "",
+            )
             for r in rows.itertuples()
         )
         payload = text.getvalue().encode("utf-8")
@@ -176,6 +201,45 @@ def run(argv: list[str] | None = None) -> int:
     what = f"the {len(rows):,} least certain" if config.queue else f"{len(rows):,}"
     print(f"exported {what} images as {config.format} to {config.output}")
     return len(rows)
+
+
+def label_config_file(output: str) -> str:
+    """Where the labelling config goes: beside the tasks, ``tasks.json`` -> ``tasks.label-config.xml``."""
+    return re.sub(r"\.json$", "", output) + ".label-config.xml"
+
+
+def _model_classes(results: str, rows) -> list[str]:
+    """The class list of the model that made the results: its summary's record, else its manifest.
+
+    Without either (results of an older beamvision, or a glob of runs), the
+    labels the rows hold, with a warning: classes no image was given are
+    then missing, and ``prepare --classes`` must bring them back.
+    """
+    model = read_summary(results).get("model", {})
+    if model.get("labels"):
+        return list(model["labels"])
+    if model.get("uri") and artifact_exists(model["uri"]):
+        return list(load_manifest(model["uri"]).labels)
+    found = sorted(set(rows.label))
+    print(
+        f"WARNING: --results {results}: the model's class list is not recorded; the tasks list only the "
+        f"{len(found):,} classes predicted (give prepare --classes FILE for the others)",
+        file=sys.stderr,
+    )
+    return found
+
+
+def _check_servable(rows, config: Config) -> None:
+    """Refuses, before anything is written, an image that Label Studio could not be shown.
+
+    Files must lie under ``--local_files_root`` (``image_url``); archive
+    members need ``--extract_to``, itself under it unless on ``gs://``.
+    """
+    members = rows.image_uri.map(lambda uri: split_member_uri(uri) is not None)
+    for uri in rows.image_uri[~members]:
+        image_url(uri, config.local_files_root)
+    if members.any() and config.extract_to and FileSystems.get_scheme(config.extract_to) is None:
+        image_url(os.path.join(config.extract_to, "member"), config.local_files_root)
 
 
 def _place_members(rows, config: Config):
@@ -186,9 +250,6 @@ def _place_members(rows, config: Config):
     members = [uri for uri in rows.image_uri if split_member_uri(uri)]
     placed = {}
     if members and config.extract_to:
-        if config.format == "labelstudio" and FileSystems.get_scheme(config.extract_to) is None:
-            # A folder Label Studio cannot serve fails here, before anything is extracted.
-            image_url(os.path.join(config.extract_to, "member"), config.local_files_root)
         digests = dict(zip(rows.image_uri, rows.sha256, strict=True))
         placed = extract_members(members, config.extract_to, digests)
         print(f"extracted {len(placed):,} archive members to {config.extract_to}")

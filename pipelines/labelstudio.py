@@ -11,12 +11,14 @@ a person's choice is the image's label, found by ``source_uri`` or ``image``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import urllib.parse
 
 from apache_beam.io.filesystems import FileSystems
 
+from beamvision import storage
 from beamvision.pipelines.flags import UsageError
 from beamvision.transforms.read import listed_uri
 
@@ -42,20 +44,49 @@ def image_url(uri: str, local_files_root: str | None) -> str:
     return LOCAL_FILES_URL + urllib.parse.quote(os.path.relpath(path, root))
 
 
+def label_config(classes: list[str], from_name: str, to_name: str) -> str:
+    """A Label Studio labelling config for the tasks: the image and one choice per class, every class."""
+    from xml.sax.saxutils import quoteattr
+
+    choices = "".join(f"    <Choice value={quoteattr(name)}/>\n" for name in classes)
+    return (
+        "<View>\n"
+        f'  <Image name={quoteattr(to_name)} value="$image"/>\n'
+        f'  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice="single" '
+        'showInLine="true">\n'
+        f"{choices}"
+        "  </Choices>\n"
+        "</View>\n"
+    )
+
+
 def label_studio_tasks(
-    rows, from_name: str, to_name: str, local_files_root: str | None, placed: dict[str, str] | None = None
+    rows,
+    from_name: str,
+    to_name: str,
+    local_files_root: str | None,
+    placed: dict[str, str] | None = None,
+    classes: list[str] | None = None,
 ) -> list[dict]:
     """One task per result row, with the model's top-1 label as a prediction.
 
     ``placed``: where archive members were extracted (``extract_members``);
-    the task shows that file and keeps the member's URI as ``source_uri``.
+    the task shows that file and keeps the member's URI as ``source_uri``
+    (a local one made absolute: classify's relative URIs are relative to
+    the folder it ran in, and prepare may run elsewhere).
+    ``duplicates``: the URIs of the same bytes elsewhere (rows from
+    ``distinct_least_certain``), which the one task stands for. ``classes``:
+    the model's class list, kept in every task's data (``data.classes``) so
+    that a class nobody chose still reaches prepare from any export.
     """
     placed = placed or {}
     return [
         {
             "data": {
                 "image": image_url(placed.get(row.image_uri, row.image_uri), local_files_root),
-                "source_uri": row.image_uri,
+                "source_uri": storage.absolute(row.image_uri),
+                "duplicates": [storage.absolute(uri) for uri in getattr(row, "duplicates", [])],
+                **({"classes": list(classes)} if classes else {}),
             },
             "predictions": [
                 {
@@ -84,15 +115,26 @@ def is_label_studio_export(uri: str) -> bool:
     return uri.lower().endswith(".json")
 
 
-def label_studio_labels(text: str, root: str) -> tuple[list[tuple[str, str]], int]:
-    """(uri, label) per annotated task of a Label Studio JSON export, and how many had no annotation.
+@dataclasses.dataclass(frozen=True)
+class Reviewed:
+    """What prepare takes from a Label Studio export: the labels, the tasks without one, the classes."""
+
+    labelled: list[tuple[str, str]]  # (uri, label) per annotated task
+    unannotated: int  # tasks in the export without a choice annotation
+    classes: list[str]  # every class the tasks record (data.classes), chosen or not
+
+
+def label_studio_labels(text: str, root: str) -> Reviewed:
+    """(uri, label) per annotated task of a Label Studio JSON export, how many had none, the classes.
 
     The label is the first choice of the task's latest annotation that was
     not cancelled: a person's label overrides the model's prediction, and a
     task nobody annotated is skipped (and counted). The image is the task's
     ``source_uri`` (which ``export-labels`` sets: a file, a ``gs://`` object
     or an archive member) or else its ``image``: a storage URI, or a
-    local-files URL, taken relative to ROOT.
+    local-files URL, taken relative to ROOT. The classes are those the
+    tasks record (``data.classes``, which export-labels writes: the model's
+    whole class list), so that a class nobody chose is still a class.
 
     Raises:
         UsageError: the text is not a Label Studio JSON export.
@@ -106,18 +148,22 @@ def label_studio_labels(text: str, root: str) -> tuple[list[tuple[str, str]], in
             "--labels: not a Label Studio JSON export (a list of tasks with data and annotations; "
             "export with the JSON format, not JSON_MIN)"
         )
-    labelled, unannotated = [], 0
+    labelled, unannotated, classes = [], 0, set()
     for number, task in enumerate(tasks, 1):
         try:
             label = _annotated_choice(task.get("annotations") or [])
             uri = _task_uri(task["data"], root)
+            recorded = task["data"].get("classes") or []
+            if not isinstance(recorded, list):
+                raise ValueError("data.classes is not a list")
         except (AttributeError, TypeError, ValueError) as exc:
             raise UsageError(f"--labels: task {number} is not a Label Studio task ({exc})") from None
+        classes.update(str(name) for name in recorded)
         if label is None or uri is None:
             unannotated += 1
         else:
             labelled.append((uri, label))
-    return labelled, unannotated
+    return Reviewed(labelled, unannotated, sorted(classes))
 
 
 def _annotated_choice(annotations: list[dict]) -> str | None:

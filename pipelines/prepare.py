@@ -10,8 +10,10 @@ their members' classes by the member's first folder inside the archive
 (``cats/1.jpg``); a CSV may name members, ``ARCHIVE!/path/in/archive.jpg``.
 Images are decoded by ``decode_image`` (the function classify uses), assigned
 to train/val/test by a hash of their path under ROOT (stable across reruns and
-runners), and written as TFRecord shards with labels.json and stats.json (see
-``beamvision.models.dataset``). Bad images become error rows; they never stop the job.
+runners), a class of 3 images or more keeping one in each split (a few files
+moved: ``_SplitEveryClass``), and written as TFRecord shards with labels.json
+and stats.json (see ``beamvision.models.dataset``). ``--classes FILE`` keeps
+classes that have no image. Bad images become error rows; they never stop the job.
 """
 
 from __future__ import annotations
@@ -31,12 +33,21 @@ from beamvision.models.dataset import (
     LABELS_FILE,
     SPLITS,
     STATS_FILE,
+    add_to_split_summary,
     assign_split,
+    classes_missing_from_splits,
+    empty_split_summary,
     folder_label,
+    merge_split_summaries,
+    missing_split_warnings,
     relative_key,
     serialize_example,
     shard_prefix,
+    split_overrides,
+    split_position,
 )
+from beamvision.models.errors import ModelError
+from beamvision.models.labels import read_labels_file
 from beamvision.pipelines.flags import (
     DEFAULT_MAX_ERROR_RATE,
     UsageError,
@@ -81,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of class folders: a CSV of uri,label, or a Label Studio JSON export (its "
         "annotations; tasks without one are skipped); relative URIs are under ROOT",
     )
+    parser.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="every class of the dataset, kept even with no image: one name a line, or a JSON list "
+        "(a labels.json); classes with images but not in it are added",
+    )
     parser.add_argument("--output", required=True, metavar="PREFIX", help="where TFRecord shards and JSON go")
     parser.add_argument(
         "--image_size",
@@ -103,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Config:
     input: str
     labels: str | None
+    classes: str | None
     output: str
     image_size: int
     val_fraction: float
@@ -119,6 +137,7 @@ class Config:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
         check_file_exists("--labels", args.labels)
+        check_file_exists("--classes", args.classes)
         if args.val_fraction + args.test_fraction >= 1.0:
             raise UsageError(
                 f"--val_fraction {args.val_fraction} --test_fraction {args.test_fraction}: "
@@ -127,6 +146,7 @@ class Config:
         return cls(
             args.input.rstrip("/"),
             args.labels,
+            args.classes,
             args.output.rstrip("/"),
             args.image_size,
             args.val_fraction,
@@ -147,11 +167,14 @@ def build_pipeline(
     config: Config,
     reviewed: list[tuple[str, str]] | None = None,
     unannotated: int | None = None,
+    classes: list[str] = (),
 ) -> None:
     """Adds the prepare steps for ``config`` to ``pipeline``.
 
     ``reviewed``: (uri, label) pairs of a Label Studio export given as
     ``--labels`` (``label_studio_labels``), with ``unannotated`` tasks skipped.
+    ``classes``: classes to keep even without an image (``--classes``, and
+    those a Label Studio export records); labels.json is every class named.
 
     Every file's class is known from its URI (folder) or the labels file
     before any file is read, so the class list is ready before decoding
@@ -166,8 +189,10 @@ def build_pipeline(
         if config.labels
         else _labelled_by_folder(pipeline, config)
     )
+    kept = pipeline | "KeptClasses" >> beam.Create(sorted(classes))
     class_names = beam.pvalue.AsSingleton(
-        labelled["named_classes"]
+        (labelled["named_classes"], kept)
+        | "EveryClass" >> beam.Flatten()
         | "DistinctClasses" >> beam.Distinct()
         | "SortedClasses" >> beam.combiners.ToList()
         | "Sort" >> beam.Map(sorted)
@@ -184,7 +209,8 @@ def build_pipeline(
     decoded = read["files"] | "DecodeImages" >> DecodeImages(
         config.image_size, config.max_pixels, config.buffer_mb, sizing
     )
-    examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, config)
+    overrides = beam.pvalue.AsDict(labelled["labelled"] | "SplitEveryClass" >> _SplitEveryClass(config))
+    examples = decoded["images"] | "ToExamples" >> beam.Map(_to_example, class_names, overrides, config)
     written = _write_splits(examples, config.output)
     error_parts = {
         "found": found["errors"],
@@ -226,6 +252,7 @@ def _labelled_by_file(
         "files": split["files"],
         "archives": split["archives"],
         "errors": labelled[ERRORS_TAG],
+        "labelled": labelled.files,
         "named_classes": labelled.files | "ClassNames" >> beam.Map(lambda f: f.label),
     }
 
@@ -242,16 +269,14 @@ def _labelled_by_folder(pipeline: beam.Pipeline, config: Config) -> dict:
     )
     # An archive's classes are its members' folders: a listing pass (names only) before the read.
     listed = split["archives"] | "GroupToList" >> GroupArchives() | "ListArchives" >> ListArchiveMembers()
+    every = (foldered.files, listed) | "Labelled" >> beam.Flatten()
     return {
         "inputs": matched["inputs"],
         "files": foldered.files,
         "archives": split["archives"],
         "errors": foldered[ERRORS_TAG],
-        "named_classes": (
-            (foldered.files, listed)
-            | "Labelled" >> beam.Flatten()
-            | "ClassNames" >> beam.Map(lambda f: f.label)
-        ),
+        "labelled": every,
+        "named_classes": every | "ClassNames" >> beam.Map(lambda f: f.label),
     }
 
 
@@ -333,11 +358,63 @@ class _FolderLabelFn(beam.DoFn):
             )
 
 
-def _to_example(element, class_names: list[str], config: Config) -> tuple[str, str, bytes]:
+class _SplitEveryClass(beam.PTransform):
+    """Labelled ImageFiles (names only, before any read) to (key, split) for the few files moved.
+
+    Each file's split is its hash's (``assign_split``) unless its class needs
+    it elsewhere so that every split holds the class (``split_overrides``).
+    A combiner per class keeps only counts and the few files at the ends of
+    each split, never the class's whole list, so this stays small however
+    many files a class has; the result (at most a few files per class) is a
+    side input of the fused read-to-write stage.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self._config = config
+
+    def expand(self, files):
+        config = self._config
+
+        def placed(image_file: ImageFile) -> tuple[str, tuple[float, str]]:
+            key = relative_key(image_file.uri, config.input)
+            return image_file.label, (split_position(key, config.seed), key)
+
+        return (
+            files
+            | "Placed" >> beam.Map(placed)
+            | "PerClass" >> beam.CombinePerKey(_SplitSummaryFn((config.val_fraction, config.test_fraction)))
+            | "Moved" >> beam.FlatMap(lambda entry: sorted(split_overrides(entry[1]).items()))
+        )
+
+
+class _SplitSummaryFn(beam.CombineFn):
+    """A class's (position, key) pairs to its ``SplitSummary`` (counts and the ends of each split)."""
+
+    def __init__(self, fractions: tuple[float, float]):
+        self._fractions = fractions
+
+    def create_accumulator(self):
+        return empty_split_summary()
+
+    def add_input(self, accumulator, entry):
+        return add_to_split_summary(accumulator, entry, self._fractions)
+
+    def merge_accumulators(self, accumulators):
+        return merge_split_summaries(accumulators)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def _to_example(
+    element, class_names: list[str], overrides: dict[str, str], config: Config
+) -> tuple[str, str, bytes]:
     """(ImageKey, pixels) to (split, class name, serialized tf.train.Example)."""
     key, pixels = element
-    split = assign_split(
-        relative_key(key.uri, config.input), config.val_fraction, config.test_fraction, config.seed
+    relative = relative_key(key.uri, config.input)
+    split = overrides.get(relative) or assign_split(
+        relative, config.val_fraction, config.test_fraction, config.seed
     )
     return split, key.label, serialize_example(pixels, class_names.index(key.label), key.uri)
 
@@ -365,6 +442,8 @@ class _WriteStatsFn(beam.DoFn):
             "counts": per_split,
             # Named by a folder or the CSV, but none of their files became an example.
             "empty_classes": [name for name in class_names if not any(per_split[s][name] for s in SPLITS)],
+            # Classes with examples, but none in this split (too few images, or images that failed).
+            "missing_from_splits": classes_missing_from_splits(class_names, per_split),
             "error_groups": error_groups,
         }
         if self._unannotated is not None:  # --labels was a Label Studio export
@@ -376,6 +455,22 @@ class _WriteStatsFn(beam.DoFn):
         yield stats
 
 
+def _read_classes(uri: str) -> list[str]:
+    """``--classes``: a JSON list of names (a labels.json) or a label file, one name a line."""
+    if uri.lower().endswith(".json"):
+        try:
+            names = json.loads(storage.read_text(uri))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--classes {uri}: not a JSON list of class names ({exc})") from None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise UsageError(f"--classes {uri}: not a JSON list of class names")
+        return names
+    try:
+        return read_labels_file(uri)
+    except ModelError as exc:
+        raise UsageError(f"--classes: {exc}") from None
+
+
 def run(argv: list[str] | None = None) -> PipelineResult | None:
     """Runs prepare and prints what it wrote; with --dry_run, only builds the job graph (see classify)."""
     args, pipeline_options = parse_pipeline_args(
@@ -383,18 +478,23 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     )
     config = Config.from_args(args)
     reviewed = unannotated = None
+    classes = set(_read_classes(config.classes)) if config.classes else set()
     if config.labels and is_label_studio_export(config.labels):
         try:
             text = storage.read_text(config.labels)
         except UnicodeDecodeError:
             raise UsageError(f"--labels {config.labels}: not UTF-8 text") from None
-        reviewed, unannotated = label_studio_labels(text, config.input)
+        export = label_studio_labels(text, config.input)
+        reviewed, unannotated = export.labelled, export.unannotated
+        classes.update(export.classes)
+        recorded = f"; {len(export.classes):,} classes recorded" if export.classes else ""
         print(
             f"{config.labels}: {len(reviewed):,} annotated tasks, "
-            f"{unannotated:,} without a choice annotation (skipped)"
+            f"{unannotated:,} without a choice annotation (skipped){recorded}"
         )
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config, reviewed, unannotated)  # before any deletion: building can still fail
+    # Before any deletion: building can still fail.
+    build_pipeline(pipeline, config, reviewed, unannotated, sorted(classes))
     # Stale shards of an earlier run (another shard count) would be read by train.
     job = Job(
         "prepare",
@@ -412,9 +512,9 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if stats is not None:
         for line in format_prepared(stats, config.output):
             print(line)
-        warning = empty_classes_warning(stats)
-        if warning:
-            print(warning, file=sys.stderr)
+        for warning in (empty_classes_warning(stats), *missing_split_warnings(stats["missing_from_splits"])):
+            if warning:
+                print(warning, file=sys.stderr)
         check_errors(stats, config.max_error_rate, errors_pattern(config.output))
         print(
             f"next: beamvision train --data {config.output} --architecture mobilenet_v2 --output MODEL_DIR "

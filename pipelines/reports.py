@@ -45,6 +45,24 @@ def read_results(results_dir: str, columns: list[str]):
     return frame
 
 
+def distinct_least_certain(rows):
+    """Result rows least certain first (lowest top-1 score, then URI), one per distinct image.
+
+    Rows whose bytes are equal (the same ``sha256``: the same photo in two
+    folders or archives) collapse into the first of them, which gets the
+    others' URIs in a ``duplicates`` column (a list, empty for most rows), so
+    that a reviewer sees and labels each image once. A row without a hash is
+    its own image. The hash is the one classify computed of the bytes it read.
+    """
+    ordered = rows.sort_values(["score", "image_uri"], kind="stable")
+    image = ordered.sha256.where(ordered.sha256.notna(), "uri:" + ordered.image_uri)
+    uris = ordered.groupby(image, sort=False).image_uri.agg(list)
+    first = ~image.duplicated()
+    kept = ordered[first].copy()
+    kept["duplicates"] = [uris[key][1:] for key in image[first]]
+    return kept.reset_index(drop=True)
+
+
 def read_errors(results_dir: str, columns: list[str]):
     """All error rows of a classify output (only ``columns``); an empty frame when it has none."""
     import pandas as pd
@@ -172,5 +190,6 @@ def empty_classes_warning(stats: dict[str, Any]) -> str | None:
         return None
     return (
         f"WARNING: {len(empty)} classes have no usable image: "
-        f"{', '.join(empty[:10])} (see {ERRORS_PREFIX}-*.parquet)"
+        f"{', '.join(empty[:10])} (kept in labels.json; no image of theirs was named, or every one "
+        f"failed: see {ERRORS_PREFIX}-*.parquet)"
     )

@@ -30,7 +30,7 @@ from apache_beam.runners.runner import PipelineResult
 from beamvision import exits, storage
 from beamvision.pipelines.flags import add_results_argument, add_switch, parse_pipeline_args, positive_int
 from beamvision.pipelines.launch import build_only, claim_output, discard_unfinished, is_dry_run, run_to_end
-from beamvision.pipelines.reports import read_errors, read_results, read_summary
+from beamvision.pipelines.reports import distinct_least_certain, read_errors, read_results, read_summary
 from beamvision.transforms.thumbnails import thumbnail_name
 
 PAGE = "index.html"
@@ -93,11 +93,15 @@ def review_content(results, errors, per_label: int, queue: int) -> dict:
     """What the page shows, from result and error rows (pandas); thumbnails are filled in later.
 
     Images are dicts of ``uri``, ``label``, ``score`` (and ``thumbnail``, set
-    by ``with_thumbnails``).
+    by ``with_thumbnails``); the queue's also of ``duplicates``, the URIs of
+    the same bytes elsewhere, shown once (``distinct_least_certain``).
     """
 
     def image(row) -> dict:
         return {"uri": row.image_uri, "label": row.label, "score": float(row.score)}
+
+    def queued(row) -> dict:
+        return {**image(row), "duplicates": list(row.duplicates)}
 
     counts = results.label.value_counts()
     label_order = sorted(counts.index, key=lambda label: (-counts[label], label))
@@ -106,7 +110,7 @@ def review_content(results, errors, per_label: int, queue: int) -> dict:
         rows = results[results.label == label]
         picked = sorted(rows.itertuples(), key=lambda r: _spread(r.image_uri))[:per_label]
         samples.append({"label": label, "count": int(counts[label]), "images": [image(r) for r in picked]})
-    least_certain = results.sort_values(["score", "image_uri"], kind="stable").head(queue)
+    least_certain = distinct_least_certain(results).head(queue)  # each image once
     error_groups = []
     for (stage, error_type), rows in errors.groupby(["stage", "error_type"], sort=True):
         first = rows.sort_values("image_uri").iloc[0]
@@ -123,7 +127,7 @@ def review_content(results, errors, per_label: int, queue: int) -> dict:
     return {
         "totals": {"results": len(results), "errors": len(errors), "labels": len(counts)},
         "error_groups": error_groups,
-        "queue": [image(r) for r in least_certain.itertuples()],
+        "queue": [queued(r) for r in least_certain.itertuples()],
         "per_label": samples,
         "duplicates": duplicate_groups(results, errors),
     }

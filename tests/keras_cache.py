@@ -13,7 +13,9 @@ import h5py
 import keras
 import numpy as np
 
-MOBILENET_V2_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
+from beamvision.models.registry import get_spec
+
+MOBILENET_V2_FILE = get_spec("mobilenet_v2").imagenet_file
 
 
 def write_mobilenet_v2_weights(keras_home: str, seed: int = 0) -> keras.Model:

@@ -29,7 +29,13 @@ TRAINING = "docs/training.md"
 BUILT_BY_TRAINING = ("data", "models")
 IN_THE_BUCKET = ("photos", "incoming", "data/photos", "models/photos")
 # Blocks that are shown but not run, per page; each carries its reason in the page.
-NOT_RUN = {"README.md": 1, "docs/getting-started.md": 2, "docs/performance.md": 1, "docs/training.md": 1}
+NOT_RUN = {
+    "README.md": 1,
+    "docs/getting-started.md": 2,
+    "docs/labelling.md": 1,
+    "docs/performance.md": 1,
+    "docs/training.md": 1,
+}
 # Session fixtures a page needs beyond its folder and the bucket.
 PAGE_FIXTURES = {"docs/getting-started.md": ("imagenet_mobilenet_v2",)}
 STAND_IN = '''#!{python}

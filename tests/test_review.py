@@ -83,7 +83,8 @@ def test_content_sections_follow_the_rows(classified):
     rows = reports.read_results(results, review.RESULT_COLUMNS)
     errors = reports.read_errors(results, review.ERROR_COLUMNS)
     content = review.review_content(rows, errors, per_label=2, queue=3)
-    assert [i["score"] for i in content["queue"]] == sorted(rows.score)[:3]
+    distinct = rows.sort_values(["score", "image_uri"]).drop_duplicates("sha256")
+    assert [i["uri"] for i in content["queue"]] == list(distinct.image_uri[:3])
     assert sum(s["count"] for s in content["per_label"]) == len(rows)
     assert all(len(s["images"]) == min(2, s["count"]) for s in content["per_label"])
     (group,) = [g for g in content["duplicates"] if g["count"] == 3]
@@ -91,6 +92,12 @@ def test_content_sections_follow_the_rows(classified):
     assert {(g["stage"], g["error_type"], g["count"]) for g in content["error_groups"]} == {
         ("decode", "CorruptImage", 1)
     }
+    # The queue shows each image once: the cat and its two copies are one entry, naming the others.
+    whole = review.review_content(rows, errors, per_label=2, queue=len(rows))["queue"]
+    sha = dict(zip(rows.image_uri, rows.sha256, strict=True))
+    assert len(whole) == rows.sha256.nunique() == len({sha[i["uri"]] for i in whole})
+    (cat,) = [i for i in whole if sha[i["uri"]] == group["sha256"]]
+    assert {cat["uri"], *cat["duplicates"]} == set(group["uris"]) and len(cat["duplicates"]) == 2
     again = review.review_content(rows, errors, per_label=2, queue=3)
     assert again["per_label"] == content["per_label"]  # the same sample every time
 

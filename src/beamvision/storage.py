@@ -103,6 +103,14 @@ def is_local(uri: str) -> bool:
     return FileSystems.get_scheme(uri) is None
 
 
+def absolute(uri: str) -> str:
+    """A local path, or an archive member's (``ARCHIVE!/member``), made absolute; other URIs as they are."""
+    if not is_local(uri):
+        return uri
+    archive, found, member = uri.partition("!/")
+    return os.path.abspath(archive) + found + member
+
+
 def size(uri: str) -> int:
     """The size in bytes of the file at ``uri``."""
     return FileSystems.get_filesystem(uri).metadata(uri).size_in_bytes
