@@ -1,7 +1,8 @@
 """``beamvision <command>``: dispatch to one module per command.
 
 Command modules are imported only when run, so ``beamvision --help`` is quick.
-User mistakes (``UsageError``, ``ModelError``) print one line and exit 2.
+User mistakes (``UsageError``, ``ModelError``) print one line and exit 2;
+storage that cannot be reached (``storage.StorageUnreachable``) one line and exit 1.
 ``console_main`` is the console script (and ``python -m beamvision``, and the
 Flex Template's entry point): it starts quiet (``beamvision.console``) before
 anything is imported, unless ``--verbose``; ``main`` runs one command in the
@@ -75,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"beamvision.pipelines.{COMMANDS[command][0]}")
     from beamvision.models import ModelError
     from beamvision.pipelines.flags import UsageError
+    from beamvision.storage import StorageUnreachable
 
     try:
         module.run(argv[1:])
-    except (UsageError, ModelError) as exc:
+    except (UsageError, ModelError, StorageUnreachable) as exc:
         message = str(exc)
         prefix = "" if message.startswith("beamvision") else f"beamvision {command}: error: "
         print(prefix + message, file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, StorageUnreachable) else 2
     return 0
 
 

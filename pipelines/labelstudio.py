@@ -17,6 +17,7 @@ import urllib.parse
 
 from apache_beam.io.filesystems import FileSystems
 
+from beamvision import storage
 from beamvision.pipelines.flags import UsageError
 from beamvision.transforms.read import listed_uri
 
@@ -92,7 +93,9 @@ def label_studio_labels(text: str, root: str) -> tuple[list[tuple[str, str]], in
     task nobody annotated is skipped (and counted). The image is the task's
     ``source_uri`` (which ``export-labels`` sets: a file, a ``gs://`` object
     or an archive member) or else its ``image``: a storage URI, or a
-    local-files URL, taken relative to ROOT.
+    local-files URL, whose path is taken relative to ROOT. URIs come back
+    ``storage.canonical``: a relative ``source_uri`` is from the current
+    directory, as it was typed, never joined onto ROOT again.
 
     Raises:
         UsageError: the text is not a Label Studio JSON export.
@@ -134,7 +137,8 @@ def _task_uri(data: dict, root: str) -> str | None:
     uri = data.get("source_uri") or data.get("image")
     if not isinstance(uri, str) or not uri:
         return None
-    if uri.startswith(LOCAL_FILES_URL):
+    if uri.startswith(LOCAL_FILES_URL):  # a path under Label Studio's document root: here, under ROOT
         uri = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("d", [""])[0]
-    named = listed_uri(uri, root=root)  # a relative path is under ROOT, as in a labels CSV
+        uri = storage.join(root, uri) if uri and not os.path.isabs(uri) else uri
+    named = listed_uri(uri)  # canonical; a relative path is from the current directory, as typed
     return named[0] if named else None

@@ -147,6 +147,7 @@ def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> 
     """
     from apache_beam.io.filesystems import FileSystems
 
+    storage.check_reachable(output)
     matches = FileSystems.match([storage.join(glob.escape(output), name) for name in names])
     existing = sorted({m.path for match in matches for m in match.metadata_list})
     if existing and not overwrite:

@@ -51,7 +51,7 @@ from beamvision.pipelines.flags import (
 )
 from beamvision.pipelines.labelstudio import is_label_studio_export, label_studio_labels
 from beamvision.pipelines.launch import Job, run_job
-from beamvision.pipelines.reports import empty_classes_warning, format_prepared
+from beamvision.pipelines.reports import command, empty_classes_warning, format_prepared
 from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         metavar="FILE",
         help="instead of class folders: a CSV of uri,label, or a Label Studio JSON export (its "
-        "annotations; tasks without one are skipped); relative URIs are under ROOT",
+        "annotations; tasks without one are skipped); relative URIs are from the current directory",
     )
     parser.add_argument("--output", required=True, metavar="PREFIX", help="where TFRecord shards and JSON go")
     parser.add_argument(
@@ -121,7 +121,7 @@ class Config:
                 "together they must leave some training data (sum below 1)"
             )
         return cls(
-            args.input.rstrip("/"),
+            storage.canonical(args.input.rstrip("/")),
             args.labels,
             args.output.rstrip("/"),
             args.image_size,
@@ -211,7 +211,7 @@ def _labelled_by_file(
         pairs = (
             pipeline
             | "ReadLabelCsv" >> beam.io.ReadFromText(config.labels)
-            | "ParseLabels" >> beam.FlatMap(_csv_entry, config.input)
+            | "ParseLabels" >> beam.FlatMap(_csv_entry)
         )
     entries = pairs | "OncePerUri" >> beam.GroupByKey()
     labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
@@ -287,9 +287,9 @@ def _write_stats(
     )
 
 
-def _csv_entry(line: str, root: str):
-    """A labels CSV line to (uri, label); the label is "" when the line names none."""
-    uris = listed_uri(line, is_csv=True, root=root)
+def _csv_entry(line: str):
+    """A labels CSV line to (canonical uri, label); the label is "" when the line names none."""
+    uris = listed_uri(line, is_csv=True)
     fields = next(csv.reader([line]), [])
     if uris:
         yield uris[0], fields[1].strip() if len(fields) >= 2 else ""
@@ -410,8 +410,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         warning = empty_classes_warning(stats)
         if warning:
             print(warning, file=sys.stderr)
-        print(
-            f"next: beamvision train --data {config.output} --architecture mobilenet_v2 --output MODEL_DIR "
-            "(every architecture: beamvision models)"
+        train = command(
+            "train", "--data", config.output, "--architecture", "mobilenet_v2", "--output", "MODEL_DIR"
         )
+        print(f"next: {train} (every architecture: beamvision models)")
     return outcome.result

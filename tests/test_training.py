@@ -132,7 +132,7 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys):
     assert (stats["inputs"], stats["examples"], stats["errors"]) == (15, 12, 3)
     assert stats["empty_classes"] == ["notes"]
     printed = capsys.readouterr()
-    assert "WARNING: 1 classes have no usable image: notes" in printed.err
+    assert "WARNING: 1 class has no usable image: notes" in printed.err
     errors = pd.read_parquet(next(os.path.join(out, n) for n in os.listdir(out) if n.startswith("errors-")))
     assert sorted(zip(errors.stage, errors.error_type, strict=True)) == [
         ("decode", "NotAnImage"),
