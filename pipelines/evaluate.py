@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
         metavar="DIR",
-        help=f"where metrics.json and the PNG go (default: beside the results, RESULTS{EVALUATION_SUFFIX})",
+        help=f"where metrics.json and the PNG go (default DIR{EVALUATION_SUFFIX} beside --results DIR)",
     )
 
 

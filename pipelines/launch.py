@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
-from beamvision.console import Counts, ProgressLine
+from beamvision.console import Counts, ProgressLine, counted
 from beamvision.pipelines.flags import UsageError
 from beamvision.transforms import progress
 from beamvision.transforms.rows import METRICS_NAMESPACE
@@ -152,7 +152,7 @@ def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> 
     existing = sorted({m.path for match in matches for m in match.metadata_list})
     if existing and not overwrite:
         raise UsageError(
-            f"--output {output}: already holds {holds} ({len(existing)} files); "
+            f"--output {output}: already holds {holds} ({counted(len(existing), 'file')}); "
             "choose a new place or pass --overwrite"
         )
     if existing:

@@ -33,6 +33,7 @@ import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage, values
+from beamvision.console import counted
 from beamvision.models import ModelArgumentError, ModelError
 from beamvision.models.checkpoints import checkpoint_root
 from beamvision.models.trainer import MONITORS, VALUE_CHECKS, TrainConfig, defaults, train
@@ -381,7 +382,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             storage.delete_tree(storage.join(config.output, name))
     done = _rungs_done(config.output, trials)
     print(
-        f"tune: {len(trials)} trials ({config.search} search over {', '.join(space.varied) or 'nothing'}), "
+        f"tune: {counted(len(trials), 'trial')} "
+        f"({config.search} search over {', '.join(space.varied) or 'nothing'}), "
         f"ranked on {config.metric}; {done} trial rungs already done in {config.output}",
         flush=True,
     )
