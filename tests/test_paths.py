@@ -227,3 +227,52 @@ def test_unreachable_storage_fails_fast_in_one_line(host, workdir):
         "cannot reach" in lines[0] and "check STORAGE_EMULATOR_HOST" in lines[0] and "my-bucket" in lines[0]
     )
     assert elapsed < 30
+
+
+def test_a_reachable_server_s_passing_faults_are_still_retried(gcs_bucket, gcs_emulator, monkeypatch):
+    """The up-front check only asks whether the host answers: a 503 from it is the client's to retry."""
+    import http.client
+    import http.server
+    import threading
+    import urllib.parse
+
+    storage.write_atomic(f"{gcs_bucket}/notes.txt", b"still here")
+    upstream = urllib.parse.urlsplit(gcs_emulator)
+    faults = {"left": 2, "sent": 0}
+
+    class FlakyProxy(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if faults["left"]:
+                faults["left"] -= 1
+                faults["sent"] += 1
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            connection.request(self.command, self.path, body or None, headers)
+            reply = connection.getresponse()
+            data = reply.read()
+            self.send_response(reply.status)
+            for key, value in reply.getheaders():
+                if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_address[1]}")
+        assert storage.read_bytes(f"{gcs_bucket}/notes.txt") == b"still here"
+    finally:
+        server.shutdown()
+    assert faults == {"left": 0, "sent": 2}
