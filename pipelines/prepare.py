@@ -50,7 +50,7 @@ from beamvision.pipelines.flags import (
     worker_sizing,
 )
 from beamvision.pipelines.labelstudio import is_label_studio_export, label_studio_labels
-from beamvision.pipelines.launch import Job, run_job
+from beamvision.pipelines.launch import Job, is_dry_run, run_job
 from beamvision.pipelines.reports import command, empty_classes_warning, format_prepared
 from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
 from beamvision.transforms.concurrency import MB
@@ -377,6 +377,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         "beamvision prepare", __doc__.splitlines()[0], add_arguments, argv
     )
     config = Config.from_args(args)
+    if not is_dry_run(pipeline_options):  # workers match the input, retrying an unreachable host for minutes
+        storage.check_reachable(config.input)
     reviewed = unannotated = None
     if config.labels and is_label_studio_export(config.labels):
         try:

@@ -101,7 +101,8 @@ def _gcs_problem(emulator: str | None) -> str | None:
     if proxy:
         parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         host, port = parsed.hostname or "", parsed.port or 80
-    where = f"Cloud Storage at {target}" + (f" through the proxy {host}:{port}" if proxy else "")
+    where = ("the storage emulator" if emulator else "Cloud Storage") + f" at {target}"
+    where += f" through the proxy {host}:{port}" if proxy else ""
     failure = _connect(host, port)
     if failure:
         check = f"{_EMULATOR_VARIABLE} ({emulator})" if emulator else "the network (or the proxy)"
