@@ -276,3 +276,31 @@ def test_a_reachable_server_s_passing_faults_are_still_retried(gcs_bucket, gcs_e
     finally:
         server.shutdown()
     assert faults == {"left": 0, "sent": 2}
+
+
+def test_missing_credentials_fail_fast_in_one_line(workdir, tmp_path):
+    """Cloud Storage reachable (here: an HTTPS proxy on loopback), no credentials: one line, exit 1."""
+    import socket
+
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
+        env.update(
+            HTTPS_PROXY=f"http://127.0.0.1:{proxy.getsockname()[1]}",
+            GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "no-such-key.json"),
+            HOME=str(tmp_path),  # no gcloud configuration either
+        )
+        argv = ["classify", "--input", "in", "--model", "gs://my-bucket/models/photos", "--output", "out"]
+        started = time.monotonic()
+        ran = subprocess.run(
+            [sys.executable, "-m", "beamvision", *argv], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert ran.returncode == 1, ran.stderr[-3000:]
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1, ran.stderr[-3000:]
+    assert "gs://my-bucket/models/photos/manifest.json: no Google Cloud credentials found" in lines[0]
+    assert (
+        "gcloud auth application-default login" in lines[0] and "GOOGLE_APPLICATION_CREDENTIALS" in lines[0]
+    )
+    assert time.monotonic() - started < 30

@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -129,16 +130,20 @@ def _connect(host: str, port: int) -> str | None:
         return f"resolving {host} took over {CHECK_SECONDS:g}s"
     if isinstance(found[0], OSError):
         return f"cannot resolve {host}: {found[0].strerror or found[0]}"
-    last = None
+    last, deadline = None, time.monotonic() + CHECK_SECONDS  # for all the addresses together
     for family, kind, proto, _, address in found[0]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
         try:
             with socket.socket(family, kind, proto) as connection:
-                connection.settimeout(CHECK_SECONDS)
+                connection.settimeout(left)
                 connection.connect(address)
             return None
         except OSError as exc:
             last = exc
-    return f"cannot connect to {host}:{port}: {getattr(last, 'strerror', None) or last}"
+    reason = (getattr(last, "strerror", None) or last) if last else f"no answer in {CHECK_SECONDS:g}s"
+    return f"cannot connect to {host}:{port}: {reason}"
 
 
 def _credentials_problem() -> str | None:
@@ -152,8 +157,8 @@ def _credentials_problem() -> str | None:
         google.auth.default()
     except DefaultCredentialsError:
         return (
-            "no Google Cloud credentials found; run 'gcloud auth application-default login' "
-            "or set GOOGLE_APPLICATION_CREDENTIALS to a service account key file"
+            "no Google Cloud credentials found; check 'gcloud auth application-default login' "
+            "or GOOGLE_APPLICATION_CREDENTIALS (a service account key file)"
         )
     return None
 
