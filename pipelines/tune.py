@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import tempfile
 import threading
 import time
@@ -442,9 +443,8 @@ def _format_summary(summary: dict, config: Config, seconds: float) -> str:
             f"best: trial {best['trial']} ({json.dumps(best['flags'], sort_keys=True)}), "
             f"{config.metric} {best[config.metric]:.4f}{tested}"
         )
-        lines.append(
-            f"best artifact: {best['artifact']} (beamvision classify --model {best['artifact']} ...)"
-        )
+        artifact = best["artifact"]
+        lines.append(f"best artifact: {artifact} (beamvision classify --model {shlex.quote(artifact)} ...)")
     else:
         lines.append("no trial completed: see the errors above")
     influential = [f"{flag} {share:.0%}" for flag, share in summary["influence"].items()]
