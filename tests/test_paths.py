@@ -130,6 +130,7 @@ def test_a_run_of_one_broken_file_prints_no_rate_and_singular_counts(model, work
     assert f"  1  decode NotAnImage, e.g. {workdir}/in/broken.jpg: not a recognised image file" in out
 
 
+@pytest.mark.slow  # about 25 s on 2 CPUs: classify, review, export-labels, prepare thrice, classify, train
 def test_label_studio_round_trip_from_a_relative_archive_folder(model, workdir, capsys):
     written = write_photo_classes("photos", per_class=3, size=(48, 36))
     os.makedirs("arch2")
@@ -167,6 +168,11 @@ def test_label_studio_round_trip_from_a_relative_archive_folder(model, workdir, 
         assert (stats["examples"], stats["errors"]) == (len(members), 0), stats["error_groups"]
         train = shlex.split(_printed(out, "next: ").split(" (every", 1)[0])
         assert train[train.index("--data") + 1] == prepared
+    # The printed train command runs as it is (a model folder in place of MODEL_DIR, one short epoch).
+    train = [f"{workdir}/model one" if word == "MODEL_DIR" else word for word in train]
+    assert main([*train[1:], "--epochs", "1", "--batch_size", "4"]) == 0
+    capsys.readouterr()
+    assert os.path.exists(f"{workdir}/model one/manifest.json")
 
     # A labels CSV in three spellings, and an --input_list of relative lines, name the same members.
     names = sorted(members)
