@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/archives.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/sizing.py
+	$(BIN)/python benchmarks/resume.py
 
 clean:
 	rm -rf $(VENV) demo-output site .pytest_cache .ruff_cache *.egg-info

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from beamvision import console, storage, values
+from beamvision import console, exits, storage, values
 from beamvision.console import counted
 from beamvision.models.artifact import Manifest, artifact_exists, new_manifest, save_artifact
 from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, restore_checkpoint
@@ -248,6 +248,7 @@ def train(
     manifest = _export(model, config, data.labels, training, metrics, engine_files)
     # Only now: an export that fails leaves the checkpoint, and a rerun resumes from it.
     storage.delete_tree(checkpoint_root(config.output))
+    exits.on_interrupt(lambda: f"the trained artifact is complete in {config.output}")
     if fitted.local != fitted.checkpoint:
         shutil.rmtree(fitted.local, ignore_errors=True)
     _print_trained(config, manifest, metrics, seconds, fitted.epochs_run, len(data.labels))
@@ -315,6 +316,13 @@ def _fit(
     resumable.update(input_size=data.input_size, dataset=data.fingerprint)
     checkpoint = checkpoint_dir(config.output, resumable)
     local, history_before = restore_checkpoint(checkpoint)
+    epochs_before = len(next(iter(history_before.values()), []))
+    if epochs_before and pause_after is None:  # (tune's rungs resume by design, and say so themselves)
+        print(
+            f"{title}: resuming from epoch {epochs_before + 1} of {config.epochs}: "
+            f"an interrupted run's checkpoint, in {checkpoint}",
+            flush=True,
+        )
     pausing = pause_after is not None and pause_after < config.epochs
     callbacks = [keras.callbacks.BackupAndRestore(local, delete_checkpoint=not pausing)]
     validation = _dataset(config, data, shards, "val", training=False) if data.totals["val"] else None
@@ -334,6 +342,7 @@ def _fit(
     # After the checkpoint and the best weights are saved: copies them to remote storage.
     kept = KeepCheckpoint(checkpoint, local, history_before)
     callbacks.append(kept)
+    exits.on_interrupt(lambda: _checkpoint_kept(kept, config.epochs, checkpoint))
     callbacks += _reporting_callbacks(config, data, shards, steps, pause_after if pausing else None, title)
     print(
         f"training {config.architecture} at {data.input_size}px on {counted(data.totals['train'], 'image')}, "
@@ -354,6 +363,17 @@ def _fit(
     if paused and local != checkpoint:  # the remote copy is the checkpoint; the next call fetches it
         shutil.rmtree(local, ignore_errors=True)
     return _Fitted(kept.history, paused, checkpoint, local)
+
+
+def _checkpoint_kept(kept, epochs: int, checkpoint: str) -> str:
+    """What an interrupted train keeps: the checkpoint of its last finished epoch, and how to resume."""
+    done = len(next(iter(kept.history.values()), []))
+    if not done:
+        return "no epoch had ended, so no checkpoint was kept; run the same command again"
+    return (
+        f"kept the checkpoint after epoch {done} of {epochs} in {checkpoint}; "
+        f"run the same command again to resume from epoch {done + 1}"
+    )
 
 
 def _reporting_callbacks(

@@ -11,37 +11,42 @@ image members, ``ARCHIVE!/member.jpg``. With
 that an earlier completed run classified, unchanged since, are skipped (see
 ``beamvision.transforms.incremental``). The model artifact is validated before any work starts;
 every input ends as a result row or an error row, and summary.json (printed at
-the end) counts both.
+the end) counts both. Rows go to parts first and are committed only at the
+end: an interrupted run's rows are kept by the rerun of the same command
+(``beamvision.transforms.resume``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import time
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
-from beamvision import storage
+from beamvision import exits, storage
 from beamvision.console import DEFAULT_PROGRESS_SECONDS
 from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines.flags import (
+    DEFAULT_MAX_ERROR_RATE,
     UsageError,
     add_decode_arguments,
+    add_error_rate_argument,
     add_progress_arguments,
     add_switch,
     add_worker_arguments,
     check_file_exists,
     parse_pipeline_args,
+    positive_float,
     positive_int,
     worker_sizing,
 )
-from beamvision.pipelines.launch import Job, is_dry_run, run_job
+from beamvision.pipelines.launch import Job, beam_litter, check_errors, is_dry_run, run_job
 from beamvision.pipelines.reports import format_summary
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
@@ -49,7 +54,14 @@ from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES, PRECISIONS
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
-from beamvision.transforms.outputs import RUN_FILES, RUN_ID_PATTERN, SUMMARY_FILE, run_dir
+from beamvision.transforms.outputs import (
+    RUN_FILES,
+    RUN_ID_PATTERN,
+    SUMMARY_FILE,
+    errors_pattern,
+    partial_dir,
+    run_dir,
+)
 from beamvision.transforms.progress import ReportProgress
 from beamvision.transforms.read import (
     LookUpFiles,
@@ -58,6 +70,15 @@ from beamvision.transforms.read import (
     csv_column_index,
     list_format,
     parquet_has_column,
+)
+from beamvision.transforms.resume import (
+    DEFAULT_CHECKPOINT_SECONDS,
+    KeepFinished,
+    Resume,
+    kept_rows,
+    partial_runs,
+    plan_resume,
+    write_attempt,
 )
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.write import WriteResults
@@ -95,6 +116,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --incremental: the run's partition name (default: the UTC start time, 20261128T031500Z)",
     )
     add_switch(parser, "--overwrite", "replace results, errors and summary already in --output")
+    parser.add_argument(
+        "--checkpoint_every",
+        type=positive_float,
+        default=DEFAULT_CHECKPOINT_SECONDS,
+        metavar="SECONDS",
+        help="seconds between a worker's flushes of its rows to the run's partial folder: an interrupted "
+        "run loses at most this much work per worker, its rerun keeps the rest "
+        f"(default {DEFAULT_CHECKPOINT_SECONDS:g})",
+    )
+    add_error_rate_argument(parser)
     add_progress_arguments(parser)
 
 
@@ -168,6 +199,9 @@ class Config:
     workers: WorkerSizing = DEFAULT_SIZING
     progress_every: float = DEFAULT_PROGRESS_SECONDS
     detach: bool = False
+    checkpoint_every: float = DEFAULT_CHECKPOINT_SECONDS
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    partial: str = ""  # where the run's parts wait for its commit (set once the run's output is known)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -196,6 +230,8 @@ class Config:
             worker_sizing(args),
             args.progress_every,
             args.detach,
+            args.checkpoint_every,
+            args.max_error_rate,
         )
 
 
@@ -221,11 +257,12 @@ def build_pipeline(
     manifest: Manifest,
     earlier_runs: list[str] | None = None,
     started_at: float | None = None,
+    resume: Resume | None = None,
 ) -> None:
     """Adds the classify steps for ``config`` to ``pipeline``, writing to ``config.output``.
 
     ``earlier_runs`` (``--incremental``; None otherwise): completed runs whose
-    final rows make a file skipped.
+    final rows make a file skipped. ``resume``: an interrupted run's rows to keep.
     """
     sizing = config.workers.for_pipeline(pipeline)
     matched = pipeline | "MatchInputs" >> MatchInputs(
@@ -237,7 +274,10 @@ def build_pipeline(
     split = spread | "SplitArchives" >> SplitArchives()
     archives = split["archives"] | "GroupArchives" >> GroupArchives()
     found = split["files"] | "LookUpFiles" >> LookUpFiles(sizing)
-    to_read, skipped = found["files"], None
+    to_read, skipped, kept = found["files"], None, None
+    if resume:
+        kept = to_read | "KeepFinished" >> KeepFinished(resume)
+        to_read = kept["files"]
     if earlier_runs is not None:
         skip = to_read | "SkipClassified" >> SkipClassified(list(earlier_runs))
         to_read, skipped = skip["files"], skip["skipped"]
@@ -265,7 +305,6 @@ def build_pipeline(
         "decoded": decoded["errors"],
         "classified": classified["errors"],
     }
-    errors = list(error_parts.values()) | "AllErrors" >> beam.Flatten()
     inputs = {"named": matched["inputs"], "unpacked": read["members"]} | "CountedInputs" >> CountedInputs()
     _ = classified["results"] | "ProgressResults" >> ReportProgress("results")
     _ = error_parts | "ProgressErrors" >> ReportProgress("errors")
@@ -273,15 +312,24 @@ def build_pipeline(
         _ = skipped | "ProgressSkipped" >> ReportProgress("skipped")
     written = {
         "results": classified["results"],
-        "errors": errors,
+        "errors": error_parts,
         "inputs": inputs,
         "patterns": matched["patterns"],
         "not_images": read["not_images"],
     }
     if skipped is not None:
         written["skipped"] = skipped
+    if kept is not None:
+        _ = kept["results"] | "ProgressKeptResults" >> ReportProgress("results")
+        _ = kept["errors"] | "ProgressKeptErrors" >> ReportProgress("errors")
+        written["kept_results"], written["kept_errors"] = kept["results"], kept["errors"]
     _ = written | "WriteResults" >> WriteResults(
-        config.output, config.embeddings, _model_record(config, manifest, sizing), started_at or time.time()
+        config.output,
+        config.partial or partial_dir(config.output),
+        config.embeddings,
+        _model_record(config, manifest, sizing),
+        started_at or time.time(),
+        config.checkpoint_every,
     )
 
 
@@ -317,11 +365,21 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         storage.check_reachable(*config.inputs)
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
     earlier = None
+    dry_run = is_dry_run(pipeline_options)
     if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
-        config, earlier = _incremental_run(config, manifest, pipeline_options)
+        config, earlier = _incremental_run(config, manifest, dry_run)
+    else:
+        config = dataclasses.replace(config, partial=partial_dir(config.output))
+    attempt = _attempt_record(config, manifest)
+    # Read only: what is deleted is deleted once the job is built (building can still fail).
+    resume, stale = (Resume(), []) if dry_run else _plan_output(config, attempt)
+    if resume:
+        print(
+            f"classify: resuming an interrupted run into {config.output}: {resume.rows:,} rows are kept, "
+            "their files (unchanged since) are not classified again"
+        )
     pipeline = beam.Pipeline(options=pipeline_options)
-    # Built before any deletion: building can still fail.
-    build_pipeline(pipeline, config, manifest, earlier, started_at)
+    build_pipeline(pipeline, config, manifest, earlier, started_at, resume)
     job = Job(
         "classify",
         config.output,
@@ -331,6 +389,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         config.overwrite,
         config.progress_every,
         config.detach,
+        claim=lambda: _claim_output(config, attempt, stale),
     )
     outcome = run_job(
         pipeline, pipeline_options, job, f"{_inputs_flags(config)}: matched no file; nothing was classified"
@@ -344,7 +403,58 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
                 storage.join(config.output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")
             )
         print(format_summary(summary))
+        if summary.get("resumed"):
+            print(f"resumed: {summary['resumed']:,} rows kept from the interrupted run, not made again")
+        check_errors(summary, config.max_error_rate, errors_pattern(config.output))
     return outcome.result
+
+
+def _attempt_record(config: Config, manifest: Manifest) -> dict[str, Any]:
+    """What this run's rows are made with: an interrupted run's rows are kept only when all of it is equal."""
+    return {
+        "model": {"name": manifest.name, "version": manifest.version},
+        "top_k": config.top_k,
+        "embeddings": config.embeddings,
+        "engine": config.engine,
+        "precision": config.precision,
+    }
+
+
+def _plan_output(config: Config, attempt: dict[str, Any]) -> tuple[Resume, list[str]]:
+    """What this run keeps of an interrupted one in its output, and the files to delete before it runs.
+
+    A complete run there (its summary.json) is refused, or with --overwrite
+    deleted; an unfinished one's rows are kept when made with ``attempt``.
+    """
+    if storage.exists(storage.join(config.output, SUMMARY_FILE)):
+        owned = [storage.join(glob.escape(config.output), name) for name in RUN_FILES]
+        existing = [uri for pattern in owned for uri, _size in storage.match_sizes(pattern)]
+        if not config.overwrite:
+            raise UsageError(
+                f"--output {config.output}: already holds results ({len(existing)} files); "
+                "choose a new place or pass --overwrite"
+            )
+        return Resume(), existing + storage.list_files(config.partial)
+    return plan_resume(config.output, config.partial, attempt)
+
+
+def _claim_output(config: Config, attempt: dict[str, Any], stale: list[str]) -> None:
+    """Just before the job runs: stale files deleted, the attempt recorded, what an interrupt keeps said."""
+    if stale:
+        storage.delete_matching([glob.escape(uri) for uri in stale])
+    storage.delete_matching(beam_litter(config.output))  # what Beam's sinks left (classify before 0.2)
+    write_attempt(config.partial, attempt)
+
+    def kept() -> str:
+        rows = kept_rows(config.output, config.partial)
+        if not rows:
+            return "no rows were flushed yet; run the same command again"
+        return (
+            f"kept {rows:,} finished rows in {config.partial}; "
+            "run the same command again to classify only the rest"
+        )
+
+    exits.on_interrupt(kept)
 
 
 def _check_model(config: Config) -> tuple[Config, Manifest]:
@@ -361,14 +471,26 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
     return config, manifest
 
 
-def _incremental_run(
-    config: Config, manifest: Manifest, pipeline_options: PipelineOptions
-) -> tuple[Config, list[str]]:
-    """This run's config, writing OUTPUT/run=ID, and the completed earlier runs under OUTPUT."""
+def _incremental_run(config: Config, manifest: Manifest, dry_run: bool) -> tuple[Config, list[str]]:
+    """This run's config, writing OUTPUT/run=ID, and the completed earlier runs under OUTPUT.
+
+    Without --run_id, a run that an interrupt left unfinished under OUTPUT is
+    resumed, under its own ID; with one, the unfinished runs of other IDs are
+    deleted (their files are classified again, as by no run).
+    """
     root = config.output
-    config = dataclasses.replace(config, output=run_dir(root, config.run_id or default_run_id()))
+    unfinished, committed = ([], []) if dry_run else partial_runs(root)
+    for litter in committed:  # a run killed after its commit point, before its clean-up
+        storage.delete_tree(partial_dir(root, litter))
+    run_id = config.run_id or (unfinished[-1] if unfinished else default_run_id())
+    for orphan in unfinished:
+        if orphan != run_id:
+            logging.getLogger("beamvision").warning("deleting the parts of the unfinished run %s", orphan)
+            storage.delete_tree(partial_dir(root, orphan))
+            storage.delete_tree(run_dir(root, orphan))
+    config = dataclasses.replace(config, output=run_dir(root, run_id), partial=partial_dir(root, run_id))
     # A dry run reads nothing under --output: its graph joins with no earlier run.
-    earlier = [] if is_dry_run(pipeline_options) else completed_runs(root, manifest.name, manifest.version)
+    earlier = [] if dry_run else completed_runs(root, manifest.name, manifest.version)
     return config, [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
 
 

@@ -1,8 +1,11 @@
 """``beamvision <command>``: dispatch to one module per command.
 
 Command modules are imported only when run, so ``beamvision --help`` is quick.
-User mistakes (``UsageError``, ``ModelError``) print one line and exit 2;
-storage that cannot be reached (``storage.StorageUnreachable``) one line and exit 1.
+User mistakes (``UsageError``, ``ModelError``) print one line and exit 2; a
+run with too many errors (``exits.RunFailed``) one line and its status; an
+interrupt (SIGINT, SIGTERM) one line saying what was kept and how to go on,
+and exits 130 or 143 (the table is ``beamvision.exits``); storage that cannot be
+reached (``storage.StorageUnreachable``) one line and exits 1.
 ``console_main`` is the console script (and ``python -m beamvision``, and the
 Flex Template's entry point): it starts quiet (``beamvision.console``) before
 anything is imported, unless ``--verbose``; ``main`` runs one command in the
@@ -12,9 +15,11 @@ calling process, as the tests do.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
-from beamvision import __version__, console
+from beamvision import __version__, console, exits
 
 # name -> (module in beamvision.pipelines, one-line description)
 COMMANDS = {
@@ -50,7 +55,14 @@ def console_main(argv: list[str] | None = None) -> None:
     loads_libraries = argv and argv[0] not in QUICK_COMMANDS and not {"-h", "--help"} & set(argv)
     if loads_libraries and not console.requested(argv, "--verbose"):
         console.quiet_stderr()
-    sys.exit(main(argv))
+    status = main(argv)
+    if status in exits.SIGNAL_STATUS.values():
+        # Beam's worker processes and threads of an interrupted job would keep this process (and
+        # their work) going: they are stopped, and the process ends without waiting for its threads.
+        exits.stop_children(spare=console.filter_pids())
+        console.release_stderr()
+        os._exit(status)
+    sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,19 +85,37 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    with exits.catch_signals() as received:
+        try:
+            return _run_command(command, argv[1:])
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) and received.signum is None:
+                received.signum = signal.SIGINT  # raised by another hand than our handler's
+            if received.signum is None:
+                raise
+            print(received.line(command), file=sys.stderr)
+            return received.status
+
+
+def _run_command(command: str, argv: list[str]) -> int:
+    """Imports and runs one command; its user mistakes and failed runs become one line and a status."""
     module = importlib.import_module(f"beamvision.pipelines.{COMMANDS[command][0]}")
     from beamvision.models import ModelError
     from beamvision.pipelines.flags import UsageError
     from beamvision.storage import StorageUnreachable
 
     try:
-        module.run(argv[1:])
+        module.run(argv)
     except (UsageError, ModelError, StorageUnreachable) as exc:
         message = str(exc)
         prefix = "" if message.startswith("beamvision") else f"beamvision {command}: error: "
         print(prefix + message, file=sys.stderr)
-        return 1 if isinstance(exc, StorageUnreachable) else 2
-    return 0
+        return exits.Status.FAILED if isinstance(exc, StorageUnreachable) else exits.Status.USAGE
+    except exits.RunFailed as exc:
+        if str(exc):
+            print(f"beamvision {command}: {exc}", file=sys.stderr)
+        return exc.status
+    return exits.Status.DONE
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 
+from beamvision import exits
 from beamvision.pipelines.flags import (
     UsageError,
     add_architecture_argument,
@@ -119,5 +120,8 @@ def _step(config: Config, command: str, *argv: str) -> None:
     """Runs one command of the loop as the CLI runs it; its error, printed, ends the demo."""
     from beamvision.pipelines.cli import main
 
-    if main([command, *argv, *config.verbosity]) != 0:
+    status = main([command, *argv, *config.verbosity])
+    if status in exits.SIGNAL_STATUS.values():  # the step said what it kept: the demo stops as it did
+        raise exits.RunFailed("", status)
+    if status != 0:
         raise UsageError(f"the demo's {command} step failed (its error is above)")

@@ -62,6 +62,10 @@ def value_type(check: values.Check, name: str | None = None) -> Callable[[str], 
 positive_int = value_type(values.positive_int, "positive_int")
 fraction = value_type(values.fraction, "fraction")
 positive_float = value_type(values.positive_float, "positive_float")
+share = value_type(values.share, "share")
+# Real buckets hold a few corrupt or odd files in a thousand; a systematic fault (no
+# permission, a wrong model or --input, a full disk) fails most inputs. One in ten is far from both.
+DEFAULT_MAX_ERROR_RATE = 0.1
 
 
 def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
@@ -322,6 +326,18 @@ def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
         "--detach",
         "with a remote runner (Dataflow): return once the job is submitted, after printing its console URL; "
         "the job still writes its summary to --output",
+    )
+
+
+def add_error_rate_argument(parser: argparse.ArgumentParser) -> None:
+    """--max_error_rate of classify and prepare, whose inputs end as rows (``launch.check_errors``)."""
+    parser.add_argument(
+        "--max_error_rate",
+        type=share,
+        default=DEFAULT_MAX_ERROR_RATE,
+        metavar="SHARE",
+        help="exit with status 3 (after writing every row) when more than this share of the inputs "
+        f"failed, or when all did (default {DEFAULT_MAX_ERROR_RATE:g}; 1: only when all did)",
     )
 
 

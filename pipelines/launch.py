@@ -3,12 +3,15 @@
 ``run_job`` is the skeleton that classify and prepare share: a dry run only
 builds the job graph (``build_only``); otherwise ``--detach`` is checked
 against the runner (``check_detach``), the files an earlier run left under
-``--output`` are refused or cleared (``claim_output``), the job runs while its
-progress is shown (``run_with_progress``) and the report it writes last
-(summary.json, stats.json) is read back; a job that found no input leaves
-nothing behind. review and tune, which show no progress line, run theirs with
-``run_to_end``, as ``run_with_progress`` runs a local job. What the job
-counts comes from
+``--output`` are refused (a complete run's) or cleared (an unfinished one's,
+and the litter of Beam's sinks: ``claim_output``; classify keeps an
+unfinished run's rows instead, ``beamvision.transforms.resume``), the job
+runs while its progress is shown (``run_with_progress``) and the report it
+writes last (summary.json, stats.json) is read back; a job that found no
+input leaves nothing behind, one interrupted leaves no unfinished file, and
+one with too many errors exits 3 (``check_errors``). review and tune, which
+show no progress line, run theirs with ``run_to_end``, as
+``run_with_progress`` runs a local job. What the job counts comes from
 ``beamvision.transforms.progress``: on the direct runners from the tally
 files its workers write into a folder this process names (``LocalProgress``),
 on Dataflow from the job's metrics (``watch_job``).
@@ -24,16 +27,19 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.runners.runner import PipelineResult
 
-from beamvision import storage
+from beamvision import exits, storage
 from beamvision.console import Counts, ProgressLine, counted
 from beamvision.pipelines.flags import UsageError
 from beamvision.transforms import progress
+from beamvision.transforms.outputs import BEAM_TEMP_DIRS
 from beamvision.transforms.rows import METRICS_NAMESPACE
 from beamvision.transforms.runners import RunnerKind, is_remote, runner_kind, runner_name
 
@@ -53,6 +59,8 @@ class Job:
         overwrite: ``--overwrite``.
         progress_every: ``--progress_every``.
         detach: ``--detach``.
+        claim: the command's own claim of ``output``, instead of ``claim_output``'s (classify's, which
+            keeps an interrupted run's rows); it also says what an interrupt keeps (``exits.on_interrupt``).
     """
 
     title: str
@@ -63,6 +71,7 @@ class Job:
     overwrite: bool
     progress_every: float
     detach: bool
+    claim: Callable[[], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +98,12 @@ def run_job(pipeline: beam.Pipeline, options: PipelineOptions, job: Job, nothing
     if is_dry_run(options):
         return Outcome(build_only(pipeline))
     check_detach(job.detach, pipeline)
-    claim_output(job.output, job.owned, job.overwrite, job.holds)
     report_uri = storage.join(job.output, job.report)
+    if job.claim is None:
+        claim_output(job.output, job.owned, job.overwrite, job.holds, job.report)
+        exits.on_interrupt(lambda: discard_unfinished(job.output, job.owned, job.report))
+    else:
+        job.claim()
     result = run_with_progress(pipeline, job.title, job.progress_every, job.detach)
     if job.detach:
         print(f"{job.title}: detached; the job writes {report_uri} when it ends")
@@ -99,7 +112,7 @@ def run_job(pipeline: beam.Pipeline, options: PipelineOptions, job: Job, nothing
         return Outcome(result)
     report = json.loads(storage.read_text(report_uri))
     if report["inputs"] == 0:  # leave nothing behind, so the corrected rerun is not refused
-        claim_output(job.output, job.owned, True, job.holds)
+        claim_output(job.output, job.owned, True, job.holds, job.report)
         raise UsageError(nothing_found)
     return Outcome(result, report)
 
@@ -139,24 +152,71 @@ def check_detach(detach: bool, pipeline: beam.Pipeline) -> None:
         )
 
 
-def claim_output(output: str, names: list[str], overwrite: bool, holds: str) -> None:
+def claim_output(
+    output: str, names: list[str], overwrite: bool, holds: str, report: str | None = None
+) -> None:
     """Refuses an ``--output`` that already holds a run's files, unless ``--overwrite``; then clears them.
 
     ``names`` are file names or globs under ``output`` (``results-*``); a rerun
-    must never mix its files with stale ones of an earlier run.
+    must never mix its files with stale ones of an earlier run. With
+    ``report`` (the file a run writes last), files without it are an
+    unfinished run's (killed, interrupted): they are cleared without asking.
+    The litter Beam's sinks leave when a job dies (``beam-temp-*``) is always cleared.
     """
-    from apache_beam.io.filesystems import FileSystems
-
     storage.check_reachable(output)
-    matches = FileSystems.match([storage.join(glob.escape(output), name) for name in names])
-    existing = sorted({m.path for match in matches for m in match.metadata_list})
-    if existing and not overwrite:
+    existing = _owned_files(output, names)
+    complete = report is None or storage.exists(storage.join(output, report))
+    if existing and complete and not overwrite:
         raise UsageError(
             f"--output {output}: already holds {holds} ({counted(len(existing), 'file')}); "
             "choose a new place or pass --overwrite"
         )
     if existing:
         FileSystems.delete(existing)
+    storage.delete_matching(beam_litter(output))
+
+
+def discard_unfinished(output: str, names: list[str], report: str) -> str:
+    """What an interrupt of a run that keeps nothing does: its unfinished files go; says how to go on."""
+    if storage.exists(storage.join(output, report)):
+        return "its output was complete before the interrupt, and is kept"
+    unfinished = _owned_files(output, names)
+    if unfinished:
+        FileSystems.delete(unfinished)
+    storage.delete_matching(beam_litter(output))
+    return f"nothing was kept (its unfinished files in {output} are removed); run the same command again"
+
+
+def beam_litter(output: str) -> list[str]:
+    """Globs of what Beam's file sinks leave under ``output`` when a job dies before finalising."""
+    folder = storage.join(glob.escape(output), BEAM_TEMP_DIRS)
+    return [folder, storage.join(folder, "*")]
+
+
+def _owned_files(output: str, names: list[str]) -> list[str]:
+    matches = FileSystems.match([storage.join(glob.escape(output), name) for name in names])
+    return sorted({m.path for match in matches for m in match.metadata_list})
+
+
+def check_errors(report: dict[str, Any], max_rate: float, rows_in: str) -> None:
+    """Raises ``exits.RunFailed`` (status 3) when every input failed or more than ``max_rate`` of them did.
+
+    The share is of the inputs this run made a row for (``results`` + ``errors``;
+    ``prepare`` calls its results ``examples``); files skipped as already
+    classified do not count. The rows are written before: a scheduler sees the
+    status, a person reads them in ``rows_in``.
+    """
+    done = report.get("results", report.get("examples", 0))
+    failed = report["errors"]
+    if not failed:
+        return
+    share = failed / (done + failed)
+    if done == 0 or share > max_rate:
+        what = "every input failed" if done == 0 else f"{share:.1%} of the inputs failed"
+        raise exits.RunFailed(
+            f"{what} ({failed:,} of {done + failed:,}; --max_error_rate {max_rate:g}); "
+            f"the error rows are in {rows_in}"
+        )
 
 
 # --- following a run ------------------------------------------------------------------------------
@@ -187,6 +247,7 @@ def run_with_progress(
         url = console_url(result, pipeline.options)
         job = f"job {result.job_id()}" if hasattr(result, "job_id") else "job"
         print(f"{title}: submitted {job}" + (f": {url}" if url else ""), flush=True)
+        exits.on_interrupt(lambda: remote_job_kept(result, pipeline.options))
         if not detach:
             watch_job(result, ProgressLine(title, every=every))
         return result
@@ -253,6 +314,18 @@ def job_counts(result: PipelineResult, final: bool = False) -> Counts:
                 preferred, other = other, preferred
             sums[kind] += preferred if preferred is not None else other or 0
     return Counts(**sums)
+
+
+def remote_job_kept(result: PipelineResult, options: PipelineOptions) -> str:
+    """What an interrupt of this process leaves of a remote job: the job, running; it commits its output."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    job_id = result.job_id() if hasattr(result, "job_id") else "JOB_ID"
+    region = options.view_as(GoogleCloudOptions).region or "REGION"
+    return (
+        f"the job keeps running and writes its output itself; to stop it: "
+        f"gcloud dataflow jobs cancel {job_id} --region {region}"
+    )
 
 
 def console_url(result: PipelineResult, options: PipelineOptions) -> str | None:

@@ -38,8 +38,10 @@ from beamvision.models.dataset import (
     shard_prefix,
 )
 from beamvision.pipelines.flags import (
+    DEFAULT_MAX_ERROR_RATE,
     UsageError,
     add_decode_arguments,
+    add_error_rate_argument,
     add_progress_arguments,
     add_switch,
     add_worker_arguments,
@@ -50,12 +52,12 @@ from beamvision.pipelines.flags import (
     worker_sizing,
 )
 from beamvision.pipelines.labelstudio import is_label_studio_export, label_studio_labels
-from beamvision.pipelines.launch import Job, is_dry_run, run_job
+from beamvision.pipelines.launch import Job, check_errors, is_dry_run, run_job
 from beamvision.pipelines.reports import command, empty_classes_warning, format_prepared
 from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.outputs import ERRORS_PREFIX
+from beamvision.transforms.outputs import ERRORS_PREFIX, errors_pattern
 from beamvision.transforms.progress import ReportProgress
 from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, error_row
@@ -93,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decode_arguments(parser)
     add_worker_arguments(parser, inference=False)
     add_switch(parser, "--overwrite", "replace a prepared dataset already at --output")
+    add_error_rate_argument(parser)
     add_progress_arguments(parser)
 
 
@@ -111,6 +114,7 @@ class Config:
     workers: WorkerSizing = DEFAULT_SIZING
     progress_every: float = DEFAULT_PROGRESS_SECONDS
     detach: bool = False
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -134,6 +138,7 @@ class Config:
             worker_sizing(args),
             args.progress_every,
             args.detach,
+            args.max_error_rate,
         )
 
 
@@ -412,6 +417,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         warning = empty_classes_warning(stats)
         if warning:
             print(warning, file=sys.stderr)
+        check_errors(stats, config.max_error_rate, errors_pattern(config.output))
         train = command(
             "train", "--data", config.output, "--architecture", "mobilenet_v2", "--output", "MODEL_DIR"
         )

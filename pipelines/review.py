@@ -27,10 +27,10 @@ import io
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineResult
 
-from beamvision import storage
+from beamvision import exits, storage
 from beamvision.console import counted
 from beamvision.pipelines.flags import add_results_argument, add_switch, parse_pipeline_args, positive_int
-from beamvision.pipelines.launch import build_only, claim_output, is_dry_run, run_to_end
+from beamvision.pipelines.launch import build_only, claim_output, discard_unfinished, is_dry_run, run_to_end
 from beamvision.pipelines.reports import read_errors, read_results, read_summary
 from beamvision.transforms.thumbnails import thumbnail_name
 
@@ -245,7 +245,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     )
     if is_dry_run(pipeline_options):
         return build_only(pipeline)
-    claim_output(config.output, OUTPUTS, config.overwrite, "a review")
+    claim_output(config.output, OUTPUTS, config.overwrite, "a review", PAGE)  # the page: written last
+    exits.on_interrupt(lambda: discard_unfinished(config.output, OUTPUTS, PAGE))
     result = run_to_end(pipeline)
     names = _thumbnails_made(config.output)
     made = {uri for uri in uris if thumbnail_name(uri) in names}

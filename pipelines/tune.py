@@ -33,7 +33,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
-from beamvision import storage, values
+from beamvision import exits, storage, values
 from beamvision.console import counted
 from beamvision.models import ModelArgumentError, ModelError
 from beamvision.models.checkpoints import checkpoint_root
@@ -397,6 +397,12 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     summary_uri = storage.join(config.output, SUMMARY_FILE)
     if storage.exists(summary_uri):  # the report's commit point: what is printed is this run's
         storage.delete(summary_uri)
+    exits.on_interrupt(
+        lambda: (
+            f"kept {_rungs_done(config.output, trials)} finished trial rungs in {config.output}; "
+            "run the same command again to go on from them"
+        )
+    )
     result = run_to_end(pipeline)
     summary = json.loads(storage.read_text(storage.join(config.output, SUMMARY_FILE)))
     print(storage.read_text(storage.join(config.output, TABLE_FILE)), end="")

@@ -281,7 +281,9 @@ def test_listed_members_are_read_alone_and_missing_ones_are_rows(photo_members, 
     listed = tmp_path / "list.txt"
     listed.write_text("".join(f"{archive}!/{name}\n" for name in [*wanted, "cat/nope.jpg"]))
     output = str(tmp_path / "out")
-    classify.run(["--input_list", str(listed), "--model", model_dir, "--output", output])
+    classify.run(
+        ["--input_list", str(listed), "--model", model_dir, "--output", output, "--max_error_rate", "1"]
+    )
     assert sorted(_rows(output, "results").image_uri) == [f"{archive}!/{name}" for name in wanted]
     (missing,) = _rows(output, "errors").itertuples()
     assert (missing.image_uri, missing.error_type) == (f"{archive}!/cat/nope.jpg", "FileNotFoundError")
@@ -333,7 +335,8 @@ def test_a_labels_csv_may_name_a_whole_archive_and_label_errors_on_members_are_c
     ]
     labels.write_text("uri,label\n" + "".join(f"{row}\n" for row in [*rows, f"{other}!/{rocket[2]},"]))
     output = str(tmp_path / "prepared")
-    prepare.run(["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"])
+    flags = ["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"]
+    prepare.run([*flags, "--max_error_rate", "1"])  # labelled inputs fail on purpose
     stats = json.loads(storage.read_text(f"{output}/stats.json"))
     cat_count = sum(n.startswith("cat/") for n in photo_members)
     per_class = {c: sum(stats["counts"][s][c] for s in stats["counts"]) for c in ("cat", "rocket")}
@@ -349,7 +352,9 @@ def test_a_listed_member_that_is_not_an_image_says_so(photo_members, model_dir, 
     listed = tmp_path / "list.txt"
     listed.write_text(f"{archive}!/meta/notes.txt\n{archive}!/{sorted(photo_members)[0]}\n")
     output = str(tmp_path / "out")
-    classify.run(["--input_list", str(listed), "--model", model_dir, "--output", output])
+    classify.run(
+        ["--input_list", str(listed), "--model", model_dir, "--output", output, "--max_error_rate", "1"]
+    )
     (row,) = _rows(output, "errors").itertuples()
     assert (row.image_uri, row.error_type) == (f"{archive}!/meta/notes.txt", "NotAnImage")
     summary = json.loads(storage.read_text(f"{output}/summary.json"))
@@ -393,7 +398,8 @@ def test_prepare_reads_members_a_labels_csv_names(photo_members, tmp_path):
         "uri,label\n" + "".join(f"{archive}!/{n},{'even' if i % 2 else 'odd'}\n" for i, n in enumerate(names))
     )
     output = str(tmp_path / "prepared")
-    prepare.run(["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"])
+    flags = ["--input", str(tmp_path), "--labels", str(labels), "--output", output, "--image_size", "32"]
+    prepare.run([*flags, "--max_error_rate", "1"])  # labelled inputs fail on purpose
     stats = json.loads(storage.read_text(f"{output}/stats.json"))
     assert (stats["examples"], stats["inputs"]) == (6, 6)
     assert json.loads(storage.read_text(f"{output}/labels.json")) == ["even", "odd"]

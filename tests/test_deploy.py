@@ -169,6 +169,8 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
         "incremental": "true",
         "run_id": "flex-1",
         "overwrite": "false",
+        "checkpoint_every": "1",
+        "max_error_rate": "0.5",
         "progress_every": "0.5",
         "detach": "false",
     }
@@ -193,6 +195,18 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
     again = _launch(*(f"--{name}={value}" for name, value in {**values, "run_id": "flex-2"}.items()))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"classified 0 of {count} images, 0 errors, {count} skipped" in again.stdout
+    # A launch whose every input fails ends with the status a scheduler reads (docs: exit statuses).
+    (work / "gone.csv").write_text(f"path\n{work}/photos/gone.jpg\n")
+    failed = _launch(
+        f"--input_list={work}/gone.csv",
+        "--input_list_column=path",
+        f"--model={work}/model",
+        f"--output={work}/failed",
+    )
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    assert (
+        failed.stderr.strip().splitlines()[-1].startswith("beamvision classify: every input failed (1 of 1;")
+    )
 
 
 @pytest.mark.slow

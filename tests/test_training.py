@@ -127,6 +127,7 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys, monkeypatch)
         f.write("not an image\n")
     out = str(tmp_path / "data")
     argv = ["prepare", "--input", root, "--output", out, "--image_size", "16", "--val_fraction", "0"]
+    argv += ["--max_error_rate", "0.25"]  # 3 of 15 fail on purpose: over the default 0.1
     assert main([*argv, "--test_fraction", "0.5"]) == 0
     stats = _json(os.path.join(out, "stats.json"))
     assert (stats["inputs"], stats["examples"], stats["errors"]) == (15, 12, 3)
@@ -160,8 +161,9 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys, monkeypatch)
     rows += [f"{first},odd", "0/broken.png,"]  # a second label for a file; a row without one
     csv_path.write_text("\n".join(rows) + "\n")
     out_csv = str(tmp_path / "data_csv")
+    flags = ["--labels", str(csv_path), "--output", out_csv, "--image_size", "16", "--max_error_rate", "0.2"]
     monkeypatch.chdir(root)  # the CSV's relative URIs are from the current directory, as typed
-    prepare.run(["--input", root, "--labels", str(csv_path), "--output", out_csv, "--image_size", "16"])
+    prepare.run(["--input", root, *flags])
     assert _json(os.path.join(out_csv, "labels.json")) == ["even", "odd"]
     stats = _json(os.path.join(out_csv, "stats.json"))
     assert (stats["inputs"], stats["examples"], stats["errors"]) == (13, 11, 2)
@@ -433,6 +435,13 @@ def test_transfer_from_an_artifact_with_a_frozen_base(tiny, prepared, tmp_path):
 
 
 @pytest.mark.slow
+def checkpoint_dir_of(output: str) -> str:
+    """The one checkpoint folder a train into ``output`` keeps (its name holds the config's fingerprint)."""
+    root = output + ".checkpoints"
+    (name,) = os.listdir(root)
+    return os.path.join(root, name)
+
+
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     _, data = tiny
     output = str(tmp_path / "resumed")
@@ -450,19 +459,29 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
         "--epochs",
         "4",
         "--steps_per_epoch",
-        "2",
+        "12",  # epochs long enough for the signal to arrive within the second
         "--batch_size",
         "8",
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # epoch 1 is done and checkpointed once epoch 2 starts
         if line.startswith("train epoch 1/4: "):
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
             break
-    proc.wait(timeout=120)
-    assert os.path.isdir(output + ".checkpoints")
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert "Traceback" not in rest
+    checkpoint = checkpoint_dir_of(output)
+    assert rest.strip().splitlines()[-1] == (
+        f"beamvision train: interrupted (SIGINT); kept the checkpoint after epoch 1 of 4 in "
+        f"{checkpoint}; run the same command again to resume from epoch 2"
+    )
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:]
+    assert (
+        f"train: resuming from epoch 2 of 4: an interrupted run's checkpoint, in {checkpoint}"
+        in result.stdout
+    )
     assert "train epoch 1/4" not in result.stdout and "train epoch 2/4: " in result.stdout
     training = load_artifact(output).manifest.training
     assert training["epochs_run"] == 4  # the epoch before the kill, from the checkpoint, and three more

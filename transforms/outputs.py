@@ -4,8 +4,18 @@
     OUTPUT/errors-SSSSS-of-NNNNN.parquet    one row per input that could not be classified
     OUTPUT/summary.json                     written last: the run's commit point
 
+While the run works, its rows go to parts in a folder of its own, committed
+(renamed to the shards above, then summary.json) only when every input has
+its row: a dead run's rows never show under OUTPUT, and the rerun of the
+same command keeps them (``beamvision.transforms.resume``)::
+
+    OUTPUT/_partial/attempt.json                what the rows were made with
+    OUTPUT/_partial/results-part-<ID>.parquet   flushed every --checkpoint_every seconds
+    OUTPUT/_partial/errors-part-<ID>.parquet
+
 With ``--incremental``, OUTPUT is a root holding one Hive partition per run,
-``OUTPUT/run=<ID>/``, each laid out as above. ``prepare`` writes its error
+``OUTPUT/run=<ID>/``, each laid out as above; a run's parts are in
+``OUTPUT/_partial/run=<ID>/``, which no ``run=*`` glob matches. ``prepare`` writes its error
 rows under the same prefix. Writers, readers (evaluate, review,
 export-labels, the next incremental run) and printed commands all take the
 names from here.
@@ -22,6 +32,11 @@ RESULTS_PREFIX = "results"
 ERRORS_PREFIX = "errors"
 SUMMARY_FILE = "summary.json"
 RUN_PARTITION = "run"
+PARTIAL_DIR = "_partial"  # a leading _ : Hive, Spark, Arrow and DuckDB pass it over
+ATTEMPT_FILE = "attempt.json"
+PART_INFIX = "part"
+# What Beam's file sinks leave beside their output when a job dies before it finalises.
+BEAM_TEMP_DIRS = "beam-temp-*"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 # The files a classify run owns under its output (globs): a rerun replaces exactly these.
 RUN_FILES = [f"{RESULTS_PREFIX}-*", f"{ERRORS_PREFIX}-*", SUMMARY_FILE]
@@ -45,3 +60,25 @@ def run_dir(root: str, run_id: str) -> str:
 def summaries_pattern(root: str) -> str:
     """The glob of every incremental run's summary.json under a root."""
     return storage.join(glob.escape(root), f"{RUN_PARTITION}=*", SUMMARY_FILE)
+
+
+def partial_dir(output: str, run_id: str | None = None) -> str:
+    """Where a run's parts wait for its commit: OUTPUT/_partial, or ROOT/_partial/run=ID (incremental)."""
+    if run_id is None:
+        return storage.join(output, PARTIAL_DIR)
+    return storage.join(output, PARTIAL_DIR, f"{RUN_PARTITION}={run_id}")
+
+
+def part_name(prefix: str, part_id: str) -> str:
+    """A part's file name: ``results-part-<ID>.parquet``."""
+    return f"{prefix}-{PART_INFIX}-{part_id}.parquet"
+
+
+def parts_pattern(partial: str, prefix: str) -> str:
+    """The glob of a partial folder's parts of one kind (``results`` or ``errors``)."""
+    return storage.join(glob.escape(partial), f"{prefix}-{PART_INFIX}-*.parquet")
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+    """A committed shard's file name, as Beam's sinks name theirs: ``results-00000-of-00004.parquet``."""
+    return f"{prefix}-{index:05d}-of-{count:05d}.parquet"

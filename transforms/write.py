@@ -6,6 +6,10 @@ Layout under the output directory (names from ``beamvision.transforms.outputs``)
     errors-SSSSS-of-NNNNN.parquet    one row per input that could not be classified
     summary.json                     written last, after every shard is in place
 
+classify's rows go to parts in its partial folder first and become these
+shards only when every input has its row (``beamvision.transforms.resume``);
+prepare writes its error rows with ``WriteErrors``, Beam's own sink.
+
 The row schemas are in ``beamvision.transforms.rows``; what a run prints of
 its summary is ``beamvision.pipelines.reports``.
 """
@@ -21,6 +25,7 @@ import apache_beam as beam
 from beamvision import storage
 from beamvision.transforms.outputs import ERRORS_PREFIX, RESULTS_PREFIX, SUMMARY_FILE
 from beamvision.transforms.read import unmatched_patterns
+from beamvision.transforms.resume import WriteParts, commit_run, remove_partial
 from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
 TOP_LABELS_IN_SUMMARY = 20
@@ -38,18 +43,21 @@ def build_summary(
     unmatched: list[str] | None = None,
     not_images: int = 0,
     error_groups: list[dict[str, Any]] | None = None,
+    resumed: int = 0,
 ) -> dict[str, Any]:
     """The content of summary.json.
 
     ``unmatched``: --input patterns that matched no file; ``not_images``:
     archive members passed over because their names are not images;
-    ``error_groups``: ``SummarizeErrors``' output.
+    ``error_groups``: ``SummarizeErrors``' output; ``resumed``: rows (among
+    ``results`` and ``errors``) kept from an interrupted run, not made again.
     """
     return {
         "inputs": inputs,
         "results": results,
         "errors": errors,
         "skipped": skipped,
+        "resumed": resumed,
         "complete": inputs == results + errors + skipped,
         "seconds": round(seconds, 3),
         "images_per_second": round(inputs / seconds, 2) if seconds > 0 else None,
@@ -114,33 +122,62 @@ class WriteErrors(beam.PTransform):
 
 
 class WriteResults(beam.PTransform):
-    """Writes result and error rows as Parquet shards, then summary.json.
+    """Writes result and error rows as parts, then commits them as Parquet shards and writes summary.json.
 
-    Input: a dict with PCollections ``results`` and ``errors`` (row dicts),
+    Input: a dict with PCollections ``results`` and ``errors`` (row dicts;
+    ``errors`` may be a dict of PCollections by source, each written as it comes),
     ``inputs`` (one element per input file, counted for the summary) and
     ``patterns`` ((pattern, files matched) from ``MatchInputs``), optionally
-    ``not_images`` (counts of archive members passed over) and, in an
-    incremental run, ``skipped`` (files an earlier run classified).
+    ``not_images`` (counts of archive members passed over), in an
+    incremental run ``skipped`` (files an earlier run classified), and in a
+    resumed run ``kept_results`` and ``kept_errors`` (rows an interrupted run
+    made: written and counted as this run's).
     """
 
-    def __init__(self, output: str, embeddings: bool, model: dict[str, Any], started_at: float):
+    def __init__(
+        self,
+        output: str,
+        partial: str,
+        embeddings: bool,
+        model: dict[str, Any],
+        started_at: float,
+        checkpoint_seconds: float,
+    ):
         super().__init__()
         self._output = output
+        self._partial = partial
         self._embeddings = embeddings
         self._model = model
         self._started_at = started_at
+        self._seconds = checkpoint_seconds
 
     def expand(self, pcolls):
-        results, errors, inputs = pcolls["results"], pcolls["errors"], pcolls["inputs"]
+        inputs = pcolls["inputs"]
         nothing = inputs.pipeline | "Nothing" >> beam.Create([])
         skipped = pcolls.get("skipped", nothing)
         not_images = pcolls.get("not_images", nothing)
-        written_results = results | "WriteResultShards" >> beam.io.WriteToParquet(
-            storage.join(self._output, RESULTS_PREFIX),
-            result_schema(self._embeddings),
-            file_name_suffix=".parquet",
+        # Each source of rows is written by its own step: after a Flatten of several stages a
+        # direct runner would hold the rows until every stage ends, and flush no part before.
+        result_sources = {"Results": pcolls["results"], "KeptResults": pcolls.get("kept_results", nothing)}
+        error_sources = (
+            dict(pcolls["errors"]) if isinstance(pcolls["errors"], dict) else {"": pcolls["errors"]}
         )
-        written_errors = errors | "WriteErrorShards" >> WriteErrors(self._output)
+        error_sources["kept"] = pcolls.get("kept_errors", nothing)
+        schema = result_schema(self._embeddings)
+        result_parts = [
+            rows | f"Write{name}Parts" >> WriteParts(self._partial, RESULTS_PREFIX, schema, self._seconds)
+            for name, rows in result_sources.items()
+        ]
+        error_parts = [
+            rows
+            | f"Write{name.title()}ErrorParts"
+            >> WriteParts(self._partial, ERRORS_PREFIX, ERROR_SCHEMA, self._seconds)
+            for name, rows in error_sources.items()
+        ]
+        results = list(result_sources.values()) | "AllResults" >> beam.Flatten()
+        errors = list(error_sources.values()) | "AllErrors" >> beam.Flatten()
+        result_parts = result_parts | "ResultParts" >> beam.Flatten()
+        error_parts = error_parts | "ErrorParts" >> beam.Flatten()
         count = beam.combiners.Count
         top_labels = (
             results
@@ -148,31 +185,35 @@ class WriteResults(beam.PTransform):
             | "CountLabels" >> count.PerElement()
             | "TopLabels" >> beam.combiners.Top.Of(TOP_LABELS_IN_SUMMARY, key=lambda kv: (kv[1], kv[0]))
         )
+        resumed = (result_sources["KeptResults"], error_sources["kept"]) | "KeptRows" >> beam.Flatten()
         return (
             inputs.pipeline
             | "SummaryTrigger" >> beam.Create([None])
-            | "WriteSummary"
+            | "CommitAndSummarize"
             >> beam.ParDo(
-                _WriteSummaryFn(self._output, self._model, self._started_at),
+                _CommitFn(self._output, self._partial, self._embeddings, self._model, self._started_at),
                 inputs=beam.pvalue.AsSingleton(inputs | "CountInputs" >> count.Globally()),
                 results=beam.pvalue.AsSingleton(results | "CountResults" >> count.Globally()),
                 errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
                 skipped=beam.pvalue.AsSingleton(skipped | "CountSkipped" >> count.Globally()),
+                resumed=beam.pvalue.AsSingleton(resumed | "CountResumed" >> count.Globally()),
                 not_images=beam.pvalue.AsSingleton(not_images | "SumNotImages" >> beam.CombineGlobally(sum)),
                 top_labels=beam.pvalue.AsSingleton(top_labels),
                 error_groups=beam.pvalue.AsSingleton(errors | "SummarizeErrors" >> SummarizeErrors()),
                 patterns=beam.pvalue.AsList(pcolls["patterns"]),
-                # Side inputs are complete before the step runs: the summary
-                # is written only after every shard has been finalised.
-                result_files=beam.pvalue.AsList(written_results),
-                error_files=beam.pvalue.AsList(written_errors),
+                # Side inputs are complete before the step runs: the commit
+                # starts only after every part has been written.
+                result_parts=beam.pvalue.AsList(result_parts),
+                error_parts=beam.pvalue.AsList(error_parts),
             )
         )
 
 
-class _WriteSummaryFn(beam.DoFn):
-    def __init__(self, output: str, model: dict[str, Any], started_at: float):
+class _CommitFn(beam.DoFn):
+    def __init__(self, output: str, partial: str, embeddings: bool, model: dict[str, Any], started_at: float):
         self._output = output
+        self._partial = partial
+        self._embeddings = embeddings
         self._model = model
         self._started_at = started_at
 
@@ -183,13 +224,15 @@ class _WriteSummaryFn(beam.DoFn):
         results,
         errors,
         skipped,
+        resumed,
         not_images,
         top_labels,
         error_groups,
         patterns,
-        result_files,
-        error_files,
+        result_parts,
+        error_parts,
     ):
+        commit_run(self._output, result_parts, error_parts, self._embeddings)
         seconds = time.time() - self._started_at
         summary = build_summary(
             inputs,
@@ -203,8 +246,10 @@ class _WriteSummaryFn(beam.DoFn):
             unmatched_patterns(patterns),
             not_images,
             error_groups,
+            resumed,
         )
         storage.write_atomic(
             storage.join(self._output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8")
         )
+        remove_partial(self._partial)  # after the commit point: the parts of every attempt
         yield summary

@@ -50,6 +50,7 @@ class _State:
     verbose: bool = False
     terminal_fd: int | None = None  # the real stderr, when fd 2 goes through the filter
     terminal: TextIO | None = None
+    filter_process: subprocess.Popen | None = None
     bar: Any = None  # the tqdm bar drawn now, if any: log records are written above it
 
 
@@ -110,7 +111,19 @@ def quiet_stderr() -> None:
     os.dup2(filter_process.stdin.fileno(), 2)
     filter_process.stdin.close()
     _state.terminal_fd = terminal_fd
+    _state.filter_process = filter_process
     atexit.register(_restore_stderr, filter_process)
+
+
+def filter_pids() -> set[int]:
+    """The stderr filter's process, if one runs (``quiet_stderr``): a child that must outlive the others."""
+    return {_state.filter_process.pid} if _state.filter_process is not None else set()
+
+
+def release_stderr() -> None:
+    """What exit does for the filter, done now, for a process that ends by os._exit (no atexit)."""
+    if _state.filter_process is not None:
+        _restore_stderr(_state.filter_process)
 
 
 def _restore_stderr(filter_process: subprocess.Popen) -> None:

@@ -18,6 +18,7 @@ of a reachable server (429, 503) are still retried by the client, as ever.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -217,6 +218,26 @@ def write_atomic(uri: str, data: bytes | None = None, local_path: str | None = N
     if exists(uri):
         delete(uri)
     FileSystems.rename([tmp_uri], [uri])
+
+
+def rename(source: str, target: str) -> None:
+    """Moves the file ``source`` to ``target`` (on the same filesystem), making a local target's folder."""
+    if is_local(target):
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    FileSystems.rename([source], [target])
+
+
+def delete_matching(patterns: list[str]) -> list[str]:
+    """Deletes every file (and, locally, folder) matching the globs; returns what was deleted, sorted."""
+    matches = FileSystems.match(patterns)
+    found = sorted({m.path for match in matches for m in match.metadata_list})
+    folders = {pattern for pattern in patterns if is_local(pattern)}
+    local_dirs = sorted({path for pattern in folders for path in glob.glob(pattern) if os.path.isdir(path)})
+    if found:
+        FileSystems.delete(found)
+    for path in local_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(set(found) | set(local_dirs))
 
 
 def sha256_file(local_path: str) -> str:
