@@ -123,7 +123,7 @@ def test_a_run_of_one_broken_file_prints_no_rate_and_singular_counts(model, work
     os.makedirs("in")
     with open("in/broken.jpg", "wb") as f:
         f.write(b"not a jpeg")
-    assert main(["classify", "--input", "in", "--model", model, "--output", "out"]) == 0
+    assert main(["classify", "--input", "in", "--model", model, "--output", "out"]) == 3  # every input failed
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("classified 0 of 1 image, 1 error, in ") and "images/s" not in out[0]
     assert "errors by stage and type (1 row in out/errors-*.parquet):" in out
