@@ -2,15 +2,24 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# What is installed, one stamp per extra: the demo needs only '.[demo]'; everything else '.[test]',
+# which holds the demo's packages too (so after it, the demo's stamp is current as well).
+STAMP := $(VENV)/.installed-test
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: install lint format test demo docs docs-reference bench clean
 
-$(STAMP): setup.py
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): setup.py | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): setup.py | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $(DEMO_STAMP)
 
 install: $(STAMP)
 
@@ -26,7 +35,7 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/beamvision demo --workdir demo-output
 
 # The user guide as a static site in site/ (built strictly: a broken link or a missing page fails).

@@ -45,27 +45,29 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1",  # review's HTML, escaped by default
     "pyyaml>=6.0",  # tune's search space files
     "tqdm>=4.66",  # the live progress line of classify and prepare
+    "pandas>=2.2",  # evaluate, review and export-labels read results as DataFrames
     "openvino>=2025.0",  # --engine openvino
     "nncf>=3.4",  # beamvision optimize: INT8 post-training quantisation of the OpenVINO model
 ]
 
+# beamvision demo: its data, scikit-learn's handwritten digits (make demo installs only this extra).
+DEMO_REQUIRE = ["scikit-learn>=1.9.0"]
+
 EXTRAS_REQUIRE = {
     "test": [
+        *DEMO_REQUIRE,  # the suite runs the demo's data too
         "pytest>=9.0",
         "pytest-timeout>=2.3",
         "pytest-xdist>=3.8",  # make test runs on every core
         "gcp-storage-emulator>=2026.7.19",
-        "scikit-learn>=1.9.0",
         "scikit-image>=0.26.0",
         "ruff>=0.17.0",
-        "pandas>=2.2",
         "duckdb>=2.0",  # the docs' SQL blocks (the one-table query over incremental runs) are run
         "mkdocs>=1.6",  # the docs are built as a site, strictly, by the suite (tests/test_docs.py)
         "playwright>=1.50",  # review's page in Debian's Chromium (no browser download)
         "filelock>=3.12",  # a fixture that trains a model builds it once for all xdist workers
     ],
-    # beamvision demo: its data, scikit-learn's handwritten digits.
-    "demo": ["scikit-learn>=1.9.0"],
+    "demo": DEMO_REQUIRE,
     # benchmarks/: the baseline uses Beam's TFModelHandlerNumpy, which imports tensorflow_hub;
     # throughput.py's job (d) runs Ray Data's batch inference as a peer.
     "bench": [

@@ -34,7 +34,7 @@ def relative_key(uri: str, root: str | None) -> str:
     """
     if root:
         if storage.is_local(root) and storage.is_local(uri):
-            root, uri = storage.absolute(root), storage.absolute(uri)
+            root, uri = storage.canonical(root), storage.canonical(uri)
         for base in (root.rstrip("/") + "/", root + "!/"):  # a file under ROOT, a member of ROOT (an archive)
             if uri.startswith(base):
                 return uri[len(base) :]

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from beamvision import console, exits, storage, values
+from beamvision.console import counted
 from beamvision.models.artifact import Manifest, artifact_exists, new_manifest, save_artifact
 from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, restore_checkpoint
 from beamvision.models.dataset import classes_missing_from_splits, missing_split_warnings
@@ -349,8 +350,9 @@ def _fit(
     exits.on_interrupt(lambda: _checkpoint_kept(kept, config.epochs, checkpoint))
     callbacks += _reporting_callbacks(config, data, shards, steps, pause_after if pausing else None, title)
     print(
-        f"training {config.architecture} at {data.input_size}px on {data.totals['train']:,} images, "
-        f"{len(data.labels)} classes, {config.epochs} epochs of {steps} steps, weights {config.weights}",
+        f"training {config.architecture} at {data.input_size}px on {counted(data.totals['train'], 'image')}, "
+        f"{counted(len(data.labels), 'class', 'classes')}, {counted(config.epochs, 'epoch')} of "
+        f"{counted(steps, 'step')}, weights {config.weights}",
         flush=True,
     )
     model.fit(  # the schedule spans config.epochs; a pausing run stops at pause_after
@@ -455,8 +457,9 @@ def _print_trained(
     evaluated_on = metrics["evaluated_on"]
     top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
     print(
-        f"trained {config.architecture} in {seconds:.0f}s ({epochs_run} epochs): "
-        f"{evaluated_on} accuracy {metrics['accuracy']:.1%}{top5} on {metrics['examples']:,} images, "
+        f"trained {config.architecture} in {seconds:.0f}s ({counted(epochs_run, 'epoch')}): "
+        f"{evaluated_on} accuracy {metrics['accuracy']:.1%}{top5} "
+        f"on {counted(metrics['examples'], 'image')}, "
         f"macro F1 {metrics['macro_f1']:.3f}"
     )
     print(

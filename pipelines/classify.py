@@ -362,6 +362,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     config = Config.from_args(args)
     started_at = time.time()
     config, manifest = _check_model(config)
+    if not is_dry_run(pipeline_options):  # workers match the inputs, retrying an unreachable host for minutes
+        storage.check_reachable(*config.inputs)
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
     earlier = None
     dry_run = is_dry_run(pipeline_options)

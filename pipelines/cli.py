@@ -4,7 +4,8 @@ Command modules are imported only when run, so ``beamvision --help`` is quick.
 User mistakes (``UsageError``, ``ModelError``) print one line and exit 2; a
 run with too many errors (``exits.RunFailed``) one line and its status; an
 interrupt (SIGINT, SIGTERM) one line saying what was kept and how to go on,
-and exits 130 or 143 (the table is ``beamvision.exits``).
+and exits 130 or 143 (the table is ``beamvision.exits``); storage that cannot be
+reached (``storage.StorageUnreachable``) one line and exits 1.
 ``console_main`` is the console script (and ``python -m beamvision``, and the
 Flex Template's entry point): it starts quiet (``beamvision.console``) before
 anything is imported, unless ``--verbose``; ``main`` runs one command in the
@@ -101,14 +102,15 @@ def _run_command(command: str, argv: list[str]) -> int:
     module = importlib.import_module(f"beamvision.pipelines.{COMMANDS[command][0]}")
     from beamvision.models import ModelError
     from beamvision.pipelines.flags import UsageError
+    from beamvision.storage import StorageUnreachable
 
     try:
         module.run(argv)
-    except (UsageError, ModelError) as exc:
+    except (UsageError, ModelError, StorageUnreachable) as exc:
         message = str(exc)
         prefix = "" if message.startswith("beamvision") else f"beamvision {command}: error: "
         print(prefix + message, file=sys.stderr)
-        return exits.Status.USAGE
+        return exits.Status.FAILED if isinstance(exc, StorageUnreachable) else exits.Status.USAGE
     except exits.RunFailed as exc:
         if str(exc):
             print(f"beamvision {command}: {exc}", file=sys.stderr)

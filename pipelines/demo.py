@@ -24,7 +24,7 @@ from beamvision.pipelines.flags import (
     parse,
     positive_int,
 )
-from beamvision.pipelines.reports import METRICS_FILE
+from beamvision.pipelines.reports import METRICS_FILE, evaluation_dir
 from beamvision.transforms.outputs import results_pattern
 
 # Small rotations and zooms (never flips: a mirrored 2 is no digit), label
@@ -106,7 +106,7 @@ def run(argv: list[str] | None = None) -> dict:
     _step(config, "classify", "--input", holdout, "--model", model, "--output", results)
     print("5/5 evaluate", flush=True)
     _step(config, "evaluate", "--results", results, "--truth", "folders")
-    with open(os.path.join(results, METRICS_FILE)) as f:
+    with open(os.path.join(evaluation_dir(results), METRICS_FILE)) as f:
         metrics = json.load(f)
     print(
         f"\ndemo done in {time.monotonic() - started:.0f}s: held-out accuracy {metrics['accuracy']:.1%} "

@@ -3,10 +3,13 @@
     beamvision evaluate --results gs://bucket/runs/1 --truth truth.csv
     beamvision evaluate --results out/ --truth folders     # the parent folder names the class
 
-Writes metrics.json and confusion_matrix.png (to --output, default the results
-directory): accuracy, top-5 accuracy where there are more than 5 classes,
+Writes metrics.json and confusion_matrix.png (to --output, default a folder of
+its own beside the results, ``RESULTS-evaluation``: nothing is added to the
+results folder): accuracy, top-5 accuracy where there are more than 5 classes,
 per-class precision/recall/F1, the confusion matrix, and how many images with
-a true label have no result (their errors are in errors-*.parquet).
+a true label have no result (their errors are in errors-*.parquet). Truth and
+result URIs are compared ``storage.canonical``: a relative, absolute or
+``file://`` spelling of one file is the same file.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -23,9 +27,10 @@ import tempfile
 import numpy as np
 
 from beamvision import storage
+from beamvision.console import counted
 from beamvision.models.metrics import classification_metrics, save_confusion_png
 from beamvision.pipelines.flags import UsageError, add_results_argument, parse
-from beamvision.pipelines.reports import METRICS_FILE, read_results
+from beamvision.pipelines.reports import EVALUATION_SUFFIX, METRICS_FILE, evaluation_dir, read_results
 
 CONFUSION_FILE = "confusion_matrix.png"
 RESULT_COLUMNS = ["image_uri", "label", "top_k_labels"]  # all that scoring needs (never the embeddings)
@@ -40,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CSV of uri,label, or 'folders': each image's parent folder is its class",
     )
     parser.add_argument(
-        "--output", metavar="DIR", help="where metrics.json and the PNG go (default --results)"
+        "--output",
+        metavar="DIR",
+        help=f"where metrics.json and the PNG go (default DIR{EVALUATION_SUFFIX} beside --results DIR)",
     )
 
 
@@ -48,26 +55,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Config:
     results: str
     truth: str
-    output: str  # --output, or --results
+    output: str  # --output, or evaluation_dir(--results)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
-        return cls(args.results, args.truth, (args.output or args.results).rstrip("/"))
+        if args.output is None and glob.has_magic(args.results):
+            raise UsageError(f"--results {args.results}: a glob of runs; give --output DIR for the metrics")
+        return cls(args.results, args.truth, (args.output or evaluation_dir(args.results)).rstrip("/"))
 
 
 def read_truth(truth: str, uris) -> dict[str, str]:
     """uri -> true label, from a CSV of uri,label or, with ``folders``, each uri's parent folder."""
     if truth == "folders":
         return {uri: posixpath.basename(posixpath.dirname(uri)) for uri in uris}
-    if not storage.exists(truth):
-        raise UsageError(f"--truth {truth}: no such file (give a CSV of uri,label or 'folders')")
+    check_truth_file(truth)
     mapping = {}
     for row in csv.reader(io.StringIO(storage.read_text(truth))):
         if len(row) >= 2 and row[0].strip() and row[0].strip().lower() != "uri":
-            mapping[row[0].strip()] = row[1].strip()
+            mapping[storage.canonical(row[0].strip())] = row[1].strip()
     if not mapping:
         raise UsageError(f"--truth {truth}: no uri,label rows")
     return mapping
+
+
+def check_truth_file(truth: str) -> None:
+    """``--truth``, unless ``folders``, must name a file."""
+    if truth != "folders" and not storage.exists(truth):
+        raise UsageError(f"--truth {truth}: no such file (give a CSV of uri,label or 'folders')")
+
+
+def check_matched(config: Config, results, truth: dict[str, str]) -> None:
+    """Refuses, in one line, a truth that names none of the results (with an example of each side)."""
+    if results.image_uri.isin(truth.keys()).any():
+        return
+    if results.empty:
+        raise UsageError(f"--results {config.results}: no result rows to score (every input was an error)")
+    raise UsageError(
+        f"--truth {config.truth}: 0 of its {counted(len(truth), 'URI')} match one of the "
+        f"{counted(len(results), 'result')} in --results {config.results} "
+        f"(truth e.g. {min(truth)}, results e.g. {results.image_uri.min()})"
+    )
 
 
 def score(results, truth: dict[str, str]) -> dict:
@@ -95,7 +122,9 @@ def run(argv: list[str] | None = None) -> dict:
     config = Config.from_args(parse("beamvision evaluate", __doc__.splitlines()[0], add_arguments, argv))
     output = config.output
     results = read_results(config.results, RESULT_COLUMNS)
+    results["image_uri"] = results.image_uri.map(storage.canonical)  # rows of runs before URIs were
     truth = read_truth(config.truth, results.image_uri)
+    check_matched(config, results, truth)
     metrics = score(results, truth)
     storage.write_atomic(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +135,8 @@ def run(argv: list[str] | None = None) -> dict:
     top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
     print(
         f"accuracy {accuracy:.1%}{top5} on {metrics['examples']:,} labelled images, macro F1 "
-        f"{metrics['macro_f1']:.3f}; {metrics['labelled_without_result']} labelled images have no result"
+        f"{metrics['macro_f1']:.3f}; {counted(metrics['labelled_without_result'], 'labelled image')} "
+        f"{'has' if metrics['labelled_without_result'] == 1 else 'have'} no result"
         if accuracy is not None
         else "no labelled image has a result"
     )

@@ -41,6 +41,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beamvision import storage
+from beamvision.console import counted
 from beamvision.models.artifact import artifact_exists, load_manifest
 from beamvision.pipelines.flags import UsageError, add_results_argument, parse, positive_int
 from beamvision.pipelines.labelstudio import image_url, label_config, label_studio_tasks
@@ -198,8 +199,9 @@ def run(argv: list[str] | None = None) -> int:
         )
         payload = text.getvalue().encode("utf-8")
     storage.write_atomic(config.output, payload)
-    what = f"the {len(rows):,} least certain" if config.queue else f"{len(rows):,}"
-    print(f"exported {what} images as {config.format} to {config.output}")
+    images = counted(len(rows), "image")
+    what = f"the {images.replace(' image', ' least certain image')}" if config.queue else images
+    print(f"exported {what} as {config.format} to {config.output}")
     return len(rows)
 
 
@@ -252,7 +254,7 @@ def _place_members(rows, config: Config):
     if members and config.extract_to:
         digests = dict(zip(rows.image_uri, rows.sha256, strict=True))
         placed = extract_members(members, config.extract_to, digests)
-        print(f"extracted {len(placed):,} archive members to {config.extract_to}")
+        print(f"extracted {counted(len(placed), 'archive member')} to {config.extract_to}")
     elif members and config.format == "labelstudio":
         raise UsageError(
             f"--extract_to: needed for archive members such as {members[0]} "

@@ -29,6 +29,7 @@ from beamvision.models import ModelArgumentError, get_spec, list_models
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
 from beamvision.transforms.engines import CONVERTED_ENGINES
+from beamvision.transforms.runners import RUNNERS, is_known_runner
 from beamvision.transforms.sizing import READ_THREADS, WorkerSizing
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -102,7 +103,8 @@ def parse_pipeline_args(
     The pipeline's flags are consumed here and never reach Beam (prepare's
     ``--labels`` would clash with Dataflow's job ``--labels``). What remains
     is checked against every Beam ``PipelineOptions`` class, as Beam itself
-    declares them, so a typo in a Beam flag is an error, not silently ignored.
+    declares them, so a typo in a Beam flag is an error, not silently ignored;
+    so is a ``--runner`` that Beam cannot make.
     """
     argv = _normalise_dry_run(sys.argv[1:] if argv is None else list(argv))
     parser = OneLineParser(
@@ -118,7 +120,9 @@ def parse_pipeline_args(
     beam_parser = _BeamFlagsParser(prog=prog, allow_abbrev=False)
     for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(beam_parser)
-    beam_parser.parse_args(beam_argv)
+    runner = beam_parser.parse_args(beam_argv).runner
+    if runner is not None and not is_known_runner(runner):
+        raise UsageError(f"--runner {runner}: unknown runner; choose from {', '.join(RUNNERS)}")
     return args, PipelineOptions(beam_argv)
 
 

@@ -84,8 +84,8 @@ def label_studio_tasks(
         {
             "data": {
                 "image": image_url(placed.get(row.image_uri, row.image_uri), local_files_root),
-                "source_uri": storage.absolute(row.image_uri),
-                "duplicates": [storage.absolute(uri) for uri in getattr(row, "duplicates", [])],
+                "source_uri": storage.canonical(row.image_uri),
+                "duplicates": [storage.canonical(uri) for uri in getattr(row, "duplicates", [])],
                 **({"classes": list(classes)} if classes else {}),
             },
             "predictions": [
@@ -132,9 +132,11 @@ def label_studio_labels(text: str, root: str) -> Reviewed:
     task nobody annotated is skipped (and counted). The image is the task's
     ``source_uri`` (which ``export-labels`` sets: a file, a ``gs://`` object
     or an archive member) or else its ``image``: a storage URI, or a
-    local-files URL, taken relative to ROOT. The classes are those the
-    tasks record (``data.classes``, which export-labels writes: the model's
-    whole class list), so that a class nobody chose is still a class.
+    local-files URL, whose path is taken relative to ROOT. URIs come back
+    ``storage.canonical``: a relative ``source_uri`` is from the current
+    directory, as it was typed, never joined onto ROOT again. The classes
+    are those the tasks record (``data.classes``, which export-labels writes:
+    the model's whole class list), so that a class nobody chose is still a class.
 
     Raises:
         UsageError: the text is not a Label Studio JSON export.
@@ -180,7 +182,8 @@ def _task_uri(data: dict, root: str) -> str | None:
     uri = data.get("source_uri") or data.get("image")
     if not isinstance(uri, str) or not uri:
         return None
-    if uri.startswith(LOCAL_FILES_URL):
+    if uri.startswith(LOCAL_FILES_URL):  # a path under Label Studio's document root: here, under ROOT
         uri = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("d", [""])[0]
-    named = listed_uri(uri, root=root)  # a relative path is under ROOT, as in a labels CSV
+        uri = storage.join(root, uri) if uri and not os.path.isabs(uri) else uri
+    named = listed_uri(uri)  # canonical; a relative path is from the current directory, as typed
     return named[0] if named else None

@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import exits, storage
-from beamvision.console import Counts, ProgressLine
+from beamvision.console import Counts, ProgressLine, counted
 from beamvision.pipelines.flags import UsageError
 from beamvision.transforms import progress
 from beamvision.transforms.outputs import BEAM_TEMP_DIRS
@@ -163,11 +163,12 @@ def claim_output(
     unfinished run's (killed, interrupted): they are cleared without asking.
     The litter Beam's sinks leave when a job dies (``beam-temp-*``) is always cleared.
     """
+    storage.check_reachable(output)
     existing = _owned_files(output, names)
     complete = report is None or storage.exists(storage.join(output, report))
     if existing and complete and not overwrite:
         raise UsageError(
-            f"--output {output}: already holds {holds} ({len(existing)} files); "
+            f"--output {output}: already holds {holds} ({counted(len(existing), 'file')}); "
             "choose a new place or pass --overwrite"
         )
     if existing:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from beamvision import storage
+from beamvision.console import counted
 from beamvision.models import ModelError
 from beamvision.models.artifact import (
     MODEL_FILE,
@@ -344,7 +345,8 @@ def _print_summary(config: Config, manifest: Manifest, fp32_megabytes: float, se
         f"{calibration['images']:,} {calibration['split']} images (seed {calibration['seed']})"
     )
     print(
-        f"{accuracy['split']} accuracy on {accuracy['examples']:,} images: fp32 {fp32:.1%}, int8 {int8:.1%} "
+        f"{accuracy['split']} accuracy on {counted(accuracy['examples'], 'image')}: "
+        f"fp32 {fp32:.1%}, int8 {int8:.1%} "
         f"(drop {drop:.1f} points); same top-1 label on {accuracy['top1_agreement']:.1%}"
     )
     print(

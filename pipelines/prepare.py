@@ -63,8 +63,8 @@ from beamvision.pipelines.flags import (
     worker_sizing,
 )
 from beamvision.pipelines.labelstudio import is_label_studio_export, label_studio_labels
-from beamvision.pipelines.launch import Job, check_errors, run_job
-from beamvision.pipelines.reports import empty_classes_warning, format_prepared
+from beamvision.pipelines.launch import Job, check_errors, is_dry_run, run_job
+from beamvision.pipelines.reports import command, empty_classes_warning, format_prepared
 from beamvision.transforms.archives import CountedInputs, GroupArchives, ListArchiveMembers, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         metavar="FILE",
         help="instead of class folders: a CSV of uri,label, or a Label Studio JSON export (its "
-        "annotations; tasks without one are skipped); relative URIs are under ROOT",
+        "annotations; tasks without one are skipped); relative URIs are from the current directory",
     )
     parser.add_argument(
         "--classes",
@@ -144,7 +144,7 @@ class Config:
                 "together they must leave some training data (sum below 1)"
             )
         return cls(
-            args.input.rstrip("/"),
+            storage.canonical(args.input.rstrip("/")),
             args.labels,
             args.classes,
             args.output.rstrip("/"),
@@ -242,7 +242,7 @@ def _labelled_by_file(
         pairs = (
             pipeline
             | "ReadLabelCsv" >> beam.io.ReadFromText(config.labels)
-            | "ParseLabels" >> beam.FlatMap(_csv_entry, config.input)
+            | "ParseLabels" >> beam.FlatMap(_csv_entry)
         )
     entries = pairs | "OncePerUri" >> beam.GroupByKey()
     labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
@@ -317,9 +317,9 @@ def _write_stats(
     )
 
 
-def _csv_entry(line: str, root: str):
-    """A labels CSV line to (uri, label); the label is "" when the line names none."""
-    uris = listed_uri(line, is_csv=True, root=root)
+def _csv_entry(line: str):
+    """A labels CSV line to (canonical uri, label); the label is "" when the line names none."""
+    uris = listed_uri(line, is_csv=True)
     fields = next(csv.reader([line]), [])
     if uris:
         yield uris[0], fields[1].strip() if len(fields) >= 2 else ""
@@ -477,6 +477,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         "beamvision prepare", __doc__.splitlines()[0], add_arguments, argv
     )
     config = Config.from_args(args)
+    if not is_dry_run(pipeline_options):  # workers match the input, retrying an unreachable host for minutes
+        storage.check_reachable(config.input)
     reviewed = unannotated = None
     classes = set(_read_classes(config.classes)) if config.classes else set()
     if config.labels and is_label_studio_export(config.labels):
@@ -516,8 +518,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             if warning:
                 print(warning, file=sys.stderr)
         check_errors(stats, config.max_error_rate, errors_pattern(config.output))
-        print(
-            f"next: beamvision train --data {config.output} --architecture mobilenet_v2 --output MODEL_DIR "
-            "(every architecture: beamvision models)"
+        train = command(
+            "train", "--data", config.output, "--architecture", "mobilenet_v2", "--output", "MODEL_DIR"
         )
+        print(f"next: {train} (every architecture: beamvision models)")
     return outcome.result

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shlex
 from typing import Any
 
 from beamvision import storage
+from beamvision.console import counted
 from beamvision.pipelines.flags import UsageError
 from beamvision.transforms.outputs import (
     ERRORS_PREFIX,
@@ -27,7 +27,13 @@ from beamvision.transforms.outputs import (
 )
 
 ERROR_GROUPS_PRINTED = 8
-METRICS_FILE = "metrics.json"  # what evaluate writes, beside the results by default
+METRICS_FILE = "metrics.json"  # what evaluate writes, to its own folder (evaluation_dir) by default
+EVALUATION_SUFFIX = "-evaluation"
+
+
+def evaluation_dir(results_dir: str) -> str:
+    """Where evaluate writes by default: a folder of its own beside the results, never inside them."""
+    return results_dir.rstrip("/") + EVALUATION_SUFFIX
 
 
 # --- reading a results folder ----------------------------------------------------------------------
@@ -83,9 +89,8 @@ def _read_shards(pattern: str, columns: list[str]):
     """The Parquet shards matching ``pattern`` as one DataFrame; None when there are none."""
     import pandas as pd
     import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
 
-    shards = FileSystems.match([pattern])[0].metadata_list
+    shards = storage.match(pattern)
     if not shards:
         return None
     frames = [
@@ -107,24 +112,35 @@ def format_summary(summary: dict[str, Any]) -> str:
     unmatched = [f"WARNING: --input {p} matched no file" for p in summary.get("unmatched_patterns", [])]
     if summary.get("archive_members_not_images"):
         skipped += f", {summary['archive_members_not_images']:,} archive members not images (passed over)"
+    # Inputs per second, which means nothing when no image was classified.
+    per_second = summary.get("images_per_second") if summary["results"] else None
+    rate = f" ({per_second:.1f} images/s)" if per_second else ""
+    output = summary["output"]
     return "\n".join(
         [
             *unmatched,
-            f"classified {summary['results']:,} of {summary['inputs']:,} images, "
-            f"{summary['errors']:,} errors{skipped}, in {summary['seconds']:.1f}s "
-            f"({summary['images_per_second'] or 0:.1f} images/s){status}",
+            f"classified {summary['results']:,} of {counted(summary['inputs'], 'image')}, "
+            f"{counted(summary['errors'], 'error')}{skipped}, in {summary['seconds']:.1f}s{rate}{status}",
             f"model: {summary['model']['name']} version {summary['model']['version']}"
             + _engine(summary["model"])
             + _timing(summary.get("timing", {})),
             f"top labels: {labels}",
             *format_error_groups(summary.get("error_groups", []), summary["output"]),
-            f"outputs: {summary['output']} ({RESULTS_PREFIX}-*.parquet, {ERRORS_PREFIX}-*.parquet, "
-            f"{SUMMARY_FILE})",
-            f"read them: {read_results_command(summary['output'])}",
-            f"review them: beamvision review --results {summary['output']} --output "
-            f"{summary['output'].rstrip('/')}-review",
+            f"outputs: {output} ({RESULTS_PREFIX}-*.parquet, {ERRORS_PREFIX}-*.parquet, {SUMMARY_FILE})",
+            f"read them: {read_results_command(output)}",
+            f"review them: {command('review', '--results', output, '--output', review_dir(output))}",
         ]
     )
+
+
+def review_dir(results_dir: str) -> str:
+    """Where the printed review command writes its report: beside the results."""
+    return results_dir.rstrip("/") + "-review"
+
+
+def command(name: str, *argv: str) -> str:
+    """A beamvision command line as printed for the user to run: every word shell-quoted."""
+    return shlex.join(["beamvision", name, *argv])
 
 
 def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
@@ -132,8 +148,7 @@ def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
     if not groups:
         return []
     total = sum(group["count"] for group in groups)
-    rows = f"{total:,} row" + ("" if total == 1 else "s")
-    lines = [f"errors by stage and type ({rows} in {errors_pattern(output)}):"]
+    lines = [f"errors by stage and type ({counted(total, 'row')} in {errors_pattern(output)}):"]
     width = len(f"{groups[0]['count']:,}")
     for group in groups[:ERROR_GROUPS_PRINTED]:
         message = " ".join(group["sample_message"].split())
@@ -150,15 +165,20 @@ def format_error_groups(groups: list[dict[str, Any]], output: str) -> list[str]:
 
 
 def read_results_command(output: str) -> str:
-    """A shell command that prints the first results of a classify output (local or gs://), with pyarrow."""
-    # Everything but the result shards: hidden files, error shards, summary.json.
-    ignored = json.dumps([".", f"{ERRORS_PREFIX}-", os.path.splitext(SUMMARY_FILE)[0]])
+    """A shell command that prints the first results of a classify output (local or gs://), with pyarrow.
+
+    It reads the result shards only (``results-*.parquet``), whatever else
+    the folder holds, from any directory: the folder is named canonically.
+    """
     code = (
-        f'import pyarrow.dataset as ds; print(*ds.dataset({json.dumps(output)}, format="parquet", '
-        f'ignore_prefixes={ignored}).head(10, columns=["image_uri", "label", "score"])'
-        '.to_pylist(), sep="\\n")'
+        "import pyarrow.dataset as ds, pyarrow.fs as pfs; "
+        f"fs, path = pfs.FileSystem.from_uri({json.dumps(storage.canonical(output))}); "
+        "shards = [f.path for f in fs.get_file_info(pfs.FileSelector(path)) "
+        f'if f.base_name.startswith("{RESULTS_PREFIX}-") and f.base_name.endswith(".parquet")]; '
+        'print(*ds.dataset(shards, filesystem=fs, format="parquet")'
+        '.head(10, columns=["image_uri", "label", "score"]).to_pylist(), sep="\\n")'
     )
-    return f"python -c {shlex.quote(code)}"
+    return shlex.join(["python", "-c", code])
 
 
 def _engine(model: dict[str, Any]) -> str:
@@ -176,9 +196,10 @@ def format_prepared(stats: dict[str, Any], output: str) -> list[str]:
     """The lines that end a prepare run: examples per split, errors by stage and type, what next."""
     totals = ", ".join(f"{split} {n:,}" for split, n in stats["totals"].items())
     return [
-        f"prepared {stats['examples']:,} of {stats['inputs']:,} images "
-        f"({totals}; {stats['errors']:,} errors), "
-        f"{len(stats['counts']['train'])} classes at {stats['image_size']}px, to {output}",
+        f"prepared {stats['examples']:,} of {counted(stats['inputs'], 'image')} "
+        f"({totals}; {counted(stats['errors'], 'error')}), "
+        f"{counted(len(stats['counts']['train']), 'class', 'classes')} at {stats['image_size']}px, "
+        f"to {output}",
         *format_error_groups(stats["error_groups"], output),
     ]
 
@@ -189,7 +210,7 @@ def empty_classes_warning(stats: dict[str, Any]) -> str | None:
     if not empty:
         return None
     return (
-        f"WARNING: {len(empty)} classes have no usable image: "
-        f"{', '.join(empty[:10])} (kept in labels.json; no image of theirs was named, or every one "
-        f"failed: see {ERRORS_PREFIX}-*.parquet)"
+        f"WARNING: {counted(len(empty), 'class', 'classes')} {'has' if len(empty) == 1 else 'have'} "
+        f"no usable image: {', '.join(empty[:10])} (kept in labels.json; no image of theirs was named, "
+        f"or every one failed: see {ERRORS_PREFIX}-*.parquet)"
     )

@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import exits, storage
+from beamvision.console import counted
 from beamvision.pipelines.flags import add_results_argument, add_switch, parse_pipeline_args, positive_int
 from beamvision.pipelines.launch import build_only, claim_output, discard_unfinished, is_dry_run, run_to_end
 from beamvision.pipelines.reports import distinct_least_certain, read_errors, read_results, read_summary
@@ -256,9 +257,9 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     page = _write_page(config, with_thumbnails(content, made), results)
     totals = content["totals"]
     print(
-        f"reviewed {totals['results']:,} results and {totals['errors']:,} errors: {page} "
-        f"({len(made):,} of {len(uris):,} thumbnails, {len(content['queue']):,} in the queue, "
-        f"{len(content['duplicates']):,} duplicate groups)"
+        f"reviewed {counted(totals['results'], 'result')} and {counted(totals['errors'], 'error')}: {page} "
+        f"({len(made):,} of {counted(len(uris), 'thumbnail')}, {len(content['queue']):,} in the queue, "
+        f"{counted(len(content['duplicates']), 'duplicate group')})"
     )
     return result
 

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import exits, storage, values
+from beamvision.console import counted
 from beamvision.models import ModelArgumentError, ModelError
 from beamvision.models.checkpoints import checkpoint_root
 from beamvision.models.trainer import MONITORS, VALUE_CHECKS, TrainConfig, defaults, train
@@ -381,7 +383,8 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             storage.delete_tree(storage.join(config.output, name))
     done = _rungs_done(config.output, trials)
     print(
-        f"tune: {len(trials)} trials ({config.search} search over {', '.join(space.varied) or 'nothing'}), "
+        f"tune: {counted(len(trials), 'trial')} "
+        f"({config.search} search over {', '.join(space.varied) or 'nothing'}), "
         f"ranked on {config.metric}; {done} trial rungs already done in {config.output}",
         flush=True,
     )
@@ -446,9 +449,8 @@ def _format_summary(summary: dict, config: Config, seconds: float) -> str:
             f"best: trial {best['trial']} ({json.dumps(best['flags'], sort_keys=True)}), "
             f"{config.metric} {best[config.metric]:.4f}{tested}"
         )
-        lines.append(
-            f"best artifact: {best['artifact']} (beamvision classify --model {best['artifact']} ...)"
-        )
+        artifact = best["artifact"]
+        lines.append(f"best artifact: {artifact} (beamvision classify --model {shlex.quote(artifact)} ...)")
     else:
         lines.append("no trial completed: see the errors above")
     influential = [f"{flag} {share:.0%}" for flag, share in summary["influence"].items()]

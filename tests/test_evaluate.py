@@ -41,7 +41,7 @@ def test_a_thousand_class_model_scored_against_two_classes(photos, tmp_path):
     assert metrics["examples"] == len(photos)
     assert {"goldfish", "tench"} <= set(metrics["labels"])
     assert metrics["per_class"]["tench"]["support"] == (len(photos) + 1) // 2
-    with open(os.path.join(results, "metrics.json")) as f:
+    with open(os.path.join(f"{results}-evaluation", "metrics.json")) as f:  # beside the results
         assert json.load(f)["confusion_matrix"] == metrics["confusion_matrix"]
     # Top-5 of a 1,000-class model is reported however few labels the truth and top-1 name.
     rows = pd.concat(
@@ -52,7 +52,7 @@ def test_a_thousand_class_model_scored_against_two_classes(photos, tmp_path):
         truth_of[uri] in list(top)[:5] for uri, top in zip(rows.image_uri, rows.top_k_labels, strict=True)
     ]
     assert metrics["top5_accuracy"] == pytest.approx(np.mean(hits))
-    with Image.open(os.path.join(results, "confusion_matrix.png")) as picture:
+    with Image.open(os.path.join(f"{results}-evaluation", "confusion_matrix.png")) as picture:
         assert max(picture.size) < 2000
 
 

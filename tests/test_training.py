@@ -115,7 +115,7 @@ def test_split_is_a_stable_function_of_path_and_seed():
     assert splits != [assign_split(k, 0.1, 0.2, seed=8) for k in keys]
 
 
-def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys):
+def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys, monkeypatch):
     root = render_subset(str(tmp_path / "root"), classes=2, per_class=6)
     with open(os.path.join(root, "0", "broken.png"), "wb") as f:
         f.write(b"\x89PNG not really")
@@ -133,7 +133,7 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys):
     assert (stats["inputs"], stats["examples"], stats["errors"]) == (15, 12, 3)
     assert stats["empty_classes"] == ["notes"]
     printed = capsys.readouterr()
-    assert "WARNING: 1 classes have no usable image: notes" in printed.err
+    assert "WARNING: 1 class has no usable image: notes" in printed.err
     errors = pd.read_parquet(next(os.path.join(out, n) for n in os.listdir(out) if n.startswith("errors-")))
     assert sorted(zip(errors.stage, errors.error_type, strict=True)) == [
         ("decode", "NotAnImage"),
@@ -162,6 +162,7 @@ def test_prepare_counts_bad_files_and_reads_a_csv(tmp_path, capsys):
     csv_path.write_text("\n".join(rows) + "\n")
     out_csv = str(tmp_path / "data_csv")
     flags = ["--labels", str(csv_path), "--output", out_csv, "--image_size", "16", "--max_error_rate", "0.2"]
+    monkeypatch.chdir(root)  # the CSV's relative URIs are from the current directory, as typed
     prepare.run(["--input", root, *flags])
     assert _json(os.path.join(out_csv, "labels.json")) == ["even", "odd"]
     stats = _json(os.path.join(out_csv, "stats.json"))
@@ -339,7 +340,7 @@ def test_training_learns_digits_and_the_loop_closes(prepared, digits, tmp_path, 
     assert metrics["examples"] == len(rows) == 176
     assert metrics["accuracy"] == pytest.approx(float((rows.label == truth).mean()))
     assert metrics["accuracy"] >= 0.8
-    with open(os.path.join(results, "confusion_matrix.png"), "rb") as f:
+    with open(os.path.join(f"{results}-evaluation", "confusion_matrix.png"), "rb") as f:  # its own folder
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     csv_truth = tmp_path / "truth.csv"
     csv_truth.write_text(

@@ -102,7 +102,10 @@ class SkipClassified(beam.PTransform):
             | "EarlierRows" >> beam.Flatten()
             | "KeyEarlier"
             >> beam.Map(
-                lambda row: (row["image_uri"], file_version(row.get("file_size"), row.get("file_modified")))
+                lambda row: (
+                    storage.canonical(row["image_uri"]),  # rows of runs before URIs were canonical
+                    file_version(row.get("file_size"), row.get("file_modified")),
+                )
             )
         )
         now = files | "KeyFiles" >> beam.Map(lambda f: (f.uri, f))

@@ -8,6 +8,10 @@ even when several patterns or list lines name it: URIs (never file contents)
 are grouped, which is also a fusion break before the read, spreading the
 reads over workers.
 
+Every URI is spelled ``storage.canonical``: patterns are matched, and list
+lines taken, as absolute paths (a relative one from the current directory),
+so a row's ``image_uri`` is the same however the input was typed.
+
 Matching yields ``ImageFile`` records (URI, size, modification time); a listed
 URI is looked up on its own (never globbed) on a pool of threads, so its size
 is known before it is read. Reads then run on threads ahead of decoding, at
@@ -30,6 +34,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
+from beamvision import storage
 from beamvision.transforms.archives import ArchiveRequest, Unpacker
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, ThreadPoolDoFn
 from beamvision.transforms.rows import ERRORS_TAG, ImageFile, error_row
@@ -67,7 +72,8 @@ class MatchInputs(beam.PTransform):
 
     def __init__(self, patterns: list[str], input_list: str | None = None, list_column: str = "uri"):
         super().__init__()
-        self._patterns = list(patterns)
+        # (as given, for the counts; canonical, to match): made here, in the launcher's directory.
+        self._patterns = [(pattern, storage.canonical(pattern)) for pattern in patterns]
         self._input_list = input_list
         self._list_column = list_column
 
@@ -147,11 +153,11 @@ class ReadFiles(beam.PTransform):
         }
 
 
-def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list[str]:
-    """The URI a list line names: the whole line, or a CSV's first field.
+def listed_uri(line: str, is_csv: bool = False) -> list[str]:
+    """The URI a list line names, canonical: the whole line, or a CSV's first field.
 
     Blank lines and a CSV header (first field ``uri``) name nothing. A relative
-    path is taken relative to ``root`` when one is given.
+    path is taken from the current directory, as the user typed it.
     """
     if is_csv:
         fields = next(csv.reader([line]), [])
@@ -162,9 +168,7 @@ def listed_uri(line: str, is_csv: bool = False, root: str | None = None) -> list
         uri = line.strip()
     if not uri:
         return []
-    if root and FileSystems.get_scheme(uri) is None and not os.path.isabs(uri):
-        uri = FileSystems.join(root, uri)
-    return [uri]
+    return [storage.canonical(uri)]
 
 
 def list_format(uri: str) -> str:
@@ -206,7 +210,7 @@ def _read_list(uri: str, column: str) -> beam.PTransform:
     form = list_format(uri)
     if form == "parquet":
         return beam.io.ReadFromParquet(uri, columns=[column]) | beam.FlatMap(
-            lambda row: [row[column]] if row[column] else []
+            lambda row: [storage.canonical(row[column])] if row[column] else []
         )
     if form == "csv":
         index = csv_column_index(uri, column)
@@ -217,7 +221,7 @@ def _read_list(uri: str, column: str) -> beam.PTransform:
 def _csv_field(line: str, index: int) -> list[str]:
     fields = next(csv.reader([line]), [])
     value = fields[index].strip() if len(fields) > index else ""
-    return [value] if value else []
+    return [storage.canonical(value)] if value else []
 
 
 def unmatched_patterns(counts) -> list[str]:
@@ -251,10 +255,11 @@ def _best_known(files) -> ImageFile:
 
 
 class _MatchPatternFn(beam.DoFn):
-    """A pattern to (uri, ImageFile) per file it matches, and (pattern, count) to ``counts``."""
+    """(pattern, canonical) to (uri, ImageFile) per file it matches, and (pattern, count) to ``counts``."""
 
-    def process(self, pattern: str):
-        matches = FileSystems.match([expand_pattern(pattern)])[0].metadata_list
+    def process(self, patterns: tuple[str, str]):
+        pattern, canonical = patterns
+        matches = FileSystems.match([expand_pattern(canonical)])[0].metadata_list
         count = 0
         for metadata in matches:
             if not metadata.path.endswith("/"):  # folder markers on object stores

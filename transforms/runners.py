@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import enum
 
+# The runners a user picks from, as an unknown --runner's message lists them. Beam knows a few
+# more (FnApiRunner, InteractiveRunner, the test runners) and takes them too.
+RUNNERS = ("DirectRunner", "PrismRunner", "FlinkRunner", "SparkRunner", "PortableRunner", "DataflowRunner")
+
 
 class RunnerKind(enum.Enum):
     """Where a runner's workers run."""
@@ -29,6 +33,16 @@ def kind_of(runner: str | None) -> RunnerKind:
     if "direct" in name or "fnapirunner" in name:
         return RunnerKind.DIRECT
     return RunnerKind.PORTABLE
+
+
+def is_known_runner(name: str) -> bool:
+    """Whether Beam can make the runner ``--runner`` names: any case, ``Runner`` optional, or a class path."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if "." in name:  # a runner class by its module path
+        return True
+    known = {runner.lower() for runner in StandardOptions.KNOWN_RUNNER_NAMES}
+    return name.lower() in known or f"{name.lower()}runner" in known
 
 
 def runner_kind(pipeline) -> RunnerKind:

@@ -394,6 +394,10 @@ class ProgressLine:
         self._printed, self._printed_counts = now, counts
 
 
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """A count as printed: ``1 error``, ``2 errors``, ``1,203 images`` (``plural`` when not noun + s)."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
+
+
 def _postfix(counts: Counts) -> str:
-    errors = f"{counts.errors:,} error" + ("" if counts.errors == 1 else "s")
-    return errors + (f", {counts.skipped:,} skipped" if counts.skipped else "")
+    return counted(counts.errors, "error") + (f", {counts.skipped:,} skipped" if counts.skipped else "")

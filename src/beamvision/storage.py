@@ -1,7 +1,19 @@
-"""Whole-file I/O on any Beam filesystem (local paths, ``gs://``, ...).
+"""Whole-file I/O on any Beam filesystem (local paths, ``gs://``, ...), and the one spelling of a file.
 
 Model artifacts, label files and summaries all go through these helpers, so
 every storage backend that Beam's ``FileSystems`` knows works the same way.
+
+``canonical`` is how a file is spelled in every row and wherever URIs are
+compared: a URI with a scheme as it is, a local file as its absolute,
+normalised path (symlinks kept, no ``file://``), so ``data/x.jpg``,
+``./data/x.jpg``, ``/home/me/data/x.jpg`` and ``file:///home/me/data/x.jpg``
+are one file.
+
+``check_reachable`` fails fast, in one line (``StorageUnreachable``), when
+Cloud Storage cannot be reached from this process or no credentials are
+found: the helpers here call it before their first access to an endpoint,
+instead of letting the client retry an unresolvable host for minutes. Faults
+of a reachable server (429, 503) are still retried by the client, as ever.
 """
 
 from __future__ import annotations
@@ -10,16 +22,151 @@ import glob
 import hashlib
 import os
 import shutil
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
 import uuid
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 _CHUNK = 1 << 24
+_FILE_SCHEME = "file://"
+_MEMBER_SEPARATOR = "!/"  # ARCHIVE!/member (beamvision.transforms.members): only the archive is a path
+_GCS_HOST = "storage.googleapis.com"
+_EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"  # the google-cloud-storage client's own switch
+CHECK_SECONDS = 8.0  # for each of name resolution and connection; credentials take their own time
+
+
+class StorageUnreachable(Exception):
+    """Storage that a command needs cannot be reached, or no credentials were found. One line."""
+
+
+def canonical(uri: str) -> str:
+    """The one spelling of a file: a URI with a scheme unchanged, a local path absolute and normalised.
+
+    A leading ``file://`` is dropped; a relative path is taken from the
+    current directory, as the user typed it; ``..`` and ``.`` are folded,
+    symlinks are not resolved. In an archive member's URI
+    (``ARCHIVE!/member``) only the archive's path changes.
+    """
+    if uri.startswith(_FILE_SCHEME):
+        uri = uri[len(_FILE_SCHEME) :]
+    if not uri or FileSystems.get_scheme(uri) is not None:
+        return uri
+    path, separator, member = uri.partition(_MEMBER_SEPARATOR)
+    return os.path.abspath(path) + separator + member
+
+
+_checked: dict[str, str | None] = {}  # endpoint -> None (reachable) or the one-line reason it is not
+_checked_lock = threading.Lock()
+
+
+def check_reachable(*uris: str | None) -> None:
+    """Raises ``StorageUnreachable`` unless the storage of each ``gs://`` URI answers and credentials exist.
+
+    Checked once per endpoint and process: the host resolves and accepts a
+    connection within ``CHECK_SECONDS`` each (through the HTTPS proxy, if one
+    is set), and, unless ``STORAGE_EMULATOR_HOST`` names an emulator, Google
+    application default credentials are found. Local paths and other schemes
+    pass unchecked.
+    """
+    for uri in uris:
+        if uri and uri.startswith("gs://"):
+            _check_gcs(uri)
+
+
+def _check_gcs(uri: str) -> None:
+    emulator = os.environ.get(_EMULATOR_VARIABLE)
+    endpoint = emulator or _GCS_HOST
+    with _checked_lock:
+        if endpoint not in _checked:
+            _checked[endpoint] = _gcs_problem(emulator)
+        problem = _checked[endpoint]
+    if problem:
+        bucket = uri[len("gs://") :].split("/", 1)[0]
+        raise StorageUnreachable(f"{uri}: {problem}, and the bucket name ({bucket})")
+
+
+def _gcs_problem(emulator: str | None) -> str | None:
+    """Why Cloud Storage (or the emulator) cannot be used from here; None when it can."""
+    if emulator:
+        parsed = urllib.parse.urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+        host, port, scheme = parsed.hostname or "", parsed.port, parsed.scheme
+    else:
+        host, port, scheme = _GCS_HOST, None, "https"
+    port = port or (443 if scheme == "https" else 80)
+    target = f"{host}:{port}"
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(scheme)
+    if proxy:
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or "", parsed.port or 80
+    where = ("the storage emulator" if emulator else "Cloud Storage") + f" at {target}"
+    where += f" through the proxy {host}:{port}" if proxy else ""
+    failure = _connect(host, port)
+    if failure:
+        check = f"{_EMULATOR_VARIABLE} ({emulator})" if emulator else "the network (or the proxy)"
+        return f"cannot reach {where} ({failure}); check {check}"
+    if emulator:
+        return None  # an emulator takes anonymous requests
+    return _credentials_problem()
+
+
+def _connect(host: str, port: int) -> str | None:
+    """Why a TCP connection to ``host:port`` fails (each step bounded in time); None when it opens."""
+    found: list = []
+
+    def resolve():
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+
+    resolver = threading.Thread(target=resolve, daemon=True)
+    resolver.start()
+    resolver.join(CHECK_SECONDS)
+    if not found:
+        return f"resolving {host} took over {CHECK_SECONDS:g}s"
+    if isinstance(found[0], OSError):
+        return f"cannot resolve {host}: {found[0].strerror or found[0]}"
+    last, deadline = None, time.monotonic() + CHECK_SECONDS  # for all the addresses together
+    for family, kind, proto, _, address in found[0]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as connection:
+                connection.settimeout(left)
+                connection.connect(address)
+            return None
+        except OSError as exc:
+            last = exc
+    reason = (getattr(last, "strerror", None) or last) if last else f"no answer in {CHECK_SECONDS:g}s"
+    return f"cannot connect to {host}:{port}: {reason}"
+
+
+def _credentials_problem() -> str | None:
+    """Why no Google credentials can be used here; None when application default credentials exist."""
+    try:
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+    except ImportError:
+        return "google-auth is not installed (pip install 'apache-beam[gcp]')"
+    try:
+        google.auth.default()
+    except DefaultCredentialsError:
+        return (
+            "no Google Cloud credentials found; check 'gcloud auth application-default login' "
+            "or GOOGLE_APPLICATION_CREDENTIALS (a service account key file)"
+        )
+    return None
 
 
 def exists(uri: str) -> bool:
     """Whether a file exists at ``uri``."""
+    check_reachable(uri)
     return FileSystems.exists(uri)
 
 
@@ -30,11 +177,13 @@ def join(base: str, *parts: str) -> str:
 
 def delete(uri: str) -> None:
     """Deletes the file at ``uri``."""
+    check_reachable(uri)
     FileSystems.delete([uri])
 
 
 def read_bytes(uri: str) -> bytes:
     """The whole content of the file at ``uri``."""
+    check_reachable(uri)
     with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return f.read()
 
@@ -46,6 +195,7 @@ def read_text(uri: str) -> str:
 
 def download(uri: str, local_path: str) -> None:
     """Copies the file at ``uri`` to a local path, in chunks."""
+    check_reachable(uri)
     source = FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED)
     with source as src, open(local_path, "wb") as dst:
         shutil.copyfileobj(src, dst, _CHUNK)
@@ -57,6 +207,7 @@ def write_atomic(uri: str, data: bytes | None = None, local_path: str | None = N
     The content goes to a temporary sibling first and is then renamed, so a
     reader sees either no file or the complete one, never a partial write.
     """
+    check_reachable(uri)
     tmp_uri = f"{uri}.tmp-{uuid.uuid4().hex}"
     with FileSystems.create(tmp_uri, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
         if local_path is None:
@@ -103,33 +254,31 @@ def is_local(uri: str) -> bool:
     return FileSystems.get_scheme(uri) is None
 
 
-def absolute(uri: str) -> str:
-    """A local path, or an archive member's (``ARCHIVE!/member``), made absolute; other URIs as they are."""
-    if not is_local(uri):
-        return uri
-    archive, found, member = uri.partition("!/")
-    return os.path.abspath(archive) + found + member
-
-
 def size(uri: str) -> int:
     """The size in bytes of the file at ``uri``."""
+    check_reachable(uri)
     return FileSystems.get_filesystem(uri).metadata(uri).size_in_bytes
 
 
 def match_sizes(pattern: str) -> list[tuple[str, int]]:
     """(path, size in bytes) of each file matching the glob ``pattern``, sorted by path."""
-    matches = FileSystems.match([pattern])[0].metadata_list
-    return sorted((m.path, m.size_in_bytes) for m in matches)
+    return sorted((m.path, m.size_in_bytes) for m in match(pattern))
+
+
+def match(pattern: str) -> list:
+    """Beam's ``FileMetadata`` of each file matching the glob ``pattern``, sorted by path."""
+    check_reachable(pattern)
+    return sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path)
 
 
 def list_files(prefix: str) -> list[str]:
     """Every file under the directory ``prefix``, sorted (none when it does not exist)."""
-    matches = FileSystems.match([join(prefix, "**")])[0].metadata_list
-    return sorted(m.path for m in matches)
+    return [m.path for m in match(join(prefix, "**"))]
 
 
 def copy_tree(source: str, target: str) -> None:
     """Copies every file under ``source`` to the same relative path under ``target``."""
+    check_reachable(source, target)
     files = list_files(source)
     base = source.rstrip("/") + "/"
     targets = [join(target, uri[len(base) :]) for uri in files]
