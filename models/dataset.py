@@ -108,8 +108,10 @@ def merge_split_summaries(summaries) -> SplitSummary:
     return merged
 
 
-def split_overrides(summary: SplitSummary) -> dict[str, str]:
+def split_overrides(summary: SplitSummary, fractions: tuple[float, float]) -> dict[str, str]:
     """The files of one class to move out of their hashed split (key -> split), so that every split holds it.
+
+    ``fractions`` (val, test): a split asked for at 0 is never filled.
 
     A class of at least ``MIN_FOR_EVERY_SPLIT`` files keeps one in each
     split: an empty test split takes the class's lowest-placed file, then an
@@ -134,15 +136,16 @@ def split_overrides(summary: SplitSummary) -> dict[str, str]:
         counts[source] -= 1
         counts[target] += 1
 
-    if not counts["test"]:
+    val_wanted, test_wanted = (fraction > 0 for fraction in fractions)
+    if test_wanted and not counts["test"]:
         move("val" if counts["val"] else "train", low, "test")
-    if not counts["val"]:
+    if val_wanted and not counts["val"]:
         if counts["train"]:
             move("train", low, "val")
         else:
             move("test", high, "val")
     if not counts["train"]:
-        move("val" if counts["val"] > 1 else "test", high, "train")
+        move("val" if counts["val"] > 1 or not counts["test"] else "test", high, "train")
     return moved
 
 
@@ -154,10 +157,18 @@ SPLIT_CONSEQUENCES = {
 }
 
 
-def classes_missing_from_splits(labels: list[str], counts: dict[str, dict[str, int]]) -> dict[str, list[str]]:
-    """Per split, the classes with examples in some split but none in this one (``counts``: stats.json's)."""
+def classes_missing_from_splits(
+    labels: list[str], counts: dict[str, dict[str, int]], splits=SPLITS
+) -> dict[str, list[str]]:
+    """Per split, the classes with examples in some split but none in this one (``counts``: stats.json's).
+
+    Only ``splits`` are looked at (the others get no class): a split asked for at 0 lacks every class.
+    """
     present = [name for name in labels if any(counts[split].get(name) for split in SPLITS)]
-    return {split: [name for name in present if not counts[split].get(name)] for split in SPLITS}
+    return {
+        split: [name for name in present if not counts[split].get(name)] if split in splits else []
+        for split in SPLITS
+    }
 
 
 def missing_split_warnings(missing: dict[str, list[str]], splits=SPLITS) -> list[str]:

@@ -277,9 +277,8 @@ def _read_data(config: TrainConfig) -> _Data:
             f"images ({', '.join(empty[:10])}); the model will never predict them",
             file=sys.stderr,
         )
-    for warning in missing_split_warnings(
-        classes_missing_from_splits(labels, stats["counts"]), ("val", "test")
-    ):
+    held_out = [split for split in ("val", "test") if stats["totals"].get(split)]  # (0: not asked for)
+    for warning in missing_split_warnings(classes_missing_from_splits(labels, stats["counts"]), held_out):
         print(f"{warning.replace('WARNING: ', f'WARNING: --data {config.data}: ', 1)}", file=sys.stderr)
     fingerprint = dataset_fingerprint(config.data, labels, stats)
     return _Data(labels, stats, config.input_size or image_size, fingerprint)

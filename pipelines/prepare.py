@@ -384,7 +384,12 @@ class _SplitEveryClass(beam.PTransform):
             files
             | "Placed" >> beam.Map(placed)
             | "PerClass" >> beam.CombinePerKey(_SplitSummaryFn((config.val_fraction, config.test_fraction)))
-            | "Moved" >> beam.FlatMap(lambda entry: sorted(split_overrides(entry[1]).items()))
+            | "Moved"
+            >> beam.FlatMap(
+                lambda entry: sorted(
+                    split_overrides(entry[1], (config.val_fraction, config.test_fraction)).items()
+                )
+            )
         )
 
 
@@ -419,6 +424,15 @@ def _to_example(
     return split, key.label, serialize_example(pixels, class_names.index(key.label), key.uri)
 
 
+def _asked_splits(config: Config) -> list[str]:
+    """The held-out splits asked for (a fraction above 0): only these are filled for every class."""
+    return [
+        split
+        for split, fraction in (("val", config.val_fraction), ("test", config.test_fraction))
+        if fraction
+    ]
+
+
 class _WriteStatsFn(beam.DoFn):
     def __init__(self, config: Config, unannotated: int | None):
         self._config = config
@@ -443,7 +457,9 @@ class _WriteStatsFn(beam.DoFn):
             # Named by a folder or the CSV, but none of their files became an example.
             "empty_classes": [name for name in class_names if not any(per_split[s][name] for s in SPLITS)],
             # Classes with examples, but none in this split (too few images, or images that failed).
-            "missing_from_splits": classes_missing_from_splits(class_names, per_split),
+            "missing_from_splits": classes_missing_from_splits(
+                class_names, per_split, ["train", *_asked_splits(config)]
+            ),
             "error_groups": error_groups,
         }
         if self._unannotated is not None:  # --labels was a Label Studio export

@@ -123,7 +123,8 @@ def test_duplicates_are_queued_and_exported_once(work, monkeypatch):
     page = open("review/index.html").read()  # noqa: SIM115
     queue = page[page.index('id="queue"') : page.index('id="labels"')]
     copies = ("shards/part-1.tar!/cat/0000.jpg", "shards/part-2.zip!/cat/copy-of-0000.jpg")
-    assert sum(queue.count(f'alt="{uri}"') for uri in copies) == 1  # one thumbnail for the one photo
+    # One thumbnail for the one photo (rows name files canonically: absolute).
+    assert sum(queue.count(f'alt="{os.path.join(str(work), uri)}"') for uri in copies) == 1
     assert "the same bytes also at" in queue
 
     tasks = _export("queue.json", "--queue", "40")
@@ -163,7 +164,7 @@ def test_a_reviewed_round_keeps_every_class_and_splits_each_one(work, monkeypatc
             f"{len(tasks) - UNTOUCHED} annotated tasks, {UNTOUCHED if all_tasks else 0} without a choice "
             f"annotation (skipped); {len(CLASSES)} classes recorded" in printed.out
         )
-        assert "1 classes have no usable image: hubble" in printed.err
+        assert "1 class has no usable image: hubble" in printed.err
         labels = json.load(open(f"data-{name}/labels.json"))  # noqa: SIM115
         stats = json.load(open(f"data-{name}/stats.json"))  # noqa: SIM115
         assert labels == sorted(CLASSES) and stats["errors"] == 0
@@ -186,7 +187,7 @@ def test_prepare_keeps_the_classes_of_a_classes_file(work, monkeypatch, capsys):
         f.write("".join(f"{name}\n" for name in (*CLASSES, "zebra")))
     argv = ["prepare", "--input", "photos", "--output", "data-folders", "--image_size", "16"]
     assert main([*argv, "--classes", "classes.txt"]) == 0
-    assert "1 classes have no usable image: zebra" in capsys.readouterr().err
+    assert "1 class has no usable image: zebra" in capsys.readouterr().err
     assert json.load(open("data-folders/labels.json")) == sorted([*CLASSES, "zebra"])  # noqa: SIM115
     assert main([*argv, "--overwrite", "--classes", "model-0/manifest.json"]) == 2
     assert "--classes model-0/manifest.json: not a JSON list of class names" in capsys.readouterr().err

@@ -26,7 +26,9 @@ SEED = 11  # with it, the per-file hash alone leaves cat/ out of val (35 crops a
 
 
 def _splits(keys: list[str], val: float, test: float, seed: int) -> dict[str, str]:
-    moved = split_overrides(summarise_split([(split_position(k, seed), k) for k in keys], (val, test)))
+    moved = split_overrides(
+        summarise_split([(split_position(k, seed), k) for k in keys], (val, test)), (val, test)
+    )
     return {k: moved.get(k) or assign_split(k, val, test, seed) for k in keys}
 
 
@@ -37,8 +39,10 @@ def test_every_class_of_three_or_more_has_a_file_in_every_split():
         val, test = rng.choice([0.0, 0.05, 0.1, 0.45]), rng.choice([0.0, 0.05, 0.1, 0.45])
         keys = [f"c/{rng.random()}.jpg" for _ in range(n)]
         counts = collections.Counter(_splits(keys, val, test, 0).values())
+        asked = {"train": 1.0, "val": val, "test": test}
+        assert all(counts[split] == 0 for split in SPLITS if not asked[split])  # a split asked for at 0
         if n >= 3:
-            assert all(counts[split] for split in SPLITS), (n, val, test, counts)
+            assert all(counts[split] for split in SPLITS if asked[split]), (n, val, test, counts)
         else:
             assert counts["train"] == n  # too few to be learned and measured: learned
 
