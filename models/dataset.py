@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 
 from beamvision import storage
+from beamvision.console import counted
 
 SPLITS = ("train", "val", "test")
 LABELS_FILE = "labels.json"
@@ -174,7 +175,8 @@ def classes_missing_from_splits(
 def missing_split_warnings(missing: dict[str, list[str]], splits=SPLITS) -> list[str]:
     """One warning line per split of ``splits`` that some classes are missing from (``missing``: as above)."""
     return [
-        f"WARNING: {len(missing[split])} classes have no {split} image: {', '.join(missing[split][:10])} "
+        f"WARNING: {counted(len(missing[split]), 'class', 'classes')} "
+        f"{'has' if len(missing[split]) == 1 else 'have'} no {split} image: {', '.join(missing[split][:10])} "
         f"({SPLIT_CONSEQUENCES[split]})"
         for split in splits
         if missing.get(split)

@@ -30,7 +30,7 @@ import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import exits, storage
-from beamvision.console import DEFAULT_PROGRESS_SECONDS
+from beamvision.console import DEFAULT_PROGRESS_SECONDS, counted
 from beamvision.models.artifact import Manifest, verify_artifact
 from beamvision.pipelines.flags import (
     DEFAULT_MAX_ERROR_RATE,
@@ -78,6 +78,7 @@ from beamvision.transforms.resume import (
     kept_rows,
     partial_runs,
     plan_resume,
+    running_owner,
     write_attempt,
 )
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
@@ -365,19 +366,20 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if not is_dry_run(pipeline_options):  # workers match the inputs, retrying an unreachable host for minutes
         storage.check_reachable(*config.inputs)
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
-    earlier = None
+    earlier, stale_runs = None, []
     dry_run = is_dry_run(pipeline_options)
     if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
-        config, earlier = _incremental_run(config, manifest, dry_run)
+        config, earlier, stale_runs = _incremental_run(config, manifest, dry_run)
     else:
         config = dataclasses.replace(config, partial=partial_dir(config.output))
     attempt = _attempt_record(config, manifest)
     # Read only: what is deleted is deleted once the job is built (building can still fail).
     resume, stale = (Resume(), []) if dry_run else _plan_output(config, attempt)
+    stale += [uri for folder in stale_runs for uri in storage.list_files(folder)]
     if resume:
         print(
-            f"classify: resuming an interrupted run into {config.output}: {resume.rows:,} rows are kept, "
-            "their files (unchanged since) are not classified again"
+            f"classify: resuming an interrupted run into {config.output}: up to "
+            f"{counted(resume.rows, 'row')} are kept, their files (unchanged since) are not classified again"
         )
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, config, manifest, earlier, started_at, resume)
@@ -427,12 +429,18 @@ def _plan_output(config: Config, attempt: dict[str, Any]) -> tuple[Resume, list[
     A complete run there (its summary.json) is refused, or with --overwrite
     deleted; an unfinished one's rows are kept when made with ``attempt``.
     """
+    running = running_owner(config.partial)
+    if running is not None:
+        raise UsageError(
+            f"--output {config.output}: a run on this machine (pid {running}) is writing there now; "
+            "wait for it to end, or stop it (its rerun keeps its finished rows)"
+        )
     if storage.exists(storage.join(config.output, SUMMARY_FILE)):
         owned = [storage.join(glob.escape(config.output), name) for name in RUN_FILES]
         existing = [uri for pattern in owned for uri, _size in storage.match_sizes(pattern)]
         if not config.overwrite:
             raise UsageError(
-                f"--output {config.output}: already holds results ({len(existing)} files); "
+                f"--output {config.output}: already holds results ({counted(len(existing), 'file')}); "
                 "choose a new place or pass --overwrite"
             )
         return Resume(), existing + storage.list_files(config.partial)
@@ -447,11 +455,13 @@ def _claim_output(config: Config, attempt: dict[str, Any], stale: list[str]) -> 
     write_attempt(config.partial, attempt)
 
     def kept() -> str:
+        if storage.exists(storage.join(config.output, SUMMARY_FILE)):
+            return f"the run was complete before the interrupt: its output in {config.output} is kept"
         rows = kept_rows(config.output, config.partial)
         if not rows:
             return "no rows were flushed yet; run the same command again"
         return (
-            f"kept {rows:,} finished rows in {config.partial}; "
+            f"kept up to {counted(rows, 'finished row')} in {config.partial}; "
             "run the same command again to classify only the rest"
         )
 
@@ -472,27 +482,30 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
     return config, manifest
 
 
-def _incremental_run(config: Config, manifest: Manifest, dry_run: bool) -> tuple[Config, list[str]]:
-    """This run's config, writing OUTPUT/run=ID, and the completed earlier runs under OUTPUT.
+def _incremental_run(
+    config: Config, manifest: Manifest, dry_run: bool
+) -> tuple[Config, list[str], list[str]]:
+    """This run's config (writing OUTPUT/run=ID), the completed earlier runs, and the folders to delete.
 
     Without --run_id, a run that an interrupt left unfinished under OUTPUT is
     resumed, under its own ID; with one, the unfinished runs of other IDs are
-    deleted (their files are classified again, as by no run).
+    deleted once the job is built (their files are classified again, as by no
+    run). A run that a process of this machine is writing now is left alone.
     """
     root = config.output
     unfinished, committed = ([], []) if dry_run else partial_runs(root)
-    for litter in committed:  # a run killed after its commit point, before its clean-up
-        storage.delete_tree(partial_dir(root, litter))
     run_id = config.run_id or (unfinished[-1] if unfinished else default_run_id())
+    # Litter of runs killed after their commit point, and the parts of other unfinished runs.
+    stale = [partial_dir(root, litter) for litter in committed]
     for orphan in unfinished:
         if orphan != run_id:
             logging.getLogger("beamvision").warning("deleting the parts of the unfinished run %s", orphan)
-            storage.delete_tree(partial_dir(root, orphan))
-            storage.delete_tree(run_dir(root, orphan))
+            stale += [partial_dir(root, orphan), run_dir(root, orphan)]
     config = dataclasses.replace(config, output=run_dir(root, run_id), partial=partial_dir(root, run_id))
     # A dry run reads nothing under --output: its graph joins with no earlier run.
     earlier = [] if dry_run else completed_runs(root, manifest.name, manifest.version)
-    return config, [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
+    earlier = [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
+    return config, earlier, stale
 
 
 def _inputs_flags(config: Config) -> str:

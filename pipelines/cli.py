@@ -55,11 +55,13 @@ def console_main(argv: list[str] | None = None) -> None:
     loads_libraries = argv and argv[0] not in QUICK_COMMANDS and not {"-h", "--help"} & set(argv)
     if loads_libraries and not console.requested(argv, "--verbose"):
         console.quiet_stderr()
+    exits.own_the_process(spare=console.filter_pids)
     status = main(argv)
     if status in exits.SIGNAL_STATUS.values():
-        # Beam's worker processes and threads of an interrupted job would keep this process (and
-        # their work) going: they are stopped, and the process ends without waiting for its threads.
-        exits.stop_children(spare=console.filter_pids())
+        # Beam's worker processes are stopped (exits.settle); its threads would keep this process
+        # going: it ends without waiting for them, its output flushed.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
         console.release_stderr()
         os._exit(status)
     sys.exit(status)
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 received.signum = signal.SIGINT  # raised by another hand than our handler's
             if received.signum is None:
                 raise
+            exits.settle()
             print(received.line(command), file=sys.stderr)
             return received.status
 

@@ -123,5 +123,5 @@ def _step(config: Config, command: str, *argv: str) -> None:
     status = main([command, *argv, *config.verbosity])
     if status in exits.SIGNAL_STATUS.values():  # the step said what it kept: the demo stops as it did
         raise exits.RunFailed("", status)
-    if status != 0:
-        raise UsageError(f"the demo's {command} step failed (its error is above)")
+    if status != 0:  # the demo ends with the step's own status (exits.Status)
+        raise exits.RunFailed(f"the demo's {command} step failed (its error is above)", exits.Status(status))

@@ -105,7 +105,7 @@ def test_ctrl_c_keeps_the_finished_rows_and_the_rerun_classifies_only_the_rest(i
     assert not any("Traceback" in line for line in stderr), "".join(stderr)
     last = stderr[-1].strip()
     found = re.fullmatch(
-        r"beamvision classify: interrupted \(SIGINT\); kept ([\d,]+) finished rows in out/_partial; "
+        r"beamvision classify: interrupted \(SIGINT\); kept up to ([\d,]+) finished rows in out/_partial; "
         r"run the same command again to classify only the rest",
         last,
     )
@@ -119,7 +119,7 @@ def test_ctrl_c_keeps_the_finished_rows_and_the_rerun_classifies_only_the_rest(i
 
     again = _run(tmp_path, *argv)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"classify: resuming an interrupted run into out: {kept:,} rows are kept" in again.stdout
+    assert f"classify: resuming an interrupted run into out: up to {kept:,} rows are kept" in again.stdout
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     total = 7 * IMAGES_PER_CLASS
     assert (summary["inputs"], summary["results"], summary["resumed"]) == (total, total, kept)

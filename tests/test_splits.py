@@ -90,8 +90,8 @@ def test_prepare_keeps_every_class_in_every_split_and_both_commands_name_one_tha
     argv = ["prepare", "--input", "photos", "--output", "data", "--image_size", "32", "--seed", str(SEED)]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert "WARNING: 1 classes have no val image: hubble" in err
-    assert "WARNING: 1 classes have no test image: hubble" in err
+    assert "WARNING: 1 class has no val image: hubble" in err
+    assert "WARNING: 1 class has no test image: hubble" in err
     assert "cat" not in err
     stats = json.loads(open("data/stats.json").read())  # noqa: SIM115
     for name in SIX:
@@ -102,6 +102,6 @@ def test_prepare_keeps_every_class_in_every_split_and_both_commands_name_one_tha
     argv = ["train", "--data", "data", "--architecture", "squeezenet", "--output", "model"]
     assert main([*argv, "--epochs", "1", "--steps_per_epoch", "1", "--learning_rate", "0"]) == 0
     err = capsys.readouterr().err
-    assert "WARNING: --data data: 1 classes have no val image: hubble" in err
-    assert "WARNING: --data data: 1 classes have no test image: hubble" in err
+    assert "WARNING: --data data: 1 class has no val image: hubble" in err
+    assert "WARNING: --data data: 1 class has no test image: hubble" in err
     assert "is near chance" in err and "imagenet" not in err  # nothing that cannot work here

@@ -95,7 +95,7 @@ class SkipClassified(beam.PTransform):
             >> beam.io.ReadAllFromParquet(
                 columns=["image_uri", "stage", "error_type", "file_size", "file_modified"]
             )
-            | "FinalErrors" >> beam.Filter(_is_final_error)
+            | "FinalErrors" >> beam.Filter(is_final_error)
         )
         earlier = (
             (results, errors)
@@ -114,7 +114,8 @@ class SkipClassified(beam.PTransform):
         return {"files": split.files, "skipped": split.skipped}
 
 
-def _is_final_error(row: dict) -> bool:
+def is_final_error(row: dict) -> bool:
+    """Whether an error row is one the same bytes always give (``FINAL_DECODE_ERRORS``): never retried."""
     return row.get("stage") == "decode" and row.get("error_type") in FINAL_DECODE_ERRORS
 
 

@@ -12,7 +12,9 @@ a kept row is not read again, and that row becomes the new run's own. The
 rest is classified as usual.
 
 What is not kept: rows of archive members (an archive is read again whole),
-rows of files changed or gone since, and the rows a worker held but had not
+rows of files changed or gone since, error rows other than the decode errors
+the same bytes always give (``incremental.is_final_error``: a read or worker
+failure is retried, as the next incremental run retries it), and the rows a worker held but had not
 flushed when it died (at most ``--checkpoint_every`` seconds of its work).
 Parts from several interrupted attempts may name one file twice: one row of
 it is kept. A commit cut short leaves some shards in the output and no
@@ -27,6 +29,7 @@ import glob
 import io
 import json
 import os
+import socket
 import time
 import uuid
 from typing import Any
@@ -38,7 +41,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from beamvision import storage
-from beamvision.transforms.incremental import file_version
+from beamvision.transforms.incremental import file_version, is_final_error
 from beamvision.transforms.outputs import (
     ATTEMPT_FILE,
     ERRORS_PREFIX,
@@ -48,6 +51,7 @@ from beamvision.transforms.outputs import (
     SUMMARY_FILE,
     errors_pattern,
     part_name,
+    partial_dir,
     parts_pattern,
     results_pattern,
     run_dir,
@@ -85,15 +89,36 @@ def plan_resume(output: str, partial: str, attempt: dict[str, Any]) -> tuple[Res
     errors = _matching(parts_pattern(partial, ERRORS_PREFIX)) + _matching(errors_pattern(output))
     if not results and not errors:
         return Resume(), []
-    before = json.loads(storage.read_text(attempt_uri)) if storage.exists(attempt_uri) else None
-    if before != attempt:  # another model or row layout: its rows are not this run's
+    before = json.loads(storage.read_text(attempt_uri)) if storage.exists(attempt_uri) else {}
+    if before.get("rows") != attempt:  # another model or row layout: its rows are not this run's
         return Resume(), results + errors
     return Resume(results, errors, count_rows(results + errors)), []
 
 
 def write_attempt(partial: str, attempt: dict[str, Any]) -> None:
-    """Records what this run's parts are made with (read by ``plan_resume`` of a rerun)."""
-    storage.write_atomic(storage.join(partial, ATTEMPT_FILE), json.dumps(attempt, indent=2).encode())
+    """Records what this run's parts are made with (for ``plan_resume`` of a rerun), and who makes them."""
+    record = {"rows": attempt, "owner": {"host": socket.gethostname(), "pid": os.getpid()}}
+    storage.write_atomic(storage.join(partial, ATTEMPT_FILE), json.dumps(record, indent=2).encode())
+
+
+def running_owner(partial: str) -> int | None:
+    """The pid of the process on this machine that is writing ``partial`` now, if one is (None if none is).
+
+    A run launched elsewhere (another machine, a detached Dataflow job) is
+    not seen: the docs say not to rerun one before it has ended.
+    """
+    attempt_uri = storage.join(partial, ATTEMPT_FILE)
+    if not storage.exists(attempt_uri):
+        return None
+    owner = json.loads(storage.read_text(attempt_uri)).get("owner", {})
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not pid or pid == os.getpid():
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return pid if f.read().rsplit(")", 1)[1].split()[0] != "Z" else None
+    except OSError:
+        return None
 
 
 def count_rows(uris: list[str]) -> int:
@@ -117,7 +142,8 @@ def partial_runs(root: str) -> tuple[list[str], list[str]]:
     """IDs of the incremental runs under ``root`` with a partial folder: (unfinished, committed), sorted.
 
     A committed run's partial folder is what a run killed between its
-    summary.json and its clean-up leaves: litter.
+    summary.json and its clean-up leaves: litter. A run a process of this
+    machine is writing now is neither (``running_owner``).
     """
     attempts = storage.match_sizes(
         storage.join(glob.escape(root), PARTIAL_DIR, f"{RUN_PARTITION}=*", ATTEMPT_FILE)
@@ -126,6 +152,8 @@ def partial_runs(root: str) -> tuple[list[str], list[str]]:
     for path, _size in attempts:
         run_id = path.rsplit("/", 2)[-2].split("=", 1)[1]
         done = storage.exists(storage.join(run_dir(root, run_id), SUMMARY_FILE))
+        if not done and running_owner(partial_dir(root, run_id)) is not None:
+            continue
         (committed if done else unfinished).append(run_id)
     return unfinished, committed
 
@@ -166,7 +194,9 @@ class _KeepFn(beam.DoFn):
     def process(self, element):
         _uri, grouped = element
         # A result before an error: of several attempts' rows for one file, the best is kept.
-        kept = sorted(grouped["kept"], key=lambda kind_row: kind_row[0] != "results")
+        # Results and the errors the same bytes always give; other errors (a read, a worker) are retried.
+        kept = [(kind, row) for kind, row in grouped["kept"] if kind == "results" or is_final_error(row)]
+        kept.sort(key=lambda kind_row: kind_row[0] != "results")
         for image_file in grouped["now"]:
             version = file_version(image_file.size_bytes, image_file.modified)
             match = next(
@@ -244,15 +274,31 @@ def commit_run(output: str, result_parts: list[str], error_parts: list[str], emb
     The caller writes summary.json next, the commit point, and then deletes
     the partial folder.
     """
-    storage.delete_matching([results_pattern(output), errors_pattern(output)])
-    for prefix, parts, schema in (
-        (RESULTS_PREFIX, result_parts, result_schema(embeddings)),
-        (ERRORS_PREFIX, error_parts, ERROR_SCHEMA),
-    ):
-        parts = sorted(parts)
-        if not parts:  # readers find the schema, as in the shard Beam's sinks write for no rows
+    targets: dict[str, str] = {}  # shard -> the part that becomes it ("" for an empty shard)
+    for prefix, parts in ((RESULTS_PREFIX, result_parts), (ERRORS_PREFIX, error_parts)):
+        parts = sorted(set(parts))
+        names = [storage.join(output, shard_name(prefix, i, len(parts))) for i in range(len(parts))]
+        targets.update(
+            zip(names, parts, strict=True) if parts else {storage.join(output, shard_name(prefix, 0, 1)): ""}
+        )
+    # Idempotent, as a retried step must be: shards of a cut commit of another attempt go, this
+    # commit's own (renamed by an attempt of this step that failed after) stay.
+    stale = [
+        uri for pattern in (results_pattern(output), errors_pattern(output)) for uri in _matching(pattern)
+    ]
+    storage.delete_matching([glob.escape(uri) for uri in stale if uri not in targets])
+    moves = [(part, shard) for shard, part in sorted(targets.items()) if part and storage.exists(part)]
+    if moves:
+        if storage.is_local(output):
+            os.makedirs(output, exist_ok=True)
+        FileSystems.rename([part for part, _ in moves], [shard for _, shard in moves])
+    for shard, part in targets.items():
+        if not part and not storage.exists(shard):  # readers find the schema, as in an empty Beam sink
+            schema = (
+                result_schema(embeddings)
+                if os.path.basename(shard).startswith(RESULTS_PREFIX)
+                else ERROR_SCHEMA
+            )
             buffer = io.BytesIO()
             pq.write_table(schema.empty_table(), buffer, **PARQUET_OPTIONS)
-            storage.write_atomic(storage.join(output, shard_name(prefix, 0, 1)), buffer.getvalue())
-        for index, part in enumerate(parts):
-            storage.rename(part, storage.join(output, shard_name(prefix, index, len(parts))))
+            storage.write_atomic(shard, buffer.getvalue())

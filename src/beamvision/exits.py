@@ -58,6 +58,7 @@ class Received:
 
     signum: int | None = None
     kept: Callable[[], str] = lambda: NOTHING_KEPT
+    count: int = 0
 
     @property
     def status(self) -> Status:
@@ -74,6 +75,25 @@ class Received:
 
 _current: Received | None = None
 STOP_GRACE_SECONDS = 1.0
+SIGNALS_TO_END_AT_ONCE = 3  # a third Ctrl-C ends the process without waiting for its clean-up
+# Set by the console entry point, whose process is the command's own: the pids an interrupt spares.
+_whole_process: Callable[[], set[int]] | None = None
+
+
+def own_the_process(spare: Callable[[], set[int]]) -> None:
+    """Called by the program's entry point: an interrupt stops its other child processes (``settle``)."""
+    global _whole_process
+    _whole_process = spare
+
+
+def settle() -> None:
+    """After an interrupt, before its line: Beam's worker processes stopped, when the process is ours.
+
+    Nothing then writes a part or a file while the line counts or removes them.
+    In-process callers (the tests' ``cli.main``) have no children of the command's to stop.
+    """
+    if _whole_process is not None:
+        stop_children(spare=_whole_process())
 
 
 def stop_children(spare: set[int]) -> None:
@@ -136,10 +156,14 @@ def catch_signals() -> Iterator[Received]:
         return
 
     def handler(signum, _frame):
-        if received.signum is None:
-            received.signum = signum
-            # Beam logs what a step raised with its traceback: after a signal, the one line is all.
-            logging.disable(logging.CRITICAL)
+        received.count += 1
+        if received.signum is not None:  # the first is being handled: its line and status stand
+            if received.count >= SIGNALS_TO_END_AT_ONCE:
+                os._exit(received.status)
+            return
+        received.signum = signum
+        # Beam logs what a step raised with its traceback: after a signal, the one line is all.
+        logging.disable(logging.CRITICAL)
         raise KeyboardInterrupt
 
     before = {signum: signal.signal(signum, handler) for signum in SIGNAL_STATUS}
@@ -148,7 +172,9 @@ def catch_signals() -> Iterator[Received]:
         yield received
     finally:
         _current = outer
-        if received.signum is not None:
+        # After a signal the program's process ends now (os._exit): its handlers stay, so a
+        # second signal meanwhile is no traceback. In-process callers get theirs back.
+        if received.signum is None or _whole_process is None:
             logging.disable(logging.NOTSET)
-        for signum, previous in before.items():
-            signal.signal(signum, previous)
+            for signum, previous in before.items():
+                signal.signal(signum, previous)

@@ -60,14 +60,14 @@ def canonical(uri: str) -> str:
     return os.path.abspath(path) + separator + member
 
 
-_checked: dict[str, str | None] = {}  # endpoint -> None (reachable) or the one-line reason it is not
+_reachable: set[str] = set()  # endpoints found reachable (a failure is checked again: it may pass)
 _checked_lock = threading.Lock()
 
 
 def check_reachable(*uris: str | None) -> None:
     """Raises ``StorageUnreachable`` unless the storage of each ``gs://`` URI answers and credentials exist.
 
-    Checked once per endpoint and process: the host resolves and accepts a
+    Checked until it passes, once per endpoint and process: the host resolves and accepts a
     connection within ``CHECK_SECONDS`` each (through the HTTPS proxy, if one
     is set), and, unless ``STORAGE_EMULATOR_HOST`` names an emulator, Google
     application default credentials are found. Local paths and other schemes
@@ -82,9 +82,11 @@ def _check_gcs(uri: str) -> None:
     emulator = os.environ.get(_EMULATOR_VARIABLE)
     endpoint = emulator or _GCS_HOST
     with _checked_lock:
-        if endpoint not in _checked:
-            _checked[endpoint] = _gcs_problem(emulator)
-        problem = _checked[endpoint]
+        if endpoint in _reachable:
+            return
+        problem = _gcs_problem(emulator)
+        if not problem:
+            _reachable.add(endpoint)
     if problem:
         bucket = uri[len("gs://") :].split("/", 1)[0]
         raise StorageUnreachable(f"{uri}: {problem}, and the bucket name ({bucket})")
