@@ -154,13 +154,13 @@ def test_an_inventory_lists_the_inputs(models, photos, tmp_path, capsys):
 
 
 def test_only_errors_the_same_bytes_always_give_are_final():
-    from beamvision.transforms.incremental import _is_final_error
+    from beamvision.transforms.incremental import is_final_error
 
     final = [("decode", t) for t in ("EmptyFile", "NotAnImage", "UnsupportedFormat", "CorruptImage")]
     retried = [("decode", "DecompressionBomb"), ("decode", "OutOfMemory"), ("read", "FileNotFoundError")]
-    assert all(_is_final_error({"stage": s, "error_type": t}) for s, t in final)
-    assert not any(_is_final_error({"stage": s, "error_type": t}) for s, t in [*retried, ("inference", "X")])
-    assert not _is_final_error({})  # a row of a run without these columns
+    assert all(is_final_error({"stage": s, "error_type": t}) for s, t in final)
+    assert not any(is_final_error({"stage": s, "error_type": t}) for s, t in [*retried, ("inference", "X")])
+    assert not is_final_error({})  # a row of a run without these columns
 
 
 def test_a_file_version_survives_the_trip_through_parquet(tmp_path):
