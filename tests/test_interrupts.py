@@ -51,6 +51,7 @@ def _start(cwd, *argv: str) -> tuple[subprocess.Popen, list[str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job has
     )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
@@ -97,7 +98,7 @@ def test_ctrl_c_keeps_the_finished_rows_and_the_rerun_classifies_only_the_rest(i
     proc, stderr = _start(tmp_path, *argv)
     _wait_for(lambda: _rows_in(str(tmp_path / "out/_partial/results-part-*.parquet")) >= 100, proc)
     workers = descendants(proc.pid)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group, Beam's workers too
     assert proc.wait(timeout=60) == 130
     time.sleep(0.5)
     assert workers and not {pid for pid in workers if _alive(pid)}, "a worker outlived the interrupted run"

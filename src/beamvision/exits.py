@@ -162,8 +162,10 @@ def catch_signals() -> Iterator[Received]:
                 os._exit(received.status)
             return
         received.signum = signum
-        # Beam logs what a step raised with its traceback: after a signal, the one line is all.
+        # Beam logs what a step raised with its traceback, and its threads die printing theirs:
+        # after a signal, the one line is all.
         logging.disable(logging.CRITICAL)
+        threading.excepthook = lambda _args: None
         raise KeyboardInterrupt
 
     before = {signum: signal.signal(signum, handler) for signum in SIGNAL_STATUS}
@@ -176,5 +178,6 @@ def catch_signals() -> Iterator[Received]:
         # second signal meanwhile is no traceback. In-process callers get theirs back.
         if received.signum is None or _whole_process is None:
             logging.disable(logging.NOTSET)
+            threading.excepthook = threading.__excepthook__
             for signum, previous in before.items():
                 signal.signal(signum, previous)

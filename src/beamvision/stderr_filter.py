@@ -9,9 +9,12 @@ else is copied as it arrives, a partial line (a prompt) after a short wait.
 
 This is a process, not a thread: C++ code that writes to stderr while holding
 Python's GIL cannot block it, and it outlives a crash of the command: it
-ignores the signals sent to the command's process group and ends when the
+survives the signals sent to the command's process group and ends when the
 last writer closes the pipe, so nothing written before a failure is lost.
-It imports nothing of beamvision's.
+After a terminal's Ctrl-C (SIGINT) or a SIGTERM to the whole group, which
+Beam's worker processes get too, only beamvision's own lines pass: the
+command's one line on what it kept, not each worker's traceback of its
+interrupt. It imports nothing of beamvision's.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ NOISE = (
     re.compile(rb"E" + _LOG_LINE + rb".*(cuInit|CUDA|cuDNN|cuFFT|cuBLAS|TensorRT)"),
 )
 PARTIAL_LINE_WAIT_SECONDS = 0.2
+OWN_LINE = b"beamvision "  # how the command's own messages begin (what an interrupted group still shows)
+_interrupted = False
+
+
+def _on_group_signal(_signum, _frame) -> None:
+    global _interrupted
+    _interrupted = True
+
+
+def _kept(line: bytes) -> bool:
+    return not is_noise(line) and (not _interrupted or line.startswith(OWN_LINE))
 
 
 def is_noise(line: bytes) -> bool:
@@ -54,8 +68,8 @@ def copy(source: int, target: int) -> None:
         if not chunk:
             break
         *lines, pending = (pending + chunk).split(b"\n")
-        _write(target, b"".join(line + b"\n" for line in lines if not is_noise(line)))
-    if not is_noise(pending):
+        _write(target, b"".join(line + b"\n" for line in lines if _kept(line)))
+    if _kept(pending):
         _write(target, pending)
 
 
@@ -68,8 +82,10 @@ def _write(target: int, data: bytes) -> None:
 def main() -> None:
     # A signal to the process group (Ctrl-C, a timeout, a closed terminal) stops the command;
     # this ends when the command's last output is through, at the end of its input.
-    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"):
+    for name in ("SIGHUP", "SIGQUIT"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for name in ("SIGINT", "SIGTERM"):  # the command handles these; its workers print tracebacks
+        signal.signal(getattr(signal, name), _on_group_signal)
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
         copy(0, 1)
 
