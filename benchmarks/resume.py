@@ -1,6 +1,6 @@
 """What an interrupt late in a classify run costs: Ctrl-C at ~80%, then the same command again.
 
-    python benchmarks/resume.py [--images 3200] [--checkpoint_every 30]
+    python benchmarks/resume.py [--images 3200] [--checkpoint_every 10]
 
 Side by side in one run, whole processes (DirectRunner, default workers),
 mobilenet_v2 at 224 with random weights over photo-like 640x480 JPEGs:
@@ -68,7 +68,7 @@ def _interrupted_run(args: list[str], at: float) -> tuple[float, int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=3200)
-    parser.add_argument("--checkpoint_every", type=float, default=30.0)
+    parser.add_argument("--checkpoint_every", type=float, default=10.0)
     parser.add_argument("--workdir", default="/tmp/beamvision-bench-resume")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)

@@ -59,7 +59,9 @@ from beamvision.transforms.outputs import (
 )
 from beamvision.transforms.rows import ERROR_SCHEMA, result_schema
 
-DEFAULT_CHECKPOINT_SECONDS = 30.0
+# Short enough that a run of a minute keeps most of its work; each flush is a Parquet part (on
+# Dataflow, as with Beam's own sinks, each bundle also ends in one).
+DEFAULT_CHECKPOINT_SECONDS = 10.0
 PART_MAX_ROWS = 10_000  # a part is also flushed at this many rows, whatever the time
 # As Beam's WriteToParquet writes (lists' items named "item"): one schema across old and new runs.
 PARQUET_OPTIONS = {"use_compliant_nested_type": False}
