@@ -21,6 +21,7 @@ from beamvision.pipelines.flags import UsageError
 from beamvision.transforms.outputs import (
     ERRORS_PREFIX,
     RESULTS_PREFIX,
+    RUN_PARTITION,
     SUMMARY_FILE,
     errors_pattern,
     results_pattern,
@@ -33,7 +34,20 @@ EVALUATION_SUFFIX = "-evaluation"
 
 def evaluation_dir(results_dir: str) -> str:
     """Where evaluate writes by default: a folder of its own beside the results, never inside them."""
-    return results_dir.rstrip("/") + EVALUATION_SUFFIX
+    return _beside(results_dir, EVALUATION_SUFFIX)
+
+
+def _beside(results_dir: str, suffix: str) -> str:
+    """``DIR<suffix>``; for an incremental run's ``ROOT/run=ID``, ``ROOT/_run=ID<suffix>``.
+
+    A ``run=ID-evaluation`` folder in a catalog would be read as one more
+    Hive partition; a leading ``_`` makes Hive, Spark, Arrow and DuckDB pass it over.
+    """
+    results_dir = results_dir.rstrip("/")
+    parent, _, name = results_dir.rpartition("/")
+    if name.startswith(f"{RUN_PARTITION}="):
+        return f"{parent}/_{name}{suffix}" if parent else f"_{name}{suffix}"
+    return results_dir + suffix
 
 
 # --- reading a results folder ----------------------------------------------------------------------
@@ -134,8 +148,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def review_dir(results_dir: str) -> str:
-    """Where the printed review command writes its report: beside the results."""
-    return results_dir.rstrip("/") + "-review"
+    """Where the printed review command writes its report: beside the results (as ``evaluation_dir``)."""
+    return _beside(results_dir, "-review")
 
 
 def command(name: str, *argv: str) -> str:

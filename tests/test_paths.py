@@ -310,3 +310,26 @@ def test_missing_credentials_fail_fast_in_one_line(workdir, tmp_path):
         "gcloud auth application-default login" in lines[0] and "GOOGLE_APPLICATION_CREDENTIALS" in lines[0]
     )
     assert time.monotonic() - started < 30
+
+
+def test_evaluating_a_catalog_run_leaves_the_catalog_one_table(tmp_path):
+    """evaluate's and review's default folders beside ``ROOT/run=ID`` are no Hive partition of ROOT."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from beamvision.pipelines.reports import evaluation_dir, review_dir
+
+    run = tmp_path / "catalog" / "run=20261128T031500Z"
+    run.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"image_uri": ["/a.jpg"], "label": ["cat"]}), run / "results-00000-of-00001.parquet"
+    )
+    for folder in (evaluation_dir(str(run)), review_dir(f"{run}/")):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "metrics.json"), "w") as f:
+            f.write("{}")
+    assert evaluation_dir(str(run)) == str(tmp_path / "catalog" / "_run=20261128T031500Z-evaluation")
+    assert evaluation_dir("runs/first") == "runs/first-evaluation"
+    table = ds.dataset(str(tmp_path / "catalog"), format="parquet", partitioning="hive").to_table()
+    assert table.column("run").to_pylist() == ["20261128T031500Z"]
