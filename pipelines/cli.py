@@ -57,14 +57,14 @@ def console_main(argv: list[str] | None = None) -> None:
         console.quiet_stderr()
     exits.own_the_process(spare=console.filter_pids)
     status = main(argv)
-    if status in exits.SIGNAL_STATUS.values():
-        # Beam's worker processes are stopped (exits.settle); its threads would keep this process
-        # going: it ends without waiting for them, its output flushed.
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        console.release_stderr()
-        os._exit(status)
-    sys.exit(status)
+    # The command is over (after an interrupt, Beam's worker processes are stopped: exits.settle).
+    # Threads that Beam's runners and RunInference leave behind can keep a process from exiting
+    # (a flex launch once hung there for 10 minutes after its summary): it ends without waiting for
+    # them, its output flushed and the stderr filter let go first.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    console.release_stderr()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
