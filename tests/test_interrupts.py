@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import built_once
 
-from beamvision.exits import descendants
+from beamvision.exits import descendants, is_alive
 from beamvision.pipelines.cli import main
 from beamvision.transforms.resume import count_rows
 
@@ -70,14 +70,6 @@ def _rows_in(pattern: str) -> int:
     return count_rows(sorted(glob.glob(pattern)))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _run(cwd, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "beamvision", *argv], cwd=cwd, capture_output=True, text=True, timeout=300
@@ -101,7 +93,7 @@ def test_ctrl_c_keeps_the_finished_rows_and_the_rerun_classifies_only_the_rest(i
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole group, Beam's workers too
     assert proc.wait(timeout=60) == 130
     time.sleep(0.5)
-    assert workers and not {pid for pid in workers if _alive(pid)}, "a worker outlived the interrupted run"
+    assert workers and not {pid for pid in workers if is_alive(pid)}, "a worker outlived the interrupted run"
     time.sleep(0.2)  # the reader thread's last lines
     assert not any("Traceback" in line for line in stderr), "".join(stderr)
     last = stderr[-1].strip()

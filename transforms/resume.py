@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from beamvision import storage
+from beamvision import exits, storage
 from beamvision.transforms.incremental import file_version, is_final_error
 from beamvision.transforms.outputs import (
     ATTEMPT_FILE,
@@ -116,11 +116,7 @@ def running_owner(partial: str) -> int | None:
     pid = owner.get("pid")
     if owner.get("host") != socket.gethostname() or not pid or pid == os.getpid():
         return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return pid if f.read().rsplit(")", 1)[1].split()[0] != "Z" else None
-    except OSError:
-        return None
+    return pid if exits.is_alive(pid) else None
 
 
 def count_rows(uris: list[str]) -> int:

@@ -112,6 +112,15 @@ def stop_children(spare: set[int]) -> None:
             time.sleep(0.05)
 
 
+def is_alive(pid: int) -> bool:
+    """Whether the process ``pid`` runs on this machine (Linux: from /proc; a zombie is gone already)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def descendants(pid: int) -> set[int]:
     """The live processes below ``pid`` (Linux: from /proc; elsewhere none)."""
     parents: dict[int, list[int]] = {}
