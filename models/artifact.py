@@ -64,6 +64,12 @@ class Manifest:
             and then left out of ``manifest.json``. A quantised artifact's
             ``model.keras`` is still its float source, so that the artifact
             stays valid: only an engine that runs INT8 runs the quantised model.
+        multi_label: the model scores each class independently (sigmoid head):
+            an image may hold several labels. False (softmax, one label) is
+            left out of ``manifest.json``.
+        thresholds: label -> the score at or above which a multi-label model
+            predicts that label (chosen on the validation split); empty for a
+            single-label model, and then left out of ``manifest.json``.
     """
 
     name: str
@@ -80,6 +86,8 @@ class Manifest:
     files: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
+    multi_label: bool = False
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -89,6 +97,9 @@ class Manifest:
         data = dataclasses.asdict(self)
         if not data["quantization"]:  # a float artifact stays readable by a beamvision without the field
             del data["quantization"]
+        for optional in ("multi_label", "thresholds"):  # a single-label manifest is written as before
+            if not data[optional]:
+                del data[optional]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -124,6 +135,17 @@ class Manifest:
             raise ArtifactError(f"{where}: labels must be unique")
         if not isinstance(manifest.input_size, int) or manifest.input_size < 1:
             raise ArtifactError(f"{where}: input_size must be a positive integer")
+        if not isinstance(manifest.multi_label, bool):
+            raise ArtifactError(f"{where}: multi_label must be true or false")
+        thresholds = manifest.thresholds
+        if not (
+            isinstance(thresholds, dict)
+            and set(thresholds) <= set(labels)
+            and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in thresholds.values())
+        ):
+            raise ArtifactError(f"{where}: thresholds must map labels to scores between 0 and 1")
+        if thresholds and not manifest.multi_label:
+            raise ArtifactError(f"{where}: thresholds are only for a multi_label model")
         return manifest
 
 

@@ -3,7 +3,10 @@
 Plain numpy, so both commands report exactly the same figures the same way:
 accuracy, top-5 accuracy where there are more than 5 classes, per-class
 precision/recall/F1/support, macro averages and the confusion matrix (rows:
-true class, columns: predicted class).
+true class, columns: predicted class). For multi-label models
+(``multilabel_metrics``): micro and macro F1, per-class precision/recall/F1,
+support and average precision, mean average precision, exact-match ratio and
+Hamming loss; ``choose_thresholds`` picks each class's decision threshold.
 """
 
 from __future__ import annotations
@@ -67,6 +70,124 @@ def classification_metrics(
     metrics["labels"] = list(labels)
     metrics["confusion_matrix"] = confusion.tolist()
     return metrics
+
+
+def average_precision(truth: np.ndarray, scores: np.ndarray) -> float | None:
+    """Average precision of one class (scikit-learn's ``average_precision_score``).
+
+    The sum over distinct score thresholds, highest first, of precision times
+    the gain in recall; None where the class has no positive.
+    """
+    truth = np.asarray(truth, dtype=bool)
+    positives = int(truth.sum())
+    if positives == 0:
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="mergesort")
+    sorted_scores = np.asarray(scores, dtype=float)[order]
+    hits = np.cumsum(truth[order])
+    # One point per distinct score: the last index of each run of tied scores.
+    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    true_positives = hits[last].astype(float)
+    precision = true_positives / (last + 1)
+    recall = true_positives / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _f1(true_positives, predicted, actual):
+    precision = np.divide(true_positives, predicted, out=np.zeros_like(true_positives), where=predicted > 0)
+    recall = np.divide(true_positives, actual, out=np.zeros_like(true_positives), where=actual > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return precision, recall, f1
+
+
+def multilabel_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None, labels: list[str]
+) -> dict[str, Any]:
+    """Metrics for multi-label predictions.
+
+    Args:
+        y_true: multi-hot truth, shape [n, classes].
+        y_pred: multi-hot predictions (score at or above the class's threshold).
+        scores: each class's score, shape [n, classes] (0 for a class not
+            scored); None to leave average precision out.
+        labels: class names; index i names column i.
+
+    Returns:
+        A JSON-ready dict: ``micro_f1``, ``macro_f1`` (over classes with a
+        positive), ``mean_average_precision``, ``exact_match``,
+        ``hamming_loss``, ``per_class``, ``examples``, ``labels``.
+    """
+    n_classes = len(labels)
+    y_true = np.asarray(y_true, dtype=bool).reshape(-1, n_classes)
+    y_pred = np.asarray(y_pred, dtype=bool).reshape(-1, n_classes)
+    examples = len(y_true)
+    true_positives = (y_true & y_pred).sum(axis=0).astype(float)
+    predicted = y_pred.sum(axis=0).astype(float)
+    support = y_true.sum(axis=0).astype(float)
+    precision, recall, f1 = _f1(true_positives, predicted, support)
+    _, _, micro = _f1(
+        np.array([true_positives.sum()]), np.array([predicted.sum()]), np.array([support.sum()])
+    )
+    present = support > 0
+    ap = (
+        [average_precision(y_true[:, i], scores[:, i]) for i in range(n_classes)]
+        if scores is not None
+        else []
+    )
+    scored = [a for a in ap if a is not None]
+    metrics: dict[str, Any] = {
+        "examples": examples,
+        "micro_f1": float(micro[0]) if examples else None,
+        "macro_f1": float(f1[present].mean()) if present.any() else None,
+        "mean_average_precision": float(np.mean(scored)) if scored else None,
+        "exact_match": float(np.mean(np.all(y_true == y_pred, axis=1))) if examples else None,
+        "hamming_loss": float(np.mean(y_true != y_pred)) if examples else None,
+    }
+    metrics["per_class"] = {
+        label: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+            **({"average_precision": ap[i]} if scores is not None else {}),
+        }
+        for i, label in enumerate(labels)
+    }
+    metrics["labels"] = list(labels)
+    return metrics
+
+
+# The thresholds choose_thresholds tries for each class.
+THRESHOLD_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
+DEFAULT_THRESHOLD = 0.5
+
+
+def choose_thresholds(y_true: np.ndarray, scores: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """Each class's threshold: the one in ``THRESHOLD_GRID`` that maximises its F1 on ``y_true``.
+
+    Ties go to the threshold closest to 0.5; a class without a positive in
+    ``y_true`` keeps ``DEFAULT_THRESHOLD``.
+    """
+    y_true = np.asarray(y_true, dtype=bool).reshape(-1, len(labels))
+    scores = np.asarray(scores, dtype=float).reshape(-1, len(labels))
+    preference = np.argsort(np.abs(THRESHOLD_GRID - DEFAULT_THRESHOLD), kind="stable")
+    thresholds = {}
+    for i, label in enumerate(labels):
+        truth = y_true[:, i]
+        if not truth.any():
+            thresholds[label] = DEFAULT_THRESHOLD
+            continue
+        predicted = scores[:, i][None, :] >= THRESHOLD_GRID[:, None]
+        true_positives = (predicted & truth).sum(axis=1).astype(float)
+        _, _, f1 = _f1(
+            true_positives,
+            predicted.sum(axis=1).astype(float),
+            np.full(len(THRESHOLD_GRID), truth.sum(), dtype=float),
+        )
+        best = preference[np.argmax(f1[preference])]
+        thresholds[label] = float(THRESHOLD_GRID[best])
+    return thresholds
 
 
 # Beyond this many classes the picture shows the most frequent ones and "other";

@@ -222,3 +222,41 @@ def test_gcs_round_trip_lists_only_final_files(small_model, gcs_bucket):
     names = sorted(m.path.rsplit("/", 1)[-1] for m in FileSystems.match([f"{uri}/*"])[0].metadata_list)
     assert names == [MANIFEST_FILE, MODEL_FILE]
     assert storage.exists(f"{uri}/{MODEL_FILE}")
+
+
+def test_multi_label_fields_round_trip_and_stay_out_of_single_label_manifests(small_model, tmp_path):
+    single = _save(small_model, str(tmp_path / "single"))
+    written = json.loads((tmp_path / "single" / MANIFEST_FILE).read_text())
+    assert "multi_label" not in written and "thresholds" not in written
+    assert load_manifest(str(tmp_path / "single")).multi_label is False
+    assert single.thresholds == {}
+
+    manifest = new_manifest(small_model, "squeezenet", LABELS, "none")
+    import dataclasses
+
+    multi = dataclasses.replace(
+        manifest, multi_label=True, thresholds={"cat": 0.35, "coffee": 0.5, "rocket": 0.8}
+    )
+    save_artifact(small_model, multi, str(tmp_path / "multi"))
+    loaded = load_artifact(str(tmp_path / "multi")).manifest
+    assert loaded.multi_label is True and loaded.thresholds == {"cat": 0.35, "coffee": 0.5, "rocket": 0.8}
+    assert verify_artifact(str(tmp_path / "multi")).thresholds == loaded.thresholds
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"multi_label": "yes"}, "multi_label must be true or false"),
+        ({"multi_label": True, "thresholds": {"dog": 0.5}}, "thresholds must map labels"),
+        ({"multi_label": True, "thresholds": {"cat": 1.5}}, "thresholds must map labels"),
+        ({"thresholds": {"cat": 0.5}}, "only for a multi_label model"),
+    ],
+)
+def test_bad_multi_label_fields(small_model, tmp_path, fields, message):
+    _save(small_model, str(tmp_path / "a"))
+    path = tmp_path / "a" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=message):
+        load_manifest(str(tmp_path / "a"))
