@@ -139,6 +139,11 @@ def get_spec(name: str) -> ArchitectureSpec:
         raise ModelError(f"unknown architecture {name!r}; known: {', '.join(list_models())}") from None
 
 
+def head_activation(multi_label: bool = False) -> str:
+    """The activation of a classifier head: softmax for one label per image, sigmoid for several."""
+    return "sigmoid" if multi_label else "softmax"
+
+
 def create_model(
     name: str,
     num_classes: int = IMAGENET_CLASSES,

@@ -27,7 +27,13 @@ from beamvision.models.artifact import artifact_exists, load_artifact
 from beamvision.models.dataset import LABELS_FILE, STATS_FILE, parse_example
 from beamvision.models.errors import ModelError
 from beamvision.models.metrics import classification_metrics
-from beamvision.models.registry import IMAGENET_CLASSES, ArchitectureSpec, create_model, get_spec
+from beamvision.models.registry import (
+    IMAGENET_CLASSES,
+    ArchitectureSpec,
+    create_model,
+    get_spec,
+    head_activation,
+)
 
 if TYPE_CHECKING:  # Keras is imported where a model is built, compiled or scored
     import keras
@@ -149,8 +155,13 @@ def _augmenter(names, seed: int) -> keras.Sequential:
     return keras.Sequential([layers[name]() for name in names], name="augment")
 
 
-def with_new_head(model: keras.Model, spec: ArchitectureSpec, num_classes: int) -> keras.Model:
+def with_new_head(
+    model: keras.Model, spec: ArchitectureSpec, num_classes: int, multi_label: bool = False
+) -> keras.Model:
     """The network up to its classifier's input, then a new classifier for ``num_classes``.
+
+    The head ends in ``head_activation(multi_label)``: sigmoid scores each
+    class on its own for a multi-label model.
 
     The new classifier keeps the architecture's classifier layer name, so the
     embedding rule (the classifier's input) still holds for the result.
@@ -161,7 +172,8 @@ def with_new_head(model: keras.Model, spec: ArchitectureSpec, num_classes: int) 
     if len(features.shape) == 4:
         features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
     features = keras.layers.Dropout(0.2, name="head_dropout")(features)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name=spec.classifier_layer)(features)
+    activation = head_activation(multi_label)
+    outputs = keras.layers.Dense(num_classes, activation=activation, name=spec.classifier_layer)(features)
     return keras.Model(model.inputs, outputs, name=model.name)
 
 

@@ -125,3 +125,19 @@ def test_squeezenet_pools_with_torchvision_ceil_mode():
     model = create_model("squeezenet")
     # torchvision squeezenet1_1 feature maps at 224 px: 111 -> 55 -> 27 -> 13.
     assert [model.get_layer(f"pool{i}").output.shape[1] for i in (1, 2, 3)] == [55, 27, 13]
+
+
+def test_a_multi_label_head_scores_each_class_on_its_own(photo_batch):
+    """with_new_head(multi_label=True) ends in sigmoid (scores need not sum to 1); softmax is the default."""
+    from beamvision.models.training import with_new_head
+
+    base = create_model("squeezenet", num_classes=3, input_size=48)
+    spec = get_spec("squeezenet")
+    images = photo_batch(48)
+    single = with_new_head(base, spec, 3).predict(images, verbose=0)
+    multi = with_new_head(base, spec, 3, multi_label=True)
+    scores = multi.predict(images, verbose=0)
+    assert np.allclose(single.sum(axis=1), 1.0, atol=1e-5)
+    assert multi.get_layer(spec.classifier_layer).get_config()["activation"] == "sigmoid"
+    assert not np.allclose(scores.sum(axis=1), 1.0, atol=1e-3)
+    assert np.all((scores > 0) & (scores < 1))
