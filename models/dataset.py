@@ -4,7 +4,8 @@
 
     PREFIX/train-SSSSS-of-NNNNN.tfrecord   tf.train.Example per image:
     PREFIX/val-...   PREFIX/test-...         image  bytes  raw uint8 pixels, image_size x image_size x 3
-                                             label  int64  index into labels.json
+                                             label  int64  index into labels.json (a
+                                                           multi-label set: one index per label)
                                              uri    bytes  the source file
     PREFIX/labels.json                       class names; index i is label i
     PREFIX/stats.json                        counts per class and split, errors, settings
@@ -189,31 +190,39 @@ def folder_label(uri: str, root: str) -> str | None:
     return parts[0] if len(parts) > 1 and parts[0] else None
 
 
-def serialize_example(pixels, label: int, uri: str) -> bytes:
-    """One tf.train.Example with raw uint8 pixels, the label index and the source URI."""
+def serialize_example(pixels, label: int | list[int], uri: str) -> bytes:
+    """One tf.train.Example with raw uint8 pixels, the label index (or a label set's indices) and the URI."""
     import tensorflow as tf
 
+    indices = [label] if isinstance(label, int) else sorted(set(label))
     feature = {
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[pixels.tobytes()])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=indices)),
         "uri": tf.train.Feature(bytes_list=tf.train.BytesList(value=[uri.encode("utf-8")])),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def parse_example(serialized, image_size: int):
-    """tf.data map function: a serialized Example to (uint8 image [size, size, 3], int64 label)."""
+def parse_example(serialized, image_size: int, multi_hot_classes: int | None = None):
+    """tf.data map function: a serialized Example to (uint8 image [size, size, 3], label).
+
+    The label is the int64 index; with ``multi_hot_classes``, the label set as a
+    float32 multi-hot vector of that length (a single-label file reads as one-hot).
+    """
     import tensorflow as tf
 
+    label_feature = (
+        tf.io.VarLenFeature(tf.int64) if multi_hot_classes else tf.io.FixedLenFeature([], tf.int64)
+    )
     features = tf.io.parse_single_example(
-        serialized,
-        {
-            "image": tf.io.FixedLenFeature([], tf.string),
-            "label": tf.io.FixedLenFeature([], tf.int64),
-        },
+        serialized, {"image": tf.io.FixedLenFeature([], tf.string), "label": label_feature}
     )
     image = tf.reshape(tf.io.decode_raw(features["image"], tf.uint8), [image_size, image_size, 3])
-    return image, features["label"]
+    if not multi_hot_classes:
+        return image, features["label"]
+    indices = features["label"].values
+    hot = tf.reduce_max(tf.one_hot(indices, multi_hot_classes, dtype=tf.float32), axis=0)
+    return image, tf.ensure_shape(tf.reshape(hot, [multi_hot_classes]), [multi_hot_classes])
 
 
 def shard_prefix(prefix: str, split: str) -> str:
