@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/sizing.py
 	$(BIN)/python benchmarks/resume.py
+	$(BIN)/python benchmarks/small_data.py
 
 clean:
 	rm -rf $(VENV) demo-output site .pytest_cache .ruff_cache *.egg-info

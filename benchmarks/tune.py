@@ -6,7 +6,7 @@ On crops of 7 real photographs that ship in scikit-image and scikit-learn
 (40 per class, prepared at 64 px), trains mobilenet_v2 with train's default
 flags, then runs a random search of ``--trials`` trials over architecture,
 learning rate, batch size, optimizer, augmentation and label smoothing (each
-trial 20 epochs, train's default; successive halving at 10) on ``--workers``
+trial runs train's default epochs, with successive halving at half of them) on ``--workers``
 multi-processing workers. Both are scored on the same test split, which the
 search never sees (it ranks on the validation split). Prints the trial table
 and one comparison table: wall time, validation and test accuracy.

@@ -246,3 +246,27 @@ def save_confusion_png(metrics: dict[str, Any], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_training_curves_png(history: dict[str, list[float]], monitor: str, path: str, title: str) -> None:
+    """Draws loss and ``monitor`` per epoch, train and validation, side by side, to a local PNG file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["loss", monitor.removeprefix("val_")]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, name in zip(axes, names, strict=True):
+        for key, label in ((name, "train"), (f"val_{name}", "val")):
+            values = history.get(key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

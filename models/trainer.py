@@ -34,10 +34,13 @@ from beamvision.models.artifact import Manifest, artifact_exists, new_manifest, 
 from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, restore_checkpoint
 from beamvision.models.dataset import classes_missing_from_splits, missing_split_warnings
 from beamvision.models.errors import ModelArgumentError, ModelError
+from beamvision.models.metrics import save_training_curves_png
 from beamvision.models.registry import get_spec, imagenet_weights_cached, list_models
 from beamvision.models.training import (
+    batch_size_for,
     build_model,
     chance_accuracy,
+    class_weights,
     compile_model,
     dataset_fingerprint,
     evaluate,
@@ -55,7 +58,9 @@ if TYPE_CHECKING:  # Keras is imported once a run starts
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 MONITORS = ("val_accuracy", "val_loss")
+CLASS_WEIGHTS = ("none", "balanced")
 METRICS_FILE = "metrics.json"
+CURVES_FILE = "training-curves.png"
 # A final accuracy that closes at most this share of the gap from chance (the most
 # frequent class's share) to 100% gets a warning, and near_chance in metrics.json.
 NEAR_CHANCE = 0.25
@@ -75,6 +80,7 @@ VALUE_CHECKS: dict[str, values.Check] = {
     "label_smoothing": values.fraction,
     "early_stopping_patience": values.positive_int,
     "monitor": values.one_of(MONITORS),
+    "class_weight": values.one_of(CLASS_WEIGHTS),
     "seed": values.integer,
 }
 
@@ -98,15 +104,16 @@ class TrainConfig:
     input_size: int | None = None  # None: the prepared image size
     weights: str = "none"  # none, imagenet, an artifact or a weights file
     freeze_base: bool = False
-    epochs: int = 20
+    epochs: int = 60  # early stopping ends most runs sooner (small_data benchmark: 20 stopped too soon)
     steps_per_epoch: int | None = None  # None: one pass over the training split
-    batch_size: int = 64
+    batch_size: int | None = None  # None: by the training split's size (training.batch_size_for)
     optimizer: str = "adam"
     learning_rate: float = 1e-3
-    augment: tuple[str, ...] = ()
+    augment: tuple[str, ...] = ("zoom", "rotate")  # no flip: it changes what text and digits mean
     label_smoothing: float = 0.0
-    early_stopping_patience: int = 5
+    early_stopping_patience: int = 12
     monitor: str = "val_accuracy"
+    class_weight: str = "none"  # none, or balanced: n / (classes * count of the class) per example
     seed: int = 0
     name: str | None = None
     version: str | None = None
@@ -217,6 +224,8 @@ def train(
     import keras
 
     data = _read_data(config)
+    if config.batch_size is None:
+        config = dataclasses.replace(config, batch_size=batch_size_for(data.totals["train"]))
     started = time.monotonic()
     keras.utils.set_random_seed(config.seed)
     model, head = build_model(config, len(data.labels), data.input_size)
@@ -360,6 +369,7 @@ def _fit(
         epochs=pause_after if pausing else config.epochs,
         steps_per_epoch=steps,
         callbacks=callbacks,
+        class_weight=class_weights(config.class_weight, data.labels, data.stats["counts"]["train"]),
         verbose=0,  # EpochProgress's lines instead
         shuffle=False,  # the tf.data pipeline shuffles
     )
@@ -442,6 +452,10 @@ def _export(
         engine_extra = engine_files(model, manifest, config.engines, converted) if engine_files else {}
         manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=engine_extra)
     storage.write_atomic(storage.join(config.output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, CURVES_FILE)
+        save_training_curves_png(training["history"], config.monitor, png, config.architecture)
+        storage.write_atomic(storage.join(config.output, CURVES_FILE), local_path=png)
     return manifest
 
 
@@ -463,7 +477,7 @@ def _print_trained(
     )
     print(
         f"artifact: {config.output} ({manifest.name} version {manifest.version}); metrics: "
-        f"{storage.join(config.output, METRICS_FILE)}"
+        f"{storage.join(config.output, METRICS_FILE)}, curves: {storage.join(config.output, CURVES_FILE)}"
     )
     if metrics["near_chance"]:
         print(

@@ -20,6 +20,7 @@ from beamvision.models import ModelArgumentError
 from beamvision.models.artifact import Manifest, check_free
 from beamvision.models.trainer import (
     AUGMENTATIONS,
+    CLASS_WEIGHTS,
     MONITORS,
     OPTIMIZERS,
     VALUE_CHECKS,
@@ -90,7 +91,7 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         type=_typed("batch_size"),
         default=default["batch_size"],
         metavar="B",
-        help=f"default {default['batch_size']}",
+        help="default: by the training split's size, 16 up to 511 images, 32 up to 1,023, then 64",
     )
     parser.add_argument(
         "--optimizer",
@@ -111,7 +112,8 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         type=_typed("augment"),
         default=default["augment"],
         metavar="LIST",
-        help=f"comma-separated subset of {','.join(AUGMENTATIONS)}, or none (default)",
+        help=f"comma-separated subset of {','.join(AUGMENTATIONS)}, or none "
+        f"(default {','.join(default['augment'])})",
     )
     parser.add_argument(
         "--label_smoothing",
@@ -134,6 +136,14 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         choices=MONITORS,
         default=default["monitor"],
         help=f"validation metric that picks the best epoch and stops early (default {default['monitor']})",
+    )
+    parser.add_argument(
+        "--class_weight",
+        type=_typed("class_weight"),
+        choices=CLASS_WEIGHTS,
+        default=default["class_weight"],
+        help="weigh each training image by its class: balanced gives class c the weight "
+        f"n / (classes x images of c), so each class counts the same (default {default['class_weight']})",
     )
     parser.add_argument(
         "--seed", type=_typed("seed"), default=default["seed"], metavar="S", help=f"default {default['seed']}"
