@@ -184,6 +184,7 @@ def test_archives_to_reviewed_labels_to_a_trained_model(tmp_path, capsys):
                 out,
                 "--epochs",
                 "12",
+                *("--batch_size", "64", "--augment", "none"),  # not train's small-data defaults: 4x the steps
             ]
         )
         == 0
