@@ -148,6 +148,7 @@ def test_a_sequential_keras_model_classifies_as_its_own_keras_does(
     assert {len(e) for e in results.embedding} == {32}  # the classifier's input: the pooled features
 
 
+@pytest.mark.slow
 def test_a_functional_h5_model_with_logits_runs_on_both_engines(photos, functional_h5, tmp_path, capsys):
     _, folder, labels, x, y = photos
     path, user = functional_h5
@@ -167,6 +168,17 @@ def test_a_functional_h5_model_with_logits_runs_on_both_engines(photos, function
     ov_results, ov_metrics = _classify_and_evaluate(out, folder, str(tmp_path / "ov"), "--engine", "openvino")
     assert (tf_results.label == ov_results.label).mean() >= 0.95
     assert tf_metrics["accuracy"] >= 0.8 and abs(tf_metrics["accuracy"] - ov_metrics["accuracy"]) <= 0.05
+
+    # optimize quantises it as any artifact, on data prepare wrote from the same folders.
+    data, int8 = str(tmp_path / "data"), str(tmp_path / "int8")
+    assert main(["prepare", "--input", folder, "--output", data, "--image_size", str(SIZE), "--quiet"]) == 0
+    assert (
+        main(["optimize", "--model", out, "--data", data, "--output", int8, "--calibration_size", "40"]) == 0
+    )
+    quantised = load_artifact(int8).manifest
+    assert quantised.quantization["precision"] == "int8" and quantised.origin == artifact.manifest.origin
+    q_results, _ = _classify_and_evaluate(int8, folder, str(tmp_path / "q"), "--engine", "openvino")
+    assert (q_results.label == tf_results.label).mean() >= 0.85
 
 
 def test_a_sigmoid_output_imports_as_multi_label(photos, tmp_path):
