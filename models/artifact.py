@@ -38,6 +38,8 @@ from beamvision.models.registry import get_spec
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
+# The architecture of a model that ``beamvision import`` brought in: none of the registry's.
+IMPORTED = "imported"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Manifest:
     Attributes:
         name: model name shown in results (defaults to the architecture).
         version: model version shown in results (defaults to the creation time).
-        architecture: registry name of the architecture.
+        architecture: registry name of the architecture, or ``imported`` for
+            a user's own model (``beamvision import``; see ``origin``).
         input_size: square input side in pixels.
         preprocessing: normalisation mode inside the graph.
         labels: class names, index i naming output i.
@@ -70,6 +73,10 @@ class Manifest:
         thresholds: label -> the score at or above which a multi-label model
             predicts that label (chosen on the validation split); empty for a
             single-label model, and then left out of ``manifest.json``.
+        origin: where an imported model came from: ``uri``, ``format``,
+            ``sha256`` and ``bytes`` of the file imported, its ``output``
+            (softmax, sigmoid or logits) and its ``classifier_layer``; empty
+            for the registry's architectures, and then left out.
     """
 
     name: str
@@ -88,16 +95,24 @@ class Manifest:
     quantization: dict[str, Any] = dataclasses.field(default_factory=dict)
     multi_label: bool = False
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    origin: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def classifier_layer(self) -> str:
+        """The model's final classifying layer: its input, pooled, is the image embedding."""
+        if self.architecture == IMPORTED:
+            return self.origin["classifier_layer"]
+        return get_spec(self.architecture).classifier_layer
+
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         if not data["quantization"]:  # a float artifact stays readable by a beamvision without the field
             del data["quantization"]
-        for optional in ("multi_label", "thresholds"):  # a single-label manifest is written as before
+        for optional in ("multi_label", "thresholds", "origin"):  # such manifests are written as before
             if not data[optional]:
                 del data[optional]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -146,6 +161,10 @@ class Manifest:
             raise ArtifactError(f"{where}: thresholds must map labels to scores between 0 and 1")
         if thresholds and not manifest.multi_label:
             raise ArtifactError(f"{where}: thresholds are only for a multi_label model")
+        if (manifest.architecture == IMPORTED) != bool(manifest.origin):
+            raise ArtifactError(f"{where}: origin is recorded for an imported model, and only for one")
+        if manifest.origin and not isinstance(manifest.origin.get("classifier_layer"), str):
+            raise ArtifactError(f"{where}: origin must name the model's classifier_layer")
         return manifest
 
 
@@ -181,15 +200,19 @@ def new_manifest(
     version: str | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    preprocessing: str | None = None,
 ) -> Manifest:
-    """A manifest for ``model``, as built by ``create_model(architecture, ...)``."""
+    """A manifest for ``model``, as built by ``create_model(architecture, ...)``.
+
+    ``preprocessing``: the normalisation inside the model, by default the architecture's.
+    """
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     return Manifest(
         name=name or architecture,
         version=version or now.strftime("%Y%m%dT%H%M%SZ"),
         architecture=architecture,
         input_size=int(model.input_shape[1]),
-        preprocessing=get_spec(architecture).preprocessing,
+        preprocessing=preprocessing or get_spec(architecture).preprocessing,
         labels=list(labels),
         weights=weights,
         created_at=now.isoformat(),
@@ -284,7 +307,7 @@ def verify_artifact(uri: str) -> Manifest:
     layers = list(_layers(config))
     if any(layer.get("class_name") in ("Lambda", "__lambda__") for layer in layers):
         raise _unsafe(storage.join(uri, MODEL_FILE))
-    classifier = get_spec(manifest.architecture).classifier_layer
+    classifier = manifest.classifier_layer
     outputs = [
         layer["config"].get("units") or layer["config"].get("filters")
         for layer in layers

@@ -1,11 +1,8 @@
 """In-graph image normalisation: uint8 RGB pixels to each architecture's float input.
 
-The three modes are those of ``keras.applications.imagenet_utils.preprocess_input``:
-
-- ``"tf"``: scale to [-1, 1] (Inception, Xception, MobileNet).
-- ``"caffe"``: RGB to BGR, subtract the ImageNet channel means (VGG, ResNet).
-- ``"torch"``: scale to [0, 1], then normalise by the ImageNet mean and std
-  (DenseNet, and the torchvision-style AlexNet and SqueezeNet).
+``PREPROCESSING_MODES`` names each mode with a description: the three of
+``keras.applications.imagenet_utils.preprocess_input`` (``tf``, ``caffe``,
+``torch``) and two for imported models (``unit``, ``none``).
 
 The layer lives inside every model artifact, so callers feed raw uint8 images
 and training and inference can never disagree about normalisation.
@@ -15,7 +12,13 @@ from __future__ import annotations
 
 import functools
 
-PREPROCESSING_MODES = ("tf", "caffe", "torch")
+PREPROCESSING_MODES = {
+    "tf": "scale to [-1, 1] (Inception, Xception, MobileNet)",
+    "caffe": "RGB to BGR, subtract the ImageNet channel means (VGG, ResNet)",
+    "torch": "scale to [0, 1], then normalise by the ImageNet mean and std (DenseNet, AlexNet, SqueezeNet)",
+    "unit": "scale to [0, 1]",
+    "none": "float pixels 0..255 as they are (the model normalises them itself)",
+}
 
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -40,12 +43,16 @@ def preprocess_class():
             super().__init__(**kwargs)
             if mode not in PREPROCESSING_MODES:
                 raise ValueError(
-                    f"Preprocess mode must be one of {PREPROCESSING_MODES}. Received: mode={mode!r}"
+                    f"Preprocess mode must be one of {tuple(PREPROCESSING_MODES)}. Received: mode={mode!r}"
                 )
             self.mode = mode
 
         def call(self, images):
             x = ops.cast(images, "float32")
+            if self.mode == "none":
+                return x
+            if self.mode == "unit":
+                return x / 255.0
             if self.mode == "tf":
                 return x / 127.5 - 1.0
             if self.mode == "caffe":

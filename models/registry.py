@@ -68,7 +68,7 @@ class ArchitectureSpec:
     def __post_init__(self):
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(
-                f"preprocessing must be one of {PREPROCESSING_MODES}. "
+                f"preprocessing must be one of {tuple(PREPROCESSING_MODES)}. "
                 f"Received: preprocessing={self.preprocessing!r}"
             )
         if not 0 < self.min_input_size <= self.default_input_size:

@@ -149,8 +149,11 @@ def run(argv: list[str] | None = None) -> Manifest:
             version=config.version or f"{source.version}-int8",
             training=source.training,  # model.keras is the source's: so are its training and metrics
             metrics=source.metrics,
+            preprocessing=source.preprocessing,
         )
-        manifest = dataclasses.replace(manifest, quantization=record)
+        # ... and what it predicts (a label set, at which thresholds) and where it came from.
+        kept = {"multi_label": source.multi_label, "thresholds": source.thresholds, "origin": source.origin}
+        manifest = dataclasses.replace(manifest, quantization=record, **kept)
         manifest = save_artifact(
             artifact.model, manifest, config.output, config.overwrite, extra_files=int8_files
         )

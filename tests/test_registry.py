@@ -99,12 +99,22 @@ def test_spec_validates_its_fields():
         ArchitectureSpec(**{**spec.__dict__, "name": "x", "min_input_size": 500})
 
 
-@pytest.mark.parametrize("mode", PREPROCESSING_MODES)
+@pytest.mark.parametrize("mode", ["tf", "caffe", "torch"])
 def test_in_graph_preprocessing_equals_keras_preprocess_input(mode, photo_batch):
     images = photo_batch(48)
     ours = keras.ops.convert_to_numpy(Preprocess(mode)(images))
     reference = imagenet_utils.preprocess_input(images.astype("float32"), mode=mode)
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_imported_models_preprocessing_modes_scale_pixels(photo_batch):
+    images = photo_batch(48)
+    assert {"tf", "caffe", "torch", "unit", "none"} <= set(PREPROCESSING_MODES)
+    assert all(PREPROCESSING_MODES.values())  # each mode is described
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(Preprocess("none")(images)), images)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(Preprocess("unit")(images)), images / 255.0, rtol=1e-6
+    )
 
 
 def test_adaptive_pool_equals_keras_where_keras_can_pool(photo_batch):

@@ -91,12 +91,10 @@ def inference_function(artifact, batch_size: int | None, embeddings: bool):
     import keras
     import tensorflow as tf
 
-    from beamvision.models import get_spec
-
     manifest = artifact.manifest
     outputs = [artifact.model.output]
     if embeddings:
-        features = artifact.model.get_layer(get_spec(manifest.architecture).classifier_layer).input
+        features = artifact.model.get_layer(manifest.classifier_layer).input
         if len(features.shape) == 4:
             features = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(features)
         outputs.append(features)

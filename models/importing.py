@@ -1,0 +1,204 @@
+"""A user's own Keras model as a beamvision model: checked, then wrapped to take uint8 pixels like ours.
+
+``load_user_model`` reads a ``.keras`` file (Keras 3's format) or a legacy
+``.h5``/``.hdf5`` file, refusing what Keras's safe mode refuses (a Lambda layer
+holds Python code) before anything is built. ``wrap_user_model`` checks the
+model is an image classifier (one ``[batch, H, W, 3]`` input, one
+``[batch, classes]`` output, ``classes`` equal to the labels) and rebuilds its
+layers, unchanged and with their weights, on beamvision's uint8 input and
+in-graph normalisation (``beamvision.models.preprocessing``). A model that
+outputs logits gets a softmax; one whose output is a sigmoid is multi-label.
+
+The result is an ordinary artifact model (what ``export`` and ``train``
+write): flat, so its classifier layer's input is the image embedding, as for
+the registry's architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import keras
+
+from beamvision.models.errors import ModelError
+
+# How an imported model's output became probabilities: the final activation found -> what it means.
+OUTPUT_KINDS = {
+    "softmax": "probabilities of one label (single-label)",
+    "sigmoid": "a probability per label (multi-label)",
+    "logits": "unnormalised scores: a softmax is added",
+}
+KERAS_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Wrapped:
+    """A user's model rebuilt on beamvision's input, and what the import found out about it."""
+
+    model: keras.Model
+    input_size: int
+    output: str  # a key of OUTPUT_KINDS
+    classifier_layer: str  # the layer whose input is the embedding
+
+
+def model_format(path: str) -> str:
+    """``keras`` or ``h5`` for a model file's name.
+
+    Raises:
+        ModelError: another kind of file, naming the kinds that are.
+    """
+    suffix = os.path.splitext(path.rstrip("/"))[1].lower()
+    if suffix not in KERAS_FORMATS:
+        raise ModelError(
+            f"--model {path}: not a Keras model file (a .keras, .h5 or .hdf5 file); "
+            "a SavedModel directory cannot be imported yet"
+        )
+    return KERAS_FORMATS[suffix]
+
+
+def stored_config(local_path: str, fmt: str) -> dict[str, Any]:
+    """The model's Keras config, read as JSON without building anything.
+
+    Raises:
+        ModelError: the file is not a model of that format.
+    """
+    import zipfile
+
+    try:
+        if fmt == "keras":
+            with zipfile.ZipFile(local_path) as archive:
+                return json.loads(archive.read("config.json"))
+        import h5py
+
+        with h5py.File(local_path, "r") as f:
+            text = f.attrs.get("model_config")
+        if text is None:
+            raise ValueError("it holds weights only, no model_config")
+        return json.loads(text.decode() if isinstance(text, bytes) else text)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:  # JSON errors are ValueErrors
+        raise ModelError(f"not a {fmt} model file ({' '.join(str(exc).split())[:200]})") from None
+
+
+def layer_classes(config: Any):
+    """Every layer class name nested anywhere in a Keras config."""
+    if isinstance(config, dict):
+        if "class_name" in config:
+            yield config["class_name"]
+        for value in config.values():
+            yield from layer_classes(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from layer_classes(value)
+
+
+def load_user_model(local_path: str, fmt: str) -> keras.Model:
+    """Loads a user's Keras model file in safe mode, after checking its config for a Lambda layer.
+
+    Raises:
+        ModelError: one line: unsafe, or not loadable (and why, from Keras).
+    """
+    import keras
+
+    config = stored_config(local_path, fmt)
+    if {"Lambda", "__lambda__"} & set(layer_classes(config)):
+        raise ModelError(
+            "it has a Lambda layer, which holds Python code; beamvision loads models in Keras "
+            "safe mode only (rebuild it with built-in or registered layers)"
+        )
+    try:
+        return keras.saving.load_model(local_path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a file it cannot rebuild
+        raise ModelError(f"Keras cannot load it: {' '.join(str(exc).split())[:300]}") from None
+
+
+def wrap_user_model(
+    user: keras.Model, labels: list[str], preprocessing: str, input_size: int | None
+) -> Wrapped:
+    """``user`` rebuilt on a uint8 ``[batch, N, N, 3]`` input with ``preprocessing`` in the graph.
+
+    Raises:
+        ModelError: not one image input, not one output per label, or an input size that
+            is missing (the model takes any) or differs from the model's.
+    """
+    import keras
+
+    from beamvision.models.preprocessing import preprocess_class
+
+    size = _input_size(user, input_size)
+    outputs = user.outputs if hasattr(user, "outputs") else []
+    if len(outputs) != 1 or len(outputs[0].shape) != 2:
+        shapes = [tuple(x.shape) for x in outputs]
+        raise ModelError(f"it must have one output of shape (batch, classes); it has {shapes or 'none'}")
+    classes = outputs[0].shape[-1]
+    if classes != len(labels):
+        raise ModelError(f"it has {classes} outputs but the labels name {len(labels)} classes")
+
+    images = keras.Input((size, size, 3), dtype="uint8", name="image")
+    normalised = preprocess_class()(preprocessing, name="preprocess")(images)
+    if isinstance(user, keras.Sequential):
+        probabilities = normalised
+        for layer in user.layers:  # every layer itself, so its weights come along
+            probabilities = layer(probabilities)
+    else:  # a functional model: its graph run on the new input with its own layers (what clone_model does)
+        probabilities = user._run_through_graph(normalised, operation_fn=lambda layer: layer)
+    model = keras.Model(images, probabilities, name=user.name)
+    output = _output_kind(model)
+    classifier = _classifier_layer(model)
+    if output == "logits":
+        model = keras.Model(images, keras.layers.Softmax(name="probabilities")(model.output), name=user.name)
+    # New layers with the same names and weights: the user's layers also belong to the user's own
+    # graph, where ``layer.input`` (the embedding, for an engine) would find them first.
+    fresh = keras.models.clone_model(model)
+    fresh.set_weights(model.get_weights())
+    return Wrapped(fresh, size, output, classifier)
+
+
+def _input_size(user: keras.Model, input_size: int | None) -> int:
+    inputs = getattr(user, "inputs", None) or []
+    shapes = [tuple(x.shape) for x in inputs]
+    if len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][3] != 3:
+        raise ModelError(
+            "it must take one batch of RGB images, shape (batch, height, width, 3); "
+            f"it takes {shapes[0] if len(shapes) == 1 else shapes or 'no input'}"
+        )
+    _, height, width, _ = shapes[0]
+    if height != width:
+        raise ModelError(f"it takes {height}x{width} images; beamvision runs square inputs only")
+    if height is None and input_size is None:
+        raise ModelError("it takes images of any size: give the size to run it at with --input_size")
+    if height is not None and input_size not in (None, height):
+        raise ModelError(f"it takes {height}px images, not --input_size {input_size}")
+    return int(height or input_size)
+
+
+def _producer(tensor):
+    return tensor._keras_history.operation
+
+
+def _output_kind(model: keras.Model) -> str:
+    """softmax, sigmoid or logits: the activation of the layer that makes the output."""
+    import keras
+
+    layer = _producer(model.output)
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", str(activation))
+    return {"softmax": "softmax", "sigmoid": "sigmoid"}.get(name, "logits")
+
+
+def _classifier_layer(model: keras.Model) -> str:
+    """The last layer with weights on the way back from the output (a Dense or a 1x1 convolution)."""
+    tensor = model.output
+    while True:
+        layer = _producer(tensor)
+        if layer.weights:
+            return layer.name
+        parents = layer._inbound_nodes[0].input_tensors if layer._inbound_nodes else []
+        if len(parents) != 1:
+            raise ModelError("no layer with weights makes its output: it is not a classifier")
+        tensor = parents[0]

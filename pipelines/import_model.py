@@ -1,0 +1,141 @@
+"""``beamvision import``: a user's own Keras model (.keras or .h5) as a model artifact.
+
+beamvision import --model my_model.keras --labels labels.txt --preprocessing unit --output models/mine
+
+The file (local or any Beam filesystem URI such as ``gs://``) is checked
+before anything is written: it loads in Keras safe mode, takes one batch of
+RGB images and gives one output per label. Its layers, with their weights, are
+rebuilt on beamvision's uint8 input with ``--preprocessing`` (the
+normalisation the model was trained with) inside the graph; the artifact
+records the file's URI and SHA-256. Then it is an artifact like any other:
+classify (every engine), evaluate, review and optimize take it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+from beamvision import storage
+from beamvision.models.artifact import IMPORTED, MODEL_FILE, Manifest, check_free, new_manifest, save_artifact
+from beamvision.models.errors import ModelError
+from beamvision.models.importing import OUTPUT_KINDS, load_user_model, model_format, wrap_user_model
+from beamvision.models.labels import read_labels_file
+from beamvision.models.preprocessing import PREPROCESSING_MODES
+from beamvision.pipelines.flags import (
+    UsageError,
+    add_artifact_identity_arguments,
+    check_file_exists,
+    parse,
+    positive_int,
+)
+from beamvision.transforms.engines import engine_files
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="FILE", help="a Keras .keras or .h5 file, local or URI"
+    )
+    parser.add_argument(
+        "--labels", required=True, metavar="FILE", help="class names, one a line: output i, line i"
+    )
+    parser.add_argument(
+        "--preprocessing",
+        required=True,
+        choices=PREPROCESSING_MODES,
+        help="what the model expects of pixels: "
+        + "; ".join(f"{mode}: {what}" for mode, what in PREPROCESSING_MODES.items()),
+    )
+    parser.add_argument(
+        "--input_size",
+        type=positive_int,
+        metavar="N",
+        help="square side to run it at, for a model that takes any size (default: the model's own)",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="artifact directory, local or URI")
+    add_artifact_identity_arguments(parser, "import")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str
+    labels: str
+    preprocessing: str
+    input_size: int | None
+    output: str
+    name: str | None
+    version: str | None
+    overwrite: bool
+    engines: tuple[str, ...] = ()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        check_file_exists("--model", args.model)
+        check_file_exists("--labels", args.labels)
+        return cls(
+            args.model,
+            args.labels,
+            args.preprocessing,
+            args.input_size,
+            args.output,
+            args.name,
+            args.version,
+            args.overwrite,
+            tuple(args.engines),
+        )
+
+
+def run(argv: list[str] | None = None) -> Manifest:
+    """Imports the model that ``argv`` names and prints a summary.
+
+    Returns:
+        The manifest as written.
+    """
+    config = Config.from_args(parse("beamvision import", __doc__.splitlines()[0], add_arguments, argv))
+    started = time.monotonic()
+    try:
+        fmt = model_format(config.model)
+        labels = read_labels_file(config.labels)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+    check_free(config.output, config.overwrite)  # before the work, as after it
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(config.model.rstrip("/")))
+        storage.download(config.model, local)
+        try:
+            wrapped = wrap_user_model(
+                load_user_model(local, fmt), labels, config.preprocessing, config.input_size
+            )
+        except ModelError as exc:
+            raise UsageError(f"--model {config.model}: {exc}") from None
+        origin = {
+            "uri": storage.canonical(config.model),
+            "format": fmt,
+            "bytes": os.path.getsize(local),
+            "sha256": storage.sha256_file(local),
+            "output": wrapped.output,
+            "classifier_layer": wrapped.classifier_layer,
+        }
+        manifest = new_manifest(
+            wrapped.model,
+            IMPORTED,
+            labels,
+            IMPORTED,
+            name=config.name or os.path.splitext(os.path.basename(config.model.rstrip("/")))[0],
+            version=config.version,
+            preprocessing=config.preprocessing,
+        )
+        manifest = dataclasses.replace(manifest, origin=origin, multi_label=wrapped.output == "sigmoid")
+        extra = engine_files(wrapped.model, manifest, config.engines, os.path.join(tmp, "engines"))
+        manifest = save_artifact(wrapped.model, manifest, config.output, config.overwrite, extra_files=extra)
+    megabytes = manifest.files[MODEL_FILE]["bytes"] / 1e6
+    print(
+        f"imported {config.model} as {manifest.name} version {manifest.version}: {wrapped.input_size}px, "
+        f"{len(labels)} classes, output {wrapped.output} ({OUTPUT_KINDS[wrapped.output]}), "
+        f"{wrapped.model.count_params():,} parameters, {megabytes:.1f} MB, to {config.output} "
+        f"in {time.monotonic() - started:.1f}s"
+    )
+    return manifest
