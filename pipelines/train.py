@@ -25,6 +25,7 @@ from beamvision.models.trainer import (
     OPTIMIZERS,
     VALUE_CHECKS,
     TrainConfig,
+    default_monitor,
     defaults,
     train,
 )
@@ -135,7 +136,8 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         type=_typed("monitor"),
         choices=MONITORS,
         default=default["monitor"],
-        help=f"validation metric that picks the best epoch and stops early (default {default['monitor']})",
+        help="validation metric that picks the best epoch and stops early (default "
+        f"{default_monitor(False)}; on multi-label data {default_monitor(True)}, micro F1 at 0.5)",
     )
     parser.add_argument(
         "--class_weight",
