@@ -4,7 +4,7 @@
 
 Input is a folder per class (``ROOT/<class>/...``), a CSV of ``uri,label`` or
 a Label Studio JSON export of reviewed tasks (``--labels tasks.json``: each
-task's annotation is its label; see ``beamvision.pipelines.labelstudio``).
+task's annotation gives its label; see ``beamvision.pipelines.labelstudio``).
 Archives (.tar, .tar.gz, .zip) under ROOT, or ROOT itself an archive, give
 their members' classes by the member's first folder inside the archive
 (``cats/1.jpg``); a CSV may name members, ``ARCHIVE!/path/in/archive.jpg``.

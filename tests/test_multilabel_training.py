@@ -28,6 +28,7 @@ from beamvision.pipelines.cli import main
 from beamvision.pipelines.labelstudio import label_studio_labels
 from beamvision.pipelines.prepare import LabelProblem, file_label
 from beamvision.transforms.rows import label_set
+from beamvision.transforms.trials import rank
 
 CLASSES = ("cat", "coffee", "flower", "hubble")
 TILES = 240
@@ -236,6 +237,8 @@ def test_monitors_fit_the_kind_of_data():
     assert (default_monitor(False), default_monitor(True)) == ("val_accuracy", "val_f1")
     assert resolve_monitor(None, True) == "val_f1" and resolve_monitor("val_loss", True) == "val_loss"
     assert set(MONITORS) == {"val_accuracy", "val_loss", "val_f1"}
+    records = [{"index": i, "status": "completed", "best": b} for i, b in enumerate((0.4, 0.7))]
+    assert [r["index"] for r in rank(records, "val_f1")] == [1, 0]  # tune ranks trials by the monitor
     with pytest.raises(ModelError, match=r"^--monitor val_accuracy: not measured on multi-label data "):
         resolve_monitor("val_accuracy", True)
     with pytest.raises(ModelError, match=r"^--metric val_f1: not measured on single-label data "):
