@@ -9,7 +9,9 @@ interrupted run resumes where it stopped, stops early (never during the
 warm-up) with the best weights restored, warns when the result is near chance,
 evaluates on the test split and exports the artifact that classify runs
 (training config, dataset fingerprint and metrics in its manifest, and
-metrics.json beside it).
+metrics.json beside it). Data prepared with ``--multi_label`` trains a
+multi-label model (sigmoid head, per-class thresholds chosen on validation)
+with no flag of its own.
 """
 
 from __future__ import annotations

@@ -19,10 +19,11 @@ import pytest
 from conftest import built_once
 from photos import write_photo_tiles
 
+from beamvision.models import trainer
 from beamvision.models.artifact import load_artifact
 from beamvision.models.dataset import parse_example
 from beamvision.models.errors import ModelError
-from beamvision.models.trainer import MONITORS, default_monitor, resolve_monitor
+from beamvision.models.trainer import MONITORS, TrainConfig, default_monitor, resolve_monitor
 from beamvision.pipelines import train
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.labelstudio import label_studio_labels
@@ -86,6 +87,7 @@ def tiles(tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # the tiles: prepared and trained once, about 40 s
 def test_prepare_gives_each_tile_its_label_set(tiles):
     _, written, data, _, _ = tiles
     stats = _json(os.path.join(data, "stats.json"))
@@ -112,6 +114,7 @@ def test_prepare_gives_each_tile_its_label_set(tiles):
     assert seen == TILES
 
 
+@pytest.mark.slow  # the tiles: prepared and trained once, about 40 s
 def test_train_fits_a_sigmoid_head_and_chooses_thresholds_on_val(tiles):
     _, _, _, model, printed = tiles
     artifact = load_artifact(model)
@@ -134,6 +137,7 @@ def test_train_fits_a_sigmoid_head_and_chooses_thresholds_on_val(tiles):
     assert os.path.getsize(os.path.join(model, "training-curves.png")) > 0
 
 
+@pytest.mark.slow  # the tiles: prepared and trained once, about 40 s
 def test_a_single_label_artifact_warm_starts_a_multi_label_model(tiles, tiny, tmp_path):
     _, _, data, _, _ = tiles
     _, digits = tiny
@@ -147,6 +151,21 @@ def test_a_single_label_artifact_warm_starts_a_multi_label_model(tiles, tiny, tm
     assert not load_artifact(single).manifest.multi_label
 
 
+@pytest.mark.slow  # the tiles: prepared and trained once, about 40 s
+def test_a_paused_multi_label_run_resumes_from_its_checkpoint(tiles, tmp_path):
+    _, _, data, _, _ = tiles
+    config = TrainConfig(
+        data, "squeezenet", str(tmp_path / "m"), epochs=2, steps_per_epoch=2, batch_size=8, augment=()
+    )
+    first = trainer.train(config, pause_after=1)  # as a tune rung: the checkpoint is kept
+    assert first.paused and first.epochs_run == 1
+    second = trainer.train(config)
+    assert second.epochs_run == 2 and len(second.history["val_f1"]) == 2
+    assert second.history["val_f1"][0] == first.history["val_f1"][0]  # epoch 1 came from the checkpoint
+    assert second.manifest.multi_label and set(second.manifest.thresholds) == set(CLASSES)
+
+
+@pytest.mark.slow  # the tiles: prepared and trained once, about 40 s
 def test_without_multi_label_a_tile_with_two_labels_is_an_error_row(tiles, tmp_path, capsys):
     labels_csv, written, _, _, _ = tiles
     out = str(tmp_path / "single")
@@ -164,6 +183,7 @@ def test_without_multi_label_a_tile_with_two_labels_is_an_error_row(tiles, tmp_p
     )
 
 
+@pytest.mark.slow  # the tiles: prepared and trained once, about 40 s
 def test_class_weight_is_refused_on_multi_label_data(tiles, tmp_path, capsys):
     _, _, data, _, _ = tiles
     argv = ["train", "--data", data, "--output", str(tmp_path / "m"), *SCHEDULE, "--class_weight", "balanced"]
@@ -184,6 +204,7 @@ def _task(uri: str, *choices: str) -> dict:
     return {"data": {"image": uri, "source_uri": uri}, "annotations": [{"id": 1, "result": [result]}]}
 
 
+@pytest.mark.slow  # the tiles: prepared and trained once, about 40 s
 def test_a_label_studio_task_with_two_choices_is_a_label_set(tiles, tmp_path):
     _, written, _, _, _ = tiles
     picked = written[:12]
