@@ -264,7 +264,8 @@ def _labelled_by_file(
             | "ParseLabels" >> beam.FlatMap(_csv_entry)
         )
     entries = pairs | "OncePerUri" >> beam.GroupByKey()
-    labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn(config.multi_label)).with_outputs(
+    source = "the CSV" if reviewed is None else "the Label Studio export"
+    labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn(config.multi_label, source)).with_outputs(
         ERRORS_TAG, main="files"
     )
     split = labelled.files | "SplitArchives" >> SplitArchives()
@@ -357,23 +358,24 @@ class LabelProblem:
     message: str
 
 
-def file_label(labels, multi_label: bool) -> Label | LabelProblem:
+def file_label(labels, multi_label: bool, source: str = "the CSV") -> Label | LabelProblem:
     """The label the labels-file entries of one file give it, or the problem when none fits.
 
     ``labels``: the label of each entry naming the file ("" for none). One
     distinct label is the file's label; several are its label set (a sorted
     tuple) under ``--multi_label`` and conflicting labels otherwise.
+    ``source`` names the labels file in the problem's message.
     """
     distinct = sorted({label for label in labels if label})
     if not distinct:
-        return LabelProblem("NoLabel", "file has no label in the CSV")
+        return LabelProblem("NoLabel", f"file has no label in {source}")
     if multi_label:
         return tuple(distinct)
     if len(distinct) == 1:
         return distinct[0]
     return LabelProblem(
         "ConflictingLabels",
-        f"the CSV gives this file {len(distinct)} labels: {', '.join(distinct)} "
+        f"{source} gives this file {len(distinct)} labels: {', '.join(distinct)} "
         f"(pass {MULTI_LABEL_FLAG} if an image may hold several)",
     )
 
@@ -381,12 +383,12 @@ def file_label(labels, multi_label: bool) -> Label | LabelProblem:
 class _CsvLabelFn(beam.DoFn):
     """(uri, labels from every CSV line naming it) to an ImageFile with its label, or an error row."""
 
-    def __init__(self, multi_label: bool):
-        self._multi_label = multi_label
+    def __init__(self, multi_label: bool, source: str):
+        self._multi_label, self._source = multi_label, source
 
     def process(self, element):
         uri, labels = element
-        label = file_label(labels, self._multi_label)
+        label = file_label(labels, self._multi_label, self._source)
         if isinstance(label, LabelProblem):
             yield beam.pvalue.TaggedOutput(
                 ERRORS_TAG, error_row(uri, "label", label.error_type, label.message)

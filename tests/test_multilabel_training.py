@@ -218,6 +218,13 @@ def test_a_label_studio_task_with_two_choices_is_a_label_set(tiles, tmp_path):
     assert stats["multi_label"] and stats["examples"] == 12 and stats["errors"] == 0
     for name in stats["counts"]["train"]:
         assert stats["counts"]["train"][name] == sum(name in labels for _, labels in picked)
+    single = str(tmp_path / "single")  # without --multi_label, a task with two choices is an error row
+    argv[argv.index(out)] = single
+    assert main([*argv, "--val_fraction", "0", "--test_fraction", "0", "--max_error_rate", "1"]) == 0
+    errors = pd.read_parquet(os.path.join(single, next(n for n in os.listdir(single) if "errors-" in n)))
+    two = sorted(os.path.abspath(uri) for uri, labels in picked if len(labels) == 2)
+    assert two and sorted(errors.image_uri) == two and set(errors.error_type) == {"ConflictingLabels"}
+    assert all(m.startswith("the Label Studio export gives this file 2 labels: ") for m in errors.message)
 
 
 # --- plain functions ----------------------------------------------------------------------------
