@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import built_once
-from photos import write_photo_tiles
+from photos import write_photo_classes, write_photo_tiles
 
 from beamvision.models import trainer
 from beamvision.models.artifact import load_artifact
@@ -225,6 +225,22 @@ def test_a_label_studio_task_with_two_choices_is_a_label_set(tiles, tmp_path):
     two = sorted(os.path.abspath(uri) for uri, labels in picked if len(labels) == 2)
     assert two and sorted(errors.image_uri) == two and set(errors.error_type) == {"ConflictingLabels"}
     assert all(m.startswith("the Label Studio export gives this file 2 labels: ") for m in errors.message)
+
+
+def test_class_folders_under_multi_label_give_sets_of_one(tmp_path):
+    written = write_photo_classes(str(tmp_path / "photos"), per_class=3, size=(32, 24))
+    out = str(tmp_path / "data")
+    argv = ["prepare", "--input", str(tmp_path / "photos"), "--output", out, "--image_size", "16"]
+    assert main([*argv, "--multi_label"]) == 0
+    stats = _json(os.path.join(out, "stats.json"))
+    labels = _json(os.path.join(out, "labels.json"))
+    assert stats["multi_label"] and (stats["examples"], stats["errors"]) == (3 * len(written), 0)
+    import tensorflow as tf
+
+    for record in tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(out, "*.tfrecord"))):
+        _, hot = parse_example(record, 16, multi_hot_classes=len(labels))
+        uri = tf.train.Example.FromString(record.numpy()).features.feature["uri"].bytes_list.value[0]
+        assert [labels[i] for i in np.flatnonzero(hot.numpy())] == [uri.decode().split("/")[-2]]
 
 
 # --- plain functions ----------------------------------------------------------------------------
