@@ -12,8 +12,13 @@ with ``TrainConfig.check``.
 interrupted run resumes, early stopping with the best weights restored),
 evaluates it on the test split and exports the artifact, with the training
 config, the dataset fingerprint and the metrics in its manifest and
-metrics.json beside it. With ``pause_after`` it stops after that many epochs
-and keeps its checkpoint instead (tune's rungs).
+metrics.json beside it. On multi-label data (stats.json's ``multi_label``,
+from ``prepare --multi_label``) the model gets a sigmoid head and binary
+cross-entropy, each class's threshold is chosen on the validation split
+(``choose_thresholds``) and kept in the manifest, and the test split is scored
+at those thresholds (``multilabel_metrics``: micro and macro F1, mAP, ...).
+With ``pause_after`` it stops after that many epochs and keeps its checkpoint
+instead (tune's rungs).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from beamvision.models.artifact import Manifest, artifact_exists, new_manifest, 
 from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, restore_checkpoint
 from beamvision.models.dataset import classes_missing_from_splits, missing_split_warnings
 from beamvision.models.errors import ModelArgumentError, ModelError
-from beamvision.models.metrics import save_training_curves_png
+from beamvision.models.metrics import DEFAULT_THRESHOLD, choose_thresholds, save_training_curves_png
 from beamvision.models.registry import get_spec, imagenet_weights_cached, list_models
 from beamvision.models.training import (
     batch_size_for,
@@ -44,9 +49,11 @@ from beamvision.models.training import (
     compile_model,
     dataset_fingerprint,
     evaluate,
+    evaluate_multilabel,
     evaluation_split,
     local_shards,
     make_dataset,
+    predict_scores,
     prepare_for_training,
     read_dataset_info,
     steps_for,
@@ -57,7 +64,9 @@ if TYPE_CHECKING:  # Keras is imported once a run starts
 
 AUGMENTATIONS = ("flip", "rotate", "zoom", "contrast")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
-MONITORS = ("val_accuracy", "val_loss")
+# Each validation metric --monitor may name, and the data it is measured on (stats.json's
+# multi_label: False, True); the first name for a kind of data is its default.
+MONITORS = {"val_accuracy": (False,), "val_loss": (False, True), "val_f1": (True,)}
 CLASS_WEIGHTS = ("none", "balanced")
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "training-curves.png"
@@ -112,7 +121,7 @@ class TrainConfig:
     augment: tuple[str, ...] = ("zoom", "rotate")  # no flip: it changes what text and digits mean
     label_smoothing: float = 0.0
     early_stopping_patience: int = 12
-    monitor: str = "val_accuracy"
+    monitor: str | None = None  # None: the data's default (default_monitor)
     class_weight: str = "none"  # none, or balanced: n / (classes * count of the class) per example
     seed: int = 0
     name: str | None = None
@@ -139,6 +148,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "augment": list(self.augment)}
+
+
+def default_monitor(multi_label: bool) -> str:
+    """The monitor of a run that names none: val_accuracy, or val_f1 (micro F1 at 0.5) on multi-label data."""
+    return next(name for name, kinds in MONITORS.items() if multi_label in kinds and name != "val_loss")
+
+
+def resolve_monitor(monitor: str | None, multi_label: bool, flag: str = "--monitor") -> str:
+    """``monitor``, or the data's default for None; ModelError for one the data does not measure."""
+    if monitor is None:
+        return default_monitor(multi_label)
+    if multi_label not in MONITORS[monitor]:
+        kind = "multi-label" if multi_label else "single-label"
+        fits = ", ".join(name for name, kinds in MONITORS.items() if multi_label in kinds)
+        raise ModelError(f"{flag} {monitor}: not measured on {kind} data (choose from {fits})")
+    return monitor
 
 
 def defaults() -> dict[str, Any]:
@@ -178,6 +203,10 @@ class _Data:
     stats: dict[str, Any]
     input_size: int
     fingerprint: str
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.stats.get("multi_label"))
 
     @property
     def image_size(self) -> int:
@@ -224,11 +253,12 @@ def train(
     import keras
 
     data = _read_data(config)
+    config = dataclasses.replace(config, monitor=resolve_monitor(config.monitor, data.multi_label))
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=batch_size_for(data.totals["train"]))
     started = time.monotonic()
     keras.utils.set_random_seed(config.seed)
-    model, head = build_model(config, len(data.labels), data.input_size)
+    model, head = build_model(config, len(data.labels), data.input_size, data.multi_label)
     prepare_for_training(model, head, config.freeze_base)
     with tempfile.TemporaryDirectory() as cache:
         shards = {
@@ -238,8 +268,13 @@ def train(
         if fitted.paused:
             return Outcome(fitted.history, fitted.epochs_run, time.monotonic() - started)
         evaluated_on = evaluation_split(data.totals)
-        metrics = evaluate(model, _dataset(config, data, shards, evaluated_on, training=False), data.labels)
-    metrics = _with_chance(metrics, data.labels, evaluated_on)
+        thresholds = _thresholds(model, config, data, shards) if data.multi_label else {}
+        scored = _dataset(config, data, shards, evaluated_on, training=False)
+        if data.multi_label:
+            metrics = _multilabel_near_chance(evaluate_multilabel(model, scored, data.labels, thresholds))
+            metrics = {"evaluated_on": evaluated_on, "thresholds": thresholds, **metrics}
+        else:
+            metrics = _with_chance(evaluate(model, scored, data.labels), data.labels, evaluated_on)
     seconds = time.monotonic() - started
     training = {
         "config": config.to_dict(),
@@ -255,7 +290,7 @@ def train(
         },
         **(extra or {}),
     }
-    manifest = _export(model, config, data.labels, training, metrics, engine_files)
+    manifest = _export(model, config, data.labels, training, metrics, engine_files, thresholds)
     # Only now: an export that fails leaves the checkpoint, and a rerun resumes from it.
     storage.delete_tree(checkpoint_root(config.output))
     exits.on_interrupt(lambda: f"the trained artifact is complete in {config.output}")
@@ -265,10 +300,23 @@ def train(
     return Outcome(fitted.history, fitted.epochs_run, seconds, manifest)
 
 
+def _thresholds(model: keras.Model, config: TrainConfig, data: _Data, shards) -> dict[str, float]:
+    """Each class's threshold, chosen on the validation split (``DEFAULT_THRESHOLD`` without one)."""
+    if not data.totals["val"]:
+        return {label: DEFAULT_THRESHOLD for label in data.labels}
+    validation = _dataset(config, data, shards, "val", training=False)
+    return choose_thresholds(*predict_scores(model, validation, len(data.labels)), data.labels)
+
+
 def _read_data(config: TrainConfig) -> _Data:
     """The prepared dataset, checked against the config; warns of classes with no training image."""
     labels, stats = read_dataset_info(config.data)
     image_size = stats["image_size"]
+    if stats.get("multi_label") and config.class_weight != "none":
+        raise ModelError(
+            f"--class_weight {config.class_weight}: not for multi-label data (--data {config.data}); "
+            "an image with several labels has no one class to weigh it by"
+        )
     if stats["totals"]["train"] == 0:
         raise ModelError(f"--data {config.data}: the training split is empty")
     if config.input_size is None:  # the prepared size is the input size: the same rules apply
@@ -305,6 +353,7 @@ def _dataset(config: TrainConfig, data: _Data, shards: dict[str, list[str]], spl
         config.augment if training else (),
         config.seed,
         count=data.totals[split],
+        multi_label=data.multi_label,
     )
 
 
@@ -322,7 +371,7 @@ def _fit(
     from beamvision.models.callbacks import KeepCheckpoint, ResumableEarlyStopping
 
     steps = config.steps_per_epoch or steps_for(data.totals["train"], config.batch_size)
-    compile_model(model, config, len(data.labels), steps * config.epochs, min(steps, 100))
+    compile_model(model, config, len(data.labels), steps * config.epochs, min(steps, 100), data.multi_label)
     # What shapes the weights: the training flags, the input size and the data (never the
     # artifact's name, version or --overwrite). A rerun with all of these equal resumes.
     resumable = {k: v for k, v in config.to_dict().items() if k not in ("name", "version", "overwrite")}
@@ -412,6 +461,7 @@ def _reporting_callbacks(
         seed=config.seed,
         count=data.totals["train"],
         shuffle_buffer=8 * config.batch_size,
+        multi_label=data.multi_label,
     )  # prepare wrote the shards in shuffled order: a small buffer mixes the classes enough
     callbacks = [CalibrateBatchNorm(calibration, min(steps, 50))]
     if not console.is_quiet():  # last: an epoch's line means its checkpoint is kept
@@ -429,6 +479,13 @@ def _with_chance(metrics: dict[str, Any], labels: list[str], evaluated_on: str) 
     return {"evaluated_on": evaluated_on, "chance_accuracy": chance, "near_chance": near_chance, **metrics}
 
 
+def _multilabel_near_chance(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Multi-label metrics with ``near_chance``: micro F1 within NEAR_CHANCE of the gap from chance to 1."""
+    micro, chance = metrics["micro_f1"], metrics["chance_micro_f1"]
+    near = micro is not None and chance is not None and micro - chance <= NEAR_CHANCE * (1 - chance)
+    return {**metrics, "near_chance": near}
+
+
 def _export(
     model: keras.Model,
     config: TrainConfig,
@@ -436,8 +493,12 @@ def _export(
     training: dict[str, Any],
     metrics: dict[str, Any],
     engine_files: EngineFiles | None,
+    thresholds: dict[str, float],
 ) -> Manifest:
-    """Saves the artifact (with its engines' files) and metrics.json beside it; returns its manifest."""
+    """Saves the artifact (with its engines' files) and metrics.json beside it; returns its manifest.
+
+    ``thresholds``: a multi-label model's per-class thresholds (empty for a single-label one).
+    """
     manifest = new_manifest(
         model,
         config.architecture,
@@ -448,6 +509,8 @@ def _export(
         training=training,
         metrics=metrics,
     )
+    if thresholds:
+        manifest = dataclasses.replace(manifest, multi_label=True, thresholds=thresholds)
     with tempfile.TemporaryDirectory() as converted:
         engine_extra = engine_files(model, manifest, config.engines, converted) if engine_files else {}
         manifest = save_artifact(model, manifest, config.output, config.overwrite, extra_files=engine_extra)
@@ -468,24 +531,45 @@ def _print_trained(
     classes: int,
 ) -> None:
     evaluated_on = metrics["evaluated_on"]
-    top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
     print(
         f"trained {config.architecture} in {seconds:.0f}s ({counted(epochs_run, 'epoch')}): "
-        f"{evaluated_on} accuracy {metrics['accuracy']:.1%}{top5} "
+        f"{evaluated_on} {_headline(metrics, manifest.multi_label)} "
         f"on {counted(metrics['examples'], 'image')}, "
-        f"macro F1 {metrics['macro_f1']:.3f}"
+        f"macro F1 {_score(metrics['macro_f1'])}"
     )
     print(
         f"artifact: {config.output} ({manifest.name} version {manifest.version}); metrics: "
         f"{storage.join(config.output, METRICS_FILE)}, curves: {storage.join(config.output, CURVES_FILE)}"
     )
-    if metrics["near_chance"]:
+    if metrics["near_chance"] and manifest.multi_label:
+        print(
+            f"WARNING: {evaluated_on} micro F1 {_score(metrics['micro_f1'])} is near chance "
+            f"({_score(metrics['chance_micro_f1'])}, predicting every label for every image): "
+            f"this model has not learned the task. Try {_what_to_try(config)}.",
+            file=sys.stderr,
+        )
+    elif metrics["near_chance"]:
         print(
             f"WARNING: {evaluated_on} accuracy {metrics['accuracy']:.1%} is near chance "
             f"({metrics['chance_accuracy']:.1%}, always guessing the most frequent of {classes} classes): "
             f"this model has not learned the task. Try {_what_to_try(config)}.",
             file=sys.stderr,
         )
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _headline(metrics: dict[str, Any], multi_label: bool) -> str:
+    """The summary's first measure: accuracy (and top-5); multi-label, micro F1 and mAP at its thresholds."""
+    if multi_label:
+        return (
+            f"micro F1 {_score(metrics['micro_f1'])}, mAP {_score(metrics['mean_average_precision'])} "
+            "(thresholds chosen on val)"
+        )
+    top5 = f", top-5 {metrics['top5_accuracy']:.1%}" if metrics.get("top5_accuracy") is not None else ""
+    return f"accuracy {metrics['accuracy']:.1%}{top5}"
 
 
 def _what_to_try(config: TrainConfig) -> str:

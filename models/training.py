@@ -26,7 +26,7 @@ from beamvision import storage
 from beamvision.models.artifact import artifact_exists, load_artifact
 from beamvision.models.dataset import LABELS_FILE, STATS_FILE, parse_example
 from beamvision.models.errors import ModelError
-from beamvision.models.metrics import classification_metrics
+from beamvision.models.metrics import classification_metrics, multilabel_metrics
 from beamvision.models.registry import (
     IMAGENET_CLASSES,
     ArchitectureSpec,
@@ -103,11 +103,13 @@ def make_dataset(
     seed=0,
     count=None,
     shuffle_buffer=10_000,
+    multi_label=False,
 ):
     """tf.data pipeline: parallel reads and parsing, shuffling, augmentation, batching, prefetch.
 
-    Yields (uint8 images [b, input_size, input_size, 3], one-hot float labels [b, classes]);
-    for training, endlessly. ``count``: the number of examples in ``files``, when known.
+    Yields (uint8 images [b, input_size, input_size, 3], one-hot float labels [b, classes],
+    multi-hot with ``multi_label``); for training, endlessly. ``count``: the number of
+    examples in ``files``, when known.
     """
     import tensorflow as tf
 
@@ -117,7 +119,8 @@ def make_dataset(
         ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(lambda s: parse_example(s, image_size), num_parallel_calls=autotune)
+    multi_hot = num_classes if multi_label else None
+    ds = ds.map(lambda s: parse_example(s, image_size, multi_hot), num_parallel_calls=autotune)
     if input_size != image_size:
         ds = ds.map(
             lambda x, y: (
@@ -139,7 +142,8 @@ def make_dataset(
             ),
             num_parallel_calls=autotune,
         )
-    ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=autotune)
+    if not multi_label:  # (a multi-label set is parsed multi-hot)
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=autotune)
     return ds.prefetch(autotune)
 
 
@@ -177,16 +181,22 @@ def with_new_head(
     return keras.Model(model.inputs, outputs, name=model.name)
 
 
-def build_model(config, num_classes: int, input_size: int) -> tuple[keras.Model, list[str]]:
-    """The model to train and the names of its new (head) layers, per ``config.weights``."""
+def build_model(
+    config, num_classes: int, input_size: int, multi_label: bool = False
+) -> tuple[keras.Model, list[str]]:
+    """The model to train and the names of its new (head) layers, per ``config.weights``.
+
+    A multi-label model ends in a new sigmoid head (``with_new_head``) whatever it starts from.
+    """
     spec = get_spec(config.architecture)
     weights = config.weights
     head = [spec.classifier_layer, "head_pool", "head_dropout"]
     if weights == "none":
-        return create_model(spec.name, num_classes, input_size), []
+        model = create_model(spec.name, num_classes, input_size)
+        return (with_new_head(model, spec, num_classes, multi_label=True) if multi_label else model), []
     if weights == "imagenet":
         base = create_model(spec.name, IMAGENET_CLASSES, input_size, "imagenet")
-        return with_new_head(base, spec, num_classes), head
+        return with_new_head(base, spec, num_classes, multi_label), head
     if artifact_exists(weights):
         artifact = load_artifact(weights)
         if artifact.manifest.architecture != spec.name or artifact.manifest.input_size != input_size:
@@ -194,8 +204,10 @@ def build_model(config, num_classes: int, input_size: int) -> tuple[keras.Model,
                 f"--weights {weights}: that artifact is {artifact.manifest.architecture} at "
                 f"{artifact.manifest.input_size}px; this run trains {spec.name} at {input_size}px"
             )
-        return with_new_head(artifact.model, spec, num_classes), head  # load_artifact builds a new model
-    return create_model(spec.name, num_classes, input_size, weights), []
+        # load_artifact builds a new model; a single-label artifact warm-starts a multi-label one too
+        return with_new_head(artifact.model, spec, num_classes, multi_label), head
+    model = create_model(spec.name, num_classes, input_size, weights)
+    return (with_new_head(model, spec, num_classes, multi_label=True), head) if multi_label else (model, [])
 
 
 def prepare_for_training(model: keras.Model, head_layers: list[str], freeze_base: bool) -> None:
@@ -209,8 +221,19 @@ def prepare_for_training(model: keras.Model, head_layers: list[str], freeze_base
             layer.momentum = min(layer.momentum, BATCHNORM_MOMENTUM)
 
 
-def compile_model(model: keras.Model, config, num_classes: int, total_steps: int, warmup_steps: int) -> None:
-    """Compiles ``model`` for ``config``'s optimizer and label smoothing, on a warm-up + cosine schedule."""
+def compile_model(
+    model: keras.Model,
+    config,
+    num_classes: int,
+    total_steps: int,
+    warmup_steps: int,
+    multi_label: bool = False,
+) -> None:
+    """Compiles ``model`` for ``config``'s optimizer and label smoothing, on a warm-up + cosine schedule.
+
+    One label per image: categorical cross-entropy, accuracy (and top-5 beyond 5 classes).
+    Multi-label: binary cross-entropy, micro F1 at 0.5 (``f1``), ROC AUC and binary accuracy.
+    """
     import keras
 
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -224,12 +247,21 @@ def compile_model(model: keras.Model, config, num_classes: int, total_steps: int
         "sgd": lambda: keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
         "rmsprop": lambda: keras.optimizers.RMSprop(schedule),
     }[config.optimizer]()
-    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-    if num_classes > 5:
-        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
+    if multi_label:
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)
+        metrics = [
+            keras.metrics.F1Score(average="micro", threshold=0.5, name="f1"),
+            keras.metrics.AUC(multi_label=True, num_labels=num_classes, name="auc"),
+            keras.metrics.BinaryAccuracy(name="binary_accuracy"),
+        ]
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        if num_classes > 5:
+            metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5_accuracy"))
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        loss=loss,
         metrics=metrics,
         jit_compile=False,  # XLA is slower than the default kernels on CPU hosts
     )
@@ -278,6 +310,29 @@ def evaluate(model: keras.Model, dataset, labels: list[str]) -> dict[str, Any]:
     if not y_true:
         return classification_metrics(np.zeros(0), np.zeros((0, k)), labels)
     return classification_metrics(np.concatenate(y_true), np.concatenate(ranked), labels)
+
+
+def predict_scores(model: keras.Model, dataset, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(truth [n, classes], scores [n, classes]) of ``model`` on a (non-repeating) dataset."""
+    truth, scores = [np.zeros((0, num_classes))], [np.zeros((0, num_classes))]
+    for images, hot in dataset:
+        scores.append(np.asarray(model.predict_on_batch(images)))
+        truth.append(hot.numpy())
+    return np.concatenate(truth), np.concatenate(scores)
+
+
+def evaluate_multilabel(
+    model: keras.Model, dataset, labels: list[str], thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """Multi-label metrics of ``model`` on a dataset of (images, multi-hot labels), at ``thresholds``.
+
+    Adds ``chance_micro_f1``: the micro F1 of predicting every label for every image.
+    """
+    truth, scores = predict_scores(model, dataset, len(labels))
+    cut = np.array([thresholds[label] for label in labels])
+    metrics = multilabel_metrics(truth, scores >= cut, scores, labels)
+    everything = multilabel_metrics(truth, np.ones_like(truth), None, labels)["micro_f1"]
+    return {"chance_micro_f1": everything, **metrics}
 
 
 def class_weights(mode: str, labels: list[str], counts: dict[str, int]) -> dict[int, float] | None:

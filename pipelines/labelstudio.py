@@ -6,7 +6,8 @@ URI as it is, a local file as a local-files URL, ``image_url``), the image's
 own URI as ``data.source_uri``, and one prediction per task (a ``choices``
 result with ``from_name``/``to_name``, ``score`` and ``model_version``).
 prepare reads a JSON export of the reviewed tasks back (``label_studio_labels``):
-a person's choice is the image's label, found by ``source_uri`` or ``image``.
+a person's choices are the image's labels (one, or a label set for
+``prepare --multi_label``), found by ``source_uri`` or ``image``.
 """
 
 from __future__ import annotations
@@ -119,17 +120,19 @@ def is_label_studio_export(uri: str) -> bool:
 class Reviewed:
     """What prepare takes from a Label Studio export: the labels, the tasks without one, the classes."""
 
-    labelled: list[tuple[str, str]]  # (uri, label) per annotated task
+    labelled: list[tuple[str, tuple[str, ...]]]  # (uri, its choices) per annotated task
     unannotated: int  # tasks in the export without a choice annotation
     classes: list[str]  # every class the tasks record (data.classes), chosen or not
 
 
 def label_studio_labels(text: str, root: str) -> Reviewed:
-    """(uri, label) per annotated task of a Label Studio JSON export, how many had none, the classes.
+    """(uri, choices) per annotated task of a Label Studio JSON export, how many had none, the classes.
 
-    The label is the first choice of the task's latest annotation that was
-    not cancelled: a person's label overrides the model's prediction, and a
-    task nobody annotated is skipped (and counted). The image is the task's
+    The labels are the choices of the task's latest annotation that was not
+    cancelled (several where the labelling config lets a person pick several:
+    a label set, which prepare takes under ``--multi_label`` and otherwise
+    refuses as conflicting labels): a person's labels override the model's
+    prediction, and a task nobody annotated is skipped (and counted). The image is the task's
     ``source_uri`` (which ``export-labels`` sets: a file, a ``gs://`` object
     or an archive member) or else its ``image``: a storage URI, or a
     local-files URL, whose path is taken relative to ROOT. URIs come back
@@ -153,7 +156,7 @@ def label_studio_labels(text: str, root: str) -> Reviewed:
     labelled, unannotated, classes = [], 0, set()
     for number, task in enumerate(tasks, 1):
         try:
-            label = _annotated_choice(task.get("annotations") or [])
+            chosen = _annotated_choices(task.get("annotations") or [])
             uri = _task_uri(task["data"], root)
             recorded = task["data"].get("classes") or []
             if not isinstance(recorded, list):
@@ -161,21 +164,26 @@ def label_studio_labels(text: str, root: str) -> Reviewed:
         except (AttributeError, TypeError, ValueError) as exc:
             raise UsageError(f"--labels: task {number} is not a Label Studio task ({exc})") from None
         classes.update(str(name) for name in recorded)
-        if label is None or uri is None:
+        if not chosen or uri is None:
             unannotated += 1
         else:
-            labelled.append((uri, label))
+            labelled.append((uri, chosen))
     return Reviewed(labelled, unannotated, sorted(classes))
 
 
-def _annotated_choice(annotations: list[dict]) -> str | None:
+def _annotated_choices(annotations: list[dict]) -> tuple[str, ...]:
+    """The distinct choices of the latest annotation not cancelled that has any, in order; () if none."""
     kept = [a for a in annotations if not a.get("was_cancelled")]
     for annotation in sorted(kept, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0), reverse=True):
-        for result in annotation.get("result") or []:
-            choices = (result.get("value") or {}).get("choices") or []
-            if result.get("type") == "choices" and choices:
-                return str(choices[0])
-    return None
+        chosen = [
+            str(choice)
+            for result in annotation.get("result") or []
+            if result.get("type") == "choices"
+            for choice in (result.get("value") or {}).get("choices") or []
+        ]
+        if chosen:
+            return tuple(dict.fromkeys(chosen))
+    return ()
 
 
 def _task_uri(data: dict, root: str) -> str | None:

@@ -4,7 +4,7 @@
 
 Input is a folder per class (``ROOT/<class>/...``), a CSV of ``uri,label`` or
 a Label Studio JSON export of reviewed tasks (``--labels tasks.json``: each
-task's annotation is its label; see ``beamvision.pipelines.labelstudio``).
+task's annotation gives its label; see ``beamvision.pipelines.labelstudio``).
 Archives (.tar, .tar.gz, .zip) under ROOT, or ROOT itself an archive, give
 their members' classes by the member's first folder inside the archive
 (``cats/1.jpg``); a CSV may name members, ``ARCHIVE!/path/in/archive.jpg``.
@@ -14,6 +14,14 @@ runners), a class of 3 images or more keeping one in each split (a few files
 moved: ``_SplitEveryClass``), and written as TFRecord shards with labels.json
 and stats.json (see ``beamvision.models.dataset``). ``--classes FILE`` keeps
 classes that have no image. Bad images become error rows; they never stop the job.
+
+With ``--multi_label`` an image may hold several labels: a CSV naming one URI
+on several rows, or a Label Studio task with several choices, gives the image
+the set of its distinct labels (without the flag that is a ConflictingLabels
+error row); a class folder gives a set of one. The TFRecords then carry each
+image's label indices, stats.json says ``"multi_label": true``, its per-class
+counts count an image once in each of its classes, and the splits keep every
+label combination (as a single-label run keeps every class) in each split.
 """
 
 from __future__ import annotations
@@ -71,12 +79,13 @@ from beamvision.transforms.decode import DecodeImages
 from beamvision.transforms.outputs import ERRORS_PREFIX, errors_pattern
 from beamvision.transforms.progress import ReportProgress
 from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri
-from beamvision.transforms.rows import ERRORS_TAG, error_row
+from beamvision.transforms.rows import ERRORS_TAG, Label, error_row, label_set
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.write import SummarizeErrors, WriteErrors
 
 # Every file a prepare run writes under --output.
 OUTPUTS = [f"{split}-*.tfrecord" for split in SPLITS] + [f"{ERRORS_PREFIX}-*", LABELS_FILE, STATS_FILE]
+MULTI_LABEL_FLAG = "--multi_label"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="salt of the split hash (default 0)")
     add_decode_arguments(parser)
     add_worker_arguments(parser, inference=False)
+    add_switch(
+        parser,
+        MULTI_LABEL_FLAG,
+        "an image may hold several labels: a CSV naming a URI on several rows, or a Label Studio task "
+        "with several choices, gives it that label set (train then fits a sigmoid head)",
+    )
     add_switch(parser, "--overwrite", "replace a prepared dataset already at --output")
     add_error_rate_argument(parser)
     add_progress_arguments(parser)
@@ -133,6 +148,7 @@ class Config:
     progress_every: float = DEFAULT_PROGRESS_SECONDS
     detach: bool = False
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    multi_label: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -159,19 +175,20 @@ class Config:
             args.progress_every,
             args.detach,
             args.max_error_rate,
+            args.multi_label,
         )
 
 
 def build_pipeline(
     pipeline: beam.Pipeline,
     config: Config,
-    reviewed: list[tuple[str, str]] | None = None,
+    reviewed: list[tuple[str, tuple[str, ...]]] | None = None,
     unannotated: int | None = None,
     classes: list[str] = (),
 ) -> None:
     """Adds the prepare steps for ``config`` to ``pipeline``.
 
-    ``reviewed``: (uri, label) pairs of a Label Studio export given as
+    ``reviewed``: (uri, choices) of each task of a Label Studio export given as
     ``--labels`` (``label_studio_labels``), with ``unannotated`` tasks skipped.
     ``classes``: classes to keep even without an image (``--classes``, and
     those a Label Studio export records); labels.json is every class named.
@@ -228,16 +245,18 @@ def build_pipeline(
 
 
 def _labelled_by_file(
-    pipeline: beam.Pipeline, config: Config, reviewed: list[tuple[str, str]] | None
+    pipeline: beam.Pipeline, config: Config, reviewed: list[tuple[str, tuple[str, ...]]] | None
 ) -> dict:
-    """The files a labels CSV or a Label Studio export names, each with its one label.
+    """The files a labels CSV or a Label Studio export names, each with its one label (or label set).
 
     Returns a dict of PCollections: ``inputs`` (each URI named), ``files``
     (labelled ImageFiles), ``archives`` (archives to read members of),
     ``errors`` (files without one label) and ``named_classes``.
     """
     if reviewed is not None:
-        pairs = pipeline | "ReviewedLabels" >> beam.Create(reviewed)
+        pairs = pipeline | "ReviewedLabels" >> beam.Create(
+            [(uri, label) for uri, chosen in reviewed for label in chosen]
+        )
     else:
         pairs = (
             pipeline
@@ -245,7 +264,10 @@ def _labelled_by_file(
             | "ParseLabels" >> beam.FlatMap(_csv_entry)
         )
     entries = pairs | "OncePerUri" >> beam.GroupByKey()
-    labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn()).with_outputs(ERRORS_TAG, main="files")
+    source = "the CSV" if reviewed is None else "the Label Studio export"
+    labelled = entries | "Label" >> beam.ParDo(_CsvLabelFn(config.multi_label, source)).with_outputs(
+        ERRORS_TAG, main="files"
+    )
     split = labelled.files | "SplitArchives" >> SplitArchives()
     return {
         "inputs": entries | "InputUris" >> beam.Keys(),
@@ -253,7 +275,7 @@ def _labelled_by_file(
         "archives": split["archives"],
         "errors": labelled[ERRORS_TAG],
         "labelled": labelled.files,
-        "named_classes": labelled.files | "ClassNames" >> beam.Map(lambda f: f.label),
+        "named_classes": labelled.files | "ClassNames" >> beam.FlatMap(lambda f: label_set(f.label)),
     }
 
 
@@ -276,7 +298,7 @@ def _labelled_by_folder(pipeline: beam.Pipeline, config: Config) -> dict:
         "archives": split["archives"],
         "errors": foldered[ERRORS_TAG],
         "labelled": every,
-        "named_classes": every | "ClassNames" >> beam.Map(lambda f: f.label),
+        "named_classes": every | "ClassNames" >> beam.FlatMap(lambda f: label_set(f.label)),
     }
 
 
@@ -306,8 +328,11 @@ def _write_stats(
             class_names=class_names,
             counts=beam.pvalue.AsList(
                 examples
-                | "SplitAndClass" >> beam.Map(lambda e: (e[0], e[1]))
+                | "SplitAndClass" >> beam.FlatMap(lambda e: [(e[0], name) for name in e[1]])
                 | "CountPerClass" >> count.PerElement()
+            ),
+            split_totals=beam.pvalue.AsList(
+                examples | "Split" >> beam.Map(lambda e: e[0]) | "CountPerSplit" >> count.PerElement()
             ),
             inputs=beam.pvalue.AsSingleton(inputs | "CountInputs" >> count.Globally()),
             errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
@@ -325,21 +350,51 @@ def _csv_entry(line: str):
         yield uris[0], fields[1].strip() if len(fields) >= 2 else ""
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelProblem:
+    """Why a labels file gives a file no label: its error row's type and message."""
+
+    error_type: str
+    message: str
+
+
+def file_label(labels, multi_label: bool, source: str = "the CSV") -> Label | LabelProblem:
+    """The label the labels-file entries of one file give it, or the problem when none fits.
+
+    ``labels``: the label of each entry naming the file ("" for none). One
+    distinct label is the file's label; several are its label set (a sorted
+    tuple) under ``--multi_label`` and conflicting labels otherwise.
+    ``source`` names the labels file in the problem's message.
+    """
+    distinct = sorted({label for label in labels if label})
+    if not distinct:
+        return LabelProblem("NoLabel", f"file has no label in {source}")
+    if multi_label:
+        return tuple(distinct)
+    if len(distinct) == 1:
+        return distinct[0]
+    return LabelProblem(
+        "ConflictingLabels",
+        f"{source} gives this file {len(distinct)} labels: {', '.join(distinct)} "
+        f"(pass {MULTI_LABEL_FLAG} if an image may hold several)",
+    )
+
+
 class _CsvLabelFn(beam.DoFn):
-    """(uri, labels from every CSV line naming it) to an ImageFile with its one label, or an error row."""
+    """(uri, labels from every CSV line naming it) to an ImageFile with its label, or an error row."""
+
+    def __init__(self, multi_label: bool, source: str):
+        self._multi_label, self._source = multi_label, source
 
     def process(self, element):
         uri, labels = element
-        distinct = sorted({label for label in labels if label})
-        if len(distinct) == 1:
-            yield ImageFile(uri, label=distinct[0])
-        elif not distinct:
+        label = file_label(labels, self._multi_label, self._source)
+        if isinstance(label, LabelProblem):
             yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG, error_row(uri, "label", "NoLabel", "file has no label in the CSV")
+                ERRORS_TAG, error_row(uri, "label", label.error_type, label.message)
             )
         else:
-            message = f"the CSV gives this file {len(distinct)} labels: {', '.join(distinct)}"
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(uri, "label", "ConflictingLabels", message))
+            yield ImageFile(uri, label=label)
 
 
 class _FolderLabelFn(beam.DoFn):
@@ -363,6 +418,9 @@ class _SplitEveryClass(beam.PTransform):
 
     Each file's split is its hash's (``assign_split``) unless its class needs
     it elsewhere so that every split holds the class (``split_overrides``).
+    Under ``--multi_label`` the group is the file's label set: every label
+    combination of 3 images or more is in each split (so each of its classes
+    is), and no file is pulled two ways by two of its classes.
     A combiner per class keeps only counts and the few files at the ends of
     each split, never the class's whole list, so this stays small however
     many files a class has; the result (at most a few files per class) is a
@@ -414,14 +472,22 @@ class _SplitSummaryFn(beam.CombineFn):
 
 def _to_example(
     element, class_names: list[str], overrides: dict[str, str], config: Config
-) -> tuple[str, str, bytes]:
-    """(ImageKey, pixels) to (split, class name, serialized tf.train.Example)."""
+) -> tuple[str, tuple[str, ...], bytes]:
+    """(ImageKey, pixels) to (split, its class names, serialized tf.train.Example).
+
+    The example's label is the class's index, or under ``--multi_label`` the
+    indices of the image's label set (a class folder's: a set of one).
+    """
     key, pixels = element
     relative = relative_key(key.uri, config.input)
     split = overrides.get(relative) or assign_split(
         relative, config.val_fraction, config.test_fraction, config.seed
     )
-    return split, key.label, serialize_example(pixels, class_names.index(key.label), key.uri)
+    names = label_set(key.label)
+    index = (
+        [class_names.index(name) for name in names] if config.multi_label else class_names.index(key.label)
+    )
+    return split, names, serialize_example(pixels, index, key.uri)
 
 
 def _asked_splits(config: Config) -> list[str]:
@@ -438,11 +504,12 @@ class _WriteStatsFn(beam.DoFn):
         self._config = config
         self._unannotated = unannotated
 
-    def process(self, _, class_names, counts, inputs, errors, error_groups, files):
+    def process(self, _, class_names, counts, split_totals, inputs, errors, error_groups, files):
         config = self._config
         per_split = {split: {name: 0 for name in class_names} for split in SPLITS}
         for (split, name), n in counts:
             per_split[split][name] = n
+        totals = {split: 0 for split in SPLITS} | dict(split_totals)  # images (a set counts once)
         stats = {
             "input": config.input,
             "image_size": config.image_size,
@@ -450,9 +517,10 @@ class _WriteStatsFn(beam.DoFn):
             "test_fraction": config.test_fraction,
             "seed": config.seed,
             "inputs": inputs,
-            "examples": sum(n for _, n in counts),
+            "examples": sum(totals.values()),
             "errors": errors,
-            "totals": {split: sum(per_split[split].values()) for split in SPLITS},
+            "totals": totals,
+            # Images per class: under --multi_label, an image counts in each of its classes.
             "counts": per_split,
             # Named by a folder or the CSV, but none of their files became an example.
             "empty_classes": [name for name in class_names if not any(per_split[s][name] for s in SPLITS)],
@@ -462,6 +530,8 @@ class _WriteStatsFn(beam.DoFn):
             ),
             "error_groups": error_groups,
         }
+        if config.multi_label:  # a single-label stats.json is written as before
+            stats["multi_label"] = True
         if self._unannotated is not None:  # --labels was a Label Studio export
             stats["unannotated_tasks"] = self._unannotated
         storage.write_atomic(

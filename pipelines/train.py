@@ -9,7 +9,9 @@ interrupted run resumes where it stopped, stops early (never during the
 warm-up) with the best weights restored, warns when the result is near chance,
 evaluates on the test split and exports the artifact that classify runs
 (training config, dataset fingerprint and metrics in its manifest, and
-metrics.json beside it).
+metrics.json beside it). Data prepared with ``--multi_label`` trains a
+multi-label model (sigmoid head, per-class thresholds chosen on validation)
+with no flag of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from beamvision.models.trainer import (
     OPTIMIZERS,
     VALUE_CHECKS,
     TrainConfig,
+    default_monitor,
     defaults,
     train,
 )
@@ -135,7 +138,8 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         type=_typed("monitor"),
         choices=MONITORS,
         default=default["monitor"],
-        help=f"validation metric that picks the best epoch and stops early (default {default['monitor']})",
+        help="validation metric that picks the best epoch and stops early (default "
+        f"{default_monitor(False)}; on multi-label data {default_monitor(True)}, micro F1 at 0.5)",
     )
     parser.add_argument(
         "--class_weight",

@@ -37,7 +37,15 @@ from beamvision import exits, storage, values
 from beamvision.console import counted
 from beamvision.models import ModelArgumentError, ModelError
 from beamvision.models.checkpoints import checkpoint_root
-from beamvision.models.trainer import MONITORS, VALUE_CHECKS, TrainConfig, defaults, train
+from beamvision.models.trainer import (
+    MONITORS,
+    VALUE_CHECKS,
+    TrainConfig,
+    default_monitor,
+    defaults,
+    resolve_monitor,
+    train,
+)
 from beamvision.models.training import dataset_fingerprint, read_dataset_info
 from beamvision.pipelines.flags import (
     UsageError,
@@ -128,8 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metric",
         choices=MONITORS,
-        default="val_accuracy",
-        help="validation metric that ranks trials and stops them early (default val_accuracy)",
+        help="validation metric that ranks trials and stops them early (default "
+        f"{default_monitor(False)}; on multi-label data {default_monitor(True)})",
     )
     parser.add_argument(
         "--rungs",
@@ -161,7 +169,7 @@ class Config:
     space: str
     search: str
     trials: int | None
-    metric: str
+    metric: str | None  # None until run reads the data: its default (default_monitor)
     rungs: int
     reduction_factor: int
     seed: int
@@ -364,6 +372,10 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     config = Config.from_args(args)
     started = time.monotonic()
     labels, stats = read_dataset_info(config.data)
+    # The metric that ranks the trials: the one each trial monitors, the data's default if none.
+    config = dataclasses.replace(
+        config, metric=resolve_monitor(config.metric, bool(stats.get("multi_label")), "--metric")
+    )
     if not stats["totals"].get("val"):
         raise UsageError(
             f"--data {config.data}: has no validation split, which ranks the trials "

@@ -54,3 +54,33 @@ def write_photo_classes(root: str, per_class: int, size: tuple[int, int] = (160,
             crop.save(path, "JPEG", quality=90)
             written[name].append(path)
     return written
+
+
+def write_photo_tiles(
+    root: str, count: int, classes: tuple[str, ...], size: int = 64, seed: int = 0
+) -> list[tuple[str, tuple[str, ...]]]:
+    """Writes ROOT/<i>.jpg, ``count`` multi-label tiles; returns (path, its label set) per tile.
+
+    A tile's left and right halves are random crops of one photo of
+    ``classes`` each: of the same photo (a set of one label) or, for about
+    half the tiles, of two (a set of two).
+    """
+    rng = np.random.default_rng(seed)
+    sources = {name: photo(name) for name in classes}
+    os.makedirs(root, exist_ok=True)
+    written = []
+    for i in range(count):
+        first = str(rng.choice(classes))
+        second = str(rng.choice([c for c in classes if c != first])) if rng.random() < 0.5 else first
+        tile = Image.new("RGB", (size, size))
+        for left, name in ((0, first), (size // 2, second)):
+            source = sources[name]
+            width, height = source.size
+            scale = rng.uniform(0.3, 0.7)
+            w, h = int(width * scale / 2), int(height * scale)
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            tile.paste(source.crop((x, y, x + w, y + h)).resize((size // 2, size)), (left, 0))
+        path = os.path.join(root, f"{i:04d}.jpg")
+        tile.save(path, "JPEG", quality=90)
+        written.append((path, tuple(sorted({first, second}))))
+    return written

@@ -17,19 +17,29 @@ import pyarrow as pa
 
 METRICS_NAMESPACE = "beamvision"
 
+# An image's class: one name, or (multi-label) the sorted tuple of its distinct names.
+Label = str | tuple[str, ...]
+
+
+def label_set(label: Label) -> tuple[str, ...]:
+    """The names a ``Label`` holds: a one-name tuple for a single class, the set's names for a set."""
+    return (label,) if isinstance(label, str) else tuple(label)
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageFile:
     """An input file: where it is, its size, its modification time (seconds since epoch) and its class.
 
     ``size_bytes`` and ``modified`` are None until the file has been looked
-    up; ``label`` is the class a folder or labels file gives it (prepare).
+    up; ``label`` is the class a folder or labels file gives it (prepare):
+    one name, or under ``prepare --multi_label`` a ``Label`` set, a sorted
+    tuple of names (``label_set`` reads either as a tuple).
     """
 
     uri: str
     size_bytes: int | None = None
     modified: float | None = None
-    label: str | None = None
+    label: Label | None = None
     sha256: str | None = None  # of the bytes, once read
 
 

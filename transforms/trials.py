@@ -38,7 +38,12 @@ from beamvision import storage
 from beamvision.transforms.rows import METRICS_NAMESPACE, exception_text
 
 TRIALS_DIR = "trials"
-DETAILED_METRICS = ("per_class", "confusion_matrix", "labels")  # left in each artifact's metrics.json
+DETAILED_METRICS = (
+    "per_class",
+    "confusion_matrix",
+    "labels",
+    "thresholds",
+)  # left in each artifact's metrics.json
 MODEL_DIR = "model"
 # A trial's statuses: paused between rungs; then completed, stopped (not among the best at a rung)
 # or failed (train refused its flags, or training raised: the error is recorded).
