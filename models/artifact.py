@@ -40,6 +40,8 @@ MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
 # The architecture of a model that ``beamvision import`` brought in: none of the registry's.
 IMPORTED = "imported"
+# An imported SavedModel: the format's name in ``origin``, and the folder of its files in the artifact.
+SAVEDMODEL = SAVEDMODEL_DIR = "savedmodel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +104,11 @@ class Manifest:
         return len(self.labels)
 
     @property
-    def classifier_layer(self) -> str:
-        """The model's final classifying layer: its input, pooled, is the image embedding."""
+    def classifier_layer(self) -> str | None:
+        """The model's final classifying layer: its input, pooled, is the image embedding.
+
+        None for an imported SavedModel, whose layers are hidden behind its signature.
+        """
         if self.architecture == IMPORTED:
             return self.origin["classifier_layer"]
         return get_spec(self.architecture).classifier_layer
@@ -163,8 +168,8 @@ class Manifest:
             raise ArtifactError(f"{where}: thresholds are only for a multi_label model")
         if (manifest.architecture == IMPORTED) != bool(manifest.origin):
             raise ArtifactError(f"{where}: origin is recorded for an imported model, and only for one")
-        if manifest.origin and not isinstance(manifest.origin.get("classifier_layer"), str):
-            raise ArtifactError(f"{where}: origin must name the model's classifier_layer")
+        if manifest.origin and not isinstance(manifest.origin.get("classifier_layer", 0), (str, type(None))):
+            raise ArtifactError(f"{where}: origin must name the model's classifier_layer (or null)")
         return manifest
 
 
@@ -311,7 +316,7 @@ def verify_artifact(uri: str) -> Manifest:
     outputs = [
         layer["config"].get("units") or layer["config"].get("filters")
         for layer in layers
-        if isinstance(layer.get("config"), dict) and layer["config"].get("name") == classifier
+        if classifier and isinstance(layer.get("config"), dict) and layer["config"].get("name") == classifier
     ]
     if outputs and outputs[-1] != manifest.num_classes:
         raise ArtifactError(
@@ -340,9 +345,55 @@ def load_artifact(uri: str) -> Artifact:
     manifest = load_manifest(uri)
     model_uri = storage.join(uri, MODEL_FILE)
     with tempfile.TemporaryDirectory() as tmp:
-        model = _load_keras_safely(fetch_file(uri, manifest, MODEL_FILE, tmp), model_uri)
+        local = fetch_file(uri, manifest, MODEL_FILE, tmp)  # checked against the manifest either way
+        if manifest.origin.get("format") == SAVEDMODEL:
+            model = _load_savedmodel(uri, manifest)
+        else:
+            model = _load_keras_safely(local, model_uri)
     _check_model_matches(model, manifest, uri)
     return Artifact(uri=uri, model=model, manifest=manifest)
+
+
+def savedmodel_files(manifest: Manifest) -> list[str]:
+    """The names of an imported SavedModel's files in its artifact (none for any other artifact)."""
+    return [name for name in manifest.files if name.startswith(SAVEDMODEL_DIR + "/")]
+
+
+def fetch_savedmodel(uri: str, manifest: Manifest, folder: str) -> dict[str, str]:
+    """An imported SavedModel's files, checked, under ``folder``: name in the artifact -> local path."""
+    local = {}
+    for name in savedmodel_files(manifest):
+        path = os.path.join(folder, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(fetch_file(uri, manifest, name, folder), path)
+        local[name] = path
+    return local
+
+
+def _load_savedmodel(uri: str, manifest: Manifest) -> keras.Model:
+    """An imported SavedModel's wrapper, rebuilt around its files fetched to a folder of this process.
+
+    model.keras holds the same wrapper, but its TFSMLayer names the folder it
+    was imported from: the files are fetched (and checked) into a folder that
+    lives as long as the process, as TensorFlow may read them after loading.
+    """
+    from beamvision.models.importing import savedmodel_model
+
+    folder = tempfile.mkdtemp(prefix="beamvision-savedmodel-")
+    fetch_savedmodel(uri, manifest, folder)
+    origin = manifest.origin
+    try:
+        return savedmodel_model(
+            os.path.join(folder, SAVEDMODEL_DIR),
+            manifest.input_size,
+            manifest.preprocessing,
+            origin["output_key"],
+            softmax=origin["output"] == "logits",
+        )
+    except Exception as exc:  # TensorFlow raises many types for a folder it cannot load
+        raise ArtifactError(
+            f"cannot load the SavedModel in {uri}: {' '.join(str(exc).split())[:300]}"
+        ) from None
 
 
 def fetch_file(uri: str, manifest: Manifest, name: str, tmp: str) -> str:

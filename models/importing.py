@@ -1,4 +1,4 @@
-"""A user's own Keras model as a beamvision model: checked, then wrapped to take uint8 pixels like ours.
+"""A user's own model as a beamvision model: checked, then wrapped to take uint8 pixels like ours.
 
 ``load_user_model`` reads a ``.keras`` file (Keras 3's format) or a legacy
 ``.h5``/``.hdf5`` file, refusing what Keras's safe mode refuses (a Lambda layer
@@ -12,6 +12,14 @@ outputs logits gets a softmax; one whose output is a sigmoid is multi-label.
 The result is an ordinary artifact model (what ``export`` and ``train``
 write): flat, so its classifier layer's input is the image embedding, as for
 the registry's architectures.
+
+A TensorFlow SavedModel directory (``model.export()``, any TF 2 model with a
+``serving_default`` signature, a subclassed Keras model too) is checked by its
+signature and run through ``keras.layers.TFSMLayer``: its files are stored in
+the artifact (``SAVEDMODEL_DIR``) and ``savedmodel_model`` rebuilds the
+wrapper around them wherever the artifact is loaded. Its layers are not
+visible, so it has no embedding; whether it outputs probabilities or logits
+is measured on a probe batch.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import keras
 
+from beamvision.models.artifact import SAVEDMODEL
 from beamvision.models.errors import ModelError
 
 # How an imported model's output became probabilities: the final activation found -> what it means.
@@ -33,6 +42,8 @@ OUTPUT_KINDS = {
     "logits": "unnormalised scores: a softmax is added",
 }
 KERAS_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
+SAVEDMODEL_FILE = "saved_model.pb"
+SIGNATURE = "serving_default"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,20 +53,25 @@ class Wrapped:
     model: keras.Model
     input_size: int
     output: str  # a key of OUTPUT_KINDS
-    classifier_layer: str  # the layer whose input is the embedding
+    classifier_layer: str | None  # the layer whose input is the embedding (None: a SavedModel's are hidden)
+    output_key: str | None = None  # a SavedModel signature's output that holds the scores
 
 
 def model_format(path: str) -> str:
-    """``keras`` or ``h5`` for a model file's name.
+    """``keras`` or ``h5`` for a model file's name, ``savedmodel`` for a folder holding saved_model.pb.
 
     Raises:
         ModelError: another kind of file, naming the kinds that are.
     """
+    from beamvision import storage
+
+    if storage.exists(storage.join(path.rstrip("/"), SAVEDMODEL_FILE)):
+        return SAVEDMODEL
     suffix = os.path.splitext(path.rstrip("/"))[1].lower()
     if suffix not in KERAS_FORMATS:
         raise ModelError(
-            f"--model {path}: not a Keras model file (a .keras, .h5 or .hdf5 file); "
-            "a SavedModel directory cannot be imported yet"
+            f"--model {path}: not a model beamvision imports (a .keras, .h5 or .hdf5 file, "
+            f"or a SavedModel folder holding {SAVEDMODEL_FILE})"
         )
     return KERAS_FORMATS[suffix]
 
@@ -165,7 +181,11 @@ def _input_size(user: keras.Model, input_size: int | None) -> int:
             "it must take one batch of RGB images, shape (batch, height, width, 3); "
             f"it takes {shapes[0] if len(shapes) == 1 else shapes or 'no input'}"
         )
-    _, height, width, _ = shapes[0]
+    return _square_size(shapes[0][1], shapes[0][2], input_size)
+
+
+def _square_size(height: int | None, width: int | None, input_size: int | None) -> int:
+    """The side to run a model at: its own, or ``--input_size`` for one that takes any size."""
     if height != width:
         raise ModelError(f"it takes {height}x{width} images; beamvision runs square inputs only")
     if height is None and input_size is None:
@@ -202,3 +222,66 @@ def _classifier_layer(model: keras.Model) -> str:
         if len(parents) != 1:
             raise ModelError("no layer with weights makes its output: it is not a classifier")
         tensor = parents[0]
+
+
+def wrap_savedmodel(local_dir: str, labels: list[str], preprocessing: str, input_size: int | None) -> Wrapped:
+    """A SavedModel folder's ``serving_default`` signature on a uint8 input, checked like a Keras model.
+
+    Raises:
+        ModelError: no such signature, not one image input, not one output per label, a size missing.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    try:
+        signatures = tf.saved_model.load(local_dir).signatures
+    except Exception as exc:  # TensorFlow raises many types for a folder it cannot read
+        raise ModelError(f"TensorFlow cannot load it: {' '.join(str(exc).split())[:300]}") from None
+    if SIGNATURE not in signatures:
+        raise ModelError(f"it has no {SIGNATURE} signature (it has: {', '.join(signatures) or 'none'})")
+    signature = signatures[SIGNATURE]
+    inputs = list(signature.structured_input_signature[1].values())
+    shapes = [tuple(spec.shape.as_list()) if spec.shape.rank is not None else None for spec in inputs]
+    if len(inputs) != 1 or shapes[0] is None or len(shapes[0]) != 4 or shapes[0][3] != 3:
+        raise ModelError(
+            f"its {SIGNATURE} signature must take one batch of RGB images, shape (batch, height, width, 3); "
+            f"it takes {shapes[0] if len(shapes) == 1 else shapes or 'no input'}"
+        )
+    size = _square_size(shapes[0][1], shapes[0][2], input_size)
+    outputs = {key: spec.shape.as_list() for key, spec in signature.structured_outputs.items()}
+    scores = [key for key, shape in outputs.items() if len(shape) == 2]
+    if len(scores) != 1:
+        raise ModelError(f"its {SIGNATURE} signature must give one (batch, classes) output, not {outputs}")
+    classes = outputs[scores[0]][-1]
+    if classes != len(labels):
+        raise ModelError(f"it has {classes} outputs but the labels name {len(labels)} classes")
+    probe = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    raw = savedmodel_model(local_dir, size, preprocessing, scores[0], softmax=False)
+    output = probed_output_kind(raw.predict(probe, verbose=0))
+    model = savedmodel_model(local_dir, size, preprocessing, scores[0], softmax=output == "logits")
+    return Wrapped(model, size, output, None, scores[0])
+
+
+def savedmodel_model(local_dir: str, size: int, preprocessing: str, output_key: str, softmax: bool):
+    """uint8 images, ``preprocessing``, the SavedModel's serving signature, ``output_key`` (and a softmax)."""
+    import keras
+
+    from beamvision.models.preprocessing import preprocess_class
+
+    images = keras.Input((size, size, 3), dtype="uint8", name="image")
+    normalised = preprocess_class()(preprocessing, name="preprocess")(images)
+    signature = keras.layers.TFSMLayer(local_dir, call_endpoint=SIGNATURE, name=SAVEDMODEL)
+    scores = signature(normalised)[output_key]
+    if softmax:
+        scores = keras.layers.Softmax(name="probabilities")(scores)
+    return keras.Model(images, scores, name=SAVEDMODEL)
+
+
+def probed_output_kind(scores) -> str:
+    """softmax (rows in [0, 1] summing to 1), sigmoid (in [0, 1], other sums) or logits, from a probe."""
+    import numpy as np
+
+    scores = np.asarray(scores, np.float64)
+    if scores.min() < -1e-6 or scores.max() > 1 + 1e-6:
+        return "logits"
+    return "softmax" if np.allclose(scores.sum(axis=1), 1.0, atol=1e-3) else "sigmoid"

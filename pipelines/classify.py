@@ -475,6 +475,11 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
     refused = ENGINES[config.engine].refusal(config.model, manifest)
     if refused:
         raise UsageError(refused)
+    if config.embeddings and manifest.classifier_layer is None:
+        raise UsageError(
+            f"--embeddings: the model at {config.model} (an imported {manifest.origin.get('format')}) "
+            "shows no features before its classifier"
+        )
     if config.top_k is None:
         config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:

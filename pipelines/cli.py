@@ -25,7 +25,7 @@ from beamvision import __version__, console, exits
 COMMANDS = {
     "models": ("list_models", "list the architectures: input sizes, preprocessing, parameters"),
     "export": ("export", "pack an architecture and its weights into a model artifact"),
-    "import": ("import_model", "a Keras model of your own (.keras, .h5) as a model artifact"),
+    "import": ("import_model", "a model of your own (Keras .keras or .h5, a SavedModel) as a model artifact"),
     "prepare": ("prepare", "labelled images to split TFRecord shards for training (Beam)"),
     "train": ("train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
     "tune": ("tune", "search train's flags: trials train side by side in Beam workers, best kept"),

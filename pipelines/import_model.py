@@ -1,9 +1,10 @@
-"""``beamvision import``: a user's own Keras model (.keras or .h5) as a model artifact.
+"""``beamvision import``: a user's own model (Keras .keras or .h5, or a SavedModel) as a model artifact.
 
 beamvision import --model my_model.keras --labels labels.txt --preprocessing unit --output models/mine
 
-The file (local or any Beam filesystem URI such as ``gs://``) is checked
-before anything is written: it loads in Keras safe mode, takes one batch of
+The file or SavedModel folder (local or any Beam filesystem URI such as
+``gs://``) is checked before anything is written: it loads in Keras safe mode
+(a SavedModel: its serving_default signature), takes one batch of
 RGB images and gives one output per label. Its layers, with their weights, are
 rebuilt on beamvision's uint8 input with ``--preprocessing`` (the
 normalisation the model was trained with) inside the graph; the artifact
@@ -20,9 +21,25 @@ import tempfile
 import time
 
 from beamvision import storage
-from beamvision.models.artifact import IMPORTED, MODEL_FILE, Manifest, check_free, new_manifest, save_artifact
+from beamvision.models.artifact import (
+    IMPORTED,
+    MODEL_FILE,
+    SAVEDMODEL,
+    SAVEDMODEL_DIR,
+    Manifest,
+    check_free,
+    new_manifest,
+    save_artifact,
+)
 from beamvision.models.errors import ModelError
-from beamvision.models.importing import OUTPUT_KINDS, load_user_model, model_format, wrap_user_model
+from beamvision.models.importing import (
+    OUTPUT_KINDS,
+    SAVEDMODEL_FILE,
+    load_user_model,
+    model_format,
+    wrap_savedmodel,
+    wrap_user_model,
+)
 from beamvision.models.labels import read_labels_file
 from beamvision.models.preprocessing import PREPROCESSING_MODES
 from beamvision.pipelines.flags import (
@@ -103,21 +120,24 @@ def run(argv: list[str] | None = None) -> Manifest:
         raise UsageError(str(exc)) from None
     check_free(config.output, config.overwrite)  # before the work, as after it
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, os.path.basename(config.model.rstrip("/")))
-        storage.download(config.model, local)
+        local, kept = _fetch(config.model, fmt, tmp)
         try:
-            wrapped = wrap_user_model(
-                load_user_model(local, fmt), labels, config.preprocessing, config.input_size
-            )
+            if fmt == SAVEDMODEL:
+                wrapped = wrap_savedmodel(local, labels, config.preprocessing, config.input_size)
+            else:
+                user = load_user_model(local, fmt)
+                wrapped = wrap_user_model(user, labels, config.preprocessing, config.input_size)
         except ModelError as exc:
             raise UsageError(f"--model {config.model}: {exc}") from None
+        hashed = os.path.join(local, SAVEDMODEL_FILE) if fmt == SAVEDMODEL else local
         origin = {
             "uri": storage.canonical(config.model),
             "format": fmt,
-            "bytes": os.path.getsize(local),
-            "sha256": storage.sha256_file(local),
+            "bytes": sum(os.path.getsize(path) for path in kept.values()) or os.path.getsize(local),
+            "sha256": storage.sha256_file(hashed),  # a SavedModel's: its saved_model.pb's
             "output": wrapped.output,
             "classifier_layer": wrapped.classifier_layer,
+            **({"output_key": wrapped.output_key} if wrapped.output_key else {}),
         }
         manifest = new_manifest(
             wrapped.model,
@@ -129,7 +149,10 @@ def run(argv: list[str] | None = None) -> Manifest:
             preprocessing=config.preprocessing,
         )
         manifest = dataclasses.replace(manifest, origin=origin, multi_label=wrapped.output == "sigmoid")
-        extra = engine_files(wrapped.model, manifest, config.engines, os.path.join(tmp, "engines"))
+        extra = {
+            **kept,
+            **engine_files(wrapped.model, manifest, config.engines, os.path.join(tmp, "engines")),
+        }
         manifest = save_artifact(wrapped.model, manifest, config.output, config.overwrite, extra_files=extra)
     megabytes = manifest.files[MODEL_FILE]["bytes"] / 1e6
     print(
@@ -139,3 +162,19 @@ def run(argv: list[str] | None = None) -> Manifest:
         f"in {time.monotonic() - started:.1f}s"
     )
     return manifest
+
+
+def _fetch(uri: str, fmt: str, tmp: str) -> tuple[str, dict[str, str]]:
+    """The model's local copy, and for a SavedModel its files as the artifact stores them (name -> path)."""
+    local = os.path.join(tmp, "source", os.path.basename(uri.rstrip("/")))
+    if fmt != SAVEDMODEL:
+        os.makedirs(os.path.dirname(local))
+        storage.download(uri, local)
+        return local, {}
+    storage.copy_tree(uri, local)
+    kept = {}
+    for folder, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(folder, name)
+            kept[f"{SAVEDMODEL_DIR}/{os.path.relpath(path, local).replace(os.sep, '/')}"] = path
+    return local, kept

@@ -34,6 +34,7 @@ from beamvision.models.artifact import (
     MODEL_FILE,
     Manifest,
     artifact_exists,
+    fetch_savedmodel,
     load_artifact,
     new_manifest,
     save_artifact,
@@ -154,8 +155,9 @@ def run(argv: list[str] | None = None) -> Manifest:
         # ... and what it predicts (a label set, at which thresholds) and where it came from.
         kept = {"multi_label": source.multi_label, "thresholds": source.thresholds, "origin": source.origin}
         manifest = dataclasses.replace(manifest, quantization=record, **kept)
+        carried = fetch_savedmodel(config.model, source, os.path.join(tmp, "savedmodel"))  # an import's
         manifest = save_artifact(
-            artifact.model, manifest, config.output, config.overwrite, extra_files=int8_files
+            artifact.model, manifest, config.output, config.overwrite, extra_files={**carried, **int8_files}
         )
         fp32_megabytes = os.path.getsize(fp32_files[OpenVINOEngine.weights]) / 1e6
     _print_summary(config, manifest, fp32_megabytes, time.monotonic() - started)

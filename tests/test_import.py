@@ -181,6 +181,76 @@ def test_a_functional_h5_model_with_logits_runs_on_both_engines(photos, function
     assert (q_results.label == tf_results.label).mean() >= 0.85
 
 
+@pytest.fixture(scope="module")
+def subclassed_savedmodel(photos):
+    """A subclassed Keras model (no config to rebuild it from) exported as a SavedModel folder."""
+    import keras
+
+    root, _, _, x, y = photos
+    layers = keras.layers
+
+    class PhotoNet(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = layers.Conv2D(16, 3, activation="relu")
+            self.pool = layers.GlobalAveragePooling2D()
+            self.classify = layers.Dense(len(CLASSES), activation="softmax")
+
+        def call(self, images):
+            return self.classify(self.pool(self.conv(images)))
+
+    model = _fit(PhotoNet(), x / 255.0, y, "sparse_categorical_crossentropy")
+    path = str(root / "exported")
+    model.export(path, verbose=False)
+    return path, model
+
+
+@pytest.mark.slow
+def test_a_subclassed_model_exported_as_a_savedmodel_classifies(photos, subclassed_savedmodel, tmp_path):
+    _, folder, labels, x, y = photos
+    path, user = subclassed_savedmodel
+    out = str(tmp_path / "mine")
+    argv = ["import", "--model", path, "--labels", labels, "--preprocessing", "unit", "--output", out]
+    assert main([*argv, "--input_size", "64"]) == 2  # the signature fixes 32 px
+    assert main(argv) == 0
+    artifact = load_artifact(out)
+    origin = artifact.manifest.origin
+    assert (origin["format"], origin["output"], origin["classifier_layer"]) == ("savedmodel", "softmax", None)
+    assert "savedmodel/saved_model.pb" in artifact.manifest.files
+    ours = artifact.model.predict(x, verbose=0)
+    np.testing.assert_allclose(ours, user.predict(x / 255.0, verbose=0), atol=1e-5)
+    assert (ours.argmax(1) == y).mean() >= 0.8
+
+    results, metrics = _classify_and_evaluate(out, folder, str(tmp_path / "results"))
+    expected = np.array(CLASSES)[ours.argmax(1)]
+    uris = [os.path.join(folder, name, f"{i:04d}.jpg") for name in CLASSES for i in range(10)]
+    assert (results.loc[uris, "label"].to_numpy() == expected).mean() >= 0.9
+    assert metrics["accuracy"] >= 0.8
+    ov_results, _ = _classify_and_evaluate(out, folder, str(tmp_path / "ov"), "--engine", "openvino")
+    assert (ov_results.label == results.label).mean() >= 0.95
+    # optimize carries the SavedModel's files into the INT8 artifact, which loads and runs.
+    data, int8 = str(tmp_path / "data"), str(tmp_path / "int8")
+    assert main(["prepare", "--input", folder, "--output", data, "--image_size", str(SIZE), "--quiet"]) == 0
+    assert (
+        main(["optimize", "--model", out, "--data", data, "--output", int8, "--calibration_size", "40"]) == 0
+    )
+    assert load_artifact(int8).manifest.origin == origin
+    q_results, _ = _classify_and_evaluate(int8, folder, str(tmp_path / "q"), "--engine", "openvino")
+    assert (q_results.label == results.label).mean() >= 0.85
+    # Its layers are behind the signature: no embedding, said in one line before any work.
+    embeddings = [
+        "classify",
+        "--input",
+        folder,
+        "--model",
+        out,
+        "--output",
+        str(tmp_path / "e"),
+        "--embeddings",
+    ]
+    assert main(embeddings) == 2
+
+
 def test_a_sigmoid_output_imports_as_multi_label(photos, tmp_path):
     import keras
 
@@ -227,8 +297,15 @@ def _hostile_models(tmp_path, labels_file: str) -> dict:
     made["any size"] = (save("anysize", anysize), "give the size to run it at with --input_size")
     (tmp_path / "notes.keras").write_text("not a model")
     made["not a zip"] = (str(tmp_path / "notes.keras"), "not a keras model file")
+    signatureless = str(tmp_path / "no-signature")
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.v = tf.Variable(1.0)
+    tf.saved_model.save(module, signatureless)
+    made["no signature"] = (signatureless, "it has no serving_default signature (it has: none)")
     os.makedirs(tmp_path / "saved")
-    made["a folder"] = (str(tmp_path / "saved"), "not a Keras model file (a .keras, .h5 or .hdf5 file)")
+    made["a folder"] = (str(tmp_path / "saved"), "or a SavedModel folder holding saved_model.pb")
     return made
 
 

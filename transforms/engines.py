@@ -93,7 +93,7 @@ def inference_function(artifact, batch_size: int | None, embeddings: bool):
 
     manifest = artifact.manifest
     outputs = [artifact.model.output]
-    if embeddings:
+    if embeddings and manifest.classifier_layer:  # (an imported SavedModel's layers are hidden)
         features = artifact.model.get_layer(manifest.classifier_layer).input
         if len(features.shape) == 4:
             features = keras.layers.GlobalAveragePooling2D(name="embedding_pool")(features)
