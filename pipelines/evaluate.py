@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--truth",
         required=True,
         metavar="{CSV,folders}",
-        help="CSV of uri,label, or 'folders': each image's parent folder is its class",
+        help="CSV of uri,label (a multi-label model's results: one row per label), or 'folders': each "
+        "image's parent folder is its class",
     )
     parser.add_argument(
         "--output",
