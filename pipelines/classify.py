@@ -44,6 +44,7 @@ from beamvision.pipelines.flags import (
     parse_pipeline_args,
     positive_float,
     positive_int,
+    share,
     worker_sizing,
 )
 from beamvision.pipelines.launch import Job, beam_litter, check_errors, is_dry_run, run_job
@@ -164,6 +165,13 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="images per inference batch (default 32)",
     )
+    parser.add_argument(
+        "--threshold",
+        type=share,
+        metavar="X",
+        help="a multi-label model only: every class's threshold for this run, in [0, 1] (default: each "
+        "class's own, from the model's manifest); the labels column holds the classes at or above it",
+    )
     add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
     parser.add_argument(
         "--engine",
@@ -188,6 +196,7 @@ class Config:
     model: str
     output: str
     top_k: int | None  # None: DEFAULT_TOP_K, or every class of a smaller model
+    threshold: float | None  # --threshold of a multi-label model (None: each class's own)
     batch_size: int
     embeddings: bool
     max_pixels: int
@@ -219,6 +228,7 @@ class Config:
             args.model,
             args.output,
             args.top_k,
+            args.threshold,
             args.batch_size,
             args.embeddings,
             args.max_pixels,
@@ -296,6 +306,7 @@ def build_pipeline(
         config.engine,
         config.precision,
         sizing,
+        config.threshold,
     )
     classified = decoded["images"] | "ClassifyImages" >> ClassifyImages(
         handler, manifest.name, manifest.version
@@ -331,6 +342,7 @@ def build_pipeline(
         _model_record(config, manifest, sizing),
         started_at or time.time(),
         config.checkpoint_every,
+        manifest.multi_label,
     )
 
 
@@ -420,6 +432,7 @@ def _attempt_record(config: Config, manifest: Manifest) -> dict[str, Any]:
         "embeddings": config.embeddings,
         "engine": config.engine,
         "precision": config.precision,
+        **({"threshold": config.threshold} if manifest.multi_label else {}),  # its rows' label sets
     }
 
 
@@ -484,6 +497,11 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
         config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:
         raise UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
+    if config.threshold is not None and not manifest.multi_label:
+        raise UsageError(
+            f"--threshold {config.threshold:g}: {config.model} is a single-label model "
+            "(one class per image); a threshold applies to multi-label models only"
+        )
     return config, manifest
 
 

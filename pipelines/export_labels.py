@@ -14,7 +14,11 @@ source); local files become Label Studio local-files URLs under
 member's URI as ``source_uri`` so reviewed labels map back to it
 (``prepare --labels``). ``csv`` writes ``uri,label,score,file,duplicates``
 (``file``: where the image can be opened; ``duplicates``: a JSON list of the
-other copies' URIs) for CVAT, FiftyOne or a spreadsheet.
+other copies' URIs; for a multi-label model's results also ``labels``, a
+JSON list: the label set) for CVAT, FiftyOne or a spreadsheet. A
+multi-label model's tasks predict each image's label set (its ``labels``),
+and the labelling config lets a person tick several classes
+(``choice="multiple"``).
 ``--queue N`` keeps the N least certain images. Exact duplicates (the same
 SHA-256) are exported once, the task listing the other URIs as
 ``duplicates``; every path is checked before any member is extracted.
@@ -56,6 +60,7 @@ from beamvision.transforms.members import (
 )
 
 COLUMNS = ["image_uri", "label", "score", "model_name", "model_version", "sha256"]
+LABEL_SET_COLUMN = "labels"  # a multi-label model's results: each image's label set
 EXPORT_FORMATS = ("labelstudio", "csv")
 
 
@@ -165,7 +170,8 @@ def _check_under(target: str, root: str) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Writes the export; prints how many images it holds and where it went."""
     config = Config.from_args(parse("beamvision export-labels", __doc__.splitlines()[0], add_arguments, argv))
-    rows = distinct_least_certain(read_results(config.results, COLUMNS))  # each image once
+    rows = distinct_least_certain(read_results(config.results, COLUMNS, (LABEL_SET_COLUMN,)))  # each once
+    multi_label = LABEL_SET_COLUMN in rows.columns
     if config.queue:
         rows = rows.head(config.queue)  # lowest top-1 scores first
     if config.format == "labelstudio":
@@ -178,7 +184,9 @@ def run(argv: list[str] | None = None) -> int:
         )
         payload = json.dumps(tasks, indent=1).encode("utf-8")
         config_file = label_config_file(config.output)
-        storage.write_atomic(config_file, label_config(classes, config.from_name, config.to_name).encode())
+        storage.write_atomic(
+            config_file, label_config(classes, config.from_name, config.to_name, multi_label).encode()
+        )
         print(
             f"labelling config with all {len(classes):,} classes: {config_file} "
             "(the project's labeling interface)"
@@ -186,7 +194,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
         text = io.StringIO()
         writer = csv.writer(text)
-        writer.writerow(["uri", "label", "score", "file", "duplicates"])
+        writer.writerow(["uri", "label", "score", "file", "duplicates", *([LABEL_SET_COLUMN] * multi_label)])
         writer.writerows(
             (
                 r.image_uri,
@@ -194,6 +202,7 @@ def run(argv: list[str] | None = None) -> int:
                 f"{r.score:.6f}",
                 placed.get(r.image_uri, r.image_uri),
                 json.dumps(list(r.duplicates)) if len(r.duplicates) else "",
+                *([json.dumps(list(r.labels))] if multi_label else []),
             )
             for r in rows.itertuples()
         )

@@ -4,7 +4,9 @@ export-labels writes import-ready tasks in Label Studio's documented format
 (``label_studio_tasks``): ``data.image`` (what the tool can open: a storage
 URI as it is, a local file as a local-files URL, ``image_url``), the image's
 own URI as ``data.source_uri``, and one prediction per task (a ``choices``
-result with ``from_name``/``to_name``, ``score`` and ``model_version``).
+result with ``from_name``/``to_name``, ``score`` and ``model_version``; a
+multi-label model's label set as its choices, with a config of
+``choice="multiple"``).
 prepare reads a JSON export of the reviewed tasks back (``label_studio_labels``):
 a person's choices are the image's labels (one, or a label set for
 ``prepare --multi_label``), found by ``source_uri`` or ``image``.
@@ -45,15 +47,19 @@ def image_url(uri: str, local_files_root: str | None) -> str:
     return LOCAL_FILES_URL + urllib.parse.quote(os.path.relpath(path, root))
 
 
-def label_config(classes: list[str], from_name: str, to_name: str) -> str:
-    """A Label Studio labelling config for the tasks: the image and one choice per class, every class."""
+def label_config(classes: list[str], from_name: str, to_name: str, multiple: bool = False) -> str:
+    """A Label Studio labelling config for the tasks: the image and one choice per class, every class.
+
+    ``multiple``: a multi-label model's tasks, where a person ticks every class the image shows.
+    """
     from xml.sax.saxutils import quoteattr
 
     choices = "".join(f"    <Choice value={quoteattr(name)}/>\n" for name in classes)
+    kind = "multiple" if multiple else "single"
     return (
         "<View>\n"
         f'  <Image name={quoteattr(to_name)} value="$image"/>\n'
-        f'  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice="single" '
+        f"  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice={quoteattr(kind)} "
         'showInLine="true">\n'
         f"{choices}"
         "  </Choices>\n"
@@ -70,6 +76,10 @@ def label_studio_tasks(
     classes: list[str] | None = None,
 ) -> list[dict]:
     """One task per result row, with the model's top-1 label as a prediction.
+
+    Rows of a multi-label model (a ``labels`` column) predict their label
+    set: the prediction's ``choices`` is the row's ``labels`` (no result when
+    it is empty), and ``score`` is still the top-1 score.
 
     ``placed``: where archive members were extracted (``extract_members``);
     the task shows that file and keeps the member's URI as ``source_uri``
@@ -98,14 +108,22 @@ def label_studio_tasks(
                             "from_name": from_name,
                             "to_name": to_name,
                             "type": "choices",
-                            "value": {"choices": [row.label]},
+                            "value": {"choices": chosen},
                         }
+                        for chosen in [_predicted_choices(row)]
+                        if chosen
                     ],
                 }
             ],
         }
         for row in rows.itertuples()
     ]
+
+
+def _predicted_choices(row) -> list[str]:
+    """The choices a row predicts: its label set (a multi-label model's), else its top-1 label."""
+    labels = getattr(row, "labels", None)
+    return [row.label] if labels is None else [str(label) for label in labels]
 
 
 # --- what prepare reads -------------------------------------------------------------------------

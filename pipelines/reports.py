@@ -53,13 +53,16 @@ def _beside(results_dir: str, suffix: str) -> str:
 # --- reading a results folder ----------------------------------------------------------------------
 
 
-def read_results(results_dir: str, columns: list[str]):
+def read_results(results_dir: str, columns: list[str], optional: tuple[str, ...] = ()):
     """All result rows of a classify output (only ``columns``), as one pandas DataFrame.
+
+    ``optional``: columns read too where the shards have them (a multi-label
+    model's ``labels``); a column the shards lack is not in the frame.
 
     Raises:
         UsageError: ``--results`` holds no result shards (it names no classify output).
     """
-    frame = _read_shards(results_pattern(results_dir), columns)
+    frame = _read_shards(results_pattern(results_dir), columns, optional)
     if frame is None:
         raise UsageError(f"--results {results_dir}: no {RESULTS_PREFIX}-*.parquet shards there")
     return frame
@@ -99,17 +102,20 @@ def read_summary(results_dir: str) -> dict[str, Any]:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
 
 
-def _read_shards(pattern: str, columns: list[str]):
-    """The Parquet shards matching ``pattern`` as one DataFrame; None when there are none."""
+def _read_shards(pattern: str, columns: list[str], optional: tuple[str, ...] = ()):
+    """The Parquet shards matching ``pattern`` as one DataFrame (``optional`` columns where held); None
+    when there are none."""
     import pandas as pd
     import pyarrow.parquet as pq
 
     shards = storage.match(pattern)
     if not shards:
         return None
-    frames = [
-        pq.read_table(io.BytesIO(storage.read_bytes(m.path)), columns=columns).to_pandas() for m in shards
-    ]
+    frames = []
+    for shard in shards:
+        parquet = pq.ParquetFile(io.BytesIO(storage.read_bytes(shard.path)))
+        held = [c for c in optional if c in parquet.schema_arrow.names]
+        frames.append(parquet.read(columns=[*columns, *held]).to_pandas())
     return pd.concat(frames, ignore_index=True)
 
 

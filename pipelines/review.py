@@ -6,6 +6,9 @@ OUTPUT/index.html shows the totals, errors by stage and type (a sample URI
 each), the label distribution and the score histogram (PNG), the queue of the
 ``--queue`` least certain images, a sample of ``--per_label`` thumbnails per
 label and the groups of exact duplicates (equal SHA-256 of the bytes read).
+A multi-label model's results (a ``labels`` column) show each image's label
+set under it, and "By label" samples every class of the sets (an image under
+each of its labels; those with an empty set under ``NO_LABEL``).
 Thumbnails are made by a Beam pipeline (``MakeThumbnails``: files, archive
 members and ``gs://`` alike; Beam options pass through) and stored under
 OUTPUT/thumbnails/, named by a digest of the URI.
@@ -44,6 +47,8 @@ ERROR_COLUMNS = ["image_uri", "stage", "error_type", "message", "sha256"]
 DUPLICATE_GROUPS_SHOWN = 50
 URIS_SHOWN_PER_GROUP = 20
 LABELS_CHARTED = 30
+LABEL_SET_COLUMN = "labels"  # a multi-label model's results: each image's label set
+NO_LABEL = "(no label at its threshold)"  # By label: a multi-label model's images with an empty set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,22 +98,26 @@ def _spread(uri: str) -> str:
 def review_content(results, errors, per_label: int, queue: int) -> dict:
     """What the page shows, from result and error rows (pandas); thumbnails are filled in later.
 
-    Images are dicts of ``uri``, ``label``, ``score`` (and ``thumbnail``, set
-    by ``with_thumbnails``); the queue's also of ``duplicates``, the URIs of
-    the same bytes elsewhere, shown once (``distinct_least_certain``).
+    Images are dicts of ``uri``, ``label``, ``score``, ``labels`` (the label
+    set of a multi-label model's row, else None) and ``thumbnail`` (set by
+    ``with_thumbnails``); the queue's also of ``duplicates``, the URIs of the
+    same bytes elsewhere, shown once (``distinct_least_certain``).
     """
+    multi_label = LABEL_SET_COLUMN in results.columns
 
     def image(row) -> dict:
-        return {"uri": row.image_uri, "label": row.label, "score": float(row.score)}
+        labels = [str(x) for x in row.labels] if multi_label else None
+        return {"uri": row.image_uri, "label": row.label, "score": float(row.score), "labels": labels}
 
     def queued(row) -> dict:
         return {**image(row), "duplicates": list(row.duplicates)}
 
-    counts = results.label.value_counts()
+    grouped = _by_label(results, multi_label)
+    counts = grouped.group.value_counts()
     label_order = sorted(counts.index, key=lambda label: (-counts[label], label))
     samples = []
     for label in label_order:
-        rows = results[results.label == label]
+        rows = grouped[grouped.group == label]
         picked = sorted(rows.itertuples(), key=lambda r: _spread(r.image_uri))[:per_label]
         samples.append({"label": label, "count": int(counts[label]), "images": [image(r) for r in picked]})
     least_certain = distinct_least_certain(results).head(queue)  # each image once
@@ -126,12 +135,25 @@ def review_content(results, errors, per_label: int, queue: int) -> dict:
         )
     error_groups.sort(key=lambda g: (-g["count"], g["stage"], g["error_type"]))
     return {
-        "totals": {"results": len(results), "errors": len(errors), "labels": len(counts)},
+        "totals": {
+            "results": len(results),
+            "errors": len(errors),
+            "labels": len(set(counts.index) - {NO_LABEL}),
+        },
         "error_groups": error_groups,
         "queue": [queued(r) for r in least_certain.itertuples()],
         "per_label": samples,
         "duplicates": duplicate_groups(results, errors),
     }
+
+
+def _by_label(results, multi_label: bool):
+    """The rows with a ``group`` column, the label they are sampled under: the top-1 label, or for a
+    multi-label model one row per label of the set (``NO_LABEL`` for an empty set)."""
+    if not multi_label:
+        return results.assign(group=results.label)
+    groups = results[LABEL_SET_COLUMN].map(lambda labels: [str(x) for x in labels] or [NO_LABEL])
+    return results.assign(group=groups).explode("group", ignore_index=True)
 
 
 def duplicate_groups(results, errors) -> list[dict]:
@@ -150,7 +172,7 @@ def duplicate_groups(results, errors) -> list[dict]:
     groups.sort(key=lambda g: (-g["count"], g["uris"][0]))
     for group in groups[:DUPLICATE_GROUPS_SHOWN]:
         group["shown"] = group["uris"][:URIS_SHOWN_PER_GROUP]
-        group["image"] = {"uri": group["uris"][0], "label": None, "score": None}
+        group["image"] = {"uri": group["uris"][0], "label": None, "score": None, "labels": None}
     return groups
 
 
@@ -237,7 +259,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         "beamvision review", __doc__.splitlines()[0], add_arguments, argv
     )
     config = Config.from_args(args)
-    results = read_results(config.results, RESULT_COLUMNS)
+    results = read_results(config.results, RESULT_COLUMNS, (LABEL_SET_COLUMN,))
     errors = read_errors(config.results, ERROR_COLUMNS)
     content = review_content(results, errors, config.per_label, config.queue)
     uris = sorted({image["uri"] for image in images_of(content)})

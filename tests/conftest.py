@@ -170,6 +170,20 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def multilabel(tmp_path_factory):
+    """A trained multi-label artifact, 12 real tiles and one classify run of them (tests/multilabel.py).
+
+    Yields the folder holding ``model/``, ``single/``, ``images/`` and
+    ``results/``; built once for all xdist workers: tests only read it.
+    """
+    import pathlib
+
+    import multilabel as built
+
+    return pathlib.Path(built_once(tmp_path_factory, "multilabel", lambda folder: built.build(folder)))
+
+
+@pytest.fixture(scope="session")
 def photos():
     """Real RGB photos that ship with scikit-image and scikit-learn, as uint8 arrays."""
     import skimage.data

@@ -93,11 +93,17 @@ def test_an_on_off_flag_with_another_value_is_one_line(given, expected):
 
 @pytest.fixture(scope="module")
 def flex_inputs(photos, tmp_path_factory):
-    """Real photos as JPEG files, a list file naming two of them, and a small model artifact."""
+    """Real photos as JPEG files, a list file naming two of them, and a small multi-label model artifact.
+
+    Multi-label (a sigmoid head), so that every template parameter, ``threshold`` included, applies.
+    """
+    import dataclasses
+
     from PIL import Image
 
-    from beamvision.models import create_model
+    from beamvision.models import create_model, get_spec
     from beamvision.models.artifact import new_manifest, save_artifact
+    from beamvision.models.training import with_new_head
 
     work = tmp_path_factory.mktemp("flex")
     images = work / "photos"
@@ -105,13 +111,11 @@ def flex_inputs(photos, tmp_path_factory):
     for i, photo in enumerate(photos):
         Image.fromarray(photo).save(images / f"photo_{i}.jpg", quality=90)
     (work / "list.csv").write_text(f"size,path\n1,{images / 'photo_0.jpg'}\n2,{images / 'photo_1.jpg'}\n")
-    model = create_model("squeezenet", num_classes=4, input_size=32)
     labels = ["astronaut", "coffee", "cat", "rocket"]
-    save_artifact(
-        model,
-        new_manifest(model, "squeezenet", labels, "none", name="flex", version="1"),
-        str(work / "model"),
-    )
+    spec = get_spec("squeezenet")
+    model = with_new_head(create_model(spec.name, len(labels), 32), spec, len(labels), multi_label=True)
+    manifest = new_manifest(model, spec.name, labels, "none", name="flex", version="1")
+    save_artifact(model, dataclasses.replace(manifest, multi_label=True), str(work / "model"))
     return work, len(photos)
 
 
@@ -156,6 +160,7 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
         "model": f"{work}/model",
         "output": f"{work}/out",
         "top_k": "2",
+        "threshold": "0.5",
         "batch_size": "4",
         "embeddings": "true",
         "engine": "openvino",
@@ -191,6 +196,10 @@ def test_flex_entry_point_runs_every_template_parameter_on_direct_runner(flex_in
     results = pd.concat(pd.read_parquet(run / n) for n in os.listdir(run) if n.startswith("results-"))
     assert len(results) == count and {len(x) for x in results.top_k_labels} == {2}
     assert len(results.embedding.iloc[0]) > 0
+    for row in results.itertuples():  # the label sets at --threshold 0.5, over every class
+        assert set(row.labels) <= {"astronaut", "coffee", "cat", "rocket"}
+        top = [label for label, s in zip(row.top_k_labels, row.top_k_scores, strict=True) if s >= 0.5]
+        assert list(row.labels[: len(top)]) == top
     # The next night's launch, same parameters but its own run: nothing new, everything skipped.
     again = _launch(*(f"--{name}={value}" for name, value in {**values, "run_id": "flex-2"}.items()))
     assert again.returncode == 0, again.stderr[-3000:]

@@ -115,3 +115,35 @@ def test_extraction_never_writes_outside_the_folder(photos, tmp_path):
         assert f.read() == jpeg.getvalue()
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == sorted([str(archive.relative_to(tmp_path)), os.path.relpath(path, tmp_path)])
+
+
+def test_a_multi_label_models_label_sets_are_exported(multilabel, tmp_path, capsys):
+    results = str(multilabel / "results")
+    rows = pd.concat(pd.read_parquet(p) for p in (multilabel / "results").glob("results-*.parquet"))
+    sets = {row.image_uri: list(row.labels) for row in rows.itertuples()}
+    out = tmp_path / "tasks.json"
+    argv = ["export-labels", "--results", results, "--format", "labelstudio", "--output", str(out)]
+    assert main([*argv, "--local_files_root", str(multilabel)]) == 0
+    tasks = json.loads(out.read_text())
+    assert len(tasks) == len(rows) and any(len(chosen) > 1 for chosen in sets.values())
+    for task in tasks:
+        (prediction,) = task["predictions"]
+        chosen = sets[task["data"]["source_uri"]]
+        expected = [
+            {"from_name": "choice", "to_name": "image", "type": "choices", "value": {"choices": chosen}}
+        ]
+        assert prediction["result"] == (expected if chosen else [])
+    config = (tmp_path / "tasks.label-config.xml").read_text()
+    assert 'choice="multiple"' in config and config.count("<Choice value=") == 3
+    out = tmp_path / "labels.csv"
+    assert main(["export-labels", "--results", results, "--format", "csv", "--output", str(out)]) == 0
+    with open(out) as f:
+        exported = list(csv.DictReader(f))
+    assert {r["uri"]: json.loads(r["labels"]) for r in exported} == sets
+
+
+def test_a_single_label_models_tasks_keep_one_choice(classified, tmp_path):
+    _, results, _ = classified
+    out = tmp_path / "tasks.csv"
+    assert main(["export-labels", "--results", results, "--format", "csv", "--output", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == "uri,label,score,file,duplicates"

@@ -145,3 +145,41 @@ def test_an_existing_report_is_not_overwritten(classified, capsys):
     assert main(["review", "--results", results, "--output", output]) == 2
     assert "already holds a review" in capsys.readouterr().err
     assert main(["review", "--results", results, "--output", output, "--overwrite"]) == 0
+
+
+def test_a_multi_label_models_label_sets_show_on_the_page(multilabel, tmp_path, capsys):
+    results = str(multilabel / "results")
+    rows = pd.concat(pd.read_parquet(p) for p in (multilabel / "results").glob("results-*.parquet"))
+    output = str(tmp_path / "report")
+    assert (
+        main(["review", "--results", results, "--output", output, "--per_label", "12", "--queue", "4"]) == 0
+    )
+    content = review.review_content(
+        reports.read_results(results, review.RESULT_COLUMNS, (review.LABEL_SET_COLUMN,)),
+        reports.read_errors(results, review.ERROR_COLUMNS),
+        per_label=12,
+        queue=4,
+    )
+    sets = {row.image_uri: list(row.labels) for row in rows.itertuples()}
+    # By label: every class of the sets, an image under each of its labels (or under NO_LABEL).
+    for sample in content["per_label"]:
+        members = [u for u, labels in sets.items() if sample["label"] in (labels or [review.NO_LABEL])]
+        assert sample["count"] == len(members) and {i["uri"] for i in sample["images"]} == set(members)
+        assert all(i["labels"] == sets[i["uri"]] for i in sample["images"])
+    assert sum(s["count"] for s in content["per_label"]) == sum(max(len(v), 1) for v in sets.values())
+    seen = visit(f"{output}/index.html")
+    assert seen.console_errors == [] and seen.scripts == 0
+    assert all(i["naturalWidth"] > 0 for i in seen.images)
+    several = next(labels for labels in sets.values() if len(labels) > 1)
+    assert f"labels: {', '.join(several)}" in seen.text
+
+
+def test_a_single_label_models_page_shows_no_label_sets(classified):
+    _, results = classified
+    rows = reports.read_results(results, review.RESULT_COLUMNS, (review.LABEL_SET_COLUMN,))
+    content = review.review_content(rows, reports.read_errors(results, review.ERROR_COLUMNS), 2, 3)
+    assert "labels" not in rows.columns and all(i["labels"] is None for i in content["queue"])
+    page = review.render(
+        review.with_thumbnails(content, set()), {"results": "r", "model": None, "inputs": 1, "skipped": 0}
+    )
+    assert "labels:" not in page

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from beamvision.models.metrics import DEFAULT_THRESHOLD  # a label's threshold where the manifest gives none
+
 if TYPE_CHECKING:  # the engines' libraries are imported where a model is built
     import openvino as ov
 
@@ -54,11 +56,38 @@ _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """Top-k classes of one image, best first, and its embedding if asked for."""
+    """Top-k classes of one image, best first, and its embedding if asked for.
+
+    ``chosen``: of a multi-label model, every class whose score is at or above
+    its threshold, best first (may be empty); None for a single-label model.
+    """
 
     labels: list[str]
     scores: list[float]
     embedding: list[float] | None = None
+    chosen: list[str] | None = None
+
+
+def class_thresholds(manifest: Manifest, threshold: float | None = None) -> np.ndarray | None:
+    """Each class's threshold, in label order, for a multi-label model; None for a single-label one.
+
+    ``threshold`` (``classify --threshold``) replaces every class's own.
+    """
+    if not manifest.multi_label:
+        return None
+    if threshold is not None:
+        return np.full(len(manifest.labels), threshold, dtype=np.float32)
+    given = manifest.thresholds
+    return np.asarray([given.get(label, DEFAULT_THRESHOLD) for label in manifest.labels], dtype=np.float32)
+
+
+def chosen_labels(labels: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray) -> list[list[str]]:
+    """Per image, the labels whose probability is at or above their threshold, best first."""
+    chosen = []
+    for row in probabilities:
+        order = np.argsort(-row, kind="stable")
+        chosen.append([str(labels[i]) for i in order if row[i] >= thresholds[i]])
+    return chosen
 
 
 def native_bf16(cpuinfo: str | None = None) -> bool:
@@ -176,6 +205,7 @@ class Engine:
         embeddings: bool,
         precision: str = "fp32",
         threads: int | None = None,
+        thresholds: np.ndarray | None = None,
     ):
         """The engine's model for ``artifact``, computing batches of ``batch_size`` at ``precision``.
 
@@ -186,6 +216,8 @@ class Engine:
             embeddings: also return each image's pooled features.
             precision: one of ``precisions`` (``--precision`` resolved).
             threads: how many threads compute (None: the engine's default, every core).
+            thresholds: a multi-label model's per-class thresholds (``class_thresholds``);
+                each Prediction's ``chosen`` is then set.
 
         Raises:
             ValueError: the engine does not compute in ``precision``.
@@ -198,6 +230,7 @@ class Engine:
         self.batch_size = batch_size
         self.labels = np.asarray(artifact.manifest.labels, dtype=object)
         self.k = min(top_k, len(self.labels))
+        self.thresholds = thresholds
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         raise NotImplementedError
@@ -208,12 +241,19 @@ class Engine:
         batch[: len(images)] = np.stack(images)
         return batch
 
-    def _predictions(self, count: int, scores, indices, embedding) -> list[Prediction]:
+    def _predictions(self, count: int, scores, indices, embedding, probabilities=None) -> list[Prediction]:
+        """Predictions of the first ``count`` images; ``probabilities`` (every class) for ``chosen``."""
+        chosen = (
+            chosen_labels(self.labels, probabilities[:count], self.thresholds)
+            if self.thresholds is not None
+            else [None] * count
+        )
         return [
             Prediction(
                 labels=self.labels[indices[i]].tolist(),
                 scores=scores[i].tolist(),
                 embedding=None if embedding is None else embedding[i].tolist(),
+                chosen=chosen[i],
             )
             for i in range(count)
         ]
@@ -258,27 +298,30 @@ class TensorFlowEngine(Engine):
         embeddings: bool,
         precision: str = "fp32",
         threads: int | None = None,  # (TensorFlow's pools are sized in before_load, before the model)
+        thresholds: np.ndarray | None = None,
     ):
         import tensorflow as tf
 
-        super().__init__(artifact, batch_size, top_k, embeddings, precision, threads)
+        super().__init__(artifact, batch_size, top_k, embeddings, precision, threads, thresholds)
         if precision == "bf16":
             artifact = dataclasses.replace(artifact, model=_mixed_bfloat16(artifact.model))
         predict = inference_function(artifact, batch_size, embeddings)
-        k = self.k
+        k, every = self.k, thresholds is not None
 
         @tf.function(input_signature=predict.input_signature)
         def top(images):
             out = predict(images)
-            best = tf.math.top_k(tf.cast(out["probabilities"], tf.float32), k=k)
+            probabilities = tf.cast(out["probabilities"], tf.float32)
+            best = tf.math.top_k(probabilities, k=k)
             extra = [tf.cast(out["embedding"], tf.float32)] if "embedding" in out else []
-            return [best.values, best.indices, *extra]
+            return [best.values, best.indices, probabilities if every else best.values, *extra]
 
         self._predict = top
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        scores, indices, *embedding = (t.numpy() for t in self._predict(self._batch(images)))
-        return self._predictions(len(images), scores, indices, embedding[0] if embedding else None)
+        scores, indices, probabilities, *embedding = (t.numpy() for t in self._predict(self._batch(images)))
+        embedding = embedding[0] if embedding else None
+        return self._predictions(len(images), scores, indices, embedding, probabilities)
 
 
 def _mixed_bfloat16(model):
@@ -369,8 +412,9 @@ class OpenVINOEngine(Engine):
         embeddings: bool,
         precision: str = "fp32",
         threads: int | None = None,
+        thresholds: np.ndarray | None = None,
     ):
-        super().__init__(artifact, batch_size, top_k, embeddings, precision, threads)
+        super().__init__(artifact, batch_size, top_k, embeddings, precision, threads, thresholds)
         self._compiled = self.compile(self._model(artifact, batch_size, embeddings), precision, threads)
         self._probabilities = self._compiled.output("probabilities")
         self._embedding = self._compiled.output("embedding") if embeddings else None
@@ -386,7 +430,7 @@ class OpenVINOEngine(Engine):
         indices = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.k]
         scores = np.take_along_axis(probabilities, indices, axis=1)
         embedding = None if self._embedding is None else np.asarray(outputs[self._embedding], np.float32)
-        return self._predictions(len(images), scores, indices, embedding)
+        return self._predictions(len(images), scores, indices, embedding, probabilities)
 
 
 DEFAULT_ENGINE = TensorFlowEngine.name
@@ -415,13 +459,16 @@ def build_classifier(
     embeddings: bool,
     precision: str,
     threads: int | None = None,
+    threshold: float | None = None,
 ) -> Engine:
     """The classifier of ``engine`` for a loaded artifact; ``precision`` as ``--precision`` gives it.
 
     ``threads``: how many threads compute (None: the engine's default, every core).
+    ``threshold``: ``--threshold``, every class's threshold of a multi-label model (None: its own).
     """
     resolved = resolve_precision(precision)
     logging.getLogger("beamvision").info(
         "inference engine %s at %s on %s threads", engine, resolved, threads or "all"
     )
-    return ENGINES[engine](artifact, batch_size, top_k, embeddings, resolved, threads)
+    thresholds = class_thresholds(artifact.manifest, threshold)
+    return ENGINES[engine](artifact, batch_size, top_k, embeddings, resolved, threads, thresholds)

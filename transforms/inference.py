@@ -85,6 +85,7 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
         engine: str = DEFAULT_ENGINE,
         precision: str = "fp32",
         sizing: WorkerSizing = DEFAULT_SIZING,
+        threshold: float | None = None,
     ):
         super().__init__(
             min_batch_size=batch_size, max_batch_size=batch_size, model_copies=sizing.model_copies
@@ -96,6 +97,7 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
         self._engine = engine
         self._precision = precision
         self._sizing = sizing
+        self._threshold = threshold  # --threshold: every class's, of a multi-label model
         self._first_batch_done = False
         self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self._batch_ms = Metrics.distribution(METRICS_NAMESPACE, "inference_batch_ms")
@@ -129,6 +131,7 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
             self._embeddings,
             self._precision,
             threads.inference,
+            self._threshold,
         )
 
     def run_inference(
@@ -206,6 +209,8 @@ class _FormatResultFn(beam.DoFn):
             "model_version": self._model_version,
             "processed_at": utc_now(),
         }
+        if prediction.chosen is not None:  # a multi-label model's label set
+            row["labels"] = prediction.chosen
         if prediction.embedding is not None:
             row["embedding"] = prediction.embedding
         self._classified.inc()

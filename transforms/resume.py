@@ -266,7 +266,9 @@ def remove_partial(partial: str) -> None:
             os.rmdir(parent)
 
 
-def commit_run(output: str, result_parts: list[str], error_parts: list[str], embeddings: bool) -> None:
+def commit_run(
+    output: str, result_parts: list[str], error_parts: list[str], embeddings: bool, multi_label: bool = False
+) -> None:
     """Makes a run's parts its output's shards: stale shards deleted, parts renamed (an empty shard if none).
 
     The caller writes summary.json next, the commit point, and then deletes
@@ -293,7 +295,7 @@ def commit_run(output: str, result_parts: list[str], error_parts: list[str], emb
     for shard, part in targets.items():
         if not part and not storage.exists(shard):  # readers find the schema, as in an empty Beam sink
             schema = (
-                result_schema(embeddings)
+                result_schema(embeddings, multi_label)
                 if os.path.basename(shard).startswith(RESULTS_PREFIX)
                 else ERROR_SCHEMA
             )

@@ -88,6 +88,8 @@ RESULT_FIELDS = [
     pa.field("processed_at", _TIMESTAMP, nullable=False),
 ]
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()), nullable=False)
+# A multi-label model's label set: every class at or above its threshold, best first (may be empty).
+LABELS_FIELD = pa.field("labels", pa.list_(pa.string()), nullable=False)
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -102,9 +104,11 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-def result_schema(embeddings: bool) -> pa.Schema:
-    """The results schema, with the ``embedding`` column when asked for."""
-    return pa.schema(RESULT_FIELDS + ([EMBEDDING_FIELD] if embeddings else []))
+def result_schema(embeddings: bool, multi_label: bool = False) -> pa.Schema:
+    """The results schema, with ``labels`` for a multi-label model and ``embedding`` when asked for."""
+    return pa.schema(
+        RESULT_FIELDS + ([LABELS_FIELD] if multi_label else []) + ([EMBEDDING_FIELD] if embeddings else [])
+    )
 
 
 def utc_now() -> datetime.datetime:

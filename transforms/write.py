@@ -142,11 +142,13 @@ class WriteResults(beam.PTransform):
         model: dict[str, Any],
         started_at: float,
         checkpoint_seconds: float,
+        multi_label: bool = False,
     ):
         super().__init__()
         self._output = output
         self._partial = partial
         self._embeddings = embeddings
+        self._multi_label = multi_label
         self._model = model
         self._started_at = started_at
         self._seconds = checkpoint_seconds
@@ -163,7 +165,7 @@ class WriteResults(beam.PTransform):
             dict(pcolls["errors"]) if isinstance(pcolls["errors"], dict) else {"": pcolls["errors"]}
         )
         error_sources["kept"] = pcolls.get("kept_errors", nothing)
-        schema = result_schema(self._embeddings)
+        schema = result_schema(self._embeddings, self._multi_label)
         result_parts = [
             rows | f"Write{name}Parts" >> WriteParts(self._partial, RESULTS_PREFIX, schema, self._seconds)
             for name, rows in result_sources.items()
@@ -191,7 +193,14 @@ class WriteResults(beam.PTransform):
             | "SummaryTrigger" >> beam.Create([None])
             | "CommitAndSummarize"
             >> beam.ParDo(
-                _CommitFn(self._output, self._partial, self._embeddings, self._model, self._started_at),
+                _CommitFn(
+                    self._output,
+                    self._partial,
+                    self._embeddings,
+                    self._model,
+                    self._started_at,
+                    self._multi_label,
+                ),
                 inputs=beam.pvalue.AsSingleton(inputs | "CountInputs" >> count.Globally()),
                 results=beam.pvalue.AsSingleton(results | "CountResults" >> count.Globally()),
                 errors=beam.pvalue.AsSingleton(errors | "CountErrors" >> count.Globally()),
@@ -210,7 +219,16 @@ class WriteResults(beam.PTransform):
 
 
 class _CommitFn(beam.DoFn):
-    def __init__(self, output: str, partial: str, embeddings: bool, model: dict[str, Any], started_at: float):
+    def __init__(
+        self,
+        output: str,
+        partial: str,
+        embeddings: bool,
+        model: dict[str, Any],
+        started_at: float,
+        multi_label: bool = False,
+    ):
+        self._multi_label = multi_label
         self._output = output
         self._partial = partial
         self._embeddings = embeddings
@@ -232,7 +250,7 @@ class _CommitFn(beam.DoFn):
         result_parts,
         error_parts,
     ):
-        commit_run(self._output, result_parts, error_parts, self._embeddings)
+        commit_run(self._output, result_parts, error_parts, self._embeddings, self._multi_label)
         seconds = time.time() - self._started_at
         summary = build_summary(
             inputs,
