@@ -31,7 +31,6 @@ IN_THE_BUCKET = ("photos", "incoming", "data/photos", "models/photos")
 # Blocks that are shown but not run, per page; each carries its reason in the page.
 NOT_RUN = {
     "README.md": 1,
-    "docs/classify.md": 1,
     "docs/getting-started.md": 2,
     "docs/labelling.md": 1,
     "docs/performance.md": 1,
