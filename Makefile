@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sizing.py
 	$(BIN)/python benchmarks/resume.py
 	$(BIN)/python benchmarks/small_data.py
+	$(BIN)/python benchmarks/multilabel.py --seeds 2
 
 clean:
 	rm -rf $(VENV) demo-output site .pytest_cache .ruff_cache *.egg-info

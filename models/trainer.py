@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from beamvision import console, exits, storage, values
 from beamvision.console import counted
-from beamvision.models.artifact import Manifest, artifact_exists, new_manifest, save_artifact
+from beamvision.models.artifact import (
+    IMPORTED,
+    Manifest,
+    artifact_exists,
+    load_manifest,
+    new_manifest,
+    save_artifact,
+)
 from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, restore_checkpoint
 from beamvision.models.dataset import classes_missing_from_splits, missing_split_warnings
 from beamvision.models.errors import ModelArgumentError, ModelError
@@ -143,6 +150,8 @@ class TrainConfig:
                 f"--freeze_base: needs --weights imagenet or an artifact to put a new head on "
                 f"(--weights {self.weights} is not one)"
             )
+        if self.architecture == IMPORTED:  # a user's model: import checked it, build_model checks the rest
+            return
         # Without an input size, the prepared size is checked once the data is read.
         get_spec(self.architecture).check_arguments(input_size=self.input_size, weights=self.weights)
 
@@ -319,7 +328,7 @@ def _read_data(config: TrainConfig) -> _Data:
         )
     if stats["totals"]["train"] == 0:
         raise ModelError(f"--data {config.data}: the training split is empty")
-    if config.input_size is None:  # the prepared size is the input size: the same rules apply
+    if config.input_size is None and config.architecture != IMPORTED:  # the prepared size: same rules
         try:
             get_spec(config.architecture).check_arguments(input_size=image_size, weights=config.weights)
         except ModelArgumentError as exc:
@@ -499,6 +508,7 @@ def _export(
 
     ``thresholds``: a multi-label model's per-class thresholds (empty for a single-label one).
     """
+    source = load_manifest(config.weights) if config.architecture == IMPORTED else None
     manifest = new_manifest(
         model,
         config.architecture,
@@ -508,7 +518,11 @@ def _export(
         version=config.version,
         training=training,
         metrics=metrics,
+        preprocessing=source.preprocessing if source else None,
     )
+    if source:  # where the model came from, and what its new head outputs
+        output = "sigmoid" if thresholds else "softmax"
+        manifest = dataclasses.replace(manifest, origin={**source.origin, "output": output})
     if thresholds:
         manifest = dataclasses.replace(manifest, multi_label=True, thresholds=thresholds)
     with tempfile.TemporaryDirectory() as converted:
@@ -574,8 +588,8 @@ def _headline(metrics: dict[str, Any], multi_label: bool) -> str:
 
 def _what_to_try(config: TrainConfig) -> str:
     """What may lift a model from chance, on this machine: ImageNet weights only where Keras has them."""
-    spec = get_spec(config.architecture)
     tries = ["more images", "more --epochs", "a lower --learning_rate"]
-    if config.weights == "none" and imagenet_weights_cached(spec):
+    spec = None if config.architecture == IMPORTED else get_spec(config.architecture)
+    if config.weights == "none" and spec and imagenet_weights_cached(spec):
         tries.insert(0, f"--weights imagenet --input_size {spec.default_input_size}")
     return ", ".join(tries[:-1]) + " or " + tries[-1]

@@ -29,7 +29,6 @@ from beamvision.models.errors import ModelError
 from beamvision.models.metrics import classification_metrics, multilabel_metrics
 from beamvision.models.registry import (
     IMAGENET_CLASSES,
-    ArchitectureSpec,
     create_model,
     get_spec,
     head_activation,
@@ -160,24 +159,25 @@ def _augmenter(names, seed: int) -> keras.Sequential:
 
 
 def with_new_head(
-    model: keras.Model, spec: ArchitectureSpec, num_classes: int, multi_label: bool = False
+    model: keras.Model, classifier_layer: str, num_classes: int, multi_label: bool = False
 ) -> keras.Model:
     """The network up to its classifier's input, then a new classifier for ``num_classes``.
 
     The head ends in ``head_activation(multi_label)``: sigmoid scores each
     class on its own for a multi-label model.
 
-    The new classifier keeps the architecture's classifier layer name, so the
-    embedding rule (the classifier's input) still holds for the result.
+    The new classifier keeps the name of the classifier it replaces
+    (``classifier_layer``), so the embedding rule (the classifier's input)
+    still holds for the result.
     """
     import keras
 
-    features = model.get_layer(spec.classifier_layer).input
+    features = model.get_layer(classifier_layer).input
     if len(features.shape) == 4:
         features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
     features = keras.layers.Dropout(0.2, name="head_dropout")(features)
     activation = head_activation(multi_label)
-    outputs = keras.layers.Dense(num_classes, activation=activation, name=spec.classifier_layer)(features)
+    outputs = keras.layers.Dense(num_classes, activation=activation, name=classifier_layer)(features)
     return keras.Model(model.inputs, outputs, name=model.name)
 
 
@@ -188,26 +188,36 @@ def build_model(
 
     A multi-label model ends in a new sigmoid head (``with_new_head``) whatever it starts from.
     """
-    spec = get_spec(config.architecture)
     weights = config.weights
-    head = [spec.classifier_layer, "head_pool", "head_dropout"]
+    if weights not in ("none", "imagenet") and artifact_exists(weights):
+        artifact = load_artifact(weights)
+        manifest = artifact.manifest
+        if manifest.architecture != config.architecture or manifest.input_size != input_size:
+            raise ModelError(
+                f"--weights {weights}: that artifact is {manifest.architecture} at "
+                f"{manifest.input_size}px; this run trains {config.architecture} at {input_size}px"
+            )
+        if manifest.classifier_layer is None:
+            raise ModelError(
+                f"--weights {weights}: an imported {manifest.origin.get('format')} hides its layers "
+                "behind its signature, so no new head can go on it"
+            )
+        head = [manifest.classifier_layer, "head_pool", "head_dropout"]
+        # load_artifact builds a new model; a single-label artifact warm-starts a multi-label one too
+        return with_new_head(artifact.model, manifest.classifier_layer, num_classes, multi_label), head
+    spec = get_spec(config.architecture)
+    classifier = spec.classifier_layer
+    head = [classifier, "head_pool", "head_dropout"]
     if weights == "none":
         model = create_model(spec.name, num_classes, input_size)
-        return (with_new_head(model, spec, num_classes, multi_label=True) if multi_label else model), []
+        return (with_new_head(model, classifier, num_classes, multi_label=True) if multi_label else model), []
     if weights == "imagenet":
         base = create_model(spec.name, IMAGENET_CLASSES, input_size, "imagenet")
-        return with_new_head(base, spec, num_classes, multi_label), head
-    if artifact_exists(weights):
-        artifact = load_artifact(weights)
-        if artifact.manifest.architecture != spec.name or artifact.manifest.input_size != input_size:
-            raise ModelError(
-                f"--weights {weights}: that artifact is {artifact.manifest.architecture} at "
-                f"{artifact.manifest.input_size}px; this run trains {spec.name} at {input_size}px"
-            )
-        # load_artifact builds a new model; a single-label artifact warm-starts a multi-label one too
-        return with_new_head(artifact.model, spec, num_classes, multi_label), head
+        return with_new_head(base, classifier, num_classes, multi_label), head
     model = create_model(spec.name, num_classes, input_size, weights)
-    return (with_new_head(model, spec, num_classes, multi_label=True), head) if multi_label else (model, [])
+    if multi_label:
+        return with_new_head(model, classifier, num_classes, multi_label=True), head
+    return model, []
 
 
 def prepare_for_training(model: keras.Model, head_layers: list[str], freeze_base: bool) -> None:

@@ -219,15 +219,19 @@ def check_engines(value: Any) -> tuple[str, ...]:
     return (check_engine(value),)
 
 
-def add_architecture_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def add_architecture_argument(
+    parser: argparse.ArgumentParser, default: str | None = None, otherwise: str | None = None
+) -> None:
+    """``--architecture``: required, unless it has a ``default`` or ``otherwise`` says where it comes from."""
     parser.add_argument(
         "--architecture",
-        required=default is None,
+        required=default is None and otherwise is None,
         default=default,
         type=value_type(check_architecture, "architecture"),
         choices=list_models(),
         metavar="NAME",
-        help=f"one of: {', '.join(list_models())}" + (f" (default {default})" if default else ""),
+        help=f"one of: {', '.join(list_models())}"
+        + (f" (default {default})" if default else f" (default: {otherwise})" if otherwise else ""),
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from beamvision.models import ModelArgumentError
-from beamvision.models.artifact import Manifest, check_free
+from beamvision.models.artifact import Manifest, artifact_exists, check_free, load_manifest
 from beamvision.models.trainer import (
     AUGMENTATIONS,
     CLASS_WEIGHTS,
@@ -32,6 +32,7 @@ from beamvision.models.trainer import (
     train,
 )
 from beamvision.pipelines.flags import (
+    UsageError,
     add_architecture_argument,
     add_artifact_identity_arguments,
     add_switch,
@@ -50,7 +51,7 @@ def _typed(key: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = defaults()
     parser.add_argument("--data", required=True, metavar="PREFIX", help="output of beamvision prepare")
-    add_architecture_argument(parser)
+    add_architecture_argument(parser, otherwise="the --weights artifact's, which an imported model needs")
     parser.add_argument("--output", required=True, metavar="DIR", help="model artifact directory to write")
     parser.add_argument(
         "--input_size",
@@ -164,7 +165,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig(
         **{
             **{key: getattr(args, key) for key in defaults()},
-            "architecture": args.architecture,
+            "architecture": _architecture(args),
             "data": args.data.rstrip("/"),
             "output": args.output.rstrip("/"),
             "engines": tuple(args.engines),
@@ -175,6 +176,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     except ModelArgumentError as exc:
         raise model_argument_error(exc) from None
     return config
+
+
+def _architecture(args: argparse.Namespace) -> str:
+    """``--architecture``, or that of the artifact ``--weights`` names (``imported``: an imported model)."""
+    if args.architecture:
+        return args.architecture
+    if args.weights not in ("none", "imagenet") and artifact_exists(args.weights):
+        return load_manifest(args.weights).architecture
+    raise UsageError("--architecture: required, unless --weights names a model artifact to start from")
 
 
 def run(argv: list[str] | None = None) -> Manifest:

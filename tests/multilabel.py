@@ -53,7 +53,9 @@ def build(folder) -> None:
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     spec = get_spec("squeezenet")
-    model = with_new_head(create_model(spec.name, len(CLASSES), SIZE), spec, len(CLASSES), multi_label=True)
+    model = with_new_head(
+        create_model(spec.name, len(CLASSES), SIZE), spec.classifier_layer, len(CLASSES), multi_label=True
+    )
     sets = [SETS[i % len(SETS)] for i in range(48)]
     x = np.stack([tile(s, rng) for s in sets])
     y = np.asarray([[float(c in s) for c in CLASSES] for s in sets], dtype=np.float32)

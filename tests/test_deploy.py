@@ -113,7 +113,9 @@ def flex_inputs(photos, tmp_path_factory):
     (work / "list.csv").write_text(f"size,path\n1,{images / 'photo_0.jpg'}\n2,{images / 'photo_1.jpg'}\n")
     labels = ["astronaut", "coffee", "cat", "rocket"]
     spec = get_spec("squeezenet")
-    model = with_new_head(create_model(spec.name, len(labels), 32), spec, len(labels), multi_label=True)
+    model = with_new_head(
+        create_model(spec.name, len(labels), 32), spec.classifier_layer, len(labels), multi_label=True
+    )
     manifest = new_manifest(model, spec.name, labels, "none", name="flex", version="1")
     save_artifact(model, dataclasses.replace(manifest, multi_label=True), str(work / "model"))
     return work, len(photos)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -147,6 +148,22 @@ def test_a_sequential_keras_model_classifies_as_its_own_keras_does(
     assert metrics["accuracy"] >= 0.8
     assert {len(e) for e in results.embedding} == {32}  # the classifier's input: the pooled features
 
+    # train --weights starts from it (its architecture is the artifact's): a new head for new labels.
+    data, tuned = str(tmp_path / "data"), str(tmp_path / "tuned")
+    two = str(tmp_path / "two")
+    for name in ("cat", "coffee"):
+        shutil.copytree(os.path.join(folder, name), os.path.join(two, name))
+    assert main(["prepare", "--input", two, "--output", data, "--image_size", str(SIZE), "--quiet"]) == 0
+    schedule = ["--epochs", "2", "--batch_size", "8", "--augment", "none", "--freeze_base", "--quiet"]
+    assert main(["train", "--data", data, "--weights", out, "--output", tuned, *schedule]) == 0
+    trained = load_artifact(tuned)
+    assert trained.manifest.labels == ["cat", "coffee"] and trained.manifest.architecture == "imported"
+    assert trained.manifest.origin == {**origin, "output": "softmax"}
+    assert trained.manifest.preprocessing == "unit" and trained.model.output_shape == (None, 2)
+    # The base is the imported model's, frozen: its convolutions are the user's, weight for weight.
+    conv = user.layers[0]
+    np.testing.assert_array_equal(trained.model.get_layer(conv.name).get_weights()[0], conv.get_weights()[0])
+
 
 @pytest.mark.slow
 def test_a_functional_h5_model_with_logits_runs_on_both_engines(photos, functional_h5, tmp_path, capsys):
@@ -192,12 +209,14 @@ def subclassed_savedmodel(photos):
     class PhotoNet(keras.Model):
         def __init__(self):
             super().__init__()
-            self.conv = layers.Conv2D(16, 3, activation="relu")
-            self.pool = layers.GlobalAveragePooling2D()
+            self.convs = [layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D()]
+            self.convs += [layers.Conv2D(32, 3, activation="relu"), layers.GlobalAveragePooling2D()]
             self.classify = layers.Dense(len(CLASSES), activation="softmax")
 
         def call(self, images):
-            return self.classify(self.pool(self.conv(images)))
+            for layer in self.convs:
+                images = layer(images)
+            return self.classify(images)
 
     model = _fit(PhotoNet(), x / 255.0, y, "sparse_categorical_crossentropy")
     path = str(root / "exported")
@@ -219,13 +238,14 @@ def test_a_subclassed_model_exported_as_a_savedmodel_classifies(photos, subclass
     assert "savedmodel/saved_model.pb" in artifact.manifest.files
     ours = artifact.model.predict(x, verbose=0)
     np.testing.assert_allclose(ours, user.predict(x / 255.0, verbose=0), atol=1e-5)
-    assert (ours.argmax(1) == y).mean() >= 0.8
+    learnt = (ours.argmax(1) == y).mean()
+    assert learnt >= 0.6  # (chance 1/7): the comparisons below mean something
 
     results, metrics = _classify_and_evaluate(out, folder, str(tmp_path / "results"))
     expected = np.array(CLASSES)[ours.argmax(1)]
     uris = [os.path.join(folder, name, f"{i:04d}.jpg") for name in CLASSES for i in range(10)]
     assert (results.loc[uris, "label"].to_numpy() == expected).mean() >= 0.9
-    assert metrics["accuracy"] >= 0.8
+    assert abs(metrics["accuracy"] - learnt) <= 0.1
     ov_results, _ = _classify_and_evaluate(out, folder, str(tmp_path / "ov"), "--engine", "openvino")
     assert (ov_results.label == results.label).mean() >= 0.95
     # optimize carries the SavedModel's files into the INT8 artifact, which loads and runs.
@@ -235,6 +255,8 @@ def test_a_subclassed_model_exported_as_a_savedmodel_classifies(photos, subclass
         main(["optimize", "--model", out, "--data", data, "--output", int8, "--calibration_size", "40"]) == 0
     )
     assert load_artifact(int8).manifest.origin == origin
+    no_head = ["train", "--data", data, "--weights", out, "--output", str(tmp_path / "t"), "--epochs", "1"]
+    assert main(no_head) == 2  # its layers are hidden: no new head can go on it
     q_results, _ = _classify_and_evaluate(int8, folder, str(tmp_path / "q"), "--engine", "openvino")
     assert (q_results.label == results.label).mean() >= 0.85
     # Its layers are behind the signature: no embedding, said in one line before any work.

@@ -144,8 +144,8 @@ def test_a_multi_label_head_scores_each_class_on_its_own(photo_batch):
     base = create_model("squeezenet", num_classes=3, input_size=48)
     spec = get_spec("squeezenet")
     images = photo_batch(48)
-    single = with_new_head(base, spec, 3).predict(images, verbose=0)
-    multi = with_new_head(base, spec, 3, multi_label=True)
+    single = with_new_head(base, spec.classifier_layer, 3).predict(images, verbose=0)
+    multi = with_new_head(base, spec.classifier_layer, 3, multi_label=True)
     scores = multi.predict(images, verbose=0)
     assert np.allclose(single.sum(axis=1), 1.0, atol=1e-5)
     assert multi.get_layer(spec.classifier_layer).get_config()["activation"] == "sigmoid"

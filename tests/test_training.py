@@ -542,6 +542,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
             "--input_size 96: ImageNet weights for mobilenet_v2 need 224",
         ),
         (["demo", "--architecture", "inception_v3"], "--image_size 32: inception_v3 needs at least 75"),
+        (
+            ["train", "--data", "d", "--output", "o"],
+            "--architecture: required, unless --weights names a model artifact to start from",
+        ),
     ],
 )
 def test_training_commands_refuse_bad_flags_in_one_line(argv, expected, capsys):
