@@ -24,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import tempfile
 import zipfile
 from typing import TYPE_CHECKING, Any
@@ -371,16 +372,27 @@ def fetch_savedmodel(uri: str, manifest: Manifest, folder: str) -> dict[str, str
 
 
 def _load_savedmodel(uri: str, manifest: Manifest) -> keras.Model:
-    """An imported SavedModel's wrapper, rebuilt around its files fetched to a folder of this process.
+    """An imported SavedModel's wrapper, rebuilt around its files fetched to a local folder.
 
     model.keras holds the same wrapper, but its TFSMLayer names the folder it
-    was imported from: the files are fetched (and checked) into a folder that
-    lives as long as the process, as TensorFlow may read them after loading.
+    was imported from. The files are fetched (and checked) once per machine
+    into a folder named by their SHA-256s, which outlives the process (TensorFlow
+    may read them after loading) and which every later load, by any worker, reuses.
     """
+    import hashlib
+
     from beamvision.models.importing import savedmodel_model
 
-    folder = tempfile.mkdtemp(prefix="beamvision-savedmodel-")
-    fetch_savedmodel(uri, manifest, folder)
+    names = savedmodel_files(manifest)
+    digest = hashlib.sha256("".join(manifest.files[n]["sha256"] for n in sorted(names)).encode()).hexdigest()
+    folder = os.path.join(tempfile.gettempdir(), f"beamvision-savedmodel-{digest[:24]}")
+    if not os.path.isdir(folder):
+        fetching = tempfile.mkdtemp(prefix="fetching-", dir=tempfile.gettempdir())
+        fetch_savedmodel(uri, manifest, fetching)
+        try:
+            os.rename(fetching, folder)  # atomic: a folder there is complete
+        except OSError:  # another process got there first: its copy is the same files
+            shutil.rmtree(fetching, ignore_errors=True)
     origin = manifest.origin
     try:
         return savedmodel_model(

@@ -47,7 +47,7 @@ from beamvision.models.checkpoints import checkpoint_dir, checkpoint_root, resto
 from beamvision.models.dataset import classes_missing_from_splits, missing_split_warnings
 from beamvision.models.errors import ModelArgumentError, ModelError
 from beamvision.models.metrics import DEFAULT_THRESHOLD, choose_thresholds, save_training_curves_png
-from beamvision.models.registry import get_spec, imagenet_weights_cached, list_models
+from beamvision.models.registry import get_spec, head_activation, imagenet_weights_cached, list_models
 from beamvision.models.training import (
     batch_size_for,
     build_model,
@@ -521,7 +521,7 @@ def _export(
         preprocessing=source.preprocessing if source else None,
     )
     if source:  # where the model came from, and what its new head outputs
-        output = "sigmoid" if thresholds else "softmax"
+        output = head_activation(bool(thresholds))
         manifest = dataclasses.replace(manifest, origin={**source.origin, "output": output})
     if thresholds:
         manifest = dataclasses.replace(manifest, multi_label=True, thresholds=thresholds)

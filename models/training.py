@@ -26,7 +26,7 @@ from beamvision import storage
 from beamvision.models.artifact import artifact_exists, load_artifact
 from beamvision.models.dataset import LABELS_FILE, STATS_FILE, parse_example
 from beamvision.models.errors import ModelError
-from beamvision.models.metrics import classification_metrics, multilabel_metrics
+from beamvision.models.metrics import DEFAULT_THRESHOLD, classification_metrics, multilabel_metrics
 from beamvision.models.registry import (
     IMAGENET_CLASSES,
     create_model,
@@ -158,6 +158,10 @@ def _augmenter(names, seed: int) -> keras.Sequential:
     return keras.Sequential([layers[name]() for name in names], name="augment")
 
 
+# The layers with_new_head adds before the classifier (train's --freeze_base trains them with it).
+HEAD_POOL, HEAD_DROPOUT = "head_pool", "head_dropout"
+
+
 def with_new_head(
     model: keras.Model, classifier_layer: str, num_classes: int, multi_label: bool = False
 ) -> keras.Model:
@@ -173,9 +177,12 @@ def with_new_head(
     import keras
 
     features = model.get_layer(classifier_layer).input
+    earlier = features._keras_history.operation  # a head this function put on before: replaced whole
+    if earlier.name == HEAD_DROPOUT:
+        features = earlier.input
     if len(features.shape) == 4:
-        features = keras.layers.GlobalAveragePooling2D(name="head_pool")(features)
-    features = keras.layers.Dropout(0.2, name="head_dropout")(features)
+        features = keras.layers.GlobalAveragePooling2D(name=HEAD_POOL)(features)
+    features = keras.layers.Dropout(0.2, name=HEAD_DROPOUT)(features)
     activation = head_activation(multi_label)
     outputs = keras.layers.Dense(num_classes, activation=activation, name=classifier_layer)(features)
     return keras.Model(model.inputs, outputs, name=model.name)
@@ -202,12 +209,12 @@ def build_model(
                 f"--weights {weights}: an imported {manifest.origin.get('format')} hides its layers "
                 "behind its signature, so no new head can go on it"
             )
-        head = [manifest.classifier_layer, "head_pool", "head_dropout"]
+        head = [manifest.classifier_layer, HEAD_POOL, HEAD_DROPOUT]
         # load_artifact builds a new model; a single-label artifact warm-starts a multi-label one too
         return with_new_head(artifact.model, manifest.classifier_layer, num_classes, multi_label), head
     spec = get_spec(config.architecture)
     classifier = spec.classifier_layer
-    head = [classifier, "head_pool", "head_dropout"]
+    head = [classifier, HEAD_POOL, HEAD_DROPOUT]
     if weights == "none":
         model = create_model(spec.name, num_classes, input_size)
         return (with_new_head(model, classifier, num_classes, multi_label=True) if multi_label else model), []
@@ -260,7 +267,7 @@ def compile_model(
     if multi_label:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing)
         metrics = [
-            keras.metrics.F1Score(average="micro", threshold=0.5, name="f1"),
+            keras.metrics.F1Score(average="micro", threshold=DEFAULT_THRESHOLD, name="f1"),
             keras.metrics.AUC(multi_label=True, num_labels=num_classes, name="auc"),
             keras.metrics.BinaryAccuracy(name="binary_accuracy"),
         ]

@@ -357,6 +357,8 @@ def _model_record(config: Config, manifest: Manifest, sizing: WorkerSizing) -> d
         "engine": config.engine,
         "precision": config.precision,  # as asked; auto is resolved on each worker (and logged there)
         "workers": sizing.describe(),  # "auto" counts are resolved on each worker (and logged there)
+        # A multi-label model's label sets depend on it (None: each class's own); --incremental matches it.
+        **({"threshold": config.threshold} if manifest.multi_label else {}),
     }
 
 
@@ -526,7 +528,7 @@ def _incremental_run(
             stale += [partial_dir(root, orphan), run_dir(root, orphan)]
     config = dataclasses.replace(config, output=run_dir(root, run_id), partial=partial_dir(root, run_id))
     # A dry run reads nothing under --output: its graph joins with no earlier run.
-    earlier = [] if dry_run else completed_runs(root, manifest.name, manifest.version)
+    earlier = [] if dry_run else completed_runs(root, manifest.name, manifest.version, config.threshold)
     earlier = [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
     return config, earlier, stale
 

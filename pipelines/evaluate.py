@@ -42,10 +42,11 @@ from beamvision.console import counted
 from beamvision.models.metrics import classification_metrics, multilabel_metrics, save_confusion_png
 from beamvision.pipelines.flags import UsageError, add_results_argument, parse
 from beamvision.pipelines.reports import EVALUATION_SUFFIX, METRICS_FILE, evaluation_dir, read_results
+from beamvision.transforms.rows import LABELS_FIELD
 
 CONFUSION_FILE = "confusion_matrix.png"
 RESULT_COLUMNS = ["image_uri", "label", "top_k_labels"]  # all that scoring needs (never the embeddings)
-LABEL_SET_COLUMNS = ("labels", "top_k_scores")  # and of a multi-label model's results
+LABEL_SET_COLUMNS = (LABELS_FIELD.name, "top_k_scores")  # and of a multi-label model's results
 ALL_SCORES = "every class's score"
 TOP_K_SCORES = "top-k scores (a class outside an image's top k scores 0)"
 

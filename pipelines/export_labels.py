@@ -58,9 +58,10 @@ from beamvision.transforms.members import (
     safe_member_name,
     split_member_uri,
 )
+from beamvision.transforms.rows import LABELS_FIELD
 
 COLUMNS = ["image_uri", "label", "score", "model_name", "model_version", "sha256"]
-LABEL_SET_COLUMN = "labels"  # a multi-label model's results: each image's label set
+LABEL_SET_COLUMN = LABELS_FIELD.name  # a multi-label model's results: each image's label set
 EXPORT_FORMATS = ("labelstudio", "csv")
 
 

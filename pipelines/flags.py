@@ -235,9 +235,11 @@ def add_architecture_argument(
     )
 
 
-def add_artifact_identity_arguments(parser: argparse.ArgumentParser, made_by: str) -> None:
+def add_artifact_identity_arguments(
+    parser: argparse.ArgumentParser, made_by: str, name_default: str = "the architecture"
+) -> None:
     """--name, --version, --overwrite and --engines of a command that writes a model artifact."""
-    parser.add_argument("--name", help="model name recorded in results (default: the architecture)")
+    parser.add_argument("--name", help=f"model name recorded in results (default: {name_default})")
     parser.add_argument("--version", help=f"model version recorded in results (default: {made_by} time, UTC)")
     add_switch(parser, "--overwrite", "replace an existing artifact at --output")
     parser.add_argument(

@@ -54,7 +54,10 @@ from beamvision.transforms.engines import engine_files
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, metavar="FILE", help="a Keras .keras or .h5 file, local or URI"
+        "--model",
+        required=True,
+        metavar="FILE",
+        help="a Keras .keras or .h5 file, or a SavedModel folder; local or URI",
     )
     parser.add_argument(
         "--labels", required=True, metavar="FILE", help="class names, one a line: output i, line i"
@@ -73,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="square side to run it at, for a model that takes any size (default: the model's own)",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="artifact directory, local or URI")
-    add_artifact_identity_arguments(parser, "import")
+    add_artifact_identity_arguments(parser, "import", name_default="the --model file's name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +93,8 @@ class Config:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
-        check_file_exists("--model", args.model)
+        if not storage.exists(storage.join(args.model.rstrip("/"), SAVEDMODEL_FILE)):  # a folder: a prefix
+            check_file_exists("--model", args.model)
         check_file_exists("--labels", args.labels)
         return cls(
             args.model,
@@ -127,8 +131,8 @@ def run(argv: list[str] | None = None) -> Manifest:
             else:
                 user = load_user_model(local, fmt)
                 wrapped = wrap_user_model(user, labels, config.preprocessing, config.input_size)
-        except ModelError as exc:
-            raise UsageError(f"--model {config.model}: {exc}") from None
+        except (ModelError, ValueError) as exc:  # ValueError: Keras refusing to rebuild it (a name twice)
+            raise UsageError(f"--model {config.model}: {' '.join(str(exc).split())[:300]}") from None
         hashed = os.path.join(local, SAVEDMODEL_FILE) if fmt == SAVEDMODEL else local
         origin = {
             "uri": storage.canonical(config.model),
@@ -171,10 +175,11 @@ def _fetch(uri: str, fmt: str, tmp: str) -> tuple[str, dict[str, str]]:
         os.makedirs(os.path.dirname(local))
         storage.download(uri, local)
         return local, {}
-    storage.copy_tree(uri, local)
-    kept = {}
-    for folder, _, names in os.walk(local):
-        for name in names:
-            path = os.path.join(folder, name)
-            kept[f"{SAVEDMODEL_DIR}/{os.path.relpath(path, local).replace(os.sep, '/')}"] = path
+    base, kept = uri.rstrip("/") + "/", {}
+    for file_uri in storage.list_files(uri):  # one download each: Beam copies within one filesystem only
+        relative = file_uri[len(base) :]
+        path = os.path.join(local, *relative.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage.download(file_uri, path)
+        kept[f"{SAVEDMODEL_DIR}/{relative}"] = path
     return local, kept

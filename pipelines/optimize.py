@@ -222,6 +222,11 @@ def _check_inputs(config: Config, source: Manifest) -> tuple[list[str], dict[str
         raise UsageError(
             f"--model {config.model}: is already quantised; optimize the float artifact it came from"
         )
+    if source.multi_label:  # its calibration data and its accuracy check are single-label ones
+        raise UsageError(
+            f"--model {config.model}: is a multi-label model; optimize quantises single-label models only "
+            "(classify --engine openvino runs it in float)"
+        )
     if not config.overwrite and artifact_exists(config.output):
         raise UsageError(
             f"--output {config.output}: already holds a model artifact; "

@@ -35,6 +35,7 @@ from beamvision.console import counted
 from beamvision.pipelines.flags import add_results_argument, add_switch, parse_pipeline_args, positive_int
 from beamvision.pipelines.launch import build_only, claim_output, discard_unfinished, is_dry_run, run_to_end
 from beamvision.pipelines.reports import distinct_least_certain, read_errors, read_results, read_summary
+from beamvision.transforms.rows import LABELS_FIELD
 from beamvision.transforms.thumbnails import thumbnail_name
 
 PAGE = "index.html"
@@ -47,7 +48,7 @@ ERROR_COLUMNS = ["image_uri", "stage", "error_type", "message", "sha256"]
 DUPLICATE_GROUPS_SHOWN = 50
 URIS_SHOWN_PER_GROUP = 20
 LABELS_CHARTED = 30
-LABEL_SET_COLUMN = "labels"  # a multi-label model's results: each image's label set
+LABEL_SET_COLUMN = LABELS_FIELD.name  # a multi-label model's results: each image's label set
 NO_LABEL = "(no label at its threshold)"  # By label: a multi-label model's images with an empty set
 
 

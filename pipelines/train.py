@@ -20,6 +20,7 @@ import argparse
 
 from beamvision.models import ModelArgumentError
 from beamvision.models.artifact import Manifest, artifact_exists, check_free, load_manifest
+from beamvision.models.metrics import DEFAULT_THRESHOLD
 from beamvision.models.trainer import (
     AUGMENTATIONS,
     CLASS_WEIGHTS,
@@ -140,7 +141,8 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         choices=MONITORS,
         default=default["monitor"],
         help="validation metric that picks the best epoch and stops early (default "
-        f"{default_monitor(False)}; on multi-label data {default_monitor(True)}, micro F1 at 0.5)",
+        f"{default_monitor(False)}; on multi-label data {default_monitor(True)}, "
+        f"micro F1 at {DEFAULT_THRESHOLD})",
     )
     parser.add_argument(
         "--class_weight",

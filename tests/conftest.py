@@ -213,6 +213,20 @@ def corpus(photos):
     return build_corpus(photos)
 
 
+@pytest.fixture(autouse=True)
+def _default_verbosity():
+    """Every test starts at the default verbosity.
+
+    A command run in the test's process with --quiet sets it for the process
+    (as it should: a process runs one command); a later test on that xdist
+    worker would otherwise print no epoch lines.
+    """
+    yield
+    from beamvision import console
+
+    console.configure()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_keras_home():
     yield

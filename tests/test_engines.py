@@ -86,9 +86,11 @@ def test_a_new_engine_is_one_class(capsys):
         del ENGINES["echo"]
 
 
-# The schedule the agreement bars were measured on (bf16 at 94% of fp32 with train's small-data
-# defaults, batch 16 and augmentation, against 95% and more with this one).
-SCHEDULE = ("--epochs", "6", "--batch_size", "64", "--augment", "none")
+# A schedule that learns the crops (test_optimize's): bf16's top-1 agrees with fp32's where the
+# model is sure. 6 epochs of batch 64 (18 steps) left it unsure, and bf16 at 84-95% of fp32's
+# top-1 from one run to the next, as the thread timing of training changed the weights.
+SCHEDULE = ("--epochs", "12", "--optimizer", "sgd", "--learning_rate", "0.05", "--batch_size", "32")
+SCHEDULE += ("--augment", "none")
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,7 @@ def test_a_sequential_keras_model_classifies_as_its_own_keras_does(
     expected = np.array(CLASSES)[user.predict(x / 255.0, verbose=0).argmax(1)]
     uris = [os.path.join(folder, name, f"{i:04d}.jpg") for name in CLASSES for i in range(10)]
     agreement = (results.loc[uris, "label"].to_numpy() == expected).mean()
+    print(f"sequential .keras: classify vs Keras {agreement:.1%}, accuracy {metrics['accuracy']:.1%}")
     assert agreement >= 0.9, agreement  # classify decodes and resizes the JPEGs itself
     assert metrics["accuracy"] >= 0.8
     assert {len(e) for e in results.embedding} == {32}  # the classifier's input: the pooled features
@@ -183,6 +184,7 @@ def test_a_functional_h5_model_with_logits_runs_on_both_engines(photos, function
 
     tf_results, tf_metrics = _classify_and_evaluate(out, folder, str(tmp_path / "tf"))
     ov_results, ov_metrics = _classify_and_evaluate(out, folder, str(tmp_path / "ov"), "--engine", "openvino")
+    print(f"functional .h5: openvino vs tensorflow {(tf_results.label == ov_results.label).mean():.1%}")
     assert (tf_results.label == ov_results.label).mean() >= 0.95
     assert tf_metrics["accuracy"] >= 0.8 and abs(tf_metrics["accuracy"] - ov_metrics["accuracy"]) <= 0.05
 
@@ -195,6 +197,7 @@ def test_a_functional_h5_model_with_logits_runs_on_both_engines(photos, function
     quantised = load_artifact(int8).manifest
     assert quantised.quantization["precision"] == "int8" and quantised.origin == artifact.manifest.origin
     q_results, _ = _classify_and_evaluate(int8, folder, str(tmp_path / "q"), "--engine", "openvino")
+    print(f"functional .h5: int8 vs tensorflow {(q_results.label == tf_results.label).mean():.1%}")
     assert (q_results.label == tf_results.label).mean() >= 0.85
 
 
@@ -247,6 +250,7 @@ def test_a_subclassed_model_exported_as_a_savedmodel_classifies(photos, subclass
     assert (results.loc[uris, "label"].to_numpy() == expected).mean() >= 0.9
     assert abs(metrics["accuracy"] - learnt) <= 0.1
     ov_results, _ = _classify_and_evaluate(out, folder, str(tmp_path / "ov"), "--engine", "openvino")
+    print(f"savedmodel: openvino vs tensorflow {(ov_results.label == results.label).mean():.1%}")
     assert (ov_results.label == results.label).mean() >= 0.95
     # optimize carries the SavedModel's files into the INT8 artifact, which loads and runs.
     data, int8 = str(tmp_path / "data"), str(tmp_path / "int8")
@@ -258,6 +262,7 @@ def test_a_subclassed_model_exported_as_a_savedmodel_classifies(photos, subclass
     no_head = ["train", "--data", data, "--weights", out, "--output", str(tmp_path / "t"), "--epochs", "1"]
     assert main(no_head) == 2  # its layers are hidden: no new head can go on it
     q_results, _ = _classify_and_evaluate(int8, folder, str(tmp_path / "q"), "--engine", "openvino")
+    print(f"savedmodel: int8 vs tensorflow {(q_results.label == results.label).mean():.1%}")
     assert (q_results.label == results.label).mean() >= 0.85
     # Its layers are behind the signature: no embedding, said in one line before any work.
     embeddings = [
@@ -288,6 +293,33 @@ def test_a_sigmoid_output_imports_as_multi_label(photos, tmp_path):
     )
     manifest = load_artifact(out).manifest
     assert manifest.multi_label and manifest.origin["output"] == "sigmoid"
+
+
+def test_a_model_and_a_savedmodel_in_a_bucket_import_into_the_bucket(photos, tmp_path, gcs_bucket):
+    """gs:// in and out: a .keras file downloaded, a SavedModel folder copied, the artifact written there."""
+    import keras
+
+    from beamvision import storage
+
+    _, _, labels, x, _ = photos
+    model = keras.Sequential(
+        [keras.Input((SIZE, SIZE, 3)), keras.layers.Flatten(), keras.layers.Dense(7, activation="softmax")]
+    )
+    model.save(str(tmp_path / "flat.keras"))
+    model.export(str(tmp_path / "flat-sm"), verbose=False)
+    storage.write_atomic(f"{gcs_bucket}/in/flat.keras", local_path=str(tmp_path / "flat.keras"))
+    for folder, _, names in os.walk(tmp_path / "flat-sm"):
+        for name in names:
+            relative = os.path.relpath(os.path.join(folder, name), tmp_path)
+            storage.write_atomic(f"{gcs_bucket}/in/{relative}", local_path=os.path.join(folder, name))
+    expected = model.predict(x / 255.0, verbose=0)
+    for source in ("flat.keras", "flat-sm"):
+        out = f"{gcs_bucket}/models/{source}"
+        argv = ["import", "--model", f"{gcs_bucket}/in/{source}", "--labels", labels, "--output", out]
+        assert main([*argv, "--preprocessing", "unit"]) == 0
+        artifact = load_artifact(out)
+        assert artifact.manifest.origin["uri"] == f"{gcs_bucket}/in/{source}"
+        np.testing.assert_allclose(artifact.model.predict(x, verbose=0), expected, atol=1e-5)
 
 
 def _hostile_models(tmp_path, labels_file: str) -> dict:

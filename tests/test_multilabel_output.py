@@ -8,6 +8,7 @@ first, while ``label``/``score`` stay the top class and ``top_k_*`` as ever.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -70,6 +71,24 @@ def test_threshold_overrides_every_class(multilabel, tmp_path):
     argv = ["classify", "--input", str(multilabel / "images"), "--model", str(multilabel / "model")]
     assert main([*argv, "--output", output, "--threshold", "0.45"]) == 0
     _check(output, dict.fromkeys(CLASSES, 0.45))
+
+
+def test_an_incremental_run_at_another_threshold_classifies_everything_again(multilabel, tmp_path):
+    """A catalog's rows hold label sets chosen at one threshold: a run at another skips none of them."""
+    root = str(tmp_path / "catalog")
+    argv = ["classify", "--input", str(multilabel / "images"), "--model", str(multilabel / "model")]
+    argv += ["--output", root, "--incremental"]
+    for threshold, skipped in ((None, 0), (None, None), ("0.45", 0), ("0.45", None)):
+        flags = ["--threshold", threshold] if threshold else []
+        assert main([*argv, *flags]) == 0
+        summaries = sorted(glob.glob(f"{root}/run=*/summary.json"))
+        with open(summaries[-1]) as f:
+            summary = json.load(f)
+        assert summary["model"]["threshold"] == (float(threshold) if threshold else None)
+        if skipped is None:  # the same threshold again: everything was classified by the run before
+            assert summary["skipped"] == summary["inputs"] and summary["results"] == 0
+        else:
+            assert summary["skipped"] == 0 and summary["results"] == summary["inputs"]
 
 
 def test_thresholds_of_a_manifest_and_of_the_flag(multilabel):

@@ -151,3 +151,21 @@ def test_a_multi_label_head_scores_each_class_on_its_own(photo_batch):
     assert multi.get_layer(spec.classifier_layer).get_config()["activation"] == "sigmoid"
     assert not np.allclose(scores.sum(axis=1), 1.0, atol=1e-3)
     assert np.all((scores > 0) & (scores < 1))
+
+
+def test_a_new_head_replaces_an_earlier_new_head_whole(photo_batch):
+    """A model trained from an artifact (or multi-label) already ends in with_new_head's layers.
+
+    Round two of a labelling loop starts from it: the new head replaces that
+    one (Keras refuses a model with two layers of one name).
+    """
+    from beamvision.models.training import HEAD_DROPOUT, HEAD_POOL, with_new_head
+
+    spec = get_spec("squeezenet")
+    first = with_new_head(create_model("squeezenet", 3, 48), spec.classifier_layer, 3, multi_label=True)
+    second = with_new_head(first, spec.classifier_layer, 2)
+    names = [layer.name for layer in second.layers]
+    assert names.count(HEAD_DROPOUT) == 1 and names.count(HEAD_POOL) == 1
+    assert second.output_shape == (None, 2)
+    scores = second.predict(photo_batch(48), verbose=0)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-5)

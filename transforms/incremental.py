@@ -50,14 +50,24 @@ def default_run_id(now: datetime.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
-def completed_runs(root: str, model_name: str, model_version: str) -> list[str]:
-    """Directories of the runs under ``root`` that completed with this model name and version."""
+def completed_runs(
+    root: str, model_name: str, model_version: str, threshold: float | None = None
+) -> list[str]:
+    """Directories of the runs under ``root`` that completed with this model name and version.
+
+    ``threshold``: a multi-label model's ``--threshold`` (None: each class's own); a run at
+    another one chose other label sets, so its rows are not this run's.
+    """
     matches = FileSystems.match([summaries_pattern(root)])[0].metadata_list
     runs = []
     for match in sorted(m.path for m in matches):
         summary = json.loads(storage.read_text(match))
         model = summary.get("model", {})
-        if (model.get("name"), model.get("version")) == (model_name, model_version):
+        if (model.get("name"), model.get("version"), model.get("threshold")) == (
+            model_name,
+            model_version,
+            threshold,
+        ):
             runs.append(match.rsplit("/", 1)[0])
     return runs
 
