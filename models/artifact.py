@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # Keras is imported where a model is built or loaded
 
 from beamvision import __version__, storage
 from beamvision.models.errors import ArtifactError
-from beamvision.models.registry import get_spec
+from beamvision.models.registry import get_spec, head_activation
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.keras"
@@ -400,7 +400,7 @@ def _load_savedmodel(uri: str, manifest: Manifest) -> keras.Model:
             manifest.input_size,
             manifest.preprocessing,
             origin["output_key"],
-            softmax=origin["output"] == "logits",
+            activation=head_activation(manifest.multi_label) if origin["output"] == "logits" else None,
         )
     except Exception as exc:  # TensorFlow raises many types for a folder it cannot load
         raise ArtifactError(

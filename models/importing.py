@@ -39,7 +39,7 @@ from beamvision.models.errors import ModelError
 OUTPUT_KINDS = {
     "softmax": "probabilities of one label (single-label)",
     "sigmoid": "a probability per label (multi-label)",
-    "logits": "unnormalised scores: a softmax is added",
+    "logits": "unnormalised scores: a {head} is added",
 }
 KERAS_FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 SAVEDMODEL_FILE = "saved_model.pb"
@@ -54,7 +54,14 @@ class Wrapped:
     input_size: int
     output: str  # a key of OUTPUT_KINDS
     classifier_layer: str | None  # the layer whose input is the embedding (None: a SavedModel's are hidden)
+    multi_label: bool = False  # a sigmoid output, or logits of a model imported with --multi_label
     output_key: str | None = None  # a SavedModel signature's output that holds the scores
+
+    def describe(self) -> str:
+        """What its output is, as the import's summary says it: ``logits (unnormalised scores: ...)``."""
+        from beamvision.models.registry import head_activation
+
+        return f"{self.output} ({OUTPUT_KINDS[self.output].format(head=head_activation(self.multi_label))})"
 
 
 def model_format(path: str) -> str:
@@ -132,7 +139,11 @@ def load_user_model(local_path: str, fmt: str) -> keras.Model:
 
 
 def wrap_user_model(
-    user: keras.Model, labels: list[str], preprocessing: str, input_size: int | None
+    user: keras.Model,
+    labels: list[str],
+    preprocessing: str,
+    input_size: int | None,
+    multi_label: bool = False,
 ) -> Wrapped:
     """``user`` rebuilt on a uint8 ``[batch, N, N, 3]`` input with ``preprocessing`` in the graph.
 
@@ -164,13 +175,15 @@ def wrap_user_model(
     model = keras.Model(images, probabilities, name=user.name)
     output = _output_kind(model)
     classifier = _classifier_layer(model)
-    if output == "logits":
-        model = keras.Model(images, keras.layers.Softmax(name="probabilities")(model.output), name=user.name)
+    multi_label, added = output_head(output, multi_label)
+    if added:
+        scores = keras.layers.Activation(added, name="probabilities")(model.output)
+        model = keras.Model(images, scores, name=user.name)
     # New layers with the same names and weights: the user's layers also belong to the user's own
     # graph, where ``layer.input`` (the embedding, for an engine) would find them first.
     fresh = keras.models.clone_model(model)
     fresh.set_weights(model.get_weights())
-    return Wrapped(fresh, size, output, classifier)
+    return Wrapped(fresh, size, output, classifier, multi_label=multi_label)
 
 
 def _input_size(user: keras.Model, input_size: int | None) -> int:
@@ -224,7 +237,9 @@ def _classifier_layer(model: keras.Model) -> str:
         tensor = parents[0]
 
 
-def wrap_savedmodel(local_dir: str, labels: list[str], preprocessing: str, input_size: int | None) -> Wrapped:
+def wrap_savedmodel(
+    local_dir: str, labels: list[str], preprocessing: str, input_size: int | None, multi_label: bool = False
+) -> Wrapped:
     """A SavedModel folder's ``serving_default`` signature on a uint8 input, checked like a Keras model.
 
     Raises:
@@ -256,14 +271,15 @@ def wrap_savedmodel(local_dir: str, labels: list[str], preprocessing: str, input
     if classes != len(labels):
         raise ModelError(f"it has {classes} outputs but the labels name {len(labels)} classes")
     probe = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
-    raw = savedmodel_model(local_dir, size, preprocessing, scores[0], softmax=False)
+    raw = savedmodel_model(local_dir, size, preprocessing, scores[0], activation=None)
     output = probed_output_kind(raw.predict(probe, verbose=0))
-    model = savedmodel_model(local_dir, size, preprocessing, scores[0], softmax=output == "logits")
-    return Wrapped(model, size, output, None, scores[0])
+    multi_label, added = output_head(output, multi_label)
+    model = savedmodel_model(local_dir, size, preprocessing, scores[0], activation=added)
+    return Wrapped(model, size, output, None, multi_label=multi_label, output_key=scores[0])
 
 
-def savedmodel_model(local_dir: str, size: int, preprocessing: str, output_key: str, softmax: bool):
-    """uint8 images, ``preprocessing``, the SavedModel's serving signature, ``output_key`` (and a softmax)."""
+def savedmodel_model(local_dir: str, size: int, preprocessing: str, output_key: str, activation: str | None):
+    """uint8 images, ``preprocessing``, the SavedModel's serving signature, ``output_key``, ``activation``."""
     import keras
 
     from beamvision.models.preprocessing import preprocess_class
@@ -272,8 +288,8 @@ def savedmodel_model(local_dir: str, size: int, preprocessing: str, output_key: 
     normalised = preprocess_class()(preprocessing, name="preprocess")(images)
     signature = keras.layers.TFSMLayer(local_dir, call_endpoint=SIGNATURE, name=SAVEDMODEL)
     scores = signature(normalised)[output_key]
-    if softmax:
-        scores = keras.layers.Softmax(name="probabilities")(scores)
+    if activation:
+        scores = keras.layers.Activation(activation, name="probabilities")(scores)
     return keras.Model(images, scores, name=SAVEDMODEL)
 
 
@@ -285,3 +301,20 @@ def probed_output_kind(scores) -> str:
     if scores.min() < -1e-6 or scores.max() > 1 + 1e-6:
         return "logits"
     return "softmax" if np.allclose(scores.sum(axis=1), 1.0, atol=1e-3) else "sigmoid"
+
+
+def output_head(output: str, multi_label: bool) -> tuple[bool, str | None]:
+    """(whether the model is multi-label, the activation to add to its output: None for probabilities).
+
+    A sigmoid output is multi-label whatever ``multi_label`` (``import --multi_label``) says;
+    logits get a sigmoid with it, a softmax without; a softmax output cannot be multi-label.
+
+    Raises:
+        ModelError: ``multi_label`` for a softmax output.
+    """
+    from beamvision.models.registry import head_activation
+
+    if output == "softmax" and multi_label:
+        raise ModelError("its output is a softmax, one label an image: drop --multi_label")
+    multi_label = multi_label or output == "sigmoid"
+    return multi_label, head_activation(multi_label) if output == "logits" else None

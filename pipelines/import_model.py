@@ -33,7 +33,6 @@ from beamvision.models.artifact import (
 )
 from beamvision.models.errors import ModelError
 from beamvision.models.importing import (
-    OUTPUT_KINDS,
     SAVEDMODEL_FILE,
     load_user_model,
     model_format,
@@ -45,6 +44,7 @@ from beamvision.models.preprocessing import PREPROCESSING_MODES
 from beamvision.pipelines.flags import (
     UsageError,
     add_artifact_identity_arguments,
+    add_switch,
     check_file_exists,
     parse,
     positive_int,
@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="square side to run it at, for a model that takes any size (default: the model's own)",
     )
+    add_switch(
+        parser,
+        "--multi_label",
+        "the model scores each label on its own (an image may have several): its logits get a sigmoid, "
+        "not a softmax (a sigmoid output is multi-label without it)",
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="artifact directory, local or URI")
     add_artifact_identity_arguments(parser, "import", name_default="the --model file's name")
 
@@ -89,6 +95,7 @@ class Config:
     name: str | None
     version: str | None
     overwrite: bool
+    multi_label: bool = False
     engines: tuple[str, ...] = ()
 
     @classmethod
@@ -105,6 +112,7 @@ class Config:
             args.name,
             args.version,
             args.overwrite,
+            args.multi_label,
             tuple(args.engines),
         )
 
@@ -125,12 +133,13 @@ def run(argv: list[str] | None = None) -> Manifest:
     check_free(config.output, config.overwrite)  # before the work, as after it
     with tempfile.TemporaryDirectory() as tmp:
         local, kept = _fetch(config.model, fmt, tmp)
+        shape = config.preprocessing, config.input_size
         try:
             if fmt == SAVEDMODEL:
-                wrapped = wrap_savedmodel(local, labels, config.preprocessing, config.input_size)
+                wrapped = wrap_savedmodel(local, labels, *shape, config.multi_label)
             else:
                 user = load_user_model(local, fmt)
-                wrapped = wrap_user_model(user, labels, config.preprocessing, config.input_size)
+                wrapped = wrap_user_model(user, labels, *shape, config.multi_label)
         except (ModelError, ValueError) as exc:  # ValueError: Keras refusing to rebuild it (a name twice)
             raise UsageError(f"--model {config.model}: {' '.join(str(exc).split())[:300]}") from None
         hashed = os.path.join(local, SAVEDMODEL_FILE) if fmt == SAVEDMODEL else local
@@ -152,7 +161,7 @@ def run(argv: list[str] | None = None) -> Manifest:
             version=config.version,
             preprocessing=config.preprocessing,
         )
-        manifest = dataclasses.replace(manifest, origin=origin, multi_label=wrapped.output == "sigmoid")
+        manifest = dataclasses.replace(manifest, origin=origin, multi_label=wrapped.multi_label)
         extra = {
             **kept,
             **engine_files(wrapped.model, manifest, config.engines, os.path.join(tmp, "engines")),
@@ -161,7 +170,7 @@ def run(argv: list[str] | None = None) -> Manifest:
     megabytes = manifest.files[MODEL_FILE]["bytes"] / 1e6
     print(
         f"imported {config.model} as {manifest.name} version {manifest.version}: {wrapped.input_size}px, "
-        f"{len(labels)} classes, output {wrapped.output} ({OUTPUT_KINDS[wrapped.output]}), "
+        f"{len(labels)} classes, output {wrapped.describe()}, "
         f"{wrapped.model.count_params():,} parameters, {megabytes:.1f} MB, to {config.output} "
         f"in {time.monotonic() - started:.1f}s"
     )

@@ -278,7 +278,7 @@ def test_a_subclassed_model_exported_as_a_savedmodel_classifies(photos, subclass
     assert main(embeddings) == 2
 
 
-def test_a_sigmoid_output_imports_as_multi_label(photos, tmp_path):
+def test_a_sigmoid_output_or_logits_with_multi_label_import_as_multi_label(photos, tmp_path, capsys):
     import keras
 
     _, _, labels, _, _ = photos
@@ -293,6 +293,35 @@ def test_a_sigmoid_output_imports_as_multi_label(photos, tmp_path):
     )
     manifest = load_artifact(out).manifest
     assert manifest.multi_label and manifest.origin["output"] == "sigmoid"
+
+    # Multi-label logits (a model trained with from_logits=True) need --multi_label: a sigmoid, not a softmax.
+    logits = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Flatten(), keras.layers.Dense(7)])
+    logits.save(str(tmp_path / "logits.keras"))
+    logits.export(str(tmp_path / "logits-sm"), verbose=False)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    expected = 1 / (1 + np.exp(-logits.predict(pixels / 255.0, verbose=0)))
+    for source in ("logits.keras", "logits-sm"):
+        argv = ["import", "--model", str(tmp_path / source), "--labels", labels, "--preprocessing", "unit"]
+        out = str(tmp_path / f"tags-{source}")
+        assert main([*argv, "--output", out, "--multi_label"]) == 0
+        artifact = load_artifact(out)
+        assert artifact.manifest.multi_label and artifact.manifest.origin["output"] == "logits"
+        np.testing.assert_allclose(artifact.model.predict(pixels, verbose=0), expected, rtol=1e-4, atol=1e-5)
+    single = keras.Sequential(
+        [keras.Input((SIZE, SIZE, 3)), keras.layers.Flatten(), keras.layers.Dense(7, activation="softmax")]
+    )
+    single.save(str(tmp_path / "single.keras"))
+    argv = [
+        "import",
+        "--model",
+        str(tmp_path / "single.keras"),
+        "--labels",
+        labels,
+        "--preprocessing",
+        "unit",
+    ]
+    assert main([*argv, "--output", str(tmp_path / "x"), "--multi_label"]) == 2
+    assert "its output is a softmax, one label an image: drop --multi_label" in capsys.readouterr().err
 
 
 def test_a_model_and_a_savedmodel_in_a_bucket_import_into_the_bucket(photos, tmp_path, gcs_bucket):
