@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
 from photos import write_photo_tiles  # noqa: E402
-from small_data import cpu_model  # noqa: E402
+from small_data import cpu_model, small_cnn_model  # noqa: E402
 
 CLASSES = ("cat", "coffee", "flower", "hubble")
 SIZE = 32
@@ -103,23 +103,8 @@ def beamvision_train(data: str, output: str, seed: int, flags: tuple[str, ...]) 
 
 
 def plain_keras(train, test, seed: int) -> tuple[float, float, float]:
-    import keras
-
-    keras.utils.set_random_seed(seed)
     (x, y), (xt, yt) = train, test
-    layers = keras.layers
-    model = keras.Sequential(
-        [
-            keras.Input((SIZE, SIZE, 3)),
-            layers.Rescaling(1 / 255),
-            layers.Conv2D(32, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(64, 3, padding="same", activation="relu"),
-            layers.MaxPooling2D(),
-            layers.GlobalAveragePooling2D(),
-            layers.Dense(y.shape[1], activation="sigmoid"),
-        ]
-    )
+    model = small_cnn_model(y.shape[1], "sigmoid", seed)
     model.compile("adam", "binary_crossentropy")
     model.fit(x, y.astype("float32"), batch_size=32, epochs=30, verbose=0)
     return scores(yt, model.predict(xt, verbose=0), np.full(y.shape[1], 0.5))

@@ -124,13 +124,13 @@ def logistic_regression(train, test, seed: int) -> tuple[float, float]:
     return scores(yt, model.predict(xt.reshape(len(xt), -1).astype(np.float32)))
 
 
-def small_cnn(train, test, classes: int, seed: int) -> tuple[float, float]:
+def small_cnn_model(classes: int, activation: str = "softmax", seed: int = 0):
+    """The plain Keras CNN a user writes by hand: two conv blocks, pooled, then a dense head."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    (x, y), (xt, yt) = train, test
     layers = keras.layers
-    model = keras.Sequential(
+    return keras.Sequential(
         [
             keras.Input((SIZE, SIZE, 3)),
             layers.Rescaling(1 / 255),
@@ -139,9 +139,14 @@ def small_cnn(train, test, classes: int, seed: int) -> tuple[float, float]:
             layers.Conv2D(64, 3, padding="same", activation="relu"),
             layers.MaxPooling2D(),
             layers.GlobalAveragePooling2D(),
-            layers.Dense(classes, activation="softmax"),
+            layers.Dense(classes, activation=activation),
         ]
     )
+
+
+def small_cnn(train, test, classes: int, seed: int) -> tuple[float, float]:
+    (x, y), (xt, yt) = train, test
+    model = small_cnn_model(classes, seed=seed)
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=32, epochs=30, verbose=0)
     return scores(yt, np.argmax(model.predict(xt, verbose=0), axis=1))

@@ -58,15 +58,7 @@ def classification_metrics(
     metrics["macro_precision"] = float(precision[present].mean()) if present.any() else None
     metrics["macro_recall"] = float(recall[present].mean()) if present.any() else None
     metrics["macro_f1"] = float(f1[present].mean()) if present.any() else None
-    metrics["per_class"] = {
-        label: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, label in enumerate(labels)
-    }
+    metrics["per_class"] = _per_class(labels, precision, recall, f1, support)
     metrics["labels"] = list(labels)
     metrics["confusion_matrix"] = confusion.tolist()
     return metrics
@@ -144,16 +136,8 @@ def multilabel_metrics(
         "exact_match": float(np.mean(np.all(y_true == y_pred, axis=1))) if examples else None,
         "hamming_loss": float(np.mean(y_true != y_pred)) if examples else None,
     }
-    metrics["per_class"] = {
-        label: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-            **({"average_precision": ap[i]} if scores is not None else {}),
-        }
-        for i, label in enumerate(labels)
-    }
+    extra = [{"average_precision": value} for value in ap] if scores is not None else None
+    metrics["per_class"] = _per_class(labels, precision, recall, f1, support, extra)
     metrics["labels"] = list(labels)
     return metrics
 
@@ -270,3 +254,17 @@ def save_training_curves_png(history: dict[str, list[float]], monitor: str, path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _per_class(labels, precision, recall, f1, support, extra: list[dict] | None = None) -> dict[str, dict]:
+    """label -> its precision, recall, F1 and support (and ``extra[i]``), as metrics.json holds them."""
+    return {
+        label: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+            **(extra[i] if extra else {}),
+        }
+        for i, label in enumerate(labels)
+    }

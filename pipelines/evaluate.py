@@ -41,7 +41,13 @@ from beamvision import storage
 from beamvision.console import counted
 from beamvision.models.metrics import classification_metrics, multilabel_metrics, save_confusion_png
 from beamvision.pipelines.flags import UsageError, add_results_argument, parse
-from beamvision.pipelines.reports import EVALUATION_SUFFIX, METRICS_FILE, evaluation_dir, read_results
+from beamvision.pipelines.reports import (
+    EVALUATION_SUFFIX,
+    METRICS_FILE,
+    evaluation_dir,
+    read_results,
+    read_summary,
+)
 from beamvision.transforms.rows import LABELS_FIELD
 
 CONFUSION_FILE = "confusion_matrix.png"
@@ -140,8 +146,11 @@ def check_matched(config: Config, results, truth: dict[str, str]) -> None:
     )
 
 
-def score(results, truth: dict[str, str]) -> dict:
-    """Metrics of the results whose URI has a true label; counts the labelled URIs without a result."""
+def score(results, truth: dict[str, str], model_classes: int | None = None) -> dict:
+    """Metrics of the results whose URI has a true label; counts the labelled URIs without a result.
+
+    ``model_classes``: how many classes the model has (summary.json says), when known.
+    """
     matched = results[results.image_uri.isin(truth.keys())]
     labels = sorted(set(truth.values()) | set(matched.label))
     index = {label: i for i, label in enumerate(labels)}
@@ -151,9 +160,10 @@ def score(results, truth: dict[str, str]) -> dict:
     if len(matched) == 0:
         ranked = np.zeros((0, 1), dtype=np.int64)
     # Top-5 means something when classify ranked at least 5 labels of a model that knows more than 5,
-    # however few of them the truth names.
-    predicted = {label for row in results.top_k_labels for label in row}
-    metrics = classification_metrics(y_true, ranked, labels, top5=ranked.shape[1] >= 5 and len(predicted) > 5)
+    # however few of them the truth names. (Without summary.json, the labels the rows name tell: a
+    # random 1,000-class model may rank the same 5 first for every image.)
+    knows = model_classes or len({label for row in results.top_k_labels for label in row})
+    metrics = classification_metrics(y_true, ranked, labels, top5=ranked.shape[1] >= 5 and knows > 5)
     metrics.setdefault("top5_accuracy", None)  # classify ran with --top_k below 5, or a small model
     metrics["labelled_without_result"] = len(set(truth) - set(results.image_uri))
     metrics["results_without_label"] = int((~results.image_uri.isin(truth.keys())).sum())
@@ -216,7 +226,7 @@ def run(argv: list[str] | None = None) -> dict:
     output = config.output
     results = read_results(config.results, RESULT_COLUMNS, LABEL_SET_COLUMNS)
     results["image_uri"] = results.image_uri.map(storage.canonical)  # rows of runs before URIs were
-    multi_label = "labels" in results.columns
+    multi_label = LABELS_FIELD.name in results.columns
     if multi_label:
         truth = label_sets(read_truth_rows(config.truth, results.image_uri))
         check_matched(config, results, truth)
@@ -224,7 +234,8 @@ def run(argv: list[str] | None = None) -> dict:
     else:
         truth = read_truth(config.truth, results.image_uri)
         check_matched(config, results, truth)
-        metrics = score(results, truth)
+        model_classes = len(read_summary(config.results).get("model", {}).get("labels", [])) or None
+        metrics = score(results, truth, model_classes)
     storage.write_atomic(storage.join(output, METRICS_FILE), json.dumps(metrics, indent=2).encode())
     written = f"metrics: {storage.join(output, METRICS_FILE)}"
     if not multi_label:  # a confusion matrix is of one label per image
