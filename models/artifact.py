@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # Keras is imported where a model is built or loaded
     import keras
 
 from beamvision import __version__, storage
-from beamvision.models.errors import ArtifactError
+from beamvision.models.errors import ArtifactError, one_line
 from beamvision.models.registry import get_spec, head_activation
 
 SCHEMA_VERSION = 1
@@ -311,7 +311,7 @@ def verify_artifact(uri: str) -> Manifest:
     with tempfile.TemporaryDirectory() as tmp:
         config = _keras_config(fetch_file(uri, manifest, MODEL_FILE, tmp), storage.join(uri, MODEL_FILE))
     layers = list(_layers(config))
-    if any(layer.get("class_name") in ("Lambda", "__lambda__") for layer in layers):
+    if has_unsafe_layer(config):
         raise _unsafe(storage.join(uri, MODEL_FILE))
     classifier = manifest.classifier_layer
     outputs = [
@@ -403,9 +403,7 @@ def _load_savedmodel(uri: str, manifest: Manifest) -> keras.Model:
             activation=head_activation(manifest.multi_label) if origin["output"] == "logits" else None,
         )
     except Exception as exc:  # TensorFlow raises many types for a folder it cannot load
-        raise ArtifactError(
-            f"cannot load the SavedModel in {uri}: {' '.join(str(exc).split())[:300]}"
-        ) from None
+        raise ArtifactError(f"cannot load the SavedModel in {uri}: {one_line(exc)}") from None
 
 
 def fetch_file(uri: str, manifest: Manifest, name: str, tmp: str) -> str:
@@ -453,6 +451,15 @@ def _keras_config(local_path: str, uri: str) -> dict[str, Any]:
         raise ArtifactError(f"cannot load {uri}: not a Keras model file ({exc})") from None
 
 
+# Layers that hold Python code: Keras's safe mode refuses them (a Lambda's, by either name).
+UNSAFE_LAYERS = ("Lambda", "__lambda__")
+
+
+def has_unsafe_layer(config: Any) -> bool:
+    """Whether a Keras config (read as JSON, nothing built) holds a layer that safe mode refuses."""
+    return any(layer.get("class_name") in UNSAFE_LAYERS for layer in _layers(config))
+
+
 def _layers(config: Any):
     """Every layer config (a dict with a class_name) nested anywhere in a Keras config."""
     if isinstance(config, dict):
@@ -482,10 +489,9 @@ def _load_keras_safely(local_path: str, uri: str) -> keras.Model:
     try:
         return keras.saving.load_model(local_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad or unsafe file.
-        text = " ".join(str(exc).split())
-        if "safe_mode" in text or "unsafe" in text.lower():
+        if "safe_mode" in str(exc) or "unsafe" in str(exc).lower():
             raise _unsafe(uri) from None
-        raise ArtifactError(f"cannot load {uri}: {text[:300]}") from None
+        raise ArtifactError(f"cannot load {uri}: {one_line(exc)}") from None
 
 
 def _check_model_matches(model: keras.Model, manifest: Manifest, uri: str) -> None:

@@ -4,6 +4,11 @@ Each carries a one-line message that the CLI prints as is, without a traceback.
 """
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its whitespace runs folded), cut to ``limit`` characters."""
+    return " ".join(str(exc).split())[:limit]
+
+
 class ModelError(ValueError):
     """An architecture, its arguments or a weights file cannot be used."""
 

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import keras
 
-from beamvision.models.artifact import SAVEDMODEL
-from beamvision.models.errors import ModelError
+from beamvision.models.artifact import SAVEDMODEL, has_unsafe_layer
+from beamvision.models.errors import ModelError, one_line
 
 # How an imported model's output became probabilities: the final activation found -> what it means.
 OUTPUT_KINDS = {
@@ -103,19 +103,7 @@ def stored_config(local_path: str, fmt: str) -> dict[str, Any]:
             raise ValueError("it holds weights only, no model_config")
         return json.loads(text.decode() if isinstance(text, bytes) else text)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:  # JSON errors are ValueErrors
-        raise ModelError(f"not a {fmt} model file ({' '.join(str(exc).split())[:200]})") from None
-
-
-def layer_classes(config: Any):
-    """Every layer class name nested anywhere in a Keras config."""
-    if isinstance(config, dict):
-        if "class_name" in config:
-            yield config["class_name"]
-        for value in config.values():
-            yield from layer_classes(value)
-    elif isinstance(config, list):
-        for value in config:
-            yield from layer_classes(value)
+        raise ModelError(f"not a {fmt} model file ({one_line(exc, 200)})") from None
 
 
 def load_user_model(local_path: str, fmt: str) -> keras.Model:
@@ -127,7 +115,7 @@ def load_user_model(local_path: str, fmt: str) -> keras.Model:
     import keras
 
     config = stored_config(local_path, fmt)
-    if {"Lambda", "__lambda__"} & set(layer_classes(config)):
+    if has_unsafe_layer(config):
         raise ModelError(
             "it has a Lambda layer, which holds Python code; beamvision loads models in Keras "
             "safe mode only (rebuild it with built-in or registered layers)"
@@ -135,7 +123,7 @@ def load_user_model(local_path: str, fmt: str) -> keras.Model:
     try:
         return keras.saving.load_model(local_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a file it cannot rebuild
-        raise ModelError(f"Keras cannot load it: {' '.join(str(exc).split())[:300]}") from None
+        raise ModelError(f"Keras cannot load it: {one_line(exc)}") from None
 
 
 def wrap_user_model(
@@ -251,7 +239,7 @@ def wrap_savedmodel(
     try:
         signatures = tf.saved_model.load(local_dir).signatures
     except Exception as exc:  # TensorFlow raises many types for a folder it cannot read
-        raise ModelError(f"TensorFlow cannot load it: {' '.join(str(exc).split())[:300]}") from None
+        raise ModelError(f"TensorFlow cannot load it: {one_line(exc)}") from None
     if SIGNATURE not in signatures:
         raise ModelError(f"it has no {SIGNATURE} signature (it has: {', '.join(signatures) or 'none'})")
     signature = signatures[SIGNATURE]

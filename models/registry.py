@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # Keras is imported where a model is built or loaded
     import keras
 
 from beamvision import storage
-from beamvision.models.errors import ModelArgumentError, ModelError
+from beamvision.models.errors import ModelArgumentError, ModelError, one_line
 from beamvision.models.preprocessing import PREPROCESSING_MODES, preprocess_class
 
 # builder(inputs, num_classes, weights) -> keras.Model whose inputs are the
@@ -200,7 +200,7 @@ def _build_with_imagenet_weights(spec: ArchitectureSpec, inputs, num_classes: in
         return spec.builder(inputs, num_classes, "imagenet")
     except Exception as exc:  # Keras's get_file raises a bare Exception when offline.
         cache = keras_cache_dir()
-        reason = " ".join(str(exc).split())[:200]
+        reason = one_line(exc, 200)
         raise ModelError(
             f"ImageNet weights for {spec.name} are not in Keras's cache ({cache}) and could not be "
             f"downloaded: {reason}"

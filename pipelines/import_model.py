@@ -31,7 +31,7 @@ from beamvision.models.artifact import (
     new_manifest,
     save_artifact,
 )
-from beamvision.models.errors import ModelError
+from beamvision.models.errors import ModelError, one_line
 from beamvision.models.importing import (
     SAVEDMODEL_FILE,
     load_user_model,
@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str
+    format: str  # keras, h5 or savedmodel: importing.model_format's
     labels: str
     preprocessing: str
     input_size: int | None
@@ -100,11 +101,17 @@ class Config:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
-        if not storage.exists(storage.join(args.model.rstrip("/"), SAVEDMODEL_FILE)):  # a folder: a prefix
+        try:
+            fmt = model_format(args.model)
+        except ModelError as exc:
+            check_file_exists("--model", args.model)  # a path that is not there says so first
+            raise UsageError(str(exc)) from None
+        if fmt != SAVEDMODEL:  # (a SavedModel folder in a bucket is a prefix, not an object that exists)
             check_file_exists("--model", args.model)
         check_file_exists("--labels", args.labels)
         return cls(
             args.model,
+            fmt,
             args.labels,
             args.preprocessing,
             args.input_size,
@@ -125,8 +132,8 @@ def run(argv: list[str] | None = None) -> Manifest:
     """
     config = Config.from_args(parse("beamvision import", __doc__.splitlines()[0], add_arguments, argv))
     started = time.monotonic()
+    fmt = config.format
     try:
-        fmt = model_format(config.model)
         labels = read_labels_file(config.labels)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
@@ -141,7 +148,7 @@ def run(argv: list[str] | None = None) -> Manifest:
                 user = load_user_model(local, fmt)
                 wrapped = wrap_user_model(user, labels, *shape, config.multi_label)
         except (ModelError, ValueError) as exc:  # ValueError: Keras refusing to rebuild it (a name twice)
-            raise UsageError(f"--model {config.model}: {' '.join(str(exc).split())[:300]}") from None
+            raise UsageError(f"--model {config.model}: {one_line(exc)}") from None
         hashed = os.path.join(local, SAVEDMODEL_FILE) if fmt == SAVEDMODEL else local
         origin = {
             "uri": storage.canonical(config.model),
