@@ -55,6 +55,7 @@ from beamvision.models.training import (
     class_weights,
     compile_model,
     dataset_fingerprint,
+    ema_momentum_for,
     evaluate,
     evaluate_multilabel,
     evaluation_split,
@@ -94,6 +95,7 @@ VALUE_CHECKS: dict[str, values.Check] = {
     "learning_rate": values.non_negative_float,
     "augment": values.subset_of(AUGMENTATIONS),
     "label_smoothing": values.fraction,
+    "ema_momentum": values.fraction,
     "early_stopping_patience": values.positive_int,
     "monitor": values.one_of(MONITORS),
     "class_weight": values.one_of(CLASS_WEIGHTS),
@@ -127,6 +129,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     augment: tuple[str, ...] = ("zoom", "rotate")  # no flip: it changes what text and digits mean
     label_smoothing: float = 0.0
+    ema_momentum: float | None = None  # None: by the planned updates (training.ema_momentum_for); 0: off
     early_stopping_patience: int = 12
     monitor: str | None = None  # None: the data's default (default_monitor)
     class_weight: str = "none"  # none, or balanced: n / (classes * count of the class) per example
@@ -265,6 +268,9 @@ def train(
     config = dataclasses.replace(config, monitor=resolve_monitor(config.monitor, data.multi_label))
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=batch_size_for(data.totals["train"]))
+    if config.ema_momentum is None:
+        planned = _steps_per_epoch(config, data) * config.epochs
+        config = dataclasses.replace(config, ema_momentum=ema_momentum_for(planned))
     started = time.monotonic()
     keras.utils.set_random_seed(config.seed)
     model, head = build_model(config, len(data.labels), data.input_size, data.multi_label)
@@ -379,7 +385,7 @@ def _fit(
 
     from beamvision.models.callbacks import KeepCheckpoint, ResumableEarlyStopping
 
-    steps = config.steps_per_epoch or steps_for(data.totals["train"], config.batch_size)
+    steps = _steps_per_epoch(config, data)
     compile_model(model, config, len(data.labels), steps * config.epochs, min(steps, 100), data.multi_label)
     # What shapes the weights: the training flags, the input size and the data (never the
     # artifact's name, version or --overwrite). A rerun with all of these equal resumes.
@@ -396,6 +402,11 @@ def _fit(
         )
     pausing = pause_after is not None and pause_after < config.epochs
     callbacks = [keras.callbacks.BackupAndRestore(local, delete_checkpoint=not pausing)]
+    if config.ema_momentum:
+        # After the checkpoint (which keeps the trained weights and their average apart, so a
+        # resumed run goes on as if never stopped) and before the rest: validation, precise
+        # BatchNorm, early stopping's best weights and the artifact all take the average.
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     validation = _dataset(config, data, shards, "val", training=False) if data.totals["val"] else None
     early = None
     if validation is not None:
@@ -435,6 +446,11 @@ def _fit(
     if paused and local != checkpoint:  # the remote copy is the checkpoint; the next call fetches it
         shutil.rmtree(local, ignore_errors=True)
     return _Fitted(kept.history, paused, checkpoint, local)
+
+
+def _steps_per_epoch(config: TrainConfig, data: _Data) -> int:
+    """Batches an epoch: ``--steps_per_epoch``, else one pass over the training split."""
+    return config.steps_per_epoch or steps_for(data.totals["train"], config.batch_size)
 
 
 def _checkpoint_kept(kept, epochs: int, checkpoint: str) -> str:

@@ -32,6 +32,7 @@ from beamvision.models.trainer import (
     defaults,
     train,
 )
+from beamvision.models.training import EMA_MOMENTUM_MAX
 from beamvision.pipelines.flags import (
     UsageError,
     add_architecture_argument,
@@ -126,6 +127,15 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         default=default["label_smoothing"],
         metavar="X",
         help=f"in [0, 1), default {default['label_smoothing']:g}",
+    )
+    parser.add_argument(
+        "--ema_momentum",
+        type=_typed("ema_momentum"),
+        default=default["ema_momentum"],
+        metavar="M",
+        help="momentum of the weights' moving average, which validation, early stopping and the "
+        "artifact use; 0 turns it off (default: 1 - 10 / the planned updates, at most "
+        f"{EMA_MOMENTUM_MAX:g})",
     )
     parser.add_argument(
         "--early_stopping_patience",
