@@ -55,7 +55,6 @@ from beamvision.models.training import (
     class_weights,
     compile_model,
     dataset_fingerprint,
-    ema_momentum_for,
     evaluate,
     evaluate_multilabel,
     evaluation_split,
@@ -129,7 +128,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     augment: tuple[str, ...] = ("zoom", "rotate")  # no flip: it changes what text and digits mean
     label_smoothing: float = 0.0
-    ema_momentum: float | None = None  # None: by the planned updates (training.ema_momentum_for); 0: off
+    ema_momentum: float = 0.0  # 0: no weight average (docs/training.md: mixed on small data, worse INT8)
     early_stopping_patience: int = 12
     monitor: str | None = None  # None: the data's default (default_monitor)
     class_weight: str = "none"  # none, or balanced: n / (classes * count of the class) per example
@@ -268,9 +267,6 @@ def train(
     config = dataclasses.replace(config, monitor=resolve_monitor(config.monitor, data.multi_label))
     if config.batch_size is None:
         config = dataclasses.replace(config, batch_size=batch_size_for(data.totals["train"]))
-    if config.ema_momentum is None:
-        planned = _steps_per_epoch(config, data) * config.epochs
-        config = dataclasses.replace(config, ema_momentum=ema_momentum_for(planned))
     started = time.monotonic()
     keras.utils.set_random_seed(config.seed)
     model, head = build_model(config, len(data.labels), data.input_size, data.multi_label)
@@ -385,7 +381,7 @@ def _fit(
 
     from beamvision.models.callbacks import KeepCheckpoint, ResumableEarlyStopping
 
-    steps = _steps_per_epoch(config, data)
+    steps = config.steps_per_epoch or steps_for(data.totals["train"], config.batch_size)
     compile_model(model, config, len(data.labels), steps * config.epochs, min(steps, 100), data.multi_label)
     # What shapes the weights: the training flags, the input size and the data (never the
     # artifact's name, version or --overwrite). A rerun with all of these equal resumes.
@@ -402,10 +398,13 @@ def _fit(
         )
     pausing = pause_after is not None and pause_after < config.epochs
     callbacks = [keras.callbacks.BackupAndRestore(local, delete_checkpoint=not pausing)]
-    if config.ema_momentum:
+    if model.optimizer.use_ema:
         # After the checkpoint (which keeps the trained weights and their average apart, so a
         # resumed run goes on as if never stopped) and before the rest: validation, precise
         # BatchNorm, early stopping's best weights and the artifact all take the average.
+        # A run that stops before its last epoch ends with the trained weights (Keras swaps the
+        # average back in only at the last one): early stopping then restores its best average,
+        # and it is the only callback that stops a run.
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     validation = _dataset(config, data, shards, "val", training=False) if data.totals["val"] else None
     early = None
@@ -417,7 +416,8 @@ def _fit(
             patience=config.early_stopping_patience,
             restore_best_weights=True,
             # Every validation is meaningful: the warm-up ends within the first epoch
-            # and BatchNorm statistics are re-estimated before each validation.
+            # and BatchNorm statistics are re-estimated before each validation. (The
+            # weight average lags the trained weights: that delays a stop, never hastens it.)
             start_from_epoch=0,
         )
         callbacks.append(early)
@@ -446,11 +446,6 @@ def _fit(
     if paused and local != checkpoint:  # the remote copy is the checkpoint; the next call fetches it
         shutil.rmtree(local, ignore_errors=True)
     return _Fitted(kept.history, paused, checkpoint, local)
-
-
-def _steps_per_epoch(config: TrainConfig, data: _Data) -> int:
-    """Batches an epoch: ``--steps_per_epoch``, else one pass over the training split."""
-    return config.steps_per_epoch or steps_for(data.totals["train"], config.batch_size)
 
 
 def _checkpoint_kept(kept, epochs: int, checkpoint: str) -> str:

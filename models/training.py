@@ -386,21 +386,5 @@ def batch_size_for(train_images: int) -> int:
     return int(min(high, max(low, fitting)))
 
 
-# The weight average's momentum by default spans about a tenth of the planned updates, at most
-# this one (1,000 updates): a short run averages few updates, one under 11 none at all.
-EMA_MOMENTUM_MAX = 0.999
-
-
-def ema_momentum_for(planned_steps: int) -> float:
-    """``--ema_momentum`` by default: 1 - 10 / the run's planned updates, in [0, ``EMA_MOMENTUM_MAX``].
-
-    The average of the weights, not the last weights, is what validation
-    scores and the artifact holds. On a few hundred images, from scratch, the
-    last weights swing from one epoch to the next (small_data benchmark:
-    digits at 83% and 79% over two seeds without it, 91% and 88% with it).
-    """
-    return round(min(max(1.0 - 10.0 / planned_steps, 0.0), EMA_MOMENTUM_MAX), 4)
-
-
 def steps_for(count: int, batch_size: int) -> int:
     return max(1, math.ceil(count / batch_size))

@@ -32,7 +32,6 @@ from beamvision.models.trainer import (
     defaults,
     train,
 )
-from beamvision.models.training import EMA_MOMENTUM_MAX
 from beamvision.pipelines.flags import (
     UsageError,
     add_architecture_argument,
@@ -133,9 +132,8 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser, default: dict) -> N
         type=_typed("ema_momentum"),
         default=default["ema_momentum"],
         metavar="M",
-        help="momentum of the weights' moving average, which validation, early stopping and the "
-        "artifact use; 0 turns it off (default: 1 - 10 / the planned updates, at most "
-        f"{EMA_MOMENTUM_MAX:g})",
+        help="momentum of a moving average of the weights, which validation, early stopping and "
+        f"the artifact then use, in [0, 1) (default {default['ema_momentum']:g}: none)",
     )
     parser.add_argument(
         "--early_stopping_patience",

@@ -705,13 +705,11 @@ def test_default_flags_learn_two_photos_at_32px(tmp_path, capsys):
     With the old defaults (batch 64: 3 steps an epoch, 20 epochs, patience 5, no
     weight average) a set like this scored 87.5% and 93.8% over two seeds
     (benchmarks/small_data.py); a logistic regression on the pixels 95.8%. The bar
-    leaves room for the run's arithmetic, which differs from one CPU to another:
+    leaves room for the run's arithmetic, which differs from one CPU and run to another:
     one image of the 43 is 2.3 points, and 0.9 failed once at 88.4%.
     """
     from photos import write_photo_classes
     from PIL import Image
-
-    from beamvision.models.training import ema_momentum_for
 
     root, data, model = str(tmp_path / "photos"), str(tmp_path / "data"), str(tmp_path / "m")
     write_photo_classes(root, per_class=70, size=(48, 36))
@@ -735,7 +733,6 @@ def test_default_flags_learn_two_photos_at_32px(tmp_path, capsys):
     assert metrics["near_chance"] is False
     config = manifest.training["config"]
     assert config["class_weight"] == "balanced" and config["batch_size"] == 16
-    assert config["ema_momentum"] == ema_momentum_for(5 * 60)  # 74 images: 5 steps, 60 epochs planned
     curves = os.path.join(model, "training-curves.png")
     with Image.open(curves) as png:
         png.load()
@@ -744,34 +741,31 @@ def test_default_flags_learn_two_photos_at_32px(tmp_path, capsys):
     assert f"curves: {curves}" in printed.out and "WARNING" not in printed.err
 
 
-def test_the_weight_average_follows_the_planned_updates():
-    from beamvision.models.training import ema_momentum_for
-
-    planned = (1, 10, 20, 300, 720, 10**6)
-    assert [ema_momentum_for(n) for n in planned] == [0.0, 0.0, 0.5, 0.9667, 0.9861, 0.999]
-
-
 def test_the_artifact_holds_the_moving_average_of_the_weights(tiny, tmp_path):
     """With a momentum near 1 the average stays at the first update's weights, which are the
-    starting ones (the warm-up's first learning rate is 0), while the trained weights move."""
+    starting ones (the warm-up's first learning rate is 0); without the average they move."""
     import keras
 
     from beamvision.models.trainer import TrainConfig
     from beamvision.models.training import build_model
 
     _, data = tiny
-    output = str(tmp_path / "m")
-    argv = ["--data", data, "--architecture", "mobilenet_v2", "--output", output, "--epochs", "3"]
-    manifest = train.run([*argv, "--steps_per_epoch", "5", "--ema_momentum", "0.99999", "--quiet"])
-    training = manifest.training
-    assert training["config"]["ema_momentum"] == 0.99999
-    assert training["history"]["loss"][-1] < training["history"]["loss"][0]  # the trained weights learn
     keras.utils.set_random_seed(0)  # as train starts, seed 0
-    start, _ = build_model(TrainConfig(data=data, architecture="mobilenet_v2", output=output), 3, 32)
-    trained = load_artifact(output).model
+    start, _ = build_model(TrainConfig(data=data, architecture="mobilenet_v2", output="o"), 3, 32)
     convolutions = [layer.name for layer in start.layers if isinstance(layer, keras.layers.Conv2D)]
     assert len(convolutions) > 10
-    for name in convolutions:
-        weights = zip(start.get_layer(name).get_weights(), trained.get_layer(name).get_weights(), strict=True)
-        for before, after in weights:
-            np.testing.assert_allclose(after, before, atol=1e-3)
+    moved = {}
+    for momentum in ("0.99999", "0"):
+        output = str(tmp_path / f"m{momentum}")
+        argv = ["--data", data, "--architecture", "mobilenet_v2", "--output", output, "--epochs", "3"]
+        manifest = train.run([*argv, "--steps_per_epoch", "5", "--ema_momentum", momentum, "--quiet"])
+        assert manifest.training["config"]["ema_momentum"] == float(momentum)
+        trained = load_artifact(output).model
+        moved[momentum] = max(
+            float(np.max(np.abs(after - before)))
+            for name in convolutions
+            for before, after in zip(
+                start.get_layer(name).get_weights(), trained.get_layer(name).get_weights(), strict=True
+            )
+        )
+    assert moved["0.99999"] < 1e-3 < moved["0"], moved
