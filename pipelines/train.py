@@ -21,7 +21,7 @@ import argparse
 from beamvision.models import ModelArgumentError
 from beamvision.models.artifact import Manifest, artifact_exists, check_free, load_manifest
 from beamvision.models.metrics import DEFAULT_THRESHOLD
-from beamvision.models.trainer import (
+from beamvision.models.train_config import (
     AUGMENTATIONS,
     CLASS_WEIGHTS,
     MONITORS,
@@ -30,8 +30,8 @@ from beamvision.models.trainer import (
     TrainConfig,
     default_monitor,
     defaults,
-    train,
 )
+from beamvision.models.trainer import train
 from beamvision.pipelines.flags import (
     UsageError,
     add_architecture_argument,
@@ -45,7 +45,7 @@ from beamvision.transforms.engines import engine_files
 
 
 def _typed(key: str):
-    """The argparse type of a training value: its rule (``trainer.VALUE_CHECKS``)."""
+    """The argparse type of a training value: its rule (``train_config.VALUE_CHECKS``)."""
     return value_type(VALUE_CHECKS[key], key)
 
 

@@ -37,15 +37,15 @@ from beamvision import exits, storage, values
 from beamvision.console import counted
 from beamvision.models import ModelArgumentError, ModelError
 from beamvision.models.checkpoints import checkpoint_root
-from beamvision.models.trainer import (
+from beamvision.models.train_config import (
     MONITORS,
     VALUE_CHECKS,
     TrainConfig,
     default_monitor,
     defaults,
     resolve_monitor,
-    train,
 )
+from beamvision.models.trainer import train
 from beamvision.models.training import dataset_fingerprint, read_dataset_info
 from beamvision.pipelines.flags import (
     UsageError,

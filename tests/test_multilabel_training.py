@@ -23,7 +23,7 @@ from beamvision.models import trainer
 from beamvision.models.artifact import load_artifact
 from beamvision.models.dataset import parse_example
 from beamvision.models.errors import ModelError
-from beamvision.models.trainer import MONITORS, TrainConfig, default_monitor, resolve_monitor
+from beamvision.models.train_config import MONITORS, TrainConfig, default_monitor, resolve_monitor
 from beamvision.pipelines import train
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.labelstudio import label_studio_labels

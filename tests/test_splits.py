@@ -18,7 +18,8 @@ from photos import write_photo_classes
 
 from beamvision.models.dataset import SPLITS, assign_split, split_overrides, split_position, summarise_split
 from beamvision.models.registry import get_spec
-from beamvision.models.trainer import TrainConfig, _what_to_try
+from beamvision.models.train_config import TrainConfig
+from beamvision.models.trainer import _what_to_try
 from beamvision.pipelines.cli import main
 
 SIX = ("astronaut", "cat", "coffee", "rocket", "china", "flower")

@@ -652,7 +652,7 @@ def test_a_training_step_is_traced_once(optimizer, ema_momentum):
     """
     import keras
 
-    from beamvision.models.trainer import TrainConfig
+    from beamvision.models.train_config import TrainConfig
     from beamvision.models.training import compile_model
 
     inputs = keras.Input((8, 8, 3))
@@ -746,7 +746,7 @@ def test_the_artifact_holds_the_moving_average_of_the_weights(tiny, tmp_path):
     starting ones (the warm-up's first learning rate is 0); without the average they move."""
     import keras
 
-    from beamvision.models.trainer import TrainConfig
+    from beamvision.models.train_config import TrainConfig
     from beamvision.models.training import build_model
 
     _, data = tiny

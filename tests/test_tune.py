@@ -19,7 +19,8 @@ from photos import write_photo_classes
 
 from beamvision import storage
 from beamvision.models.artifact import load_artifact
-from beamvision.models.trainer import TrainConfig, train
+from beamvision.models.train_config import TrainConfig
+from beamvision.models.trainer import train
 from beamvision.pipelines import classify, prepare, tune
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.search_space import SpaceError
