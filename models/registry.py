@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # Keras is imported where a model is built or loaded
 from beamvision import storage
 from beamvision.models.errors import ModelArgumentError, ModelError, one_line
 from beamvision.models.preprocessing import PREPROCESSING_MODES, preprocess_class
+from beamvision.models.small_inputs import keep_resolution
 
 # builder(inputs, num_classes, weights) -> keras.Model whose inputs are the
 # source inputs of ``inputs`` and whose output is class probabilities. Keras
@@ -163,7 +164,9 @@ def create_model(
 
     Returns:
         A functional Keras model: ``[batch, size, size, 3]`` uint8 in,
-        ``[batch, num_classes]`` float32 probabilities out.
+        ``[batch, num_classes]`` float32 probabilities out. Without ImageNet
+        weights, a network whose last feature map would be under 4x4 at this
+        size has its first strides halved (``small_inputs.keep_resolution``).
 
     Raises:
         ModelError: for an unknown name; ModelArgumentError for arguments the
@@ -178,8 +181,8 @@ def create_model(
     normalised = preprocess_class()(spec.preprocessing, name="preprocess")(inputs)
     if weights == "imagenet":
         model = _build_with_imagenet_weights(spec, normalised, num_classes)
-    else:
-        model = spec.builder(normalised, num_classes, None)
+    else:  # a small input keeps a feature map worth pooling (beamvision.models.small_inputs)
+        model = keep_resolution(spec.builder(normalised, num_classes, None))
     if weights not in (None, "imagenet"):
         _load_weights_file(model, weights)
     return model

@@ -40,6 +40,7 @@ from beamvision.models.dataset import classes_missing_from_splits, missing_split
 from beamvision.models.errors import ModelArgumentError, ModelError
 from beamvision.models.metrics import DEFAULT_THRESHOLD, choose_thresholds, save_training_curves_png
 from beamvision.models.registry import get_spec, head_activation, imagenet_weights_cached
+from beamvision.models.small_inputs import final_side
 from beamvision.models.train_config import TrainConfig, resolve_monitor
 from beamvision.models.training import (
     batch_size_for,
@@ -315,8 +316,11 @@ def _fit(
     callbacks.append(kept)
     exits.on_interrupt(lambda: _checkpoint_kept(kept, config.epochs, checkpoint))
     callbacks += _reporting_callbacks(config, data, shards, steps, pause_after if pausing else None, title)
+    # A user's model is one nested layer; ours show the side create_model's small-input rule kept.
+    side = "" if config.architecture == IMPORTED else " (last feature map {0}x{0})".format(final_side(model))
     print(
-        f"training {config.architecture} at {data.input_size}px on {counted(data.totals['train'], 'image')}, "
+        f"training {config.architecture} at {data.input_size}px{side} on "
+        f"{counted(data.totals['train'], 'image')}, "
         f"{counted(len(data.labels), 'class', 'classes')}, {counted(config.epochs, 'epoch')} of "
         f"{counted(steps, 'step')}, weights {config.weights}",
         flush=True,

@@ -10,6 +10,7 @@ from keras.applications import imagenet_utils
 from beamvision.models import ArchitectureSpec, ModelError, create_model, get_spec, list_models, register
 from beamvision.models.alexnet import AdaptivePool
 from beamvision.models.preprocessing import PREPROCESSING_MODES, Preprocess
+from beamvision.models.small_inputs import MIN_FEATURE_SIDE, downsampling_stages, final_side
 
 # Published parameter counts at the default input size with 1,000 classes
 # (Keras applications' documentation; torchvision for AlexNet and SqueezeNet 1.1).
@@ -53,6 +54,36 @@ def test_forward_pass_at_minimum_size_gives_probabilities(name, photo_batch):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     # The embedding rule: the classifier's input, pooled, is a flat feature vector.
     assert model.get_layer(spec.classifier_layer).input.shape[-1] > 7
+    # Even at its smallest size, the network pools a feature map, not a single pixel.
+    assert final_side(model) >= MIN_FEATURE_SIDE
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "densenet121", "squeezenet", "alexnet"])
+def test_a_small_input_halves_the_first_strides_and_keeps_every_weight(name, photo_batch):
+    spec = get_spec(name)
+    size = max(spec.min_input_size, 32)
+    stock = spec.builder(keras.Input((size, size, 3)), 5, None)
+    model = create_model(name, 5, size)
+    assert final_side(stock) < MIN_FEATURE_SIDE <= final_side(model)
+    # Strides hold no weights: the same layers, names and shapes; the first stages read a larger map.
+    assert [(w.path, w.shape) for w in model.weights] == [(w.path, w.shape) for w in stock.weights]
+    first, last = downsampling_stages(stock)[0], downsampling_stages(stock)[-1]
+    assert all(max(model.get_layer(n).strides) < max(stock.get_layer(n).strides) for n in first)
+    assert all(model.get_layer(n).strides == stock.get_layer(n).strides for n in last)
+    model.set_weights(stock.get_weights())  # a stock network's weights load as they are
+    probs = model.predict(photo_batch(size), verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    keras.backend.clear_session()
+
+
+def test_a_network_at_its_own_size_is_the_stock_network():
+    stock = keras.applications.MobileNetV2(weights=None, input_shape=(128, 128, 3), classes=5)
+    model = create_model("mobilenet_v2", 5, 128)
+    assert final_side(model) == final_side(stock) == MIN_FEATURE_SIDE
+    assert [layer.get_config().get("strides") for layer in model.layers[2:]] == [
+        layer.get_config().get("strides") for layer in stock.layers[1:]
+    ]
     keras.backend.clear_session()
 
 
