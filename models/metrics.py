@@ -233,15 +233,21 @@ def save_confusion_png(metrics: dict[str, Any], path: str, title: str) -> None:
 
 
 def save_training_curves_png(history: dict[str, list[float]], monitor: str, path: str, title: str) -> None:
-    """Draws loss and ``monitor`` per epoch, train and validation, side by side, to a local PNG file."""
+    """Draws loss and ``monitor`` per epoch, train and validation, side by side, to a local PNG file.
+
+    When ``monitor`` is the loss, the second panel shows the first other validation metric
+    (accuracy, or F1 on multi-label data).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["loss", monitor.removeprefix("val_")]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, name in zip(axes, names, strict=True):
+    others = [key for key in history if key.startswith("val_") and key != "val_loss"]
+    second = others[0] if monitor == "val_loss" and others else monitor
+    names = list(dict.fromkeys(["loss", second.removeprefix("val_")]))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
         for key, label in ((name, "train"), (f"val_{name}", "val")):
             values = history.get(key)
             if values:

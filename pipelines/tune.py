@@ -38,10 +38,10 @@ from beamvision.console import counted
 from beamvision.models import ModelArgumentError, ModelError
 from beamvision.models.checkpoints import checkpoint_root
 from beamvision.models.train_config import (
+    DEFAULT_RANKING,
     MONITORS,
     VALUE_CHECKS,
     TrainConfig,
-    default_monitor,
     defaults,
     resolve_monitor,
 )
@@ -137,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metric",
         choices=MONITORS,
         help="validation metric that ranks trials and stops them early (default "
-        f"{default_monitor(False)}; on multi-label data {default_monitor(True)})",
+        f"{DEFAULT_RANKING[False]}; on multi-label data {DEFAULT_RANKING[True]})",
     )
     parser.add_argument(
         "--rungs",
@@ -169,7 +169,7 @@ class Config:
     space: str
     search: str
     trials: int | None
-    metric: str | None  # None until run reads the data: its default (default_monitor)
+    metric: str | None  # None until run reads the data: its default (DEFAULT_RANKING)
     rungs: int
     reduction_factor: int
     seed: int
@@ -373,8 +373,9 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     started = time.monotonic()
     labels, stats = read_dataset_info(config.data)
     # The metric that ranks the trials: the one each trial monitors, the data's default if none.
+    multi_label = bool(stats.get("multi_label"))
     config = dataclasses.replace(
-        config, metric=resolve_monitor(config.metric, bool(stats.get("multi_label")), "--metric")
+        config, metric=resolve_monitor(config.metric, multi_label, "--metric", DEFAULT_RANKING)
     )
     if not stats["totals"].get("val"):
         raise UsageError(

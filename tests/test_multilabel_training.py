@@ -23,7 +23,13 @@ from beamvision.models import trainer
 from beamvision.models.artifact import load_artifact
 from beamvision.models.dataset import parse_example
 from beamvision.models.errors import ModelError
-from beamvision.models.train_config import MONITORS, TrainConfig, default_monitor, resolve_monitor
+from beamvision.models.train_config import (
+    DEFAULT_RANKING,
+    MONITORS,
+    TrainConfig,
+    default_monitor,
+    resolve_monitor,
+)
 from beamvision.pipelines import train
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.labelstudio import label_studio_labels
@@ -278,8 +284,11 @@ def _result(*choices: str) -> dict:
 
 
 def test_monitors_fit_the_kind_of_data():
-    assert (default_monitor(False), default_monitor(True)) == ("val_accuracy", "val_f1")
+    # Early stopping orders a few dozen validation images by their loss; tune ranks trials by accuracy.
+    assert (default_monitor(False), default_monitor(True)) == ("val_loss", "val_f1")
     assert resolve_monitor(None, True) == "val_f1" and resolve_monitor("val_loss", True) == "val_loss"
+    ranking = [resolve_monitor(None, multi, "--metric", DEFAULT_RANKING) for multi in (False, True)]
+    assert ranking == ["val_accuracy", "val_f1"]
     assert set(MONITORS) == {"val_accuracy", "val_loss", "val_f1"}
     records = [{"index": i, "status": "completed", "best": b} for i, b in enumerate((0.4, 0.7))]
     assert [r["index"] for r in rank(records, "val_f1")] == [1, 0]  # tune ranks trials by the monitor
