@@ -59,7 +59,7 @@ def build(folder) -> None:
     sets = [SETS[i % len(SETS)] for i in range(48)]
     x = np.stack([tile(s, rng) for s in sets])
     y = np.asarray([[float(c in s) for c in CLASSES] for s in sets], dtype=np.float32)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     model.fit(x, y, batch_size=16, epochs=10, verbose=0)
     single = new_manifest(model, spec.name, CLASSES, "trained", name="multi", version="1")
     save_artifact(model, single, str(folder / "single"))

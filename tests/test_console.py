@@ -376,4 +376,5 @@ def test_verbose_brings_tensorflows_start_up_lines_back(tmp_path):
         [*argv, "--output", str(tmp_path / "v"), "--verbose"], capture_output=True, text=True, timeout=300
     )
     assert verbose.returncode == 0, verbose.stderr[-2000:]
-    assert STARTUP_NOISE[0] in verbose.stderr and "oneDNN custom operations are on" in verbose.stderr
+    # (TensorFlow's oneDNN line shows only on CPUs it turns oneDNN on for: not on an AMD EPYC.)
+    assert STARTUP_NOISE[0] in verbose.stderr and "Could not find cuda drivers" in verbose.stderr
