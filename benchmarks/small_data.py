@@ -1,6 +1,6 @@
 """Training on small data: ``beamvision train``'s defaults against a linear model and a plain small CNN.
 
-    python benchmarks/small_data.py [--seeds 1] [--sets digits,photos2,photos7,imbalanced]
+    python benchmarks/small_data.py [--seeds 3] [--sets digits,photos2,photos7,imbalanced]
 
 Each set is small, real and ships in a package: scikit-learn's handwritten
 digits (8x8, upscaled to 32 px, 10 classes), crops of two real photographs
@@ -14,8 +14,9 @@ scored on the same test split:
 - logreg: scikit-learn's logistic regression on the standardised raw pixels;
 - small CNN: a plain Keras CNN written here (two conv blocks, 30 epochs of Adam).
 
-Prints a markdown table of test accuracy and macro F1 per set and method,
-the mean over ``--seeds`` training seeds (the splits stay the same).
+Prints a markdown table of test accuracy and macro F1 per set and method:
+the mean over ``--seeds`` training seeds, and the range of the accuracy
+(the splits stay the same; one test image of 65 is 1.5 points).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--workdir", default="/tmp/beamvision-bench-small-data")
     args = parser.parse_args()
@@ -186,13 +187,20 @@ def main() -> None:
             took = time.perf_counter() - t0
             print(f"{name} seed {seed}: {line} ({took:.0f}s)", file=sys.stderr, flush=True)
         sizes = f"{len(train[1])} train / {len(test[1])} test"
-        rows.append((name, SETS[name][0], sizes, {m: np.mean(results[m], axis=0) for m in methods}))
+        rows.append((name, SETS[name][0], sizes, {m: np.array(results[m]) for m in methods}))
     print(f"\n{args.seeds} seed(s), {SIZE} px, {cpu_model()}, {time.perf_counter() - started:.0f} s in all\n")
-    print("| set | images | " + " | ".join(f"{m}: accuracy / macro F1" for m in methods) + " |")
+    print("| set | images | " + " | ".join(f"{m}: accuracy (range) / macro F1" for m in methods) + " |")
     print("|---|---|" + "---|" * len(methods))
-    for name, what, sizes, means in rows:
-        cells = " | ".join(f"{means[m][0]:.1%} / {means[m][1]:.3f}" for m in methods)
+    for name, what, sizes, runs in rows:
+        cells = " | ".join(cell(runs[m]) for m in methods)
         print(f"| {name} ({what}) | {sizes} | {cells} |")
+
+
+def cell(runs: np.ndarray) -> str:
+    """``93.8% (92.3-95.4%) / 0.936``: mean test accuracy, its range over the seeds, mean macro F1."""
+    accuracy, f1 = runs.mean(axis=0)
+    spread = f" ({runs[:, 0].min():.1%}-{runs[:, 0].max():.1%})" if len(runs) > 1 else ""
+    return f"{accuracy:.1%}{spread} / {f1:.3f}"
 
 
 if __name__ == "__main__":
