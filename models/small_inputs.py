@@ -8,9 +8,9 @@ the first downsampling stages at stride 1. ``keep_resolution`` does that to
 any built network, earliest stage first, until its last feature map is at
 least ``MIN_FEATURE_SIDE`` pixels a side:
 
-    >>> model = keep_resolution(create_model("mobilenet_v2", 10, 32))  # doctest: +SKIP
-    >>> final_side(model)  # 1 before                                   # doctest: +SKIP
-    4
+    >>> stock = get_spec("mobilenet_v2").builder(keras.Input((32, 32, 3)), 10, None)  # doctest: +SKIP
+    >>> final_side(stock), final_side(keep_resolution(stock))                      # doctest: +SKIP
+    (1, 4)
 
 Strides hold no weights, so the result has the same layers, names and weight
 shapes as the stock network (a weights file for one fits the other only if
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import keras
 
 # The smallest side of the last feature map: 4x4, as MobileNet v2's CIFAR variant keeps at 32 px.
-# docs/training.md ("Small inputs") has the digits figures for 1x1 and 4x4.
+# docs/training.md ("Training on small data") has the digits figures for 1x1, 2x2 and 4x4.
 MIN_FEATURE_SIDE = 4
 
 
