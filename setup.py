@@ -4,7 +4,7 @@ Installs one import package, ``beamvision``, and the ``beamvision`` console
 script. The package root is ``src/beamvision/`` (found by its import name, and
 never on ``sys.path`` from a checkout or from the Docker image's WORKDIR, so it
 cannot shadow the installed package); the product's layers keep their
-top-level folders ``pipelines/``, ``transforms/`` and ``models/``, and
+top-level folders ``pipelines/``, ``transforms/``, ``models/`` and ``serving/``, and
 ``package_dir`` maps each to its place under ``beamvision`` (``models/`` ->
 ``beamvision.models``), so nothing generic lands at the top of site-packages.
 The same file is what ``--setup_file`` ships to Dataflow workers (as an sdist)
@@ -29,6 +29,7 @@ PACKAGE_DIR = {
     "beamvision.models": "models",
     "beamvision.transforms": "transforms",
     "beamvision.pipelines": "pipelines",
+    "beamvision.serving": "serving",
 }
 
 # Lower bounds are the versions the test suite runs against (see docs/getting-started.md).
@@ -48,6 +49,10 @@ INSTALL_REQUIRES = [
     "pandas>=2.2",  # evaluate, review and export-labels read results as DataFrames
     "openvino>=2025.0",  # --engine openvino
     "nncf>=3.4",  # beamvision optimize: INT8 post-training quantisation of the OpenVINO model
+    "starlette>=1.0",  # beamvision serve: the ASGI application (routes, streamed bodies)
+    "uvicorn>=0.40",  # ... and its server (graceful drain on SIGTERM)
+    "ai-edge-litert>=2.0",  # convert --format tflite: LiteRT's interpreter checks the converted model
+    "tf2onnx>=1.17",  # convert --format onnx: what Keras' own ONNX export calls on TensorFlow
 ]
 
 # beamvision demo: its data, scikit-learn's handwritten digits (make demo installs only this extra).
@@ -66,6 +71,7 @@ EXTRAS_REQUIRE = {
         "mkdocs>=1.6",  # the docs are built as a site, strictly, by the suite (tests/test_docs.py)
         "playwright>=1.50",  # review's page in Debian's Chromium (no browser download)
         "filelock>=3.12",  # a fixture that trains a model builds it once for all xdist workers
+        "httpx>=0.28",  # the serve tests' HTTP client (64 concurrent requests on one event loop)
     ],
     "demo": DEMO_REQUIRE,
     # benchmarks/: the baseline uses Beam's TFModelHandlerNumpy, which imports tensorflow_hub;

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
+
 from beamvision import storage
 from beamvision.console import counted
 
@@ -228,3 +230,32 @@ def parse_example(serialized, image_size: int, multi_hot_classes: int | None = N
 def shard_prefix(prefix: str, split: str) -> str:
     """Where a split's shards go: ``PREFIX/<split>``, completed by ``-SSSSS-of-NNNNN.tfrecord``."""
     return storage.join(prefix, split)
+
+
+def calibration_sample(shards: list[str], image_size: int, total: int, size: int, seed: int) -> np.ndarray:
+    """``size`` images of a split (all of them if it has fewer), drawn by ``seed``.
+
+    The draw depends on nothing but the seed, the split's size and its record
+    order (shards sorted by name, records in file order), so a rerun with the
+    same seed calibrates on the same images; only the chosen ones are decoded.
+
+    Args:
+        shards: local paths of the split's TFRecord shards.
+        image_size: the prepared image side.
+        total: the number of records in ``shards`` (stats.json's count).
+        size: how many to draw.
+        seed: seed of the draw.
+
+    Returns:
+        uint8 images [n, image_size, image_size, 3], exactly as classify feeds the model.
+    """
+    import tensorflow as tf
+
+    wanted = set(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False).tolist())
+    images = []
+    for index, record in enumerate(tf.data.TFRecordDataset(sorted(shards))):  # one reader: a fixed order
+        if index in wanted:
+            images.append(parse_example(record, image_size)[0].numpy())
+            if len(images) == len(wanted):
+                break
+    return np.stack(images)

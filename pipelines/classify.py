@@ -36,6 +36,7 @@ from beamvision.pipelines.flags import (
     DEFAULT_MAX_ERROR_RATE,
     UsageError,
     add_decode_arguments,
+    add_engine_arguments,
     add_error_rate_argument,
     add_progress_arguments,
     add_switch,
@@ -44,7 +45,6 @@ from beamvision.pipelines.flags import (
     parse_pipeline_args,
     positive_float,
     positive_int,
-    share,
     worker_sizing,
 )
 from beamvision.pipelines.launch import Job, beam_litter, check_errors, is_dry_run, run_job
@@ -52,7 +52,7 @@ from beamvision.pipelines.reports import format_summary
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES, PRECISIONS
+from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
 from beamvision.transforms.outputs import (
@@ -165,27 +165,8 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="images per inference batch (default 32)",
     )
-    parser.add_argument(
-        "--threshold",
-        type=share,
-        metavar="X",
-        help="a multi-label model only: every class's threshold for this run, in [0, 1] (default: each "
-        "class's own, from the model's manifest); the labels column holds the classes at or above it",
-    )
     add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
-    parser.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default=DEFAULT_ENGINE,
-        help="how batches are computed: tensorflow (default) or openvino (the same model, converted on "
-        "each worker; faster on Intel CPUs)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="fp32 (default), bf16, or auto: bf16 where the CPU computes it natively (AVX512_BF16, AMX)",
-    )
+    add_engine_arguments(parser)
 
 
 @dataclasses.dataclass(frozen=True)

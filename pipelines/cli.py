@@ -30,6 +30,8 @@ COMMANDS = {
     "train": ("train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
     "tune": ("tune", "search train's flags: trials train side by side in Beam workers, best kept"),
     "optimize": ("optimize", "a model artifact to one that runs INT8 on OpenVINO (NNCF post-training)"),
+    "convert": ("convert", "a model artifact for serving: SavedModel (TF Serving, Vertex AI), TFLite, ONNX"),
+    "serve": ("serve", "a model artifact over HTTP: classify endpoint and Label Studio ML backend"),
     "classify": ("classify", "classify image collections in storage into Parquet results (Beam)"),
     "evaluate": ("evaluate", "score a classify output against ground truth"),
     "review": ("review", "a classify output as a static HTML report with thumbnails (Beam)"),

@@ -8,7 +8,7 @@ types), on/off switches, ``parse`` for plain commands and
 ``parse_pipeline_args`` for Beam pipelines (their own flags first, the rest
 checked against Beam's option classes), and the groups of flags that more
 than one command takes (architecture, artifact identity, decoding limits,
-worker sizing, progress and ``--detach``, ``--results``).
+worker sizing, engine and precision, progress and ``--detach``, ``--results``).
 
 User mistakes raise ``UsageError`` with one line naming the flag and the value
 received; the CLI prints it and exits with status 2, without a traceback.
@@ -28,7 +28,7 @@ from beamvision.console import DEFAULT_PROGRESS_SECONDS, boolean
 from beamvision.models import ModelArgumentError, get_spec, list_models
 from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS
-from beamvision.transforms.engines import CONVERTED_ENGINES
+from beamvision.transforms.engines import CONVERTED_ENGINES, DEFAULT_ENGINE, ENGINES, PRECISIONS
 from beamvision.transforms.runners import RUNNERS, is_known_runner
 from beamvision.transforms.sizing import READ_THREADS, WorkerSizing
 
@@ -254,8 +254,8 @@ def add_artifact_identity_arguments(
     )
 
 
-def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    """The limits of reading and decoding, shared by classify and prepare."""
+def add_decode_arguments(parser: argparse.ArgumentParser, buffer: bool = True) -> None:
+    """The limits of reading and decoding: classify and prepare (with ``--buffer_mb``), serve."""
     parser.add_argument(
         "--max_pixels",
         type=positive_int,
@@ -263,6 +263,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"larger images (width x height) are error rows (default {DEFAULT_MAX_PIXELS:,})",
     )
+    if not buffer:
+        return
     parser.add_argument(
         "--buffer_mb",
         type=positive_int,
@@ -351,4 +353,28 @@ def add_results_argument(parser: argparse.ArgumentParser) -> None:
     """--results: a classify output, read by evaluate, review and export-labels."""
     parser.add_argument(
         "--results", required=True, metavar="DIR", help="output directory of beamvision classify"
+    )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine, --precision and --threshold: how a model computes, in classify and serve."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=DEFAULT_ENGINE,
+        help="how batches are computed: tensorflow (default) or openvino (the same model, converted on "
+        "each worker; faster on Intel CPUs)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), bf16, or auto: bf16 where the CPU computes it natively (AVX512_BF16, AMX)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=share,
+        metavar="X",
+        help="a multi-label model only: every class's threshold for this run, in [0, 1] (default: each "
+        "class's own, from the model's manifest); the labels column holds the classes at or above it",
     )

@@ -40,7 +40,7 @@ from beamvision.models.artifact import (
     save_artifact,
     verify_artifact,
 )
-from beamvision.models.dataset import parse_example
+from beamvision.models.dataset import calibration_sample
 from beamvision.models.metrics import classification_metrics
 from beamvision.models.training import evaluation_split, local_shards, make_dataset, read_dataset_info
 from beamvision.pipelines.flags import UsageError, add_switch, parse, positive_int
@@ -254,35 +254,6 @@ def _check_inputs(config: Config, source: Manifest) -> tuple[list[str], dict[str
     if not stats["totals"][CALIBRATION_SPLIT]:
         raise UsageError(f"--data {config.data}: the training split is empty; nothing to calibrate on")
     return labels, stats
-
-
-def calibration_sample(shards: list[str], image_size: int, total: int, size: int, seed: int) -> np.ndarray:
-    """``size`` images of a split (all of them if it has fewer), drawn by ``seed``.
-
-    The draw depends on nothing but the seed, the split's size and its record
-    order (shards sorted by name, records in file order), so a rerun with the
-    same seed calibrates on the same images; only the chosen ones are decoded.
-
-    Args:
-        shards: local paths of the split's TFRecord shards.
-        image_size: the prepared image side.
-        total: the number of records in ``shards`` (stats.json's count).
-        size: how many to draw.
-        seed: seed of the draw.
-
-    Returns:
-        uint8 images [n, image_size, image_size, 3], exactly as classify feeds the model.
-    """
-    import tensorflow as tf
-
-    wanted = set(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False).tolist())
-    images = []
-    for index, record in enumerate(tf.data.TFRecordDataset(sorted(shards))):  # one reader: a fixed order
-        if index in wanted:
-            images.append(parse_example(record, image_size)[0].numpy())
-            if len(images) == len(wanted):
-                break
-    return np.stack(images)
 
 
 def sample_fingerprint(images: np.ndarray) -> str:

@@ -23,9 +23,10 @@ from beamvision.models.artifact import (
     save_artifact,
     verify_artifact,
 )
+from beamvision.models.dataset import calibration_sample
 from beamvision.pipelines import prepare, train
 from beamvision.pipelines.cli import main
-from beamvision.pipelines.optimize import calibration_sample, sample_fingerprint
+from beamvision.pipelines.optimize import sample_fingerprint
 from beamvision.transforms.engines import OpenVINOEngine
 
 # SGD: Keras traces Adam's update about twice as slowly; at this rate 12 epochs learn the crops.

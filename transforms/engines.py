@@ -472,3 +472,18 @@ def build_classifier(
     )
     thresholds = class_thresholds(artifact.manifest, threshold)
     return ENGINES[engine](artifact, batch_size, top_k, embeddings, resolved, threads, thresholds)
+
+
+def load_for_engine(model_uri: str, engine: str, threads: int | None = None) -> Artifact:
+    """The artifact at ``model_uri`` as ``engine`` needs it: what a classify worker and serve load.
+
+    The engine's process set-up comes first (``before_load``); an engine that
+    runs the artifact's stored converted model never loads Keras.
+    """
+    from beamvision.models.artifact import Artifact, load_artifact, load_manifest
+
+    ENGINES[engine].before_load(threads)
+    manifest = load_manifest(model_uri)
+    if ENGINES[engine].needs_keras(manifest):
+        return load_artifact(model_uri)
+    return Artifact(model_uri, None, manifest)  # its converted model is all the engine needs

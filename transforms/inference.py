@@ -30,7 +30,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES, Prediction, build_classifier
+from beamvision.transforms.engines import DEFAULT_ENGINE, Prediction, build_classifier, load_for_engine
 from beamvision.transforms.rows import METRICS_NAMESPACE, error_row, exception_parts, file_identity, utc_now
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing, available_cores
 
@@ -105,8 +105,6 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
         self._first_batch = Metrics.distribution(METRICS_NAMESPACE, FIRST_BATCH_METRIC)
 
     def load_model(self):
-        from beamvision.models.artifact import Artifact, load_artifact, load_manifest
-
         threads = self._sizing.resolve()
         logging.getLogger("beamvision").info(
             "worker sizing on %d cores: %s; threads: read %d, decode %d, inference %d",
@@ -116,16 +114,9 @@ class BeamvisionModelHandler(ModelHandler[np.ndarray, Prediction, Any]):
             threads.decode,
             threads.inference,
         )
-        engine = ENGINES[self._engine]
-        engine.before_load(threads.inference)
-        manifest = load_manifest(self._model_uri)
-        if engine.needs_keras(manifest):
-            artifact = load_artifact(self._model_uri)
-        else:  # its converted model is all the engine needs: Keras and TensorFlow are never loaded
-            artifact = Artifact(self._model_uri, None, manifest)
         return build_classifier(
             self._engine,
-            artifact,
+            load_for_engine(self._model_uri, self._engine, threads.inference),
             self._batch_size,
             self._top_k,
             self._embeddings,

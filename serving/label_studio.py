@@ -1,0 +1,218 @@
+"""Label Studio's ML-backend protocol on the serving ``Service``: pre-annotations and annotations back.
+
+Label Studio calls an ML backend at (its ``label_studio_ml`` package's API):
+
+- ``GET /health``: ``{"status": "UP"}`` (``app``);
+- ``POST /setup`` ``{project, schema, hostname, access_token, ...}`` when the
+  backend is connected: answered ``{"model_version"}``; the hostname and
+  token are kept to fetch the tasks' images (``--label_studio_url`` and
+  ``--label_studio_token`` replace them);
+- ``POST /predict`` ``{tasks, label_config, project, params}``: answered
+  ``{"results": [...], "model_version"}``, one prediction per task, in order:
+  a ``choices`` result (``from_name``/``to_name`` from the labelling config's
+  ``<Choices>``; a multi-label model's label set), ``score`` and
+  ``model_version``, as ``export-labels`` writes predictions;
+- ``POST /webhook`` ``{"action", "annotation", "task", "project"}`` (an
+  annotation created, updated or deleted): with ``--labels_file``, kept in a
+  Label Studio JSON export there (one task per annotated task, its latest
+  annotations) that ``prepare --labels FILE`` reads; rewritten whole on each
+  event, atomically.
+
+A task's image is its data field that the config's object tag names
+(``<Image value="$image"/>``): a local path or a ``gs://`` URI under
+``--allow_uris``, read as ``/v1/classify`` reads URIs, or a Label Studio URL
+(``/data/upload/...``, ``/data/local-files/?d=...``, or any URL on its host),
+fetched with its token (``Authorization: Token T``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from beamvision.serving.service import RequestError, Service, read_body, read_json
+
+LOG = logging.getLogger("beamvision.serve")
+# Webhook actions that change a task's annotations, and the one that removes them.
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+DELETION_EVENT = "ANNOTATIONS_DELETED"
+FETCH_TIMEOUT_SECONDS = 30
+
+
+def routes(service: Service) -> list[Route]:
+    """The ML-backend routes of ``service``."""
+    backend = _Backend(service)
+    return [
+        Route("/setup", backend.setup, methods=["POST"]),
+        Route("/predict", backend.predict, methods=["POST"]),
+        Route("/webhook", backend.webhook, methods=["POST"]),
+    ]
+
+
+def choices_control(label_config: str) -> tuple[str, str, str]:
+    """(from_name, to_name, data key) of a labelling config's first ``<Choices>`` and the tag it labels.
+
+    Raises:
+        RequestError: the config is not XML, has no ``<Choices>``, or its
+            object tag reads no ``$field`` of the task's data.
+    """
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError as exc:
+        raise RequestError("BadRequest", f"the labelling config is not XML: {exc}") from None
+    control = next(root.iter("Choices"), None)
+    if control is None or not control.get("name") or not control.get("toName"):
+        raise RequestError("BadRequest", "the labelling config has no <Choices name=... toName=...>")
+    to_name = control.get("toName").split(",")[0]
+    target = next((tag for tag in root.iter() if tag.get("name") == to_name and tag is not control), None)
+    value = (target.get("value") or "") if target is not None else ""
+    if not value.startswith("$"):
+        raise RequestError("BadRequest", f"the labelling config's {to_name} reads no $field of the tasks")
+    return control.get("name"), to_name, value[1:]
+
+
+def prediction(answer: dict[str, Any], from_name: str, to_name: str, model_version: str) -> dict[str, Any]:
+    """One task's prediction from a ``/v1/classify`` answer: a choices result, the score, the version."""
+    chosen = answer.get("labels", [answer["label"]])
+    result = [{"from_name": from_name, "to_name": to_name, "type": "choices", "value": {"choices": chosen}}]
+    return {"result": result if chosen else [], "score": answer["score"], "model_version": model_version}
+
+
+def merge_event(tasks: dict[str, dict], event: dict[str, Any]) -> bool:
+    """Applies one webhook event to ``tasks`` (task id -> exported task); whether anything changed."""
+    action = event.get("action")
+    if action in ANNOTATION_EVENTS:
+        task, annotation = event.get("task"), event.get("annotation")
+        if not isinstance(task, dict) or not isinstance(annotation, dict) or "data" not in task:
+            raise RequestError("BadRequest", f"{action}: the event has no task with data, or no annotation")
+        key = str(task.get("id", annotation.get("task")))
+        kept = tasks.get(key, {}).get("annotations", [])
+        others = [a for a in kept if a.get("id") != annotation.get("id")]
+        tasks[key] = {**task, "annotations": [*others, annotation]}
+        return True
+    if action == DELETION_EVENT:
+        removed = {a.get("id") for a in event.get("annotations") or [] if isinstance(a, dict)}
+        changed = False
+        for key, task in list(tasks.items()):
+            left = [a for a in task.get("annotations", []) if a.get("id") not in removed]
+            if len(left) != len(task.get("annotations", [])):
+                changed = True
+                tasks[key] = {**task, "annotations": left}
+        return changed
+    return False
+
+
+class _Backend:
+    """The ML-backend endpoints, with what ``/setup`` told of Label Studio and the labels file's lock."""
+
+    def __init__(self, service: Service):
+        self._service = service
+        self._hostname = service.config.label_studio_url
+        self._token = service.config.label_studio_token
+        self._lock = threading.Lock()
+
+    async def setup(self, request: Request) -> JSONResponse:
+        body = read_json(await read_body(request, self._service.config.max_body_bytes)) or {}
+        if not self._service.config.label_studio_url and body.get("hostname"):
+            self._hostname = body["hostname"]
+        if not self._service.config.label_studio_token and body.get("access_token"):
+            self._token = body["access_token"]
+        if body.get("schema"):
+            choices_control(body["schema"])  # a config it cannot predict for is refused now, not per task
+        return JSONResponse({"model_version": self._service.model_version})
+
+    async def predict(self, request: Request) -> JSONResponse:
+        body = read_json(await read_body(request, self._service.config.max_body_bytes))
+        if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
+            raise RequestError(
+                "BadRequest", 'a predict request has tasks: {"tasks": [...], "label_config": ...}'
+            )
+        from_name, to_name, field = choices_control(body.get("label_config") or "")
+        version = self._service.model_version
+        results = []
+        for task in body["tasks"]:
+            uri = ((task or {}).get("data") or {}).get(field)
+            try:
+                data = await self._image(uri)
+                answer = await self._service.classify_bytes(data)
+                results.append(prediction(answer, from_name, to_name, version))
+            except RequestError as exc:  # the task gets no prediction; the others still do
+                LOG.warning("task %s: %s: %s", (task or {}).get("id"), exc.error_type, exc)
+                results.append({"result": [], "score": 0.0, "model_version": version})
+        return JSONResponse({"results": results, "model_version": version})
+
+    async def webhook(self, request: Request) -> JSONResponse:
+        event = read_json(await read_body(request, self._service.config.max_body_bytes))
+        if not isinstance(event, dict) or "action" not in event:
+            raise RequestError(
+                "BadRequest", 'a webhook event has an action: {"action": "ANNOTATION_CREATED", ...}'
+            )
+        path = self._service.config.labels_file
+        if path is None:
+            return JSONResponse({"status": "ignored", "action": event["action"]}, status_code=201)
+        with self._lock:
+            tasks = _read_tasks(path)
+            if merge_event(tasks, event):
+                _write_tasks(path, tasks)
+        return JSONResponse({"status": "ok", "action": event["action"], "tasks": len(tasks)}, status_code=201)
+
+    async def _image(self, uri: Any) -> bytes:
+        if not isinstance(uri, str) or not uri:
+            raise RequestError("BadRequest", "the task names no image")
+        if uri.startswith(("/data/", "http://", "https://")):  # what Label Studio serves
+            return await asyncio.to_thread(self._fetch, uri)
+        return await self._service.read_uri(uri)
+
+    def _fetch(self, url: str) -> bytes:
+        """An image Label Studio serves, fetched with its token (relative URLs are on its host)."""
+        if not url.startswith(("http://", "https://")):
+            if not self._hostname:
+                raise RequestError(
+                    "FileNotFound",
+                    f"{url}: a Label Studio URL, and the server knows no Label Studio (--label_studio_url)",
+                )
+            url = urllib.parse.urljoin(self._hostname.rstrip("/") + "/", url.lstrip("/"))
+        headers = {"Authorization": f"Token {self._token}"} if self._token else {}
+        limit = self._service.config.max_body_bytes
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=FETCH_TIMEOUT_SECONDS
+            ) as response:
+                data = response.read(limit + 1)
+        except urllib.error.HTTPError as exc:
+            raise RequestError("FileNotFound", f"{url}: Label Studio answered {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RequestError("FileNotFound", f"{url}: cannot be fetched ({exc})") from None
+        if len(data) > limit:
+            raise RequestError("BodyTooLarge", f"{url}: over the limit of {limit:,} bytes")
+        return data
+
+
+def _read_tasks(path: str) -> dict[str, dict]:
+    """The labels file's tasks by id (none yet: empty)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {str(task.get("id", index)): task for index, task in enumerate(json.load(f))}
+
+
+def _write_tasks(path: str, tasks: dict[str, dict]) -> None:
+    """The tasks as a Label Studio JSON export, replacing ``path`` at once (a reader sees old or new)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp", encoding="utf-8") as f:
+        json.dump(list(tasks.values()), f, indent=1)
+    os.replace(f.name, path)
