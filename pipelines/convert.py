@@ -237,7 +237,7 @@ def _agreement(artifact, serving, folder: str, files: list[str]) -> dict:
 
 
 def _publish(folder: str, output: str, overwrite: bool) -> None:
-    """Puts the finished ``folder`` at ``output``: renamed into place locally, conversion.json copied last."""
+    """Puts the finished ``folder`` at ``output``: renamed into place locally; remotely, its report last."""
     if storage.is_local(output):
         shutil.rmtree(output, ignore_errors=True)  # (empty, or --overwrite: _check_output said which)
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -245,12 +245,13 @@ def _publish(folder: str, output: str, overwrite: bool) -> None:
         return
     if overwrite:
         storage.delete_tree(output)
-    report = os.path.join(folder, REPORT_FILE)
-    with open(report, "rb") as f:
-        data = f.read()
-    os.remove(report)
-    storage.copy_tree(folder, output)
-    storage.write_atomic(storage.join(output, REPORT_FILE), data)  # its presence says the folder is whole
+    files = [
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, _, names in os.walk(folder)
+        for name in names
+    ]
+    for name in sorted(files, key=lambda name: name == REPORT_FILE):  # its presence says the folder is whole
+        storage.write_atomic(storage.join(output, name), local_path=os.path.join(folder, name))
 
 
 def _print_summary(config: Config, serving, report: dict) -> None:

@@ -13,7 +13,6 @@ import openvino as ov
 import pandas as pd
 import pytest
 from conftest import built_once
-from photos import write_photo_classes
 
 from beamvision import storage
 from beamvision.models.artifact import (
@@ -24,34 +23,16 @@ from beamvision.models.artifact import (
     verify_artifact,
 )
 from beamvision.models.dataset import calibration_sample
-from beamvision.pipelines import prepare, train
 from beamvision.pipelines.cli import main
 from beamvision.pipelines.optimize import sample_fingerprint
 from beamvision.transforms.engines import OpenVINOEngine
 
-# SGD: Keras traces Adam's update about twice as slowly; at this rate 12 epochs learn the crops.
-TRAINING = ("--epochs", "12", "--optimizer", "sgd", "--learning_rate", "0.05", "--batch_size", "32")
 CALIBRATION = ("--calibration_size", "100", "--seed", "3")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """mobilenet_v2 at 64 px, trained by prepare and train on crops of 7 real photos; its folders.
-
-    Built once for all xdist workers (``built_once``): tests write only to their own folders.
-    """
-
-    def build(work):
-        photos, data, model = str(work / "photos"), str(work / "data"), str(work / "model")
-        write_photo_classes(photos, per_class=40, size=(96, 72))
-        # A quarter for the test split: the accuracies compared are then over ~65 images, not ~25.
-        prepare.run(["--input", photos, "--output", data, "--image_size", "64", "--test_fraction", "0.25"])
-        # --engines openvino: the artifact stores its fp32 OpenVINO model, which optimize starts from.
-        argv = ["--data", data, "--architecture", "mobilenet_v2", "--output", model, "--engines", "openvino"]
-        train.run([*argv, *TRAINING])
-
-    work = pathlib.Path(built_once(tmp_path_factory, "optimize-trained", build))
-    return work, str(work / "photos"), str(work / "data"), str(work / "model")
+def trained(trained_photos):
+    return trained_photos
 
 
 @pytest.fixture(scope="module")
