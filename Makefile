@@ -58,6 +58,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/resume.py
 	$(BIN)/python benchmarks/small_data.py
 	$(BIN)/python benchmarks/multilabel.py --seeds 2
+	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/serve.py --engines tensorflow openvino
 
 clean:
 	rm -rf $(VENV) demo-output site .pytest_cache .ruff_cache *.egg-info

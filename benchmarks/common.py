@@ -112,3 +112,43 @@ def random_model(workdir: str, engines: tuple[str, ...] = ()) -> str:
         converted = ["--engines", *engines] if engines else []
         run_process([*BEAMVISION, *args, "--name", "bench", "--version", "1", *converted])
     return model
+
+
+def cpu_description() -> str:
+    """This machine's CPU model and the cores this process may use, for a benchmark's header."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        model = "?"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
+def trained_photo_model(work: str) -> tuple[str, str]:
+    """mobilenet_v2 at 64 px trained by beamvision's pipeline on crops of the shipped photos (cached).
+
+    Returns the model artifact and its prepared data, under ``work`` (the serve and convert benchmarks').
+    """
+    from photos import write_photo_classes
+
+    model, data = os.path.join(work, "model"), os.path.join(work, "data")
+    if not os.path.exists(os.path.join(model, "manifest.json")):
+        write_photo_classes(os.path.join(work, "train"), per_class=40, size=(96, 72), seed=0)
+        run_process(
+            [*BEAMVISION, "prepare", "--input", f"{work}/train", "--output", data, "--image_size", "64"]
+        )
+        flags = ["--epochs", "3", "--optimizer", "sgd", "--learning_rate", "0.05", "--batch_size", "32"]
+        run_process(
+            [
+                *BEAMVISION,
+                "train",
+                "--data",
+                data,
+                "--architecture",
+                "mobilenet_v2",
+                "--output",
+                model,
+                *flags,
+            ]
+        )
+    return model, data

@@ -27,45 +27,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import BEAMVISION, run_process  # noqa: E402
+from common import BEAMVISION, cpu_description, run_process, trained_photo_model  # noqa: E402
 from photos import CLASSES, write_photo_classes  # noqa: E402
 
 RUNS = [("savedmodel", "none"), ("tflite", "none"), ("tflite", "int8"), ("onnx", "none")]
 CHECK_LIMIT = 2000
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        model = "?"
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
-
-
-def train_model(work: str) -> tuple[str, str]:
-    """mobilenet_v2 at 64 px trained by beamvision's pipeline on crops of the shipped photos (cached)."""
-    model, data = os.path.join(work, "model"), os.path.join(work, "data")
-    if not os.path.exists(os.path.join(model, "manifest.json")):
-        write_photo_classes(os.path.join(work, "train"), per_class=40, size=(96, 72), seed=0)
-        run_process(
-            [*BEAMVISION, "prepare", "--input", f"{work}/train", "--output", data, "--image_size", "64"]
-        )
-        flags = ["--epochs", "3", "--optimizer", "sgd", "--learning_rate", "0.05", "--batch_size", "32"]
-        run_process(
-            [
-                *BEAMVISION,
-                "train",
-                "--data",
-                data,
-                "--architecture",
-                "mobilenet_v2",
-                "--output",
-                model,
-                *flags,
-            ]
-        )
-    return model, data
 
 
 def main() -> None:
@@ -78,8 +44,8 @@ def main() -> None:
     began = time.perf_counter()
     work = args.workdir
     os.makedirs(work, exist_ok=True)
-    print(f"cpu: {_cpu()}", flush=True)
-    model, data = (args.model, args.data) if args.model else train_model(work)
+    print(f"cpu: {cpu_description()}", flush=True)
+    model, data = (args.model, args.data) if args.model else trained_photo_model(work)
     images = os.path.join(work, f"unseen-{args.per_class}")
     if not os.path.isdir(images):
         write_photo_classes(images, per_class=args.per_class, seed=1)
@@ -102,7 +68,7 @@ def main() -> None:
     total = len(CLASSES) * args.per_class
     print(
         f"\n{total:,} unseen crops of {len(CLASSES)} photos (160x120 JPEG), mobilenet_v2 at 64 px trained by "
-        f"beamvision train; model.keras {keras_bytes / 1e6:.1f} MB; {_cpu()}\n"
+        f"beamvision train; model.keras {keras_bytes / 1e6:.1f} MB; {cpu_description()}\n"
     )
     print(
         "| format | quantize | size MB | size / model.keras | images | top-1 agreement | same top-1 "

@@ -46,48 +46,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import numpy as np  # noqa: E402
-from common import BEAMVISION, make_jpegs, run_process  # noqa: E402
+from common import BEAMVISION, cpu_description, make_jpegs, trained_photo_model  # noqa: E402
 
 CONCURRENCY = (1, 8, 64)
 MEMORY_CONCURRENCY = 8
 MEMORY_SAMPLE_EVERY = 1000
 READY_SECONDS = 300  # a server that has not answered /health by then failed to start
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        model = "?"
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
-
-
-def train_model(work: str) -> str:
-    """mobilenet_v2 at 64 px trained by beamvision's pipeline on crops of the shipped photos (cached)."""
-    from photos import write_photo_classes
-
-    model, data = os.path.join(work, "model"), os.path.join(work, "data")
-    if not os.path.exists(os.path.join(model, "manifest.json")):
-        write_photo_classes(os.path.join(work, "train"), per_class=40, size=(96, 72), seed=0)
-        run_process(
-            [*BEAMVISION, "prepare", "--input", f"{work}/train", "--output", data, "--image_size", "64"]
-        )
-        flags = ["--epochs", "3", "--optimizer", "sgd", "--learning_rate", "0.05", "--batch_size", "32"]
-        run_process(
-            [
-                *BEAMVISION,
-                "train",
-                "--data",
-                data,
-                "--architecture",
-                "mobilenet_v2",
-                "--output",
-                model,
-                *flags,
-            ]
-        )
-    return model
 
 
 # --- the baseline server (its own process: --baseline_server) ------------------------------------
@@ -285,8 +249,8 @@ def main() -> None:
     began = time.perf_counter()
     work = args.workdir
     os.makedirs(work, exist_ok=True)
-    print(f"cpu: {_cpu()}; load average {os.getloadavg()[0]:.2f} at the start", flush=True)
-    model = args.model or train_model(work)
+    print(f"cpu: {cpu_description()}; load average {os.getloadavg()[0]:.2f} at the start", flush=True)
+    model = args.model or trained_photo_model(work)[0]
     bodies = [_read(p) for p in make_jpegs(os.path.join(work, "jpegs-640x480"), 64, (640, 480))]
     small = [_read(p) for p in make_jpegs(os.path.join(work, "jpegs-160x120"), 64, (160, 120), seed=1)]
 
@@ -317,7 +281,10 @@ def main() -> None:
     names = [s.name for s in servers]
     cells = ["baseline p50 / p99 ms | baseline req/s"]
     cells += [f"{n} p50 / p99 ms | {n} req/s | {n} throughput ratio" for n in names[1:]]
-    print(f"\nmobilenet_v2 at 64 px ({model}), 640x480 JPEG bodies, client on the same machine; {_cpu()}\n")
+    print(
+        f"\nmobilenet_v2 at 64 px ({model}), 640x480 JPEG bodies, client on the same machine; "
+        f"{cpu_description()}\n"
+    )
     print(f"| concurrency | {' | '.join(cells)} |")
     print("|---|---|---|" + "---|---|---|" * len(names[1:]))
     for concurrency in CONCURRENCY:

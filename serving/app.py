@@ -43,6 +43,13 @@ from beamvision.serving.service import RequestError, Service, read_body, read_js
 
 LOG = logging.getLogger("beamvision.serve")
 OPEN_PATHS = ("/", "/health")  # answered without the token: health checks carry none
+WEBHOOK_PATH = "/webhook"
+# Label Studio's ML backend webhook carries none of the backend's authentication settings.
+WEBHOOK_WITHOUT_TOKEN = (
+    "a webhook came without the token, and its annotations are not kept: Label Studio sends the "
+    "webhook it made for this backend without credentials; give it the header (PATCH "
+    '/api/webhooks/ID {"headers": {"Authorization": "Token T"}}, or the project\'s Webhooks settings)'
+)
 
 
 def create_app(service: Service):
@@ -64,7 +71,7 @@ def create_app(service: Service):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request, service.config.max_body_bytes)
         if content_type == "application/json":
-            return JSONResponse([await service.classify_uri(uri) for uri in _uris(body)])
+            return JSONResponse(await service.classify_uris(_uris(body)))
         if content_type.startswith("image/") or content_type in ("application/octet-stream", ""):
             return JSONResponse(await service.classify_bytes(body))
         raise RequestError(
@@ -102,6 +109,7 @@ class _Guard:
         self._service = service
         token = service.config.token
         self._accepted = () if token is None else (f"Bearer {token}", f"Token {token}")
+        self._warned_webhook = False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -114,7 +122,7 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
-        stats.in_flight += 1
+        health_check = scope["path"] in OPEN_PATHS  # probes: logged with --verbose, not counted
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
@@ -123,10 +131,11 @@ class _Guard:
             else:
                 await self._app(scope, receive, send_status)
         finally:
-            stats.in_flight -= 1
             seconds = time.perf_counter() - started
-            stats.record(status[0], seconds)
-            LOG.info("%s %s %d %.1f ms", scope["method"], scope["path"], status[0], seconds * 1000)
+            if not health_check:
+                stats.record(status[0], seconds)
+            level = logging.DEBUG if health_check else logging.INFO
+            LOG.log(level, "%s %s %d %.1f ms", scope["method"], scope["path"], status[0], seconds * 1000)
 
     def _refusal(self, scope) -> RequestError | None:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
@@ -135,6 +144,9 @@ class _Guard:
             if not any(hmac.compare_digest(given, accepted) for accepted in self._accepted) and not (
                 given.startswith("Basic ") and self._basic_password_matches(given)
             ):
+                if scope["path"] == WEBHOOK_PATH and not self._warned_webhook:
+                    self._warned_webhook = True
+                    LOG.warning(WEBHOOK_WITHOUT_TOKEN)
                 return RequestError("Unauthorized", "a token is needed: Authorization: Bearer TOKEN")
         declared = headers.get("content-length")
         limit = self._service.config.max_body_bytes

@@ -30,10 +30,14 @@ Engine = Callable[[Sequence[np.ndarray]], list[Prediction]]
 
 
 def batch_shapes(batch_size: int) -> list[int]:
-    """The batch shapes an engine is built for: 1, then every fourfold size below ``batch_size``, and it."""
+    """The batch shapes an engine is built for: the powers of two below ``batch_size``, and it.
+
+    A batch runs on the smallest shape it fits, so at most half of what is
+    computed is padding (with one shape, a lone image computed a whole batch).
+    """
     shapes = [1]
-    while shapes[-1] * 4 < batch_size:
-        shapes.append(shapes[-1] * 4)
+    while shapes[-1] * 2 < batch_size:
+        shapes.append(shapes[-1] * 2)
     return sorted({*shapes, batch_size})
 
 
@@ -89,6 +93,11 @@ class Batcher:
             self._answer(batch)
 
     def _answer(self, batch: list) -> None:
+        # A request cancelled while queued (its client gone, a shutdown's deadline) is not computed,
+        # and answering it would raise: the thread must outlive every request.
+        batch = [(pixels, future) for pixels, future in batch if future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         try:
             engine = next(engine for size, engine in self._engines.items() if size >= len(batch))
             predictions = engine([pixels for pixels, _ in batch])

@@ -28,6 +28,7 @@ fetched with its token (``Authorization: Token T``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,9 @@ LOG = logging.getLogger("beamvision.serve")
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETION_EVENT = "ANNOTATIONS_DELETED"
 FETCH_TIMEOUT_SECONDS = 30
+# Label Studio refused or could not be reached: a predict request fails whole (502), not task by task.
+LABEL_STUDIO_ERRORS = ("LabelStudioRefused", "LabelStudioUnreachable")
+REFRESH_PATH = "/api/token/refresh/"  # a personal access token (a JWT) is exchanged here for an access token
 
 
 def routes(service: Service) -> list[Route]:
@@ -59,6 +63,7 @@ def routes(service: Service) -> list[Route]:
         Route("/setup", backend.setup, methods=["POST"]),
         Route("/predict", backend.predict, methods=["POST"]),
         Route("/webhook", backend.webhook, methods=["POST"]),
+        Route("/versions", backend.versions, methods=["GET"]),
     ]
 
 
@@ -84,6 +89,15 @@ def choices_control(label_config: str) -> tuple[str, str, str]:
     return control.get("name"), to_name, value[1:]
 
 
+def config_classes(label_config: str) -> list[str]:
+    """The ``<Choice value>`` names of a labelling config (none for a config that is not XML)."""
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError:
+        return []
+    return [choice.get("value") for choice in root.iter("Choice") if choice.get("value")]
+
+
 def prediction(answer: dict[str, Any], from_name: str, to_name: str, model_version: str) -> dict[str, Any]:
     """One task's prediction from a ``/v1/classify`` answer: a choices result, the score, the version."""
     chosen = answer.get("labels", [answer["label"]])
@@ -101,7 +115,12 @@ def merge_event(tasks: dict[str, dict], event: dict[str, Any]) -> bool:
         key = str(task.get("id", annotation.get("task")))
         kept = tasks.get(key, {}).get("annotations", [])
         others = [a for a in kept if a.get("id") != annotation.get("id")]
-        tasks[key] = {**task, "annotations": [*others, annotation]}
+        data = dict(task["data"])
+        # Every class of the project, chosen or not (as export-labels records them): prepare's classes.
+        classes = config_classes((event.get("project") or {}).get("label_config") or "")
+        if classes and "classes" not in data:
+            data["classes"] = classes
+        tasks[key] = {**task, "data": data, "annotations": [*others, annotation]}
         return True
     if action == DELETION_EVENT:
         removed = {a.get("id") for a in event.get("annotations") or [] if isinstance(a, dict)}
@@ -122,10 +141,14 @@ class _Backend:
         self._service = service
         self._hostname = service.config.label_studio_url
         self._token = service.config.label_studio_token
-        self._lock = threading.Lock()
+        self._access: str | None = None  # a personal access token's current access token
+        self._access_lock = threading.Lock()
+        self._lock = threading.Lock()  # the labels file's
 
     async def setup(self, request: Request) -> JSONResponse:
         body = read_json(await read_body(request, self._service.config.max_body_bytes)) or {}
+        if not isinstance(body, dict):
+            raise RequestError("BadRequest", 'a setup request is a JSON object: {"project", "schema", ...}')
         if not self._service.config.label_studio_url and body.get("hostname"):
             self._hostname = body["hostname"]
         if not self._service.config.label_studio_token and body.get("access_token"):
@@ -142,17 +165,28 @@ class _Backend:
             )
         from_name, to_name, field = choices_control(body.get("label_config") or "")
         version = self._service.model_version
-        results = []
-        for task in body["tasks"]:
-            uri = ((task or {}).get("data") or {}).get(field)
-            try:
-                data = await self._image(uri)
-                answer = await self._service.classify_bytes(data)
-                results.append(prediction(answer, from_name, to_name, version))
-            except RequestError as exc:  # the task gets no prediction; the others still do
-                LOG.warning("task %s: %s: %s", (task or {}).get("id"), exc.error_type, exc)
-                results.append({"result": [], "score": 0.0, "model_version": version})
+        tasks = body["tasks"]
+        results = list(
+            await asyncio.gather(*(self._predict_task(task, field, from_name, to_name) for task in tasks))
+        )
         return JSONResponse({"results": results, "model_version": version})
+
+    async def _predict_task(self, task: Any, field: str, from_name: str, to_name: str) -> dict[str, Any]:
+        """One task's prediction; a task whose image cannot be classified gets an empty one (logged)."""
+        version = self._service.model_version
+        task = task if isinstance(task, dict) else {}
+        try:
+            data = await self._image((task.get("data") or {}).get(field))
+            return prediction(await self._service.classify_bytes(data), from_name, to_name, version)
+        except RequestError as exc:
+            if exc.error_type in LABEL_STUDIO_ERRORS:
+                # Label Studio would store an empty prediction and never ask again: fail the request.
+                raise
+            LOG.warning("task %s: %s: %s", task.get("id"), exc.error_type, exc)  # only it goes without
+            return {"result": [], "score": 0.0, "model_version": version}
+
+    async def versions(self, request: Request) -> JSONResponse:
+        return JSONResponse({"versions": [self._service.model_version]})
 
     async def webhook(self, request: Request) -> JSONResponse:
         event = read_json(await read_body(request, self._service.config.max_body_bytes))
@@ -163,11 +197,44 @@ class _Backend:
         path = self._service.config.labels_file
         if path is None:
             return JSONResponse({"status": "ignored", "action": event["action"]}, status_code=201)
+        if event["action"] in ANNOTATION_EVENTS:
+            await self._keep_served_image(event, path)
         with self._lock:
             tasks = _read_tasks(path)
             if merge_event(tasks, event):
                 _write_tasks(path, tasks)
         return JSONResponse({"status": "ok", "action": event["action"], "tasks": len(tasks)}, status_code=201)
+
+    async def _keep_served_image(self, event: dict[str, Any], labels_file: str) -> None:
+        """An image only Label Studio has (an upload) copied beside the labels file, as the task's source_uri.
+
+        prepare reads the task's ``source_uri`` first: the copy, where the
+        image itself is a Label Studio URL no other program can open.
+        """
+        task = event.get("task")
+        data = task.get("data") if isinstance(task, dict) else None
+        if not isinstance(data, dict) or data.get("source_uri"):
+            return
+        field = "image"  # the config's field, where the event carries the project's config
+        with contextlib.suppress(RequestError):
+            field = choices_control((event.get("project") or {}).get("label_config") or "")[2]
+        uri = data.get(field)
+        if not isinstance(uri, str) or not uri.startswith(("/data/", "http://", "https://")):
+            return
+        try:
+            image = await asyncio.to_thread(self._fetch, uri)
+        except RequestError as exc:  # the annotation is still kept, naming the image as Label Studio does
+            LOG.warning("task %s: its image was not copied: %s: %s", task.get("id"), exc.error_type, exc)
+            return
+        folder = os.path.splitext(os.path.abspath(labels_file))[0] + "-images"
+        os.makedirs(folder, exist_ok=True)
+        name = os.path.basename(urllib.parse.urlsplit(uri).path) or "image"
+        if "?d=" in uri:  # a local-files URL: the file's own name is in its query
+            name = os.path.basename(urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)["d"][0])
+        copy = os.path.join(folder, f"{task.get('id', 'task')}-{name}")
+        with open(copy, "wb") as f:
+            f.write(image)
+        task["data"] = {**data, "source_uri": copy}
 
     async def _image(self, uri: Any) -> bytes:
         if not isinstance(uri, str) or not uri:
@@ -185,20 +252,54 @@ class _Backend:
                     f"{url}: a Label Studio URL, and the server knows no Label Studio (--label_studio_url)",
                 )
             url = urllib.parse.urljoin(self._hostname.rstrip("/") + "/", url.lstrip("/"))
-        headers = {"Authorization": f"Token {self._token}"} if self._token else {}
         limit = self._service.config.max_body_bytes
-        try:
-            with urllib.request.urlopen(
-                urllib.request.Request(url, headers=headers), timeout=FETCH_TIMEOUT_SECONDS
-            ) as response:
-                data = response.read(limit + 1)
-        except urllib.error.HTTPError as exc:
-            raise RequestError("FileNotFound", f"{url}: Label Studio answered {exc.code}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise RequestError("FileNotFound", f"{url}: cannot be fetched ({exc})") from None
+        for attempt in range(2):  # a second time with a fresh access token, if the first one expired
+            headers = {"Authorization": self._authorization(refresh=attempt > 0)} if self._token else {}
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(url, headers=headers), timeout=FETCH_TIMEOUT_SECONDS
+                ) as response:
+                    data = response.read(limit + 1)
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403) and attempt == 0 and _is_jwt(self._token):
+                    continue
+                if exc.code in (401, 403):
+                    raise RequestError(
+                        "LabelStudioRefused",
+                        f"{url}: Label Studio answered {exc.code}: its token is refused (a legacy API token "
+                        "needs legacy tokens enabled; or pass a personal access token, --label_studio_token)",
+                    ) from None
+                raise RequestError("FileNotFound", f"{url}: Label Studio answered {exc.code}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                raise RequestError("LabelStudioUnreachable", f"{url}: cannot be fetched ({exc})") from None
         if len(data) > limit:
             raise RequestError("BodyTooLarge", f"{url}: over the limit of {limit:,} bytes")
         return data
+
+    def _authorization(self, refresh: bool = False) -> str:
+        """The Authorization header for Label Studio: ``Token T`` (legacy), or a personal access token's
+        short-lived access token (``Bearer``), exchanged at ``REFRESH_PATH`` and again when refused."""
+        if not _is_jwt(self._token):
+            return f"Token {self._token}"
+        with self._access_lock:
+            if refresh or self._access is None:
+                url = urllib.parse.urljoin((self._hostname or "").rstrip("/") + "/", REFRESH_PATH.lstrip("/"))
+                body = json.dumps({"refresh": self._token}).encode()
+                request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_SECONDS) as response:
+                        self._access = json.loads(response.read())["access"]
+                except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+                    raise RequestError(
+                        "LabelStudioRefused", f"{url}: the personal access token was not exchanged ({exc})"
+                    ) from None
+            return f"Bearer {self._access}"
+
+
+def _is_jwt(token: str | None) -> bool:
+    """Whether a token is a JWT (a personal access token), not a legacy API token (40 hex digits)."""
+    return bool(token) and token.count(".") == 2
 
 
 def _read_tasks(path: str) -> dict[str, dict]:

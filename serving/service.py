@@ -39,6 +39,7 @@ DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_BODY_MB = 32
+MAX_URIS = 1000  # files one JSON request may name (their answers come back in one response)
 LATENCIES_KEPT = 100_000  # the summary's percentiles are over the latest this many requests
 
 # classify's error types (``decode_image``, reading) -> the HTTP status of a request that hits one.
@@ -57,6 +58,8 @@ ERROR_STATUS = {
     "UnsupportedMediaType": 415,
     "ShuttingDown": 503,
     "InferenceError": 500,
+    "LabelStudioRefused": 502,  # the Label Studio that serves a task's image refused its token
+    "LabelStudioUnreachable": 502,
 }
 
 
@@ -105,7 +108,6 @@ class Stats:
         self.by_status: collections.Counter = collections.Counter()
         self.images = 0
         self._latencies: collections.deque = collections.deque(maxlen=LATENCIES_KEPT)
-        self.in_flight = 0
 
     def record(self, status: int, seconds: float) -> None:
         with self._lock:
@@ -163,13 +165,21 @@ class Service:
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(self._decode, self._pixels, data)
         try:
-            prediction = await asyncio.wrap_future(self.batcher.submit(pixels))
-        except RuntimeError:
+            queued = self.batcher.submit(pixels)
+        except RuntimeError:  # closed: the server is stopping
             raise RequestError("ShuttingDown", "the server is shutting down") from None
+        try:
+            prediction = await asyncio.wrap_future(queued)
         except Exception as exc:  # the engine failed on the batch
             raise RequestError("InferenceError", f"{type(exc).__name__}: {exc}") from None
         self.stats.images += 1
         return answer(prediction, self.manifest)
+
+    async def classify_uris(self, uris: list[str]) -> list[dict[str, Any]]:
+        """The answers for the files ``uris`` name, in order, computed together (they share batches)."""
+        if len(uris) > MAX_URIS:
+            raise RequestError("BadRequest", f"{len(uris):,} URIs in one request; at most {MAX_URIS:,}")
+        return list(await asyncio.gather(*(self.classify_uri(uri) for uri in uris)))
 
     async def classify_uri(self, uri: str) -> dict[str, Any]:
         """The answer for the file ``uri`` names (under ``--allow_uris``), with ``uri``; errors as fields."""

@@ -249,14 +249,31 @@ def test_64_concurrent_requests_are_all_answered_as_one_at_a_time(server, traine
 # --- Label Studio's ML backend -------------------------------------------------------------------
 
 
+PERSONAL_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"  # a JWT's shape
+ACCESS_TOKEN = "short-lived-access"
+
+
 class _LabelStudioFiles(http.server.BaseHTTPRequestHandler):
-    """Label Studio's /data/upload/ on loopback: files only with ``Authorization: Token ...``."""
+    """Label Studio on loopback: /data/upload/ files only with its legacy token, or a personal access
+    token's access token (``Bearer``, from ``POST /api/token/refresh/``, as Label Studio 1.23 issues it)."""
 
     root = ""
     token = ""
 
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/api/token/refresh/" or body.get("refresh") != PERSONAL_TOKEN:
+            self.send_error(401)
+            return
+        data = json.dumps({"access": ACCESS_TOKEN}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_GET(self):
-        if self.headers.get("Authorization") != f"Token {self.token}":
+        if self.headers.get("Authorization") not in (f"Token {self.token}", f"Bearer {ACCESS_TOKEN}"):
             self.send_error(401)
             return
         path = os.path.join(self.root, os.path.basename(self.path.split("?")[0]))
@@ -284,28 +301,20 @@ def label_studio_host(trained_photos):
     httpd.shutdown()
 
 
-def test_label_studio_setup_and_predict_answer_choices_for_its_tasks(
-    server, trained_photos, label_studio_host
-):
-    _, photos, _, model = trained_photos
+def _setup(server, label_studio_host: str, token: str) -> httpx.Response:
+    """What Label Studio sends when the backend is connected (ml/api_connector.py: setup)."""
     setup = {
         "project": "1.1796400000",
         "schema": CONFIG,
         "hostname": label_studio_host,
-        "access_token": "ls-token",
+        "access_token": token,
         "model_version": None,
     }
-    response = _post(server, json.dumps(setup).encode(), "application/json", path="/setup")
-    manifest = load_manifest(model)
-    assert response.status_code == 200
-    assert response.json()["model_version"] == f"{manifest.name}-{manifest.version}"
-    local = _photo_files(photos)[0]
-    uploaded = sorted(os.listdir(os.path.join(photos, "cat")))[0]
-    tasks = [
-        {"id": 1, "data": {"image": local}, "meta": {}, "project": 1},
-        {"id": 2, "data": {"image": f"/data/upload/1/{uploaded}"}, "project": 1},
-        {"id": 3, "data": {"image": "/data/upload/1/gone.jpg"}, "project": 1},
-    ]
+    return _post(server, json.dumps(setup).encode(), "application/json", path="/setup")
+
+
+def _predict(server, tasks: list[dict]) -> httpx.Response:
+    """What Label Studio sends for predictions (ml/api_connector.py: make_predictions)."""
     request = {
         "tasks": tasks,
         "model_version": None,
@@ -313,7 +322,27 @@ def test_label_studio_setup_and_predict_answer_choices_for_its_tasks(
         "label_config": CONFIG,
         "params": {"login": None, "password": None, "context": None},
     }
-    response = _post(server, json.dumps(request).encode(), "application/json", path="/predict")
+    return _post(server, json.dumps(request).encode(), "application/json", path="/predict")
+
+
+def test_label_studio_setup_and_predict_answer_choices_for_its_tasks(
+    server, trained_photos, label_studio_host
+):
+    _, photos, _, model = trained_photos
+    response = _setup(server, label_studio_host, "ls-token")
+    manifest = load_manifest(model)
+    assert response.status_code == 200
+    assert response.json()["model_version"] == f"{manifest.name}-{manifest.version}"
+    versions = httpx.get(server.url + "/versions", headers=AUTH).json()
+    assert versions == {"versions": [f"{manifest.name}-{manifest.version}"]}
+    local = _photo_files(photos)[0]
+    uploaded = sorted(os.listdir(os.path.join(photos, "cat")))[0]
+    tasks = [
+        {"id": 1, "data": {"image": local}, "meta": {}, "project": 1},
+        {"id": 2, "data": {"image": f"/data/upload/1/{uploaded}"}, "project": 1},
+        {"id": 3, "data": {"image": "/data/upload/1/gone.jpg"}, "project": 1},
+    ]
+    response = _predict(server, tasks)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert len(results) == 3
@@ -326,10 +355,23 @@ def test_label_studio_setup_and_predict_answer_choices_for_its_tasks(
         assert result["model_version"] == f"{manifest.name}-{manifest.version}"
     assert results[2]["result"] == []  # its image is gone: no prediction, the others still made
 
+    # A personal access token is exchanged for an access token; a refused token fails the request
+    # whole (Label Studio would keep empty predictions and never ask again).
+    assert _setup(server, label_studio_host, PERSONAL_TOKEN).status_code == 200
+    assert _predict(server, tasks[1:2]).json()["results"][0]["result"]
+    assert _setup(server, label_studio_host, "revoked").status_code == 200
+    refused = _predict(server, tasks[1:2])
+    assert refused.status_code == 502 and refused.json()["error_type"] == "LabelStudioRefused"
+    assert _setup(server, label_studio_host, "ls-token").status_code == 200
 
-def test_label_studio_annotations_reach_a_labels_file_that_prepare_reads(server, trained_photos, tmp_path):
+
+def test_label_studio_annotations_reach_a_labels_file_that_prepare_reads(
+    server, trained_photos, label_studio_host, tmp_path
+):
     _, photos, _, _ = trained_photos
+    assert _setup(server, label_studio_host, "ls-token").status_code == 200
     files = _photo_files(photos)
+    uploaded = sorted(os.listdir(os.path.join(photos, "cat")))[1]
     events = [
         _annotation_event("ANNOTATION_CREATED", task_id=1, annotation_id=10, image=files[0], choice="rocket"),
         _annotation_event("ANNOTATION_CREATED", task_id=2, annotation_id=11, image=files[50], choice="cat"),
@@ -340,31 +382,29 @@ def test_label_studio_annotations_reach_a_labels_file_that_prepare_reads(server,
         _annotation_event(
             "ANNOTATION_CREATED", task_id=3, annotation_id=12, image=files[100], choice="china"
         ),
+        # An upload: only Label Studio has the file, which the server keeps beside the labels file.
+        _annotation_event(
+            "ANNOTATION_CREATED",
+            task_id=4,
+            annotation_id=13,
+            image=f"/data/upload/1/{uploaded}",
+            choice="cat",
+        ),
     ]
     for event in events:
         response = _post(server, json.dumps(event).encode(), "application/json", path="/webhook")
         assert response.status_code == 201, response.text
     exported = json.loads(server.labels_file.read_text())
-    assert {task["id"]: len(task["annotations"]) for task in exported} == {1: 0, 2: 1, 3: 1}
+    assert {task["id"]: len(task["annotations"]) for task in exported} == {1: 0, 2: 1, 3: 1, 4: 1}
+    copy = next(task for task in exported if task["id"] == 4)["data"]["source_uri"]
+    assert _bytes(copy) == _bytes(os.path.join(photos, "cat", uploaded))
     output = str(tmp_path / "prepared")
-    code = main(
-        [
-            "prepare",
-            "--input",
-            photos,
-            "--labels",
-            str(server.labels_file),
-            "--output",
-            output,
-            "--image_size",
-            "64",
-            "--quiet",
-        ]
-    )
-    assert code == 0
+    argv = ["prepare", "--input", photos, "--labels", str(server.labels_file), "--output", output]
+    assert main([*argv, "--image_size", "64", "--quiet"]) == 0
     stats = _json(os.path.join(output, "stats.json"))
-    assert sum(stats["totals"].values()) == 2  # task 1's annotation was deleted: 2 labelled images
-    assert sorted(_json(os.path.join(output, "labels.json"))) == ["china", "coffee"]
+    assert sum(stats["totals"].values()) == 3  # task 1's annotation was deleted: 3 labelled images
+    # Every class of the project's config, chosen or not.
+    assert _json(os.path.join(output, "labels.json")) == sorted(load_manifest(trained_photos[3]).labels)
 
 
 def _annotation_event(action: str, task_id: int, annotation_id: int, image: str, choice: str) -> dict:
@@ -380,7 +420,7 @@ def _annotation_event(action: str, task_id: int, annotation_id: int, image: str,
             "updated_at": f"2026-12-04T10:00:{annotation_id:02d}Z",
         },
         "task": {"id": task_id, "data": {"image": image}, "project": 1},
-        "project": {"id": 1, "title": "photos"},
+        "project": {"id": 1, "title": "photos", "label_config": CONFIG},
     }
 
 
@@ -422,16 +462,54 @@ def test_the_batcher_fills_batches_under_load_and_answers_everything_queued_when
         return run
 
     shapes = batch_shapes(16)
-    assert shapes == [1, 4, 16]
+    assert shapes == [1, 2, 4, 8, 16] and batch_shapes(24) == [1, 2, 4, 8, 16, 24]
     batcher = Batcher({size: engine(size) for size in shapes}, max_wait_ms=50)
     images = [np.full((2, 2, 3), i, np.uint8) for i in range(40)]
     futures = [batcher.submit(image) for image in images]
     batcher.close(timeout=10)
     assert [future.result(0).labels[0] for future in futures] == [str(i) for i in range(40)]
     assert max(count for _, count in seen) == 16 and len(seen) < 40
-    assert all(size >= count and (size == 1 or size // 4 < count) for size, count in seen)
+    assert all(size >= count and (size == 1 or size // 2 < count) for size, count in seen)
     with pytest.raises(RuntimeError):
         batcher.submit(images[0])
+
+
+def test_a_request_cancelled_while_queued_does_not_stop_the_batcher():
+    def engine(images):
+        time.sleep(0.05)
+        return [Prediction(labels=["x"], scores=[1.0]) for _ in images]
+
+    batcher = Batcher({1: engine, 4: engine}, max_wait_ms=1)
+    first = batcher.submit(np.zeros((2, 2, 3), np.uint8))  # computing while the next is queued
+    queued = batcher.submit(np.zeros((2, 2, 3), np.uint8))
+    assert queued.cancel()
+    assert first.result(5).labels == ["x"]
+    assert batcher.submit(np.zeros((2, 2, 3), np.uint8)).result(5).labels == ["x"]
+    batcher.close(5)
+
+
+def test_served_connections_send_each_response_at_once():
+    """TCP_NODELAY on accepted connections: without it each response waits ~40 ms for a delayed ACK."""
+    from beamvision.pipelines.serve import _bind
+
+    listening = _bind("127.0.0.1", 0)
+
+    async def accepted_nodelay():
+        seen = asyncio.get_running_loop().create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Protocol, sock=listening)
+        _, writer = await asyncio.open_connection(*listening.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 5)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) == 1
 
 
 @pytest.mark.slow
