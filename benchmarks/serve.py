@@ -234,6 +234,35 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def _measure(servers: list, args, model: str, bodies: list[bytes], small: list[bytes]):
+    """Starts the servers (appended to ``servers`` as they start), runs every level, stops them."""
+    port = _free_port()
+    servers.append(
+        Server("baseline", [sys.executable, __file__, "--baseline_server", model, str(port)], port)
+    )
+    for engine in args.engines:
+        port = _free_port()
+        flags = ["--model", model, "--engine", engine, "--precision", "fp32", "--port", str(port), "--quiet"]
+        servers.append(Server(f"beamvision {engine}", [*BEAMVISION, "serve", *flags], port))
+    print("ready: " + ", ".join(f"{s.name} in {s.ready_seconds:.0f}s" for s in servers), flush=True)
+    results: dict[str, dict[int, dict]] = {s.name: {} for s in servers}
+    for concurrency in CONCURRENCY:
+        for server in servers:
+            results[server.name][concurrency] = _level(server, bodies, concurrency, args.requests)
+    memory = None
+    if args.memory_requests:
+        print(f"  memory: {args.memory_requests:,} requests of 160x120 JPEGs ...", flush=True)
+        memory = _memory(servers[1], small, args.memory_requests)
+    stopped = {}
+    for server in servers:
+        code, last = server.stop()
+        if code != 0 and server is not servers[0]:  # (uvicorn.run re-raises SIGTERM: the baseline's -15)
+            raise SystemExit(f"{server.name}: exited with {code} on SIGTERM: {last}")
+        stopped[server.name] = last
+
+    return results, memory, stopped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a model artifact to serve (default: train one in --workdir)")
@@ -256,27 +285,13 @@ def main() -> None:
 
     # Every server is up before the first level, and each level runs against each in turn, so that
     # other work on the machine weighs on them alike (an idle server takes no CPU).
-    port = _free_port()
-    servers = [Server("baseline", [sys.executable, __file__, "--baseline_server", model, str(port)], port)]
-    for engine in args.engines:
-        port = _free_port()
-        flags = ["--model", model, "--engine", engine, "--precision", "fp32", "--port", str(port), "--quiet"]
-        servers.append(Server(f"beamvision {engine}", [*BEAMVISION, "serve", *flags], port))
-    print("ready: " + ", ".join(f"{s.name} in {s.ready_seconds:.0f}s" for s in servers), flush=True)
-    results: dict[str, dict[int, dict]] = {s.name: {} for s in servers}
-    for concurrency in CONCURRENCY:
+    servers: list[Server] = []
+    try:
+        results, memory, stopped = _measure(servers, args, model, bodies, small)
+    finally:  # a server that failed to start, or an interrupt: none is left running
         for server in servers:
-            results[server.name][concurrency] = _level(server, bodies, concurrency, args.requests)
-    memory = None
-    if args.memory_requests:
-        print(f"  memory: {args.memory_requests:,} requests of 160x120 JPEGs ...", flush=True)
-        memory = _memory(servers[1], small, args.memory_requests)
-    stopped = {}
-    for server in servers:
-        code, last = server.stop()
-        if code != 0 and server is not servers[0]:  # (uvicorn.run re-raises SIGTERM: the baseline's -15)
-            raise SystemExit(f"{server.name}: exited with {code} on SIGTERM: {last}")
-        stopped[server.name] = last
+            if server.proc.poll() is None:
+                server.proc.kill()
 
     names = [s.name for s in servers]
     cells = ["baseline p50 / p99 ms | baseline req/s"]

@@ -41,6 +41,7 @@ from beamvision.pipelines.flags import (
     add_progress_arguments,
     add_switch,
     add_worker_arguments,
+    check_engine_arguments,
     check_file_exists,
     parse_pipeline_args,
     positive_float,
@@ -52,7 +53,7 @@ from beamvision.pipelines.reports import format_summary
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.engines import DEFAULT_ENGINE, ENGINES
+from beamvision.transforms.engines import DEFAULT_ENGINE
 from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
 from beamvision.transforms.outputs import (
@@ -468,9 +469,7 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
     """The artifact's manifest, checked against the flags; ``--top_k`` resolved for its classes."""
     # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
     manifest = verify_artifact(config.model)
-    refused = ENGINES[config.engine].refusal(config.model, manifest)
-    if refused:
-        raise UsageError(refused)
+    check_engine_arguments(config.model, manifest, config.engine, config.threshold)
     if config.embeddings and manifest.classifier_layer is None:
         raise UsageError(
             f"--embeddings: the model at {config.model} (an imported {manifest.origin.get('format')}) "
@@ -480,11 +479,6 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
         config = dataclasses.replace(config, top_k=min(DEFAULT_TOP_K, manifest.num_classes))
     elif config.top_k > manifest.num_classes:
         raise UsageError(f"--top_k {config.top_k}: the model has only {manifest.num_classes} classes")
-    if config.threshold is not None and not manifest.multi_label:
-        raise UsageError(
-            f"--threshold {config.threshold:g}: {config.model} is a single-label model "
-            "(one class per image); a threshold applies to multi-label models only"
-        )
     return config, manifest
 
 

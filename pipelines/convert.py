@@ -171,8 +171,19 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def _check_output(config: Config) -> None:
-    if storage.list_files(config.output) and not config.overwrite:
+    """Refuses an ``--output`` that holds anything but an earlier conversion, or holds the model."""
+    model, output = storage.canonical(config.model), storage.canonical(config.output)
+    if model == output or model.startswith(output.rstrip("/") + "/"):
+        raise UsageError(f"--output {config.output}: holds --model {config.model}; choose another place")
+    if not storage.list_files(config.output):
+        return
+    if not config.overwrite:
         raise UsageError(f"--output {config.output}: is not empty; choose a new place or pass --overwrite")
+    if not storage.exists(storage.join(config.output, REPORT_FILE)):
+        raise UsageError(
+            f"--output {config.output}: holds files but no {REPORT_FILE} (not a conversion); "
+            "--overwrite replaces only what convert wrote"
+        )
 
 
 def _check_files(config: Config) -> list[str]:
@@ -211,37 +222,73 @@ def _calibration(config: Config, manifest, tmp: str) -> np.ndarray:
 
 
 def _agreement(artifact, serving, folder: str, files: list[str]) -> dict:
-    """The converted model against classify (decode_image and the Keras model) on ``files``."""
+    """The converted model against classify (decode_image and the Keras model) on ``files``.
+
+    Files classify cannot decode are skipped (they would be error rows);
+    files the converted model cannot take (a SavedModel reads no TIFF, say)
+    are counted as ``not_taken``, and the others still compared.
+    """
     from beamvision.transforms.engines import inference_function
 
     size = artifact.manifest.input_size
     reference_model, converted = inference_function(artifact, None, embeddings=False), serving.load(folder)
-    reference, result, skipped = [], [], 0
+    reference, result, skipped, not_taken = [], [], 0, 0
     for start in range(0, len(files), CHECK_BATCH):
-        batch, pixels = [], []
+        batch = []
         for uri in files[start : start + CHECK_BATCH]:
             data = storage.read_bytes(uri)
             try:
-                pixels.append(decode_image(data, size, DEFAULT_MAX_PIXELS).pixels)
+                batch.append((data, decode_image(data, size, DEFAULT_MAX_PIXELS).pixels))
             except DecodeError:
                 skipped += 1  # classify would make it an error row: nothing to compare
+        for group in _taken(converted, serving, batch):
+            if group is None:
+                not_taken += 1
                 continue
-            batch.append(data)
-        if not batch:
-            continue
-        reference.append(reference_model(np.stack(pixels))["probabilities"].numpy().astype(np.float32))
-        result.append(converted(batch if serving.takes == BYTES else pixels))
+            items, probabilities = group
+            reference.append(reference_model(np.stack([p for _, p in items]))["probabilities"].numpy())
+            result.append(probabilities)
     classes = len(artifact.manifest.labels)
-    stacked = [np.concatenate(r) if r else np.zeros((0, classes), np.float32) for r in (reference, result)]
-    return {**agreement(*stacked), "skipped": skipped}
+    stacked = [
+        np.concatenate(r).astype(np.float32) if r else np.zeros((0, classes), np.float32)
+        for r in (reference, result)
+    ]
+    return {**agreement(*stacked), "skipped": skipped, "not_taken": not_taken}
+
+
+def _taken(converted, serving, batch: list):
+    """(items, probabilities) for the batch at once, else file by file; None for each file it refuses."""
+    if not batch:
+        return
+    try:
+        yield batch, converted([d if serving.takes == BYTES else p for d, p in batch])
+        return
+    except Exception:  # one file it cannot take fails the batch: find which, one at a time
+        if len(batch) == 1:
+            yield None
+            return
+    for item in batch:
+        yield from _taken(converted, serving, [item])
 
 
 def _publish(folder: str, output: str, overwrite: bool) -> None:
-    """Puts the finished ``folder`` at ``output``: renamed into place locally; remotely, its report last."""
+    """Puts the finished ``folder`` at ``output``: renamed into place locally; remotely, its report last.
+
+    Locally the new folder is assembled beside ``output`` (the same disk) and
+    renamed over it, so ``output`` is the old conversion or the new one, whole.
+    """
     if storage.is_local(output):
-        shutil.rmtree(output, ignore_errors=True)  # (empty, or --overwrite: _check_output said which)
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        shutil.move(folder, output)
+        parent = os.path.dirname(os.path.abspath(output))
+        os.makedirs(parent, exist_ok=True)
+        staged = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+        shutil.copytree(folder, staged, dirs_exist_ok=True)
+        old = None
+        if os.path.exists(output):  # empty, or an earlier conversion with --overwrite (_check_output)
+            old = tempfile.mkdtemp(prefix=".convert-old-", dir=parent)
+            os.replace(output, os.path.join(old, "replaced"))
+        os.replace(staged, output)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
         return
     if overwrite:
         storage.delete_tree(output)
@@ -266,6 +313,7 @@ def _print_summary(config: Config, serving, report: dict) -> None:
             f"top-1 {checked['top1_agreement']:.1%} ({checked['same_top1']:,} same), "
             f"largest probability difference {checked['max_abs_difference']:.4f}"
             + (f"; {checked['skipped']} could not be decoded" if checked["skipped"] else "")
+            + (f"; {checked['not_taken']} not taken by {serving.title}" if checked["not_taken"] else "")
         )
     elif config.check:
         print(f"agreement not measured: none of the {checked['skipped']} files of {config.check} decoded")

@@ -254,8 +254,8 @@ def add_artifact_identity_arguments(
     )
 
 
-def add_decode_arguments(parser: argparse.ArgumentParser, buffer: bool = True) -> None:
-    """The limits of reading and decoding: classify and prepare (with ``--buffer_mb``), serve."""
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The limits of reading and decoding, shared by classify, prepare and serve."""
     parser.add_argument(
         "--max_pixels",
         type=positive_int,
@@ -263,8 +263,6 @@ def add_decode_arguments(parser: argparse.ArgumentParser, buffer: bool = True) -
         metavar="N",
         help=f"larger images (width x height) are error rows (default {DEFAULT_MAX_PIXELS:,})",
     )
-    if not buffer:
-        return
     parser.add_argument(
         "--buffer_mb",
         type=positive_int,
@@ -378,3 +376,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="a multi-label model only: every class's threshold for this run, in [0, 1] (default: each "
         "class's own, from the model's manifest); the labels column holds the classes at or above it",
     )
+
+
+def check_engine_arguments(model: str, manifest, engine: str, threshold: float | None) -> None:
+    """Refuses an ``--engine`` that cannot run the artifact, and ``--threshold`` for a single-label one."""
+    refused = ENGINES[engine].refusal(model, manifest)
+    if refused:
+        raise UsageError(refused)
+    if threshold is not None and not manifest.multi_label:
+        raise UsageError(
+            f"--threshold {threshold:g}: {model} is a single-label model "
+            "(one class per image); a threshold applies to multi-label models only"
+        )

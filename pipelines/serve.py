@@ -23,17 +23,19 @@ import os
 import socket
 import time
 
-from beamvision import console
+from beamvision import console, storage
 from beamvision.console import counted
 from beamvision.models.artifact import verify_artifact
 from beamvision.pipelines.flags import (
     UsageError,
     add_decode_arguments,
     add_engine_arguments,
+    check_engine_arguments,
     parse,
     positive_float,
     positive_int,
 )
+from beamvision.serving.label_studio import check_labels_file
 from beamvision.serving.service import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_BODY_MB,
@@ -41,7 +43,6 @@ from beamvision.serving.service import (
     DEFAULT_TOP_K,
     ServeConfig,
 )
-from beamvision.transforms.engines import ENGINES
 
 DEFAULT_PORT = 8080
 TOKEN_ENV = "BEAMVISION_TOKEN"  # --token's default: a secret kept out of the process list
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help=f"requests must send Authorization: Bearer T (default: ${TOKEN_ENV}; unset: no token)",
     )
-    add_decode_arguments(parser, buffer=False)
+    add_decode_arguments(parser)
     parser.add_argument(
         "--max_body_mb",
         type=positive_int,
@@ -111,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--label_studio_token",
         default=os.environ.get(LABEL_STUDIO_TOKEN_ENV),
         metavar="T",
-        help=f"its legacy API token, to fetch those images (default: ${LABEL_STUDIO_TOKEN_ENV}, or /setup's)",
+        help="its legacy API token or a personal access token, to fetch those images "
+        f"(default: ${LABEL_STUDIO_TOKEN_ENV}, or /setup's)",
     )
 
 
@@ -119,6 +121,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The flags as the service's configuration; a bad port is a one-line error."""
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: not a port (0 to 65535)")
+    if args.labels_file and not storage.is_local(args.labels_file):
+        raise UsageError(
+            f"--labels_file {args.labels_file}: a local file (the server rewrites it on each event)"
+        )
+    if args.labels_file and os.path.exists(args.labels_file):
+        check_labels_file(args.labels_file)
     return ServeConfig(
         model=args.model.rstrip("/"),
         engine=args.engine,
@@ -127,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_wait_ms=args.max_wait_ms,
         top_k=args.top_k or DEFAULT_TOP_K,
         max_pixels=args.max_pixels,
+        buffer_mb=args.buffer_mb,
         max_body_mb=args.max_body_mb,
         allow_uris=tuple(args.allow_uris),
         token=args.token or None,
@@ -142,9 +151,7 @@ def run(argv: list[str] | None = None) -> None:
     args = parse("beamvision serve", __doc__.splitlines()[0], add_arguments, argv)
     config = config_from_args(args)
     manifest = verify_artifact(config.model)
-    refused = ENGINES[config.engine].refusal(config.model, manifest)
-    if refused:
-        raise UsageError(refused)
+    check_engine_arguments(config.model, manifest, config.engine, config.threshold)
     config = dataclasses.replace(config, top_k=min(config.top_k, manifest.num_classes))
     listening = _bind(args.host, args.port)
     # (after the flags: --help loads neither the server nor the model)

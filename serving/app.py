@@ -34,6 +34,7 @@ import time
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -85,7 +86,8 @@ def create_app(service: Service):
         Route("/v1/classify", classify, methods=["POST"]),
         *label_studio.routes(service),
     ]
-    app = Starlette(routes=routes, exception_handlers={RequestError: _error_response})
+    handlers = {RequestError: _error_response, HTTPException: _http_error, Exception: _server_error}
+    app = Starlette(routes=routes, exception_handlers=handlers)
     return _Guard(app, service)
 
 
@@ -99,6 +101,19 @@ def _uris(body: bytes) -> list[str]:
 
 async def _error_response(request: Request, exc: RequestError) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own answers (no such route: 404; wrong method: 405) as JSON errors too."""
+    kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "BadRequest")
+    return JSONResponse({"error_type": kind, "message": str(exc.detail)}, status_code=exc.status_code)
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    """What no route expected: logged with its traceback, answered as a JSON 500."""
+    LOG.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    message = f"{type(exc).__name__}: {exc}"
+    return JSONResponse({"error_type": "ServerError", "message": message}, status_code=500)
 
 
 class _Guard:
@@ -141,7 +156,7 @@ class _Guard:
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         if self._accepted and scope["path"] not in OPEN_PATHS:
             given = headers.get("authorization", "")
-            if not any(hmac.compare_digest(given, accepted) for accepted in self._accepted) and not (
+            if not any(_same(given, accepted) for accepted in self._accepted) and not (
                 given.startswith("Basic ") and self._basic_password_matches(given)
             ):
                 if scope["path"] == WEBHOOK_PATH and not self._warned_webhook:
@@ -161,9 +176,14 @@ class _Guard:
         """HTTP Basic with the token as the password, any user name (Label Studio's auth settings)."""
         try:
             _, _, password = base64.b64decode(given[len("Basic ") :]).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:  # (UnicodeDecodeError too)
             return False
-        return hmac.compare_digest(password, self._service.config.token or "")
+        return _same(password, self._service.config.token or "")
+
+
+def _same(given: str, expected: str) -> bool:
+    """A constant-time comparison of a header's text with a secret (any characters, as bytes)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
 
 
 def serve(app, listening: socket.socket, graceful_seconds: float) -> str | None:

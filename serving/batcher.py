@@ -101,6 +101,8 @@ class Batcher:
         try:
             engine = next(engine for size, engine in self._engines.items() if size >= len(batch))
             predictions = engine([pixels for pixels, _ in batch])
+            if len(predictions) != len(batch):
+                raise RuntimeError(f"the engine answered {len(predictions)} of {len(batch)} images")
         except Exception as exc:  # the batch failed: each of its requests gets the error
             for _, future in batch:
                 future.set_exception(exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -28,6 +29,7 @@ import numpy as np
 from beamvision import storage
 from beamvision.models.artifact import Manifest, load_manifest
 from beamvision.serving.batcher import Batcher, batch_shapes
+from beamvision.transforms.concurrency import DEFAULT_BUFFER_MB, MB, PIXEL_BYTES
 from beamvision.transforms.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from beamvision.transforms.engines import DEFAULT_ENGINE, Prediction, build_classifier, load_for_engine
 from beamvision.transforms.sizing import DEFAULT_SIZING, READ_THREADS, WorkerSizing
@@ -49,7 +51,7 @@ ERROR_STATUS = {
     "UnsupportedFormat": 415,
     "CorruptImage": 422,
     "DecompressionBomb": 422,
-    "OutOfMemory": 507,
+    "OutOfMemory": 503,
     "FileNotFound": 404,
     "NotAllowed": 403,
     "BadRequest": 400,
@@ -58,6 +60,8 @@ ERROR_STATUS = {
     "UnsupportedMediaType": 415,
     "ShuttingDown": 503,
     "InferenceError": 500,
+    "StorageUnreachable": 502,
+    "ServerError": 500,
     "LabelStudioRefused": 502,  # the Label Studio that serves a task's image refused its token
     "LabelStudioUnreachable": 502,
 }
@@ -86,6 +90,7 @@ class ServeConfig:
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     top_k: int = DEFAULT_TOP_K
     max_pixels: int = DEFAULT_MAX_PIXELS
+    buffer_mb: int = DEFAULT_BUFFER_MB  # file bytes and full-size pixels decoding may hold at once
     max_body_mb: int = DEFAULT_MAX_BODY_MB
     allow_uris: tuple[str, ...] = ()
     token: str | None = None
@@ -153,6 +158,9 @@ class Service:
         self._decode = ThreadPoolExecutor(threads.decode, thread_name_prefix="beamvision-decode")
         self._read = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="beamvision-read")
         self._allowed = tuple(_allowed_root(prefix) for prefix in config.allow_uris)
+        self._hold_pixels = functools.partial(PIXEL_BYTES.hold, limit=config.buffer_mb * MB)
+        # Files of one request read and waiting to decode at once: their bytes are held meanwhile.
+        self._reading = asyncio.Semaphore(READ_THREADS)
         self.stats = Stats()
         self.started = time.monotonic()
 
@@ -184,8 +192,9 @@ class Service:
     async def classify_uri(self, uri: str) -> dict[str, Any]:
         """The answer for the file ``uri`` names (under ``--allow_uris``), with ``uri``; errors as fields."""
         try:
-            data = await self.read_uri(uri)
-            return {"uri": uri, **(await self.classify_bytes(data))}
+            async with self._reading:
+                data = await self.read_uri(uri)
+                return {"uri": uri, **(await self.classify_bytes(data))}
         except RequestError as exc:
             return {"uri": uri, **exc.to_json()}
 
@@ -202,7 +211,9 @@ class Service:
 
     def _pixels(self, data: bytes) -> np.ndarray:
         try:
-            return decode_image(data, self.manifest.input_size, self.config.max_pixels).pixels
+            return decode_image(
+                data, self.manifest.input_size, self.config.max_pixels, self._hold_pixels
+            ).pixels
         except DecodeError as exc:
             raise RequestError(exc.error_type, str(exc)) from None
 
@@ -260,10 +271,16 @@ def _allowed_root(uri: str) -> str:
 
 def _read(path: str, uri: str, limit: int) -> bytes:
     """The file's bytes (``path``: the resolved ``uri``); RequestError when missing or over ``limit``."""
+    if storage.is_local(path) and os.path.isdir(path):
+        raise RequestError("FileNotFound", f"{uri}: a folder, not a file")
     try:
         size = storage.size(path)
-    except Exception:
+        if size > limit:
+            raise RequestError("BodyTooLarge", f"{uri}: {size:,} bytes is over the limit of {limit:,}")
+        return storage.read_bytes(path)
+    except storage.StorageUnreachable as exc:
+        raise RequestError("StorageUnreachable", f"{uri}: {exc}") from None
+    except RequestError:
+        raise
+    except Exception:  # no such file, or not readable: Beam's filesystems raise several types
         raise RequestError("FileNotFound", f"{uri}: no such file") from None
-    if size > limit:
-        raise RequestError("BodyTooLarge", f"{uri}: {size:,} bytes is over the limit of {limit:,}")
-    return storage.read_bytes(path)

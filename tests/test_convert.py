@@ -141,6 +141,53 @@ def test_a_conversion_to_gcs_lands_whole(trained_photos, gcs_bucket, capsys):
     assert code == 2 and "--output" in printed and "--overwrite" in printed
 
 
+def test_check_counts_the_files_a_format_cannot_take(trained_photos, tmp_path, capsys):
+    from PIL import Image
+
+    _, photos, _, model = trained_photos
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in _photos(photos, step=40):
+        (mixed / os.path.basename(os.path.dirname(path))).with_suffix(".jpg").write_bytes(
+            pathlib.Path(path).read_bytes()
+        )
+    Image.open(_photos(photos)[0]).save(mixed / "scan.tif")  # Pillow reads TIFF; TensorFlow does not
+    output = str(tmp_path / "out")
+    code, printed = _convert(
+        capsys, "--model", model, "--format", "savedmodel", "--output", output, "--check", str(mixed)
+    )
+    assert code == 0, printed
+    report = json.loads(pathlib.Path(output, "conversion.json").read_text())
+    assert (
+        report["agreement"]["not_taken"] == 1 and report["agreement"]["images"] == len(os.listdir(mixed)) - 1
+    )
+    assert "1 not taken by SavedModel" in printed
+
+
+def test_overwrite_replaces_only_a_conversion_and_never_the_model(trained_photos, tmp_path, capsys):
+    _, _, _, model = trained_photos
+    output = tmp_path / "onnx"
+    assert _convert(capsys, "--model", model, "--format", "onnx", "--output", str(output))[0] == 0
+    first = (output / "conversion.json").read_text()
+    code, printed = _convert(
+        capsys, "--model", model, "--format", "tflite", "--output", str(output), "--overwrite"
+    )
+    assert code == 0, printed
+    assert sorted(os.listdir(output)) == ["conversion.json", "labels.txt", "model.tflite"] and first
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".convert")]  # nothing left beside
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    code, printed = _convert(
+        capsys, "--model", model, "--format", "onnx", "--output", str(notes), "--overwrite"
+    )
+    assert code == 2 and "no conversion.json" in printed and (notes / "mine.txt").exists()
+    code, printed = _convert(
+        capsys, "--model", model, "--format", "onnx", "--output", os.path.dirname(model), "--overwrite"
+    )
+    assert code == 2 and "holds --model" in printed and os.path.exists(os.path.join(model, "manifest.json"))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -33,7 +33,7 @@ from beamvision.models.artifact import load_manifest
 from beamvision.pipelines.cli import main
 from beamvision.serving.batcher import Batcher, batch_shapes
 from beamvision.serving.label_studio import choices_control, merge_event, prediction
-from beamvision.serving.service import answer
+from beamvision.serving.service import RequestError, answer
 from beamvision.transforms.engines import Prediction
 
 TOKEN = "s3cret-token"
@@ -228,7 +228,7 @@ def test_64_concurrent_requests_are_all_answered_as_one_at_a_time(server, traine
     _, photos, _, _ = trained_photos
     files = _photo_files(photos)[:64]
     bodies = [_bytes(path) for path in files]
-    alone = [_post(server, body).json()["label"] for body in bodies[:8]]
+    alone = [_post(server, body).json() for body in bodies]
 
     async def together():
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
@@ -241,9 +241,31 @@ def test_64_concurrent_requests_are_all_answered_as_one_at_a_time(server, traine
 
     responses = asyncio.run(together())
     assert [r.status_code for r in responses] == [200] * 64
-    assert [r.json()["label"] for r in responses[:8]] == alone
+    # Batched with the others (padded to a batch shape), each answer is the one it gets alone.
+    for response, single in zip(responses, alone, strict=True):
+        assert response.json()["label"] == single["label"]
+        assert response.json()["score"] == pytest.approx(single["score"], abs=1e-4)
     # One log line per request: method, path, status, milliseconds.
-    assert sum(" POST /v1/classify 200 " in line for line in server.lines) >= 64
+    assert sum(" POST /v1/classify 200 " in line for line in server.lines) >= 128
+
+
+def test_odd_requests_get_json_errors_never_a_traceback(server, trained_photos):
+    _, photos, _, _ = trained_photos
+    not_ascii = _post(server, b"x", headers={"Authorization": "Bearer été".encode()})
+    assert not_ascii.status_code == 401
+    folder = _post(server, json.dumps({"uris": [os.path.join(photos, "cat")]}).encode(), "application/json")
+    assert folder.status_code == 200 and folder.json()[0]["error_type"] == "FileNotFound"
+    sibling = photos.rstrip("/") + "-other/a.jpg"  # a prefix of the allowed folder's name is not in it
+    outside = _post(server, json.dumps({"uris": [sibling]}).encode(), "application/json")
+    assert outside.json()[0]["error_type"] == "NotAllowed"
+    missing = httpx.get(server.url + "/v2/nothing", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
+    wrong_method = httpx.get(server.url + "/v1/classify", headers=AUTH)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error_type"] == "MethodNotAllowed"
+    for path, body in [("/setup", b"[1]"), ("/predict", b'{"tasks": [{"data": 3}], "label_config": 7}')]:
+        response = _post(server, body, "application/json", path=path)
+        assert response.status_code == 400 and response.json()["error_type"] == "BadRequest"
+    assert not any("Traceback" in line for line in server.lines)
 
 
 # --- Label Studio's ML backend -------------------------------------------------------------------
@@ -364,6 +386,12 @@ def test_label_studio_setup_and_predict_answer_choices_for_its_tasks(
     assert refused.status_code == 502 and refused.json()["error_type"] == "LabelStudioRefused"
     assert _setup(server, label_studio_host, "ls-token").status_code == 200
 
+    # An absolute URL on another host (a task anyone may import) is not fetched with the token.
+    elsewhere = label_studio_host.replace("127.0.0.1", "localhost") + f"/data/upload/1/{uploaded}"
+    foreign = _predict(server, [{"id": 5, "data": {"image": elsewhere}}]).json()["results"]
+    assert foreign[0]["result"] == []
+    assert any("NotAllowed" in line and elsewhere in line for line in server.lines)
+
 
 def test_label_studio_annotations_reach_a_labels_file_that_prepare_reads(
     server, trained_photos, label_studio_host, tmp_path
@@ -398,6 +426,14 @@ def test_label_studio_annotations_reach_a_labels_file_that_prepare_reads(
     assert {task["id"]: len(task["annotations"]) for task in exported} == {1: 0, 2: 1, 3: 1, 4: 1}
     copy = next(task for task in exported if task["id"] == 4)["data"]["source_uri"]
     assert _bytes(copy) == _bytes(os.path.join(photos, "cat", uploaded))
+    # A task "number" that is a path writes nothing anywhere.
+    crafted = _annotation_event(
+        "ANNOTATION_CREATED", task_id=5, annotation_id=14, image=f"/data/upload/1/{uploaded}", choice="cat"
+    )
+    crafted["task"]["id"] = "../../escaped"
+    response = _post(server, json.dumps(crafted).encode(), "application/json", path="/webhook")
+    assert response.status_code == 400
+    assert not glob.glob(os.path.join(os.path.dirname(str(server.labels_file)), "..", "**", "*escaped*"))
     output = str(tmp_path / "prepared")
     argv = ["prepare", "--input", photos, "--labels", str(server.labels_file), "--output", output]
     assert main([*argv, "--image_size", "64", "--quiet"]) == 0
@@ -426,8 +462,9 @@ def _annotation_event(action: str, task_id: int, annotation_id: int, image: str,
 
 def test_label_studio_config_and_prediction_shapes():
     assert choices_control(CONFIG) == ("label", "image", "image")
-    with pytest.raises(Exception, match="no <Choices"):
+    with pytest.raises(RequestError, match="no <Choices") as refused:
         choices_control('<View><Image name="image" value="$image"/></View>')
+    assert refused.value.status == 400
     single = {"label": "cat", "score": 0.9}
     multi = {"label": "cat", "score": 0.9, "labels": ["cat", "coffee"]}
     assert prediction(single, "label", "image", "m-1")["result"][0]["value"] == {"choices": ["cat"]}
@@ -475,14 +512,18 @@ def test_the_batcher_fills_batches_under_load_and_answers_everything_queued_when
 
 
 def test_a_request_cancelled_while_queued_does_not_stop_the_batcher():
+    release = threading.Event()
+
     def engine(images):
-        time.sleep(0.05)
+        release.wait(5)
         return [Prediction(labels=["x"], scores=[1.0]) for _ in images]
 
-    batcher = Batcher({1: engine, 4: engine}, max_wait_ms=1)
-    first = batcher.submit(np.zeros((2, 2, 3), np.uint8))  # computing while the next is queued
+    batcher = Batcher({1: engine}, max_wait_ms=1)  # one image a batch: the second waits its turn
+    first = batcher.submit(np.zeros((2, 2, 3), np.uint8))
+    time.sleep(0.1)  # the first is computing, held by the engine
     queued = batcher.submit(np.zeros((2, 2, 3), np.uint8))
     assert queued.cancel()
+    release.set()
     assert first.result(5).labels == ["x"]
     assert batcher.submit(np.zeros((2, 2, 3), np.uint8)).result(5).labels == ["x"]
     batcher.close(5)
@@ -535,7 +576,10 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0_with_a_summary(trai
     time.sleep(0.2)
     answered = [r for r in responses if isinstance(r, httpx.Response)]
     assert code == 0, "\n".join(running.lines)
-    # Requests the server had accepted are answered; none fails half-way.
+    # Every request sent before the signal is answered, none fails half-way: at most a connection
+    # opened after the server stopped listening is refused.
+    failed = [r for r in responses if not isinstance(r, httpx.Response | httpx.ConnectError)]
+    assert not failed, failed
     assert answered and all(r.status_code == 200 for r in answered)
     summary = running.lines[-1]
     assert summary.startswith("stopped by SIGTERM") and "every request in flight answered" in summary
