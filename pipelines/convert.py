@@ -175,6 +175,8 @@ def _check_output(config: Config) -> None:
     model, output = storage.canonical(config.model), storage.canonical(config.output)
     if model == output or model.startswith(output.rstrip("/") + "/"):
         raise UsageError(f"--output {config.output}: holds --model {config.model}; choose another place")
+    if storage.is_local(config.output) and os.path.isfile(config.output):
+        raise UsageError(f"--output {config.output}: is a file; --output names the folder to write")
     if not storage.list_files(config.output):
         return
     if not config.overwrite:

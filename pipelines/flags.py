@@ -261,7 +261,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
-        help=f"larger images (width x height) are error rows (default {DEFAULT_MAX_PIXELS:,})",
+        help=f"larger images (width x height) are DecompressionBomb errors (default {DEFAULT_MAX_PIXELS:,})",
     )
     parser.add_argument(
         "--buffer_mb",

@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import storage
-from beamvision.console import DEFAULT_PROGRESS_SECONDS
+from beamvision.console import DEFAULT_PROGRESS_SECONDS, counted
 from beamvision.models.dataset import (
     LABELS_FILE,
     SPLITS,
@@ -577,7 +577,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
         classes.update(export.classes)
         recorded = f"; {len(export.classes):,} classes recorded" if export.classes else ""
         print(
-            f"{config.labels}: {len(reviewed):,} annotated tasks, "
+            f"{config.labels}: {counted(len(reviewed), 'annotated task')}, "
             f"{unannotated:,} without a choice annotation (skipped){recorded}"
         )
     pipeline = beam.Pipeline(options=pipeline_options)

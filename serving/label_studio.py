@@ -102,11 +102,23 @@ def config_classes(label_config: str) -> list[str]:
     return [choice.get("value") for choice in root.iter("Choice") if choice.get("value")]
 
 
-def prediction(answer: dict[str, Any], from_name: str, to_name: str, model_version: str) -> dict[str, Any]:
-    """One task's prediction from a ``/v1/classify`` answer: a choices result, the score, the version."""
-    chosen = answer.get("labels", [answer["label"]])
+def prediction(
+    answer: dict[str, Any], from_name: str, to_name: str, model_version: str, choices: list[str] | None = None
+) -> dict[str, Any]:
+    """One task's prediction from a ``/v1/classify`` answer: a choices result, the score, the version.
+
+    ``choices``: the config's ``<Choice>`` values; the prediction names only
+    those (a single-label model's best class among them, in its top k; none
+    if its top k holds none). None or empty: any class.
+    """
+    if "labels" in answer:
+        chosen = [label for label in answer["labels"] if not choices or label in choices]
+        score = answer["score"]
+    else:
+        ranked = [item for item in answer["top_k"] if not choices or item["label"] in choices][:1]
+        chosen, score = [item["label"] for item in ranked], (ranked[0]["score"] if ranked else 0.0)
     result = [{"from_name": from_name, "to_name": to_name, "type": "choices", "value": {"choices": chosen}}]
-    return {"result": result if chosen else [], "score": answer["score"], "model_version": model_version}
+    return {"result": result if chosen else [], "score": score, "model_version": model_version}
 
 
 def merge_event(tasks: dict[str, dict], event: dict[str, Any]) -> bool:
@@ -244,14 +256,16 @@ class _Backend:
         )
         return JSONResponse({"results": list(results), "model_version": self._service.model_version})
 
-    async def _predict_task(self, task: Any, field: str, from_name: str, to_name: str) -> dict[str, Any]:
+    async def _predict_task(
+        self, task: Any, field: str, from_name: str, to_name: str, choices: list[str]
+    ) -> dict[str, Any]:
         """One task's prediction; a task whose image cannot be classified gets an empty one (logged)."""
         version = self._service.model_version
         task = task if isinstance(task, dict) else {}
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         try:
             image = await self._image(data.get(field))
-            return prediction(await self._service.classify_bytes(image), from_name, to_name, version)
+            return prediction(await self._service.classify_bytes(image), from_name, to_name, version, choices)
         except RequestError as exc:
             if exc.error_type in LABEL_STUDIO_ERRORS:
                 # Label Studio would store an empty prediction and never ask again: fail the request.

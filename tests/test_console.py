@@ -30,6 +30,8 @@ TF_LINES = [
     b"GPU will not be used.",
     b"E1202 00:01:02.123456    4242 cuda_executor.cc:1228] failed call to cuInit: UNKNOWN ERROR (303)",
     b"W1202 00:01:02.123456    4242 external/local_xla/xla/tsl/lib/monitoring/collection_registry.cc:81] x",
+    b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+    b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: FLOAT32",
 ]
 KEPT_LINES = [
     b"E1202 00:01:02.123456    4242 op_kernel.cc:1830] OP_REQUIRES failed: an error of C++ is shown",

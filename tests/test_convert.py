@@ -205,3 +205,11 @@ def test_user_mistakes_are_one_line_and_write_nothing(trained_photos, tmp_path, 
     assert code == 2
     assert len(printed.strip().splitlines()) == 1 and message in printed, printed
     assert not output.exists()
+
+
+def test_an_output_that_is_a_file_is_refused_and_kept(trained_photos, tmp_path, capsys):
+    _, _, _, model = trained_photos
+    named = tmp_path / "model.onnx"
+    named.write_text("mine")
+    code, printed = _convert(capsys, "--model", model, "--format", "onnx", "--output", str(named))
+    assert code == 2 and "is a file" in printed and named.read_text() == "mine"

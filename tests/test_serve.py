@@ -465,11 +465,23 @@ def test_label_studio_config_and_prediction_shapes():
     with pytest.raises(RequestError, match="no <Choices") as refused:
         choices_control('<View><Image name="image" value="$image"/></View>')
     assert refused.value.status == 400
-    single = {"label": "cat", "score": 0.9}
+    single = {"label": "cat", "score": 0.9, "top_k": [{"label": "cat", "score": 0.9}]}
     multi = {"label": "cat", "score": 0.9, "labels": ["cat", "coffee"]}
     assert prediction(single, "label", "image", "m-1")["result"][0]["value"] == {"choices": ["cat"]}
     assert prediction(multi, "label", "image", "m-1")["result"][0]["value"] == {"choices": ["cat", "coffee"]}
     assert prediction({**multi, "labels": []}, "label", "image", "m-1")["result"] == []
+    # Only the config's choices: the best of them in the top k, or none.
+    ranked = {
+        "label": "china",
+        "score": 0.5,
+        "top_k": [{"label": "china", "score": 0.5}, {"label": "cat", "score": 0.3}],
+    }
+    limited = prediction(ranked, "label", "image", "m-1", choices=["cat", "rocket"])
+    assert limited["result"][0]["value"] == {"choices": ["cat"]} and limited["score"] == 0.3
+    assert prediction(ranked, "label", "image", "m-1", choices=["rocket"])["result"] == []
+    assert prediction(multi, "label", "image", "m-1", choices=["coffee"])["result"][0]["value"] == {
+        "choices": ["coffee"]
+    }
     tasks = {}
     assert not merge_event(tasks, {"action": "PROJECT_UPDATED"}) and tasks == {}
 

@@ -35,6 +35,12 @@ NOISE = (
     re.compile(rb"[IW]" + _LOG_LINE),
     # ERROR lines only of the GPU probe on a machine without one; other errors, and FATAL, are kept.
     re.compile(rb"E" + _LOG_LINE + rb".*(cuInit|CUDA|cuDNN|cuFFT|cuBLAS|TensorRT)"),
+    # LiteRT's interpreter and the TFLite converter (convert --format tflite) print these from C++.
+    re.compile(rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.\s*$"),
+    re.compile(
+        rb"fully_quantize: \d+, inference_type: \d+, input_inference_type: \w+, "
+        rb"output_inference_type: \w+\s*$"
+    ),
 )
 PARTIAL_LINE_WAIT_SECONDS = 0.2
 OWN_LINE = b"beamvision "  # how the command's own messages begin (what an interrupted group still shows)
