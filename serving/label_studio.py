@@ -250,9 +250,11 @@ class _Backend:
             )
         if len(tasks) > MAX_URIS:
             raise RequestError("BadRequest", f"{len(tasks):,} tasks in one request; at most {MAX_URIS:,}")
-        from_name, to_name, field = choices_control(body.get("label_config") or "")
+        config = body.get("label_config") or ""
+        from_name, to_name, field = choices_control(config)
+        choices = config_classes(config)  # the prediction names only these
         results = await asyncio.gather(
-            *(self._predict_task(task, field, from_name, to_name) for task in tasks)
+            *(self._predict_task(task, field, from_name, to_name, choices) for task in tasks)
         )
         return JSONResponse({"results": list(results), "model_version": self._service.model_version})
 
