@@ -83,6 +83,7 @@ from beamvision.transforms.resume import (
     running_owner,
     write_attempt,
 )
+from beamvision.transforms.runners import new_pipeline
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.write import WriteResults
 
@@ -377,7 +378,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             f"classify: resuming an interrupted run into {config.output}: up to "
             f"{counted(resume.rows, 'row')} are kept, their files (unchanged since) are not classified again"
         )
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = new_pipeline(pipeline_options)
     build_pipeline(pipeline, config, manifest, earlier, started_at, resume)
     job = Job(
         "classify",

@@ -123,7 +123,41 @@ def parse_pipeline_args(
     runner = beam_parser.parse_args(beam_argv).runner
     if runner is not None and not is_known_runner(runner):
         raise UsageError(f"--runner {runner}: unknown runner; choose from {', '.join(RUNNERS)}")
-    return args, PipelineOptions(beam_argv)
+    options = PipelineOptions(beam_argv)
+    if runner is not None and "prism" in runner.lower():
+        _check_prism(runner, options)
+    return args, options
+
+
+def _check_prism(runner: str, options: PipelineOptions) -> None:
+    """Fetches (or finds in Beam's cache) the Prism binary now: a bad path or no network is one line.
+
+    Beam does the same when the job starts, with a traceback; the binary is
+    cached under ~/.apache_beam/cache/prism, so the job's own lookup is quick.
+    """
+    from apache_beam.options.pipeline_options import PrismRunnerOptions
+    from apache_beam.runners.portability.prism_runner import PrismJobServer
+
+    from beamvision.storage import StorageUnreachable
+
+    releases = "https://github.com/apache/beam/releases"
+
+    location = options.view_as(PrismRunnerOptions).prism_location
+    try:
+        PrismJobServer(options)._get_executable_path()
+    except ValueError:  # Beam's words for a path that is not there, or a URL not of a Beam release
+        what = "not a Beam release's URL" if "://" in (location or "") else "no such file"
+        raise UsageError(
+            f"--prism_location {location}: {what}; give a Prism binary, its release zip, or the URL of "
+            f"either on {releases}"
+        ) from None
+    except (OSError, RuntimeError) as exc:  # the download (Beam wraps urllib's errors in RuntimeError)
+        where = f"--prism_location {location}" if location else "Beam's Prism release"
+        raise StorageUnreachable(
+            f"--runner {runner}: could not fetch {where} ({str(exc).splitlines()[0]}); "
+            "pass --prism_location with a local Prism binary, or leave out --runner to run on this machine "
+            "without Prism"
+        ) from None
 
 
 def _add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:

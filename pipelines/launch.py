@@ -13,8 +13,9 @@ one with too many errors exits 3 (``check_errors``). review and tune, which
 show no progress line, run theirs with ``run_to_end``, as
 ``run_with_progress`` runs a local job. What the job counts comes from
 ``beamvision.transforms.progress``: on the direct runners from the tally
-files its workers write into a folder this process names (``LocalProgress``),
-on Dataflow from the job's metrics (``watch_job``).
+files its workers write into a folder this process names (``LocalProgress``;
+also a portable runner's workers on this machine, whose job service reports
+metrics only at the end), on Dataflow from the job's metrics (``watch_job``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -255,8 +255,14 @@ def run_with_progress(
 
 
 def _run_locally(pipeline: beam.Pipeline, line: ProgressLine) -> PipelineResult:
-    """Runs a direct job while a thread shows the sums of its workers' tallies on ``line``."""
-    with LocalProgress() as local:
+    """Runs a job while a thread shows the sums of its workers' tallies on ``line``.
+
+    A portable runner's workers on other machines (a Flink or Spark cluster)
+    write no tally here: the last line then has the job's metrics, which
+    Beam's job services report once the job is over.
+    """
+    result = None
+    with LocalProgress(pipeline) as local:
         stop = threading.Event()
 
         def show() -> None:
@@ -270,17 +276,22 @@ def _run_locally(pipeline: beam.Pipeline, line: ProgressLine) -> PipelineResult:
         finally:
             stop.set()
             thread.join()
-            line.close(local.counts())
+            counts = local.counts()
+            if result is not None and counts.inputs == 0 and runner_kind(pipeline) is RunnerKind.PORTABLE:
+                with contextlib.suppress(Exception):  # a job service that reports no metrics
+                    counts = job_counts(result, final=True)
+            line.close(counts)
     return result
 
 
 class LocalProgress:
-    """The launcher's side of a direct run: a folder its workers report to, and the sum of their reports."""
+    """The launcher's side of a run on this machine: the folder its workers report to, and their sum."""
+
+    def __init__(self, pipeline: beam.Pipeline):
+        self.folder = progress.tally_folder(pipeline)
 
     def __enter__(self) -> LocalProgress:
-        self.folder = tempfile.mkdtemp(prefix="beamvision-progress-")
-        self._before = os.environ.get(progress.PROGRESS_DIR_ENV)
-        os.environ[progress.PROGRESS_DIR_ENV] = self.folder
+        os.makedirs(self.folder, exist_ok=True)
         return self
 
     def counts(self) -> Counts:
@@ -288,10 +299,6 @@ class LocalProgress:
 
     def __exit__(self, *exc) -> None:
         progress.forget_tally(self.folder)  # this process's own tally of the run, if it worked for it
-        if self._before is None:
-            os.environ.pop(progress.PROGRESS_DIR_ENV, None)
-        else:
-            os.environ[progress.PROGRESS_DIR_ENV] = self._before
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -80,6 +80,7 @@ from beamvision.transforms.outputs import ERRORS_PREFIX, errors_pattern
 from beamvision.transforms.progress import ReportProgress
 from beamvision.transforms.read import ImageFile, LookUpFiles, MatchInputs, ReadFiles, listed_uri
 from beamvision.transforms.rows import ERRORS_TAG, Label, error_row, label_set
+from beamvision.transforms.runners import new_pipeline
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.write import SummarizeErrors, WriteErrors
 
@@ -580,7 +581,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             f"{config.labels}: {counted(len(reviewed), 'annotated task')}, "
             f"{unannotated:,} without a choice annotation (skipped){recorded}"
         )
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = new_pipeline(pipeline_options)
     # Before any deletion: building can still fail.
     build_pipeline(pipeline, config, reviewed, unannotated, sorted(classes))
     # Stale shards of an earlier run (another shard count) would be read by train.

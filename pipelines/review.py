@@ -36,6 +36,7 @@ from beamvision.pipelines.flags import add_results_argument, add_switch, parse_p
 from beamvision.pipelines.launch import build_only, claim_output, discard_unfinished, is_dry_run, run_to_end
 from beamvision.pipelines.reports import distinct_least_certain, read_errors, read_results, read_summary
 from beamvision.transforms.rows import LABELS_FIELD
+from beamvision.transforms.runners import new_pipeline
 from beamvision.transforms.thumbnails import thumbnail_name
 
 PAGE = "index.html"
@@ -264,7 +265,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     errors = read_errors(config.results, ERROR_COLUMNS)
     content = review_content(results, errors, config.per_label, config.queue)
     uris = sorted({image["uri"] for image in images_of(content)})
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = new_pipeline(pipeline_options)
     _ = (
         pipeline
         | "ShownImages" >> beam.Create(uris)

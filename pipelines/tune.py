@@ -61,7 +61,7 @@ from beamvision.pipelines.launch import build_only, is_dry_run, run_to_end
 from beamvision.pipelines.search_space import SearchSpace, SpaceError, parse_space
 from beamvision.pipelines.tune_report import best_record, influence, plot, table_text, trials_table
 from beamvision.transforms.engines import engine_files
-from beamvision.transforms.runners import runner_name, sees_local_disk
+from beamvision.transforms.runners import new_pipeline, runner_name, sees_local_disk
 from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
 from beamvision.transforms.trials import (
     COMPLETED,
@@ -386,7 +386,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     trials = plan_trials(config, space, dataset_fingerprint(config.data, labels, stats))
     if not trials:
         raise UsageError(f"--space {config.space}: gives no trial")
-    pipeline = beam.Pipeline(options=pipeline_options)
+    pipeline = new_pipeline(pipeline_options)
     build_pipeline(pipeline, config, space, trials)
     if is_dry_run(pipeline_options):
         return build_only(pipeline)

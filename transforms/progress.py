@@ -5,19 +5,26 @@ found, results, errors, inputs skipped) two ways:
 
 - as the Beam counter ``beamvision/progress_<kind>`` (``counter_name``): what
   Dataflow's job metrics show while the job runs;
-- on Beam's direct runners, which report metrics only once the run is over,
-  in one small JSON file per worker process (a tally), in the folder the
-  launching process names in ``BEAMVISION_PROGRESS_DIR`` (worker processes
-  inherit it). Each file is rewritten at most every half second and at the
-  end of each bundle; ``read_tallies`` sums them.
+- on the runners whose workers run on this machine (Beam's direct runner,
+  which reports metrics only once the run is over; a portable runner's
+  worker pool or loopback workers, whose job service does the same), in one
+  small JSON file per worker process (a tally), in the pipeline's tally
+  folder (``tally_folder``: a path chosen when the pipeline is built, so the
+  workers get it with the step, not from their environment; the launcher
+  creates it for the run, and workers that cannot see it, on other
+  machines, write nothing). Each file is rewritten at most every half second
+  and at the end of each bundle; ``read_tallies`` sums them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
+import uuid
+import weakref
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -25,8 +32,18 @@ from apache_beam.metrics import Metrics
 from beamvision.transforms.rows import METRICS_NAMESPACE
 
 KINDS = ("inputs", "results", "errors", "skipped")
-PROGRESS_DIR_ENV = "BEAMVISION_PROGRESS_DIR"
+TALLY_PREFIX = "beamvision-progress-"
 WRITE_EVERY_SECONDS = 0.5
+
+
+_FOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> its tally folder
+
+
+def tally_folder(pipeline: beam.Pipeline) -> str:
+    """The folder the workers of ``pipeline`` write their tallies to (not created here: see above)."""
+    if pipeline not in _FOLDERS:
+        _FOLDERS[pipeline] = os.path.join(tempfile.gettempdir(), TALLY_PREFIX + uuid.uuid4().hex)
+    return _FOLDERS[pipeline]
 
 
 def counter_name(kind: str) -> str:
@@ -51,18 +68,19 @@ class ReportProgress(beam.PTransform):
 
     def expand(self, pcolls):
         parts = pcolls if isinstance(pcolls, dict) else {"": pcolls}
-        fn = _ReportProgressFn(self._kind)
+        pipeline = next(iter(parts.values())).pipeline
+        fn = _ReportProgressFn(self._kind, tally_folder(pipeline))
         return {name: part | f"Count{name.title()}" >> beam.ParDo(fn) for name, part in parts.items()}
 
 
 class _ReportProgressFn(beam.DoFn):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, folder: str):
         self._kind = kind
+        self._folder = folder
         self._counter = Metrics.counter(METRICS_NAMESPACE, counter_name(kind))
 
     def setup(self):
-        folder = os.environ.get(PROGRESS_DIR_ENV)
-        self._tally = _Tally.of(folder) if folder else None
+        self._tally = _Tally.of(self._folder) if os.path.isdir(self._folder) else None
 
     def process(self, element):
         self._counter.inc()
