@@ -34,6 +34,7 @@ NOT_RUN = {
     "docs/getting-started.md": 2,
     "docs/labelling.md": 1,
     "docs/performance.md": 1,
+    "docs/runners.md": 2,
     "docs/training.md": 1,
 }
 # Session fixtures a page needs beyond its folder and the bucket.

@@ -188,6 +188,10 @@ def test_prism_by_name_is_checked_before_the_job(tiny, tmp_path, capsys, monkeyp
         ("--runner PrismRunner", True),  # Prism's default environment is LOOPBACK
         ("--runner PortableRunner --job_endpoint localhost:8099", False),  # Docker containers
         ("--runner PortableRunner --environment_type LOOPBACK", True),
+        ("--runner FlinkRunner", True),  # Flink embedded in its job server: LOOPBACK
+        ("--runner FlinkRunner --flink_master flink-jm:8081", False),
+        ("--runner SparkRunner", True),  # local[4]
+        ("--runner SparkRunner --spark_master_url spark://spark-master:7077", False),
         ("--runner FlinkRunner --environment_type EXTERNAL --environment_config 127.0.0.1:50000", True),
         ("--runner FlinkRunner --environment_type EXTERNAL --environment_config flink-tm:50000", False),
         (

@@ -98,10 +98,11 @@ def sees_local_disk(pipeline) -> bool:
     """Whether the pipeline's workers can read and write this machine's local paths.
 
     Direct runners' workers do; a portable runner's do when they run on this
-    machine: ``--environment_type LOOPBACK`` (in this process; Prism's
-    default), ``EXTERNAL`` at a loopback address (a worker pool here), or
-    ``PROCESS`` started by a job service here. Docker containers (the
-    portable default) and Dataflow's workers do not.
+    machine: ``--environment_type LOOPBACK`` (in this process; the default of
+    Prism and of Flink and Spark embedded in the job server), ``EXTERNAL`` at
+    a loopback address (a worker pool here), or ``PROCESS`` started by a job
+    service here. Docker containers (the portable default) and Dataflow's
+    workers do not.
     """
     kind = runner_kind(pipeline)
     if kind is not RunnerKind.PORTABLE:
@@ -109,8 +110,7 @@ def sees_local_disk(pipeline) -> bool:
     from apache_beam.options.pipeline_options import PortableOptions
 
     portable = pipeline.options.view_as(PortableOptions)
-    default = "LOOPBACK" if "prism" in type(pipeline.runner).__name__.lower() else "DOCKER"
-    environment = (portable.environment_type or default).upper()
+    environment = (portable.environment_type or _default_environment(pipeline)).upper()
     if environment == "LOOPBACK":
         return True
     if environment == "EXTERNAL":
@@ -118,6 +118,25 @@ def sees_local_disk(pipeline) -> bool:
     if environment == "PROCESS":
         return portable.job_endpoint is None or _is_loopback(portable.job_endpoint)
     return False
+
+
+def _default_environment(pipeline) -> str:
+    """The environment a portable runner picks when none is given: Beam's own rules, by runner."""
+    import re
+
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions, SparkRunnerOptions
+    from apache_beam.runners.portability import flink_runner, spark_runner
+
+    options, name = pipeline.options, type(pipeline.runner).__name__.lower()
+    local = {
+        "prism": lambda: True,
+        "flink": lambda: options.view_as(FlinkRunnerOptions).flink_master in flink_runner.MAGIC_HOST_NAMES,
+        "spark": lambda: bool(
+            re.match(spark_runner.LOCAL_MASTER_PATTERN, options.view_as(SparkRunnerOptions).spark_master_url)
+        ),
+    }
+    embedded = next((test for key, test in local.items() if key in name), lambda: False)
+    return "LOOPBACK" if embedded() else "DOCKER"
 
 
 def _is_loopback(address: str | None) -> bool:
