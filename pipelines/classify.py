@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult
 
 from beamvision import exits, storage
@@ -48,8 +49,9 @@ from beamvision.pipelines.flags import (
     positive_int,
     worker_sizing,
 )
-from beamvision.pipelines.launch import Job, beam_litter, check_errors, is_dry_run, run_job
+from beamvision.pipelines.launch import Job, Outcome, beam_litter, check_errors, is_dry_run, run_job
 from beamvision.pipelines.reports import format_summary
+from beamvision.transforms import catalog_lock
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
@@ -363,37 +365,23 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     if not is_dry_run(pipeline_options):  # workers match the inputs, retrying an unreachable host for minutes
         storage.check_reachable(*config.inputs)
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
-    earlier, stale_runs = None, []
     dry_run = is_dry_run(pipeline_options)
-    if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
-        config, earlier, stale_runs = _incremental_run(config, manifest, dry_run)
-    else:
-        config = dataclasses.replace(config, partial=partial_dir(config.output))
-    attempt = _attempt_record(config, manifest)
-    # Read only: what is deleted is deleted once the job is built (building can still fail).
-    resume, stale = (Resume(), []) if dry_run else _plan_output(config, attempt)
-    stale += [uri for folder in stale_runs for uri in storage.list_files(folder)]
-    if resume:
-        print(
-            f"classify: resuming an interrupted run into {config.output}: up to "
-            f"{counted(resume.rows, 'row')} are kept, their files (unchanged since) are not classified again"
-        )
     pipeline = new_pipeline(pipeline_options)
-    build_pipeline(pipeline, config, manifest, earlier, started_at, resume)
-    job = Job(
-        "classify",
-        config.output,
-        RUN_FILES,
-        "results",
-        SUMMARY_FILE,
-        config.overwrite,
-        config.progress_every,
-        config.detach,
-        claim=lambda: _claim_output(config, attempt, stale),
-    )
-    outcome = run_job(
-        pipeline, pipeline_options, job, f"{_inputs_flags(config)}: matched no file; nothing was classified"
-    )
+    lock = None  # an incremental night holds its catalog from its first read to its commit
+    if config.incremental and not dry_run:
+        lock = catalog_lock.take(config.output, "classify --incremental", "--output", config.run_id)
+    try:
+        config, outcome = _classify(config, manifest, pipeline, pipeline_options, started_at, lock)
+    except KeyboardInterrupt:
+        if lock is not None and lock.job is None:  # a Dataflow job goes on: the lock stays until it commits
+            lock.release()
+        raise
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if lock is not None and not (config.detach and lock.job):
+        lock.release()
     summary = outcome.report
     if summary is not None:
         timing = start_up_timing(outcome.result, started_at)
@@ -407,6 +395,49 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
             print(f"resumed: {summary['resumed']:,} rows kept from the interrupted run, not made again")
         check_errors(summary, config.max_error_rate, errors_pattern(config.output))
     return outcome.result
+
+
+def _classify(
+    config: Config,
+    manifest: Manifest,
+    pipeline: beam.Pipeline,
+    pipeline_options: PipelineOptions,
+    started_at: float,
+    lock: catalog_lock.CatalogLock | None,
+) -> tuple[Config, Outcome]:
+    """Plans the output (a night's run, what an interrupted run left), builds and runs the job."""
+    earlier, stale_runs = None, []
+    dry_run = is_dry_run(pipeline_options)
+    if config.incremental:  # OUTPUT is the root of all runs; this one writes OUTPUT/run=ID
+        config, earlier, stale_runs = _incremental_run(config, manifest, dry_run, lock)
+    else:
+        config = dataclasses.replace(config, partial=partial_dir(config.output))
+    attempt = _attempt_record(config, manifest)
+    # Read only: what is deleted is deleted once the job is built (building can still fail).
+    resume, stale = (Resume(), []) if dry_run else _plan_output(config, attempt)
+    stale += [uri for folder in stale_runs for uri in storage.list_files(folder)]
+    if resume:
+        print(
+            f"classify: resuming an interrupted run into {config.output}: up to "
+            f"{counted(resume.rows, 'row')} are kept, their files (unchanged since) are not classified again"
+        )
+    build_pipeline(pipeline, config, manifest, earlier, started_at, resume)
+    job = Job(
+        "classify",
+        config.output,
+        RUN_FILES,
+        "results",
+        SUMMARY_FILE,
+        config.overwrite,
+        config.progress_every,
+        config.detach,
+        claim=lambda: _claim_output(config, attempt, stale),
+        submitted=None if lock is None else lambda result: lock.name_job(result.job_id()),
+    )
+    outcome = run_job(
+        pipeline, pipeline_options, job, f"{_inputs_flags(config)}: matched no file; nothing was classified"
+    )
+    return config, outcome
 
 
 def _attempt_record(config: Config, manifest: Manifest) -> dict[str, Any]:
@@ -484,14 +515,15 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
 
 
 def _incremental_run(
-    config: Config, manifest: Manifest, dry_run: bool
+    config: Config, manifest: Manifest, dry_run: bool, lock: catalog_lock.CatalogLock | None
 ) -> tuple[Config, list[str], list[str]]:
     """This run's config (writing OUTPUT/run=ID), the completed earlier runs, and the folders to delete.
 
     Without --run_id, a run that an interrupt left unfinished under OUTPUT is
     resumed, under its own ID; with one, the unfinished runs of other IDs are
     deleted once the job is built (their files are classified again, as by no
-    run). A run that a process of this machine is writing now is left alone.
+    run). The catalog's lock (``lock``, held unless a dry run) means no other
+    night is writing: an unfinished run is one that died.
     """
     root = config.output
     unfinished, committed = ([], []) if dry_run else partial_runs(root)
@@ -503,6 +535,8 @@ def _incremental_run(
             logging.getLogger("beamvision").warning("deleting the parts of the unfinished run %s", orphan)
             stale += [partial_dir(root, orphan), run_dir(root, orphan)]
     config = dataclasses.replace(config, output=run_dir(root, run_id), partial=partial_dir(root, run_id))
+    if lock is not None:
+        lock.name_run(run_id)
     # A dry run reads nothing under --output: its graph joins with no earlier run.
     earlier = [] if dry_run else completed_runs(root, manifest.name, manifest.version, config.threshold)
     earlier = [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)

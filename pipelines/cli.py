@@ -33,6 +33,7 @@ COMMANDS = {
     "convert": ("convert", "a model artifact for serving: SavedModel (TF Serving, Vertex AI), TFLite, ONNX"),
     "serve": ("serve", "a model artifact over HTTP: classify endpoint and Label Studio ML backend"),
     "classify": ("classify", "classify image collections in storage into Parquet results (Beam)"),
+    "compact": ("compact", "fold an incremental catalog's completed runs into one partition per model"),
     "evaluate": ("evaluate", "score a classify output against ground truth"),
     "review": ("review", "a classify output as a static HTML report with thumbnails (Beam)"),
     "export-labels": ("export_labels", "classify results as Label Studio tasks with predictions, or CSV"),

@@ -61,6 +61,7 @@ class Job:
         detach: ``--detach``.
         claim: the command's own claim of ``output``, instead of ``claim_output``'s (classify's, which
             keeps an interrupted run's rows); it also says what an interrupt keeps (``exits.on_interrupt``).
+        submitted: called with a remote job's result once it is submitted (before it is followed).
     """
 
     title: str
@@ -72,6 +73,7 @@ class Job:
     progress_every: float
     detach: bool
     claim: Callable[[], None] | None = None
+    submitted: Callable[[PipelineResult], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +106,7 @@ def run_job(pipeline: beam.Pipeline, options: PipelineOptions, job: Job, nothing
         exits.on_interrupt(lambda: discard_unfinished(job.output, job.owned, job.report))
     else:
         job.claim()
-    result = run_with_progress(pipeline, job.title, job.progress_every, job.detach)
+    result = run_with_progress(pipeline, job.title, job.progress_every, job.detach, job.submitted)
     if job.detach:
         print(f"{job.title}: detached; the job writes {report_uri} when it ends")
         return Outcome(result)
@@ -235,12 +237,17 @@ def run_to_end(pipeline: beam.Pipeline) -> PipelineResult:
 
 
 def run_with_progress(
-    pipeline: beam.Pipeline, title: str, every: float, detach: bool = False
+    pipeline: beam.Pipeline,
+    title: str,
+    every: float,
+    detach: bool = False,
+    submitted: Callable[[PipelineResult], None] | None = None,
 ) -> PipelineResult:
     """Runs ``pipeline`` to the end while its progress is shown (``console.ProgressLine``).
 
-    A remote job is announced with its console URL; with ``detach`` it is left
-    running and its result returned at once (the caller prints no summary).
+    A remote job is announced with its console URL (and handed to ``submitted``);
+    with ``detach`` it is left running and its result returned at once (the
+    caller prints no summary).
     """
     if is_remote(pipeline):
         result = pipeline.run()
@@ -248,6 +255,8 @@ def run_with_progress(
         job = f"job {result.job_id()}" if hasattr(result, "job_id") else "job"
         print(f"{title}: submitted {job}" + (f": {url}" if url else ""), flush=True)
         exits.on_interrupt(lambda: remote_job_kept(result, pipeline.options))
+        if submitted is not None:
+            submitted(result)
         if not detach:
             watch_job(result, ProgressLine(title, every=every))
         return result

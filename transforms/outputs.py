@@ -15,7 +15,10 @@ same command keeps them (``beamvision.transforms.resume``)::
 
 With ``--incremental``, OUTPUT is a root holding one Hive partition per run,
 ``OUTPUT/run=<ID>/``, each laid out as above; a run's parts are in
-``OUTPUT/_partial/run=<ID>/``, which no ``run=*`` glob matches. ``prepare`` writes its error
+``OUTPUT/_partial/run=<ID>/``, which no ``run=*`` glob matches. A catalog's
+writer holds ``OUTPUT/_catalog.lock`` (``beamvision.transforms.catalog_lock``);
+``beamvision compact`` folds completed runs into ``OUTPUT/run=compacted-<ID>/``
+(``beamvision.transforms.compaction``). ``prepare`` writes its error
 rows under the same prefix. Writers, readers (evaluate, review,
 export-labels, the next incremental run) and printed commands all take the
 names from here.
@@ -33,6 +36,9 @@ ERRORS_PREFIX = "errors"
 SUMMARY_FILE = "summary.json"
 RUN_PARTITION = "run"
 PARTIAL_DIR = "_partial"  # a leading _ : Hive, Spark, Arrow and DuckDB pass it over
+LOCK_FILE = "_catalog.lock"  # at a catalog's root, held by the one process writing it
+COMPACTED_PREFIX = "compacted-"  # run=compacted-<newest run folded>: completed runs folded into one
+SOURCE_RUN_COLUMN = "source_run"  # a compacted row's own run ID (its partition's run is the compaction's)
 ATTEMPT_FILE = "attempt.json"
 PART_INFIX = "part"
 # What Beam's file sinks leave beside their output when a job dies before it finalises.
@@ -55,6 +61,11 @@ def errors_pattern(folder: str) -> str:
 def run_dir(root: str, run_id: str) -> str:
     """An incremental run's partition under its root."""
     return storage.join(root, f"{RUN_PARTITION}={run_id}")
+
+
+def lock_uri(root: str) -> str:
+    """The lock file of a catalog root."""
+    return storage.join(root, LOCK_FILE)
 
 
 def summaries_pattern(root: str) -> str:

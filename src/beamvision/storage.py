@@ -222,6 +222,37 @@ def write_atomic(uri: str, data: bytes | None = None, local_path: str | None = N
     FileSystems.rename([tmp_uri], [uri])
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Creates the file ``uri`` holding ``data`` only if no file is there: False if one is.
+
+    One writer wins when several try at once: locally ``O_CREAT | O_EXCL``, on
+    Cloud Storage an upload on the condition that no generation exists
+    (``ifGenerationMatch=0``). Other filesystems are refused.
+    """
+    check_reachable(uri)
+    scheme = FileSystems.get_scheme(uri)
+    if scheme is None:
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        try:
+            fd = os.open(uri, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if scheme != "gs":
+        raise ValueError(f"{uri}: no exclusive create on {scheme}://")
+    from apache_beam.io.gcp.gcsio import GcsIO, parse_gcs_path
+    from google.api_core.exceptions import PreconditionFailed
+
+    bucket, name = parse_gcs_path(uri)
+    try:
+        GcsIO().client.bucket(bucket).blob(name).upload_from_string(data, if_generation_match=0)
+    except PreconditionFailed:
+        return False
+    return True
+
+
 def rename(source: str, target: str) -> None:
     """Moves the file ``source`` to ``target`` (on the same filesystem), making a local target's folder."""
     if is_local(target):

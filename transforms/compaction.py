@@ -1,0 +1,318 @@
+"""A catalog's completed runs folded into one partition per model: ``beamvision compact``.
+
+    ROOT/run=compacted-<ID>/results-SSSSS-of-NNNNN.parquet   every result row of the runs folded
+    ROOT/run=compacted-<ID>/errors-SSSSS-of-NNNNN.parquet    every error row
+    ROOT/run=compacted-<ID>/summary.json                     their counts summed; the commit point
+
+``ID`` is the newest run folded. Runs are folded by what an incremental
+night matches them on (the model's name, version and a multi-label model's
+threshold) and by their rows' layout (with or without ``--embeddings``), so
+each compacted table has one schema; a compacted partition is itself folded
+again with later runs. Nothing is lost: every row is kept, with a
+``source_run`` column naming the run that made it (the partition's ``run``
+is the compaction's). A night reads one summary.json and a few large shards
+where it read hundreds of each; the latest-label query is unchanged.
+
+Rows are streamed, a Parquet batch at a time: memory stays that of one batch
+whatever the catalog's size. Each step can be cut (an interrupt, a lost
+machine) without harm:
+
+1. The shards are written to ``ROOT/_partial/run=compacted-ID/``, which no
+   ``run=*`` glob sees (a cut here leaves the catalog as it was; the next
+   compaction deletes them).
+2. They are renamed into ``ROOT/run=compacted-ID/``, then its summary.json is
+   written: the commit point. It names each run folded and a digest of that
+   run's summary.json.
+3. Each folded run's summary.json is deleted (it is no longer a completed
+   run), then its files. A cut here leaves runs both folded and in place: a
+   night skips the same files either way, queries see their rows twice
+   until the next compaction deletes what its summary names (and only runs
+   whose summary is the one it folded, so a later run under a reused ID is
+   kept).
+
+Only a caller holding the catalog's lock (``catalog_lock``) may compact: no
+night is writing while runs are read, folded and deleted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beamvision import storage
+from beamvision.transforms.outputs import (
+    COMPACTED_PREFIX,
+    ERRORS_PREFIX,
+    RESULTS_PREFIX,
+    SOURCE_RUN_COLUMN,
+    SUMMARY_FILE,
+    errors_pattern,
+    part_name,
+    partial_dir,
+    results_pattern,
+    run_dir,
+    summaries_pattern,
+)
+from beamvision.transforms.resume import PARQUET_OPTIONS, commit_run, remove_partial
+
+DEFAULT_SHARD_ROWS = 1_000_000  # a compacted shard's rows: few files, each worth a worker's read
+BATCH_ROWS = 65_536  # rows read and written at a time: the memory a compaction holds
+COUNTS = ("inputs", "results", "errors", "skipped")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A completed run of the catalog: its ID, its summary, and the schemas of its rows."""
+
+    run_id: str
+    summary: dict[str, Any]
+    digest: str  # of its summary.json's bytes
+    results_schema: pa.Schema
+    errors_schema: pa.Schema
+
+    @property
+    def folder(self) -> str:
+        return self.summary["_folder"]
+
+    @property
+    def model_key(self) -> tuple:
+        model = self.summary.get("model", {})
+        return model.get("name"), model.get("version"), model.get("threshold")
+
+    @property
+    def source_runs(self) -> list[str]:
+        """The runs whose rows it holds: its own ID, or a compacted run's folded ones."""
+        return self.summary.get("compacted", {}).get("runs", [self.run_id])
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The runs to fold into one compacted partition (oldest first) and that partition's ID."""
+
+    runs: list[Run]
+
+    @property
+    def run_id(self) -> str:
+        """``compacted-<newest run folded>`` (with ``.N`` if a run folded already bears that name)."""
+        base = COMPACTED_PREFIX + max(source for run in self.runs for source in run.source_runs)
+        taken = {run.run_id for run in self.runs}
+        names = [base] + [f"{base}.{n}" for n in range(1, len(taken) + 1)]
+        return next(name for name in names if name not in taken)
+
+
+@dataclasses.dataclass(frozen=True)
+class Folded:
+    """What one compaction made: its partition, the runs folded, the rows and the files before and after."""
+
+    run_id: str
+    runs: int
+    results: int
+    errors: int
+    files_before: int
+    files_after: int
+
+
+def completed(root: str) -> list[Run]:
+    """Every completed run under ``root`` (one with a summary.json), by run ID."""
+    runs = []
+    for uri, _size in storage.match_sizes(summaries_pattern(root)):
+        folder = uri.rsplit("/", 1)[0]
+        raw = storage.read_bytes(uri)
+        summary = {**json.loads(raw), "_folder": folder}
+        run_id = folder.rsplit("/", 1)[1].split("=", 1)[1]
+        runs.append(
+            Run(
+                run_id,
+                summary,
+                hashlib.sha256(raw).hexdigest(),
+                _schema(results_pattern(glob.escape(folder))),
+                _schema(errors_pattern(glob.escape(folder))),
+            )
+        )
+    return sorted(runs, key=lambda run: run.run_id)
+
+
+def plan(runs: list[Run]) -> list[Plan]:
+    """The compactions worth making: each group of two or more runs of one model and row layout."""
+    groups: dict[tuple, list[Run]] = collections.defaultdict(list)
+    for run in runs:
+        layout = (_without_source(run.results_schema), _without_source(run.errors_schema))
+        groups[(run.model_key, *(str(schema) for schema in layout))].append(run)
+    return [Plan(group) for group in groups.values() if len(group) > 1]
+
+
+def leftovers(runs: list[Run]) -> list[Run]:
+    """Runs a compaction folded but did not get to delete (it was cut after its commit)."""
+    folded = {
+        (run_id, digest)
+        for run in runs
+        for run_id, digest in run.summary.get("compacted", {}).get("folded", {}).items()
+    }
+    return [run for run in runs if (run.run_id, run.digest) in folded]
+
+
+def fold(
+    root: str,
+    plan_: Plan,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    folded_one: Callable[[Run], None] = lambda run: None,
+) -> Folded:
+    """Writes one compacted partition from ``plan_``'s runs, commits it, then deletes those runs.
+
+    ``folded_one`` is called after each run's rows are written (for progress).
+    """
+    partial = partial_dir(root, plan_.run_id)
+    storage.delete_tree(partial)  # what a cut compaction of the same runs left
+    first = plan_.runs[0]
+    results_schema = _with_source(first.results_schema)
+    errors_schema = _with_source(first.errors_schema)
+    written = {RESULTS_PREFIX: _Shards(partial, RESULTS_PREFIX, results_schema, shard_rows)}
+    written[ERRORS_PREFIX] = _Shards(partial, ERRORS_PREFIX, errors_schema, shard_rows)
+    files_before = 0
+    for run in plan_.runs:
+        for prefix, pattern in ((RESULTS_PREFIX, results_pattern), (ERRORS_PREFIX, errors_pattern)):
+            shards = [uri for uri, _size in storage.match_sizes(pattern(glob.escape(run.folder)))]
+            files_before += len(shards)
+            for batch in _batches(shards):
+                written[prefix].write(_tagged(batch, run.run_id, written[prefix].schema))
+        files_before += 1  # its summary.json
+        folded_one(run)
+    for shards in written.values():
+        shards.close()
+    output = run_dir(root, plan_.run_id)
+    commit_run(output, written[RESULTS_PREFIX].parts, written[ERRORS_PREFIX].parts, embeddings=False)
+    summary = _summary(plan_, written[RESULTS_PREFIX].rows, written[ERRORS_PREFIX].rows)
+    storage.write_atomic(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8"))
+    remove_partial(partial)
+    delete_runs(root, plan_.runs)
+    files_after = 1 + len(written[RESULTS_PREFIX].parts) + len(written[ERRORS_PREFIX].parts)
+    return Folded(
+        plan_.run_id,
+        len(plan_.runs),
+        written[RESULTS_PREFIX].rows,
+        written[ERRORS_PREFIX].rows,
+        files_before,
+        files_after,
+    )
+
+
+def delete_runs(root: str, runs: list[Run]) -> None:
+    """Deletes folded runs: each one's summary.json first (no longer a completed run), then its files."""
+    for run in runs:
+        storage.delete(storage.join(run.folder, SUMMARY_FILE))
+        storage.delete_tree(run.folder)
+        remove_partial(partial_dir(root, run.run_id))  # the litter of a run killed after its commit
+
+
+def stale_partials(root: str) -> list[str]:
+    """Folders that cut compactions left in ``ROOT/_partial``: deleted by the next one."""
+    pattern = partial_dir(glob.escape(root), f"{COMPACTED_PREFIX}*")
+    return sorted({uri.rsplit("/", 1)[0] for uri, _size in storage.match_sizes(storage.join(pattern, "*"))})
+
+
+def _summary(plan_: Plan, results: int, errors: int) -> dict[str, Any]:
+    newest = plan_.runs[-1].summary
+    totals = {name: sum(run.summary.get(name, 0) or 0 for run in plan_.runs) for name in COUNTS}
+    return {
+        **totals,
+        "results": results,  # the rows written, which the counts above should equal
+        "errors": errors,
+        "model": newest.get("model", {}),
+        "compacted": {
+            "runs": sorted(source for run in plan_.runs for source in run.source_runs),
+            "folded": {run.run_id: run.digest for run in plan_.runs},
+            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+class _Shards:
+    """Rows written as Parquet parts of at most ``shard_rows`` rows each, a batch at a time."""
+
+    def __init__(self, partial: str, prefix: str, schema: pa.Schema, shard_rows: int):
+        self.partial, self.prefix, self.schema, self.shard_rows = partial, prefix, schema, shard_rows
+        self.parts: list[str] = []
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._file = None
+        self._in_part = 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                self._open()
+            take = min(table.num_rows, self.shard_rows - self._in_part)
+            self._writer.write_table(table.slice(0, take))
+            self._in_part += take
+            self.rows += take
+            table = table.slice(take)
+            if self._in_part >= self.shard_rows:
+                self._finish()
+
+    def close(self) -> None:
+        """Ends the last part; a kind without rows gets one empty part (readers find its schema)."""
+        if self._writer is None and not self.parts:
+            self._open()
+        if self._writer is not None:
+            self._finish()
+
+    def _open(self) -> None:
+        uri = storage.join(self.partial, part_name(self.prefix, f"{len(self.parts):05d}"))
+        if storage.is_local(uri):
+            os.makedirs(self.partial, exist_ok=True)
+        self._file = FileSystems.create(uri)
+        self._writer = pq.ParquetWriter(self._file, self.schema, **PARQUET_OPTIONS)
+        self.parts.append(uri)
+        self._in_part = 0
+
+    def _finish(self) -> None:
+        self._writer.close()
+        self._file.close()
+        self._writer = self._file = None
+
+
+def _batches(shards: list[str]) -> Iterator[pa.RecordBatch]:
+    for uri in shards:
+        with FileSystems.open(uri) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
+
+
+def _tagged(batch: pa.RecordBatch, run_id: str, schema: pa.Schema) -> pa.Table:
+    """A batch of a run's rows with its ``source_run`` (kept as it is in a compacted run's rows)."""
+    table = pa.Table.from_batches([batch])
+    if SOURCE_RUN_COLUMN not in table.column_names:
+        table = table.append_column(SOURCE_RUN_COLUMN, pa.array([run_id] * table.num_rows, pa.string()))
+    return table.select(schema.names).cast(schema)
+
+
+def _schema(pattern: str) -> pa.Schema:
+    """The schema of a run's shards of one kind (the first shard's: a run writes one schema)."""
+    shards = storage.match_sizes(pattern)
+    if not shards:
+        return pa.schema([])
+    with FileSystems.open(shards[0][0]) as f:
+        return pq.ParquetFile(f).schema_arrow.remove_metadata()
+
+
+def _with_source(schema: pa.Schema) -> pa.Schema:
+    return (
+        schema
+        if SOURCE_RUN_COLUMN in schema.names
+        else schema.append(pa.field(SOURCE_RUN_COLUMN, pa.string()))
+    )
+
+
+def _without_source(schema: pa.Schema) -> pa.Schema:
+    index = schema.get_field_index(SOURCE_RUN_COLUMN)
+    return schema if index < 0 else schema.remove(index)
