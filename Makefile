@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py --images 800
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/incremental.py
+	$(BIN)/python benchmarks/catalog.py
 	$(BIN)/python benchmarks/archives.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/sizing.py

@@ -53,10 +53,11 @@ class ProcessRun:
     seconds: float
     peak_rss_mb: float
     output: str
+    read_mb: float = 0.0  # bytes its process tree read through read() calls (rchar), page cache or not
 
 
 def run_process(args: list[str], env: dict | None = None) -> ProcessRun:
-    """Runs a command to completion: its wall time and the peak of its process tree's summed RSS."""
+    """Runs a command to completion: its wall time, the peak of its process tree's summed RSS, bytes read."""
     import psutil
 
     started = time.perf_counter()
@@ -71,10 +72,13 @@ def run_process(args: list[str], env: dict | None = None) -> ProcessRun:
     reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
     reader.start()
     root, peak = psutil.Process(proc.pid), 0
+    read: dict[int, int] = {}  # the last read_chars seen of each process of the tree
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            for p in tree:
+                read[p.pid] = max(read.get(p.pid, 0), p.io_counters().read_chars)
         except psutil.Error:
             pass
         time.sleep(0.05)
@@ -84,7 +88,7 @@ def run_process(args: list[str], env: dict | None = None) -> ProcessRun:
     if proc.returncode != 0:
         sys.stderr.write(output[-4000:])
         raise SystemExit(f"benchmark step failed: {' '.join(args)}")
-    return ProcessRun(seconds, peak / 2**20, output)
+    return ProcessRun(seconds, peak / 2**20, output, sum(read.values()) / 2**20)
 
 
 def make_tiff_scans(directory: str, count: int, side: int) -> list[str]:

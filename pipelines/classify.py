@@ -55,8 +55,8 @@ from beamvision.transforms import catalog_lock
 from beamvision.transforms.archives import CountedInputs, GroupArchives, SplitArchives
 from beamvision.transforms.concurrency import MB
 from beamvision.transforms.decode import DecodeImages
-from beamvision.transforms.engines import DEFAULT_ENGINE
-from beamvision.transforms.incremental import SkipClassified, completed_runs, default_run_id
+from beamvision.transforms.engines import DEFAULT_ENGINE, GPU_ENGINES
+from beamvision.transforms.incremental import EarlierRun, SkipClassified, completed_runs, default_run_id
 from beamvision.transforms.inference import BeamvisionModelHandler, ClassifyImages, start_up_timing
 from beamvision.transforms.outputs import (
     RUN_FILES,
@@ -86,7 +86,15 @@ from beamvision.transforms.resume import (
     write_attempt,
 )
 from beamvision.transforms.runners import new_pipeline
-from beamvision.transforms.sizing import DEFAULT_SIZING, WorkerSizing
+from beamvision.transforms.sizing import (
+    ACCELERATOR_OPTION,
+    CPU_BATCH_SIZE,
+    DEFAULT_SIZING,
+    GPU_BATCH_SIZE,
+    ONE_SDK_PROCESS_EXPERIMENT,
+    GpuWorkers,
+    WorkerSizing,
+)
 from beamvision.transforms.write import WriteResults
 
 DEFAULT_TOP_K = 5
@@ -165,9 +173,8 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch_size",
         type=positive_int,
-        default=32,
         metavar="N",
-        help="images per inference batch (default 32)",
+        help=f"images per inference batch (default {CPU_BATCH_SIZE}; {GPU_BATCH_SIZE} on GPU workers)",
     )
     add_switch(parser, "--embeddings", "also write each image's pooled features before the classifier")
     add_engine_arguments(parser)
@@ -182,7 +189,7 @@ class Config:
     output: str
     top_k: int | None  # None: DEFAULT_TOP_K, or every class of a smaller model
     threshold: float | None  # --threshold of a multi-label model (None: each class's own)
-    batch_size: int
+    batch_size: int | None  # None: the workers' default (GpuWorkers.batch_size)
     embeddings: bool
     max_pixels: int
     buffer_mb: int
@@ -251,7 +258,7 @@ def build_pipeline(
     pipeline: beam.Pipeline,
     config: Config,
     manifest: Manifest,
-    earlier_runs: list[str] | None = None,
+    earlier_runs: list[EarlierRun] | None = None,
     started_at: float | None = None,
     resume: Resume | None = None,
 ) -> None:
@@ -285,7 +292,7 @@ def build_pipeline(
     )
     handler = BeamvisionModelHandler(
         config.model,
-        config.batch_size,
+        GpuWorkers.of(pipeline.options).batch_size(config.batch_size),
         config.top_k,
         config.embeddings,
         config.engine,
@@ -362,6 +369,7 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     config = Config.from_args(args)
     started_at = time.time()
     config, manifest = _check_model(config)
+    _check_gpu_workers(config, pipeline_options)
     if not is_dry_run(pipeline_options):  # workers match the inputs, retrying an unreachable host for minutes
         storage.check_reachable(*config.inputs)
     logging.getLogger("beamvision").info("classifying with %s version %s", manifest.name, manifest.version)
@@ -497,6 +505,30 @@ def _claim_output(config: Config, attempt: dict[str, Any], stale: list[str]) -> 
     exits.on_interrupt(kept)
 
 
+def _check_gpu_workers(config: Config, pipeline_options: PipelineOptions) -> None:
+    """The GPUs each worker is asked for, checked against the engine; one SDK process per GPU machine."""
+    try:
+        gpus = GpuWorkers.of(pipeline_options)
+    except ValueError as exc:
+        raise UsageError(f"--dataflow_service_options {exc}") from None
+    if not gpus:
+        return
+    if gpus.count > 1:
+        raise UsageError(
+            f"--dataflow_service_options {ACCELERATOR_OPTION}=...count:{gpus.count}: beamvision runs one "
+            "model on one GPU per worker; ask for count:1 and more workers (--max_num_workers)"
+        )
+    if config.engine not in GPU_ENGINES:
+        raise UsageError(
+            f"--engine {config.engine}: computes on the CPU, not on the workers' {gpus.type or 'GPU'}; "
+            f"GPU workers run --engine {' or '.join(GPU_ENGINES)}"
+        )
+    if gpus.one_process_per_machine(pipeline_options):
+        logging.getLogger("beamvision").info(
+            "GPU workers: one SDK process per machine (--experiments %s added)", ONE_SDK_PROCESS_EXPERIMENT
+        )
+
+
 def _check_model(config: Config) -> tuple[Config, Manifest]:
     """The artifact's manifest, checked against the flags; ``--top_k`` resolved for its classes."""
     # Fails here, before any work, on a bad artifact; the model itself is built only by the workers.
@@ -516,7 +548,7 @@ def _check_model(config: Config) -> tuple[Config, Manifest]:
 
 def _incremental_run(
     config: Config, manifest: Manifest, dry_run: bool, lock: catalog_lock.CatalogLock | None
-) -> tuple[Config, list[str], list[str]]:
+) -> tuple[Config, list[EarlierRun], list[str]]:
     """This run's config (writing OUTPUT/run=ID), the completed earlier runs, and the folders to delete.
 
     Without --run_id, a run that an interrupt left unfinished under OUTPUT is
@@ -539,7 +571,7 @@ def _incremental_run(
         lock.name_run(run_id)
     # A dry run reads nothing under --output: its graph joins with no earlier run.
     earlier = [] if dry_run else completed_runs(root, manifest.name, manifest.version, config.threshold)
-    earlier = [run for run in earlier if run.rstrip("/") != config.output.rstrip("/")]  # (--overwrite)
+    earlier = [run for run in earlier if run.folder.rstrip("/") != config.output.rstrip("/")]  # --overwrite
     return config, earlier, stale
 
 

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard_rows",
         type=positive_int,
         default=compaction.DEFAULT_SHARD_ROWS,
-        help=f"rows per compacted shard (default {compaction.DEFAULT_SHARD_ROWS:,})",
+        help="rows per compacted shard: a bucket of URIs that a night looks its files up in "
+        f"(default {compaction.DEFAULT_SHARD_ROWS:,})",
     )
 
 

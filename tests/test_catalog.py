@@ -85,16 +85,18 @@ def test_compact_folds_nights_losslessly_and_later_nights_skip_what_they_classif
     results, errors, latest = _rows(root), _rows(root, "errors"), _latest_labels(root)
     capsys.readouterr()
 
-    assert main(["compact", "--catalog", root]) == 0
+    # 8 rows a bucket: the night after looks its files up in 4 buckets (14 + 14 results)
+    assert main(["compact", "--catalog", root, "--shard_rows", "8"]) == 0
     out = capsys.readouterr().out
     compacted = os.path.join(root, "run=compacted-20261202T030000Z")
-    assert f"2 runs -> {compacted}" in out and "files -> 3" in out, out
+    assert f"2 runs -> {compacted}" in out and "6 files -> 9" in out, out
     runs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "run=*")))
     # version 2's one run has nothing to fold with; version 1's two are one partition now
     assert runs == ["run=20261203T030000Z", "run=compacted-20261202T030000Z"]
     assert (_rows(root), _rows(root, "errors"), _latest_labels(root)) == (results, errors, latest)
     summary = json.loads(storage.read_text(os.path.join(compacted, "summary.json")))
     assert summary["compacted"]["runs"] == ["20261201T030000Z", "20261202T030000Z"]
+    assert summary["compacted"]["buckets"] == 4
     assert (summary["results"], summary["model"]["version"]) == (first["results"] + second["results"], "1")
     assert not os.path.exists(os.path.join(root, LOCK_FILE))
 
@@ -231,7 +233,8 @@ def test_compact_on_cloud_storage(models, gcs_bucket, tmp_path, capsys):
     _night(root, str(images), models["1"], "r1")
     _bucket(images / "second", 1)
     second = _night(root, str(images), models["1"], "r2")
-    assert main(["compact", "--catalog", root]) == 0
+    assert main(["compact", "--catalog", root, "--shard_rows", "3"]) == 0  # 14 results: 5 buckets
+    assert len(storage.match_sizes(f"{root}/run=compacted-r2/results-*")) == 5
     runs = {uri.rsplit("/", 2)[-2] for uri in storage.list_files(root)}
     assert runs == {"run=compacted-r2"}, runs
     night = _night(root, str(images), models["1"], "r3")

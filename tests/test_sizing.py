@@ -14,7 +14,16 @@ from apache_beam.testing.util import assert_that
 
 from beamvision.pipelines.cli import main
 from beamvision.transforms.concurrency import ThreadPoolDoFn
-from beamvision.transforms.sizing import PER_CORE, READ_THREADS, Threads, WorkerSizing, processes_per_machine
+from beamvision.transforms.sizing import (
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
+    PER_CORE,
+    READ_THREADS,
+    GpuWorkers,
+    Threads,
+    WorkerSizing,
+    processes_per_machine,
+)
 
 
 @pytest.mark.parametrize(
@@ -206,3 +215,80 @@ def test_tensorflow_workers_compute_on_the_given_threads(tmp_path):
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.split() == ["1", "1"]
+
+
+T4 = "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], GpuWorkers()),
+        ([f"--dataflow_service_options={T4}"], GpuWorkers("nvidia-tesla-t4", 1)),
+        (["--experiments", "worker_accelerator=type:nvidia-l4"], GpuWorkers("nvidia-l4", 1)),  # the older way
+        (["--dataflow_service_options", "worker_accelerator=type:nvidia-tesla-a100;count:2"], None),
+    ],
+)
+def test_gpu_workers_are_read_from_dataflow_service_options(argv, expected):
+    gpus = GpuWorkers.of(PipelineOptions(argv))
+    if expected is None:
+        assert (gpus.type, gpus.count) == ("nvidia-tesla-a100", 2)
+        return
+    assert gpus == expected
+    options = PipelineOptions(["--runner", "DataflowRunner", *argv])
+    assert gpus.batch_size(None) == (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE) and gpus.batch_size(8) == 8
+    # One SDK process per GPU machine (one model on its GPU), added once; CPU workers keep one per vCPU.
+    assert gpus.one_process_per_machine(options) is bool(gpus)
+    assert gpus.one_process_per_machine(options) is False
+    assert processes_per_machine(options) == (1 if gpus else PER_CORE)
+
+
+def test_a_dataflow_job_on_gpu_workers_runs_one_process_per_machine_at_the_gpu_batch(tmp_path):
+    from beamvision.models import create_model
+    from beamvision.models.artifact import new_manifest, save_artifact
+    from beamvision.pipelines import classify
+
+    model = create_model("squeezenet", num_classes=3, input_size=32)
+    save_artifact(model, new_manifest(model, "squeezenet", ["a", "b", "c"], "none"), str(tmp_path / "m"))
+    argv = ["--input", "gs://bucket/photos/**", "--model", str(tmp_path / "m"), "--output", "gs://bucket/out"]
+    argv += ["--runner", "DataflowRunner", "--project", "beamvision-test", "--region", "us-central1"]
+    argv += ["--temp_location", "gs://bucket/tmp", f"--dataflow_service_options={T4}", "--dry_run"]
+    from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions
+
+    options = classify.run(argv).job.options  # what the job Dataflow would be sent is made of
+    assert "no_use_multiple_sdk_containers" in options.view_as(DebugOptions).experiments
+    assert options.view_as(GoogleCloudOptions).dataflow_service_options == [T4]
+    dofns = _classify_dofns([f"--dataflow_service_options={T4}"])
+    assert dofns["_RunInferenceDoFn"]._model_handler._unkeyed._batch_size == GPU_BATCH_SIZE
+    assert _classify_dofns([])["_RunInferenceDoFn"]._model_handler._unkeyed._batch_size == CPU_BATCH_SIZE
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--engine", "openvino", f"--dataflow_service_options={T4}"],
+            "--engine openvino: computes on the CPU, not on the workers' nvidia-tesla-t4; "
+            "GPU workers run --engine tensorflow",
+        ),
+        (
+            ["--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:4"],
+            "--dataflow_service_options worker_accelerator=...count:4: beamvision runs one model on one GPU "
+            "per worker; ask for count:1 and more workers (--max_num_workers)",
+        ),
+        (
+            ["--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:two"],
+            "--dataflow_service_options worker_accelerator=type:nvidia-l4;count:two: "
+            "count must be a number of GPUs",
+        ),
+    ],
+)
+def test_gpu_workers_refuse_what_cannot_use_them_in_one_line(flags, message, tmp_path, capsys):
+    from beamvision.models import create_model
+    from beamvision.models.artifact import new_manifest, save_artifact
+
+    model = create_model("squeezenet", num_classes=3, input_size=32)
+    save_artifact(model, new_manifest(model, "squeezenet", ["a", "b", "c"], "none"), str(tmp_path / "m"))
+    argv = ["classify", "--input", "gs://b/x/*", "--model", str(tmp_path / "m"), "--output", "gs://b/o"]
+    assert main([*argv, *flags, "--runner", "DataflowRunner", "--dry_run"]) == 2
+    assert capsys.readouterr().err.strip() == f"beamvision classify: error: {message}"

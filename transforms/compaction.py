@@ -42,15 +42,19 @@ import datetime
 import glob
 import hashlib
 import json
+import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from beamvision import storage
+from beamvision.transforms.incremental import uri_bucket
 from beamvision.transforms.outputs import (
     COMPACTED_PREFIX,
     ERRORS_PREFIX,
@@ -66,8 +70,11 @@ from beamvision.transforms.outputs import (
 )
 from beamvision.transforms.resume import PARQUET_OPTIONS, commit_run, remove_partial
 
-DEFAULT_SHARD_ROWS = 1_000_000  # a compacted shard's rows: few files, each worth a worker's read
-BATCH_ROWS = 65_536  # rows read and written at a time: the memory a compaction holds
+# Rows per bucket (a compacted shard): a night's lookup of one bucket reads its key columns whole,
+# and a catalog's buckets are that many keys of the night's work (its parallelism on Dataflow).
+DEFAULT_SHARD_ROWS = 100_000
+MAX_BUCKETS = 1024  # parts written at once (beyond 102 million rows, buckets grow instead)
+BATCH_ROWS = 65_536  # rows read at a time, and written at a time to each bucket
 COUNTS = ("inputs", "results", "errors", "skipped")
 
 
@@ -174,36 +181,44 @@ def fold(
     """
     partial = partial_dir(root, plan_.run_id)
     storage.delete_tree(partial)  # what a cut compaction of the same runs left
+    sources = {
+        run.run_id: {prefix: _shards(pattern, run.folder) for prefix, pattern in _KINDS.items()}
+        for run in plan_.runs
+    }
+    results = sum(_count_rows(shards[RESULTS_PREFIX]) for shards in sources.values())
+    buckets = max(1, min(MAX_BUCKETS, math.ceil(results / shard_rows)))
     first = plan_.runs[0]
-    results_schema = _with_source(first.results_schema)
-    errors_schema = _with_source(first.errors_schema)
-    written = {RESULTS_PREFIX: _Shards(partial, RESULTS_PREFIX, results_schema, shard_rows)}
-    written[ERRORS_PREFIX] = _Shards(partial, ERRORS_PREFIX, errors_schema, shard_rows)
-    files_before = 0
-    for run in plan_.runs:
-        for prefix, pattern in ((RESULTS_PREFIX, results_pattern), (ERRORS_PREFIX, errors_pattern)):
-            shards = [uri for uri, _size in storage.match_sizes(pattern(glob.escape(run.folder)))]
-            files_before += len(shards)
-            for batch in _batches(shards):
-                written[prefix].write(_tagged(batch, run.run_id, written[prefix].schema))
-        files_before += 1  # its summary.json
-        folded_one(run)
-    for shards in written.values():
-        shards.close()
+    schemas = {RESULTS_PREFIX: first.results_schema, ERRORS_PREFIX: first.errors_schema}
+    with tempfile.TemporaryDirectory(prefix="beamvision-compact-") as scratch:
+        local = partial if storage.is_local(partial) else scratch  # remote: written here, then uploaded
+        written = {
+            prefix: _Buckets(local, prefix, _with_source(schemas[prefix]), buckets) for prefix in _KINDS
+        }
+        for run in plan_.runs:
+            for prefix, shards in sources[run.run_id].items():
+                for batch in _batches(shards):
+                    written[prefix].write(_tagged(batch, run.run_id, written[prefix].schema))
+            folded_one(run)
+        parts = {prefix: shards.close() for prefix, shards in written.items()}
+        if local != partial:
+            for prefix, paths in parts.items():
+                parts[prefix] = [storage.join(partial, os.path.basename(path)) for path in paths]
+                for path, uri in zip(paths, parts[prefix], strict=True):
+                    storage.write_atomic(uri, local_path=path)
     output = run_dir(root, plan_.run_id)
-    commit_run(output, written[RESULTS_PREFIX].parts, written[ERRORS_PREFIX].parts, embeddings=False)
-    summary = _summary(plan_, written[RESULTS_PREFIX].rows, written[ERRORS_PREFIX].rows)
+    commit_run(output, parts[RESULTS_PREFIX], parts[ERRORS_PREFIX], embeddings=False)
+    counts = {prefix: shards.rows for prefix, shards in written.items()}
+    summary = _summary(plan_, counts[RESULTS_PREFIX], counts[ERRORS_PREFIX], buckets)
     storage.write_atomic(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode("utf-8"))
     remove_partial(partial)
     delete_runs(root, plan_.runs)
-    files_after = 1 + len(written[RESULTS_PREFIX].parts) + len(written[ERRORS_PREFIX].parts)
     return Folded(
         plan_.run_id,
         len(plan_.runs),
-        written[RESULTS_PREFIX].rows,
-        written[ERRORS_PREFIX].rows,
-        files_before,
-        files_after,
+        counts[RESULTS_PREFIX],
+        counts[ERRORS_PREFIX],
+        sum(1 + sum(map(len, shards.values())) for shards in sources.values()),  # and each summary.json
+        1 + 2 * buckets,
     )
 
 
@@ -221,7 +236,7 @@ def stale_partials(root: str) -> list[str]:
     return sorted({uri.rsplit("/", 1)[0] for uri, _size in storage.match_sizes(storage.join(pattern, "*"))})
 
 
-def _summary(plan_: Plan, results: int, errors: int) -> dict[str, Any]:
+def _summary(plan_: Plan, results: int, errors: int, buckets: int) -> dict[str, Any]:
     newest = plan_.runs[-1].summary
     totals = {name: sum(run.summary.get(name, 0) or 0 for run in plan_.runs) for name in COUNTS}
     return {
@@ -232,54 +247,72 @@ def _summary(plan_: Plan, results: int, errors: int) -> dict[str, Any]:
         "compacted": {
             "runs": sorted(source for run in plan_.runs for source in run.source_runs),
             "folded": {run.run_id: run.digest for run in plan_.runs},
+            "buckets": buckets,  # shard i holds the rows whose image_uri is in incremental.uri_bucket i
             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
 
 
-class _Shards:
-    """Rows written as Parquet parts of at most ``shard_rows`` rows each, a batch at a time."""
+class _Buckets:
+    """Rows hash-partitioned by ``image_uri`` into ``count`` local Parquet parts, a batch at a time.
 
-    def __init__(self, partial: str, prefix: str, schema: pa.Schema, shard_rows: int):
-        self.partial, self.prefix, self.schema, self.shard_rows = partial, prefix, schema, shard_rows
-        self.parts: list[str] = []
-        self.rows = 0
-        self._writer: pq.ParquetWriter | None = None
-        self._file = None
-        self._in_part = 0
+    Part ``i`` holds the rows whose URI is in bucket ``i`` (``incremental.uri_bucket``): a night
+    looks a file up in its one bucket. Rows wait in memory until a bucket has ``BATCH_ROWS``.
+    """
+
+    def __init__(self, folder: str, prefix: str, schema: pa.Schema, count: int):
+        self.schema, self.count, self.rows = schema, count, 0
+        os.makedirs(folder, exist_ok=True)
+        self.paths = [os.path.join(folder, part_name(prefix, f"{i:05d}")) for i in range(count)]
+        self._writers: list[pq.ParquetWriter | None] = [None] * count
+        self._waiting: list[list[pa.Table]] = [[] for _ in range(count)]
+        self._waiting_rows = [0] * count
 
     def write(self, table: pa.Table) -> None:
-        while table.num_rows:
-            if self._writer is None:
-                self._open()
-            take = min(table.num_rows, self.shard_rows - self._in_part)
-            self._writer.write_table(table.slice(0, take))
-            self._in_part += take
-            self.rows += take
-            table = table.slice(take)
-            if self._in_part >= self.shard_rows:
-                self._finish()
+        buckets = np.fromiter(
+            (uri_bucket(uri, self.count) for uri in table["image_uri"].to_pylist()), np.int64, table.num_rows
+        )
+        order = np.argsort(buckets, kind="stable")
+        table, ends = table.take(order), np.cumsum(np.bincount(buckets, minlength=self.count))
+        for bucket, (start, end) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends, strict=True)):
+            if end > start:
+                self._waiting[bucket].append(table.slice(start, end - start))
+                self._waiting_rows[bucket] += end - start
+                if self._waiting_rows[bucket] >= BATCH_ROWS:
+                    self._flush(bucket)
+        self.rows += table.num_rows
 
-    def close(self) -> None:
-        """Ends the last part; a kind without rows gets one empty part (readers find its schema)."""
-        if self._writer is None and not self.parts:
-            self._open()
-        if self._writer is not None:
-            self._finish()
+    def close(self) -> list[str]:
+        """Writes what waits and ends every part (an empty bucket is an empty part); returns their paths."""
+        for bucket in range(self.count):
+            self._flush(bucket)
+            self._writer(bucket).close()
+        return self.paths
 
-    def _open(self) -> None:
-        uri = storage.join(self.partial, part_name(self.prefix, f"{len(self.parts):05d}"))
-        if storage.is_local(uri):
-            os.makedirs(self.partial, exist_ok=True)
-        self._file = FileSystems.create(uri)
-        self._writer = pq.ParquetWriter(self._file, self.schema, **PARQUET_OPTIONS)
-        self.parts.append(uri)
-        self._in_part = 0
+    def _flush(self, bucket: int) -> None:
+        if self._waiting[bucket]:
+            self._writer(bucket).write_table(pa.concat_tables(self._waiting[bucket]))
+            self._waiting[bucket], self._waiting_rows[bucket] = [], 0
 
-    def _finish(self) -> None:
-        self._writer.close()
-        self._file.close()
-        self._writer = self._file = None
+    def _writer(self, bucket: int) -> pq.ParquetWriter:
+        if self._writers[bucket] is None:
+            self._writers[bucket] = pq.ParquetWriter(self.paths[bucket], self.schema, **PARQUET_OPTIONS)
+        return self._writers[bucket]
+
+
+_KINDS = {RESULTS_PREFIX: results_pattern, ERRORS_PREFIX: errors_pattern}
+
+
+def _shards(pattern: Callable[[str], str], folder: str) -> list[str]:
+    return [uri for uri, _size in storage.match_sizes(pattern(glob.escape(folder)))]
+
+
+def _count_rows(shards: list[str]) -> int:
+    total = 0
+    for uri in shards:
+        with FileSystems.open(uri) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def _batches(shards: list[str]) -> Iterator[pa.RecordBatch]:

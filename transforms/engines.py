@@ -154,6 +154,7 @@ class Engine:
         files: its converted model's files, as named in an artifact (empty:
             it stores none, and loads ``model.keras``).
         runs_int8: whether it runs the INT8 model of a quantised artifact.
+        runs_on_nvidia_gpu: whether it computes on a worker's NVIDIA GPU (Dataflow's accelerators).
     """
 
     name: ClassVar[str]
@@ -161,6 +162,7 @@ class Engine:
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
     files: ClassVar[tuple[str, ...]] = ()
     runs_int8: ClassVar[bool] = False
+    runs_on_nvidia_gpu: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -287,6 +289,7 @@ class TensorFlowEngine(Engine):
 
     name = "tensorflow"
     title = "TensorFlow"
+    runs_on_nvidia_gpu = True  # with CUDA TensorFlow (deploy/Dockerfile.gpu), on the first GPU it sees
     # Loading the Keras model starts TensorFlow's runtime, which fixes its pools.
     before_load = staticmethod(set_tensorflow_threads)
 
@@ -349,6 +352,7 @@ class OpenVINOEngine(Engine):
     weights = "openvino/model.bin"  # its weights, read beside the graph under the same name
     files = (xml, weights)
     runs_int8 = True  # beamvision optimize stores its INT8 model as this engine's files
+    # (Its GPU plugin is for Intel GPUs: on an NVIDIA worker it computes on the CPU.)
 
     @classmethod
     def convert(cls, artifact: Artifact, folder: str) -> dict[str, str]:
@@ -436,6 +440,7 @@ class OpenVINOEngine(Engine):
 DEFAULT_ENGINE = TensorFlowEngine.name
 # --precision: auto, then what the engines compute in.
 PRECISIONS = (AUTO_PRECISION, *dict.fromkeys(p for engine in ENGINES.values() for p in engine.precisions))
+GPU_ENGINES = tuple(name for name, engine in ENGINES.items() if engine.runs_on_nvidia_gpu)
 # Engines whose converted model an artifact can store (export and train --engines).
 CONVERTED_ENGINES = tuple(name for name, engine in ENGINES.items() if engine.files)
 

@@ -21,26 +21,45 @@ edits (then the file is classified again, which is safe). Only the model
 name and version select the earlier runs: a run with another ``--top_k`` or
 ``--embeddings`` still skips what they classified (use a new root for that). Earlier rows are joined with the
 matched files by URI (``CoGroupByKey``), reading three or four columns of the
-earlier runs' Parquet: no run's rows are ever loaded whole into a worker.
+earlier runs' Parquet: no run's rows are ever loaded whole into a worker. A
+compacted run (``beamvision compact``) is hash-partitioned by URI into
+buckets instead (``uri_bucket``): the night groups its files by bucket and
+reads each bucket's key columns once, vectorised, so the earlier rows are
+never shuffled and the catalog's share of a night stays small however many
+nights it holds.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import datetime
 import json
+import zlib
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beamvision import storage
-from beamvision.transforms.outputs import errors_pattern, results_pattern, summaries_pattern
+from beamvision.transforms.outputs import (
+    ERRORS_PREFIX,
+    RESULTS_PREFIX,
+    errors_pattern,
+    results_pattern,
+    shard_name,
+    summaries_pattern,
+)
 from beamvision.transforms.rows import METRICS_NAMESPACE, file_identity
 
 # Decode errors that the same bytes always give: skipped like results. Others
 # (DecompressionBomb under another --max_pixels, OutOfMemory on another worker,
 # unexpected exceptions) are retried, as read and inference errors are.
 FINAL_DECODE_ERRORS = ("EmptyFile", "NotAnImage", "UnsupportedFormat", "CorruptImage")
+_KEY_COLUMNS = ["image_uri", "file_size", "file_modified"]  # what a night reads of earlier rows
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -50,10 +69,26 @@ def default_run_id(now: datetime.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
+def uri_bucket(uri: str, buckets: int) -> int:
+    """The bucket of a compacted run that holds a file's rows: CRC-32 of its URI, modulo ``buckets``.
+
+    The same on every machine and Python (``hash`` is salted per process).
+    """
+    return zlib.crc32(uri.encode("utf-8")) % buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlierRun:
+    """A completed run a night skips against: its folder, and its buckets if compacted (0: not)."""
+
+    folder: str
+    buckets: int = 0
+
+
 def completed_runs(
     root: str, model_name: str, model_version: str, threshold: float | None = None
-) -> list[str]:
-    """Directories of the runs under ``root`` that completed with this model name and version.
+) -> list[EarlierRun]:
+    """The runs under ``root`` that completed with this model name and version.
 
     ``threshold``: a multi-label model's ``--threshold`` (None: each class's own); a run at
     another one chose other label sets, so its rows are not this run's.
@@ -68,7 +103,8 @@ def completed_runs(
             model_version,
             threshold,
         ):
-            runs.append(match.rsplit("/", 1)[0])
+            buckets = summary.get("compacted", {}).get("buckets", 0)
+            runs.append(EarlierRun(match.rsplit("/", 1)[0], buckets))
     return runs
 
 
@@ -84,27 +120,94 @@ def file_version(size_bytes: int | None, modified) -> tuple[int, int] | None:
 class SkipClassified(beam.PTransform):
     """Looked-up ``ImageFile``s to those no earlier run in ``runs`` has final rows for.
 
-    Returns a dict of PCollections: ``files`` (to classify) and ``skipped``.
+    Each compacted run is looked up bucket by bucket (``_LookUpBuckets``); the
+    rest are joined by URI. Returns a dict of PCollections: ``files`` (to
+    classify) and ``skipped``.
     """
+
+    def __init__(self, runs: list[EarlierRun]):
+        super().__init__()
+        self._runs = list(runs)
+
+    def expand(self, files):
+        skipped = []
+        for index, run in enumerate(r for r in self._runs if r.buckets):
+            found = files | f"LookUpCompacted{index}" >> _LookUpBuckets(run)
+            files = found["files"]
+            skipped.append(found["skipped"])
+        plain = [run.folder for run in self._runs if not run.buckets]
+        if plain or not skipped:
+            joined = files | "JoinEarlierRuns" >> _JoinRuns(plain)
+            files = joined["files"]
+            skipped.append(joined["skipped"])
+        return {"files": files, "skipped": tuple(skipped) | "Skipped" >> beam.Flatten()}
+
+
+class _LookUpBuckets(beam.PTransform):
+    """Files looked up in a compacted run: grouped by bucket, each bucket's key columns read once."""
+
+    def __init__(self, run: EarlierRun):
+        super().__init__()
+        self._run = run
+
+    def expand(self, files):
+        buckets = self._run.buckets
+        split = (
+            files
+            | "KeyByBucket" >> beam.Map(lambda f: (uri_bucket(f.uri, buckets), f))
+            | "GroupByBucket" >> beam.GroupByKey()
+            | "LookUp" >> beam.ParDo(_BucketLookUpFn(self._run)).with_outputs("skipped", main="files")
+        )
+        return {"files": split.files, "skipped": split.skipped}
+
+
+class _BucketLookUpFn(beam.DoFn):
+    def __init__(self, run: EarlierRun):
+        self._run = run
+        self._skipped = Metrics.counter(METRICS_NAMESPACE, "images_skipped")
+
+    def process(self, element):
+        bucket, files = element
+        files = list(files)
+        uris = pa.array(sorted({f.uri for f in files}), pa.string())
+        versions: dict[str, set] = collections.defaultdict(set)
+        for prefix, columns, keep in (
+            (RESULTS_PREFIX, _KEY_COLUMNS, None),
+            (ERRORS_PREFIX, [*_KEY_COLUMNS, "stage", "error_type"], is_final_error),
+        ):
+            shard = storage.join(self._run.folder, shard_name(prefix, bucket, self._run.buckets))
+            with FileSystems.open(shard) as f:
+                table = pq.read_table(f, columns=columns)
+            table = table.filter(pc.is_in(table["image_uri"], value_set=uris))
+            for row in table.to_pylist():
+                if keep is None or keep(row):
+                    versions[row["image_uri"]].add(file_version(row["file_size"], row["file_modified"]))
+        for image_file in files:
+            if file_version(image_file.size_bytes, image_file.modified) in versions.get(image_file.uri, ()):
+                self._skipped.inc()
+                yield beam.pvalue.TaggedOutput("skipped", image_file)
+            else:
+                yield image_file
+
+
+class _JoinRuns(beam.PTransform):
+    """Files joined by URI with the key columns of runs not compacted (``CoGroupByKey``)."""
 
     def __init__(self, runs: list[str]):
         super().__init__()
-        self._runs = list(runs)
+        self._runs = runs
 
     def expand(self, files):
         pipeline = files.pipeline
         results = (
             pipeline
             | "ResultShards" >> beam.Create([results_pattern(r) for r in self._runs])
-            | "ReadResults" >> beam.io.ReadAllFromParquet(columns=["image_uri", "file_size", "file_modified"])
+            | "ReadResults" >> beam.io.ReadAllFromParquet(columns=_KEY_COLUMNS)
         )
         errors = (
             pipeline
             | "ErrorShards" >> beam.Create([errors_pattern(r) for r in self._runs])
-            | "ReadErrors"
-            >> beam.io.ReadAllFromParquet(
-                columns=["image_uri", "stage", "error_type", "file_size", "file_modified"]
-            )
+            | "ReadErrors" >> beam.io.ReadAllFromParquet(columns=[*_KEY_COLUMNS, "stage", "error_type"])
             | "FinalErrors" >> beam.Filter(is_final_error)
         )
         earlier = (

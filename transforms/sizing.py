@@ -13,6 +13,16 @@ CPU-bound counts follow the process's share of the machine:
 - read threads: ``READ_THREADS`` per process whatever the cores: reads wait on
   storage latency, not on the CPU, and ``--buffer_mb`` bounds their bytes.
 
+GPU workers (Dataflow's ``--dataflow_service_options
+worker_accelerator=type:T;count:1;install-nvidia-driver``) follow other
+rules (``GpuWorkers``): one SDK process per machine, so one model per GPU
+(the experiment ``no_use_multiple_sdk_containers`` is added when missing:
+one process per vCPU would load a model each into the one GPU's memory),
+its decode threads all the machine's cores, and batches of
+``GPU_BATCH_SIZE`` unless ``--batch_size`` says otherwise. One GPU per
+worker: more workers, not more GPUs per worker, is how the job scales
+(a process's TensorFlow places the model on its first GPU).
+
 Each flag (``--read_threads``, ``--decode_threads``, ``--inference_threads``)
 overrides its rule. The launcher knows how many processes share a machine
 (``processes_per_machine``, from the pipeline options); each worker counts its
@@ -30,6 +40,11 @@ from typing import Any
 from beamvision.transforms.runners import RunnerKind, kind_of
 
 READ_THREADS = 16
+CPU_BATCH_SIZE = 32  # images per inference batch on CPU workers
+# On a GPU: a batch that keeps it busy and fits a T4's 16 GB with every registered architecture at its
+# default input size (not measured here: no GPU was at hand).
+GPU_BATCH_SIZE = 64
+ACCELERATOR_OPTION = "worker_accelerator"  # Dataflow's service option (also accepted as an experiment)
 PER_CORE = 0  # processes_per_machine: one SDK process per core, counted on the worker
 # Dataflow's experiment for one multi-threaded SDK process per machine instead of one per vCPU.
 ONE_SDK_PROCESS_EXPERIMENT = "no_use_multiple_sdk_containers"
@@ -96,6 +111,51 @@ class WorkerSizing:
 
 
 DEFAULT_SIZING = WorkerSizing()  # one process per machine, every count by its rule
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuWorkers:
+    """The GPUs a job asks each worker for: ``type`` (``nvidia-tesla-t4``) and ``count`` (0: none)."""
+
+    type: str | None = None
+    count: int = 0
+
+    @classmethod
+    def of(cls, pipeline_options) -> GpuWorkers:
+        """From ``worker_accelerator=type:T;count:N;...`` among Dataflow's service options or experiments."""
+        from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions
+
+        given = [
+            *(pipeline_options.view_as(GoogleCloudOptions).dataflow_service_options or []),
+            *(pipeline_options.view_as(DebugOptions).experiments or []),
+        ]
+        for option in given:
+            name, _, value = option.partition("=")
+            if name.strip() != ACCELERATOR_OPTION:
+                continue
+            fields = dict(part.partition(":")[::2] for part in value.split(";") if part)
+            count = fields.get("count", "1")
+            if not count.isdigit():
+                raise ValueError(f"{option}: count must be a number of GPUs")
+            return cls(fields.get("type"), int(count))
+        return cls()
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def batch_size(self, given: int | None) -> int:
+        """``--batch_size`` if given, else this worker's default."""
+        return given or (GPU_BATCH_SIZE if self else CPU_BATCH_SIZE)
+
+    def one_process_per_machine(self, pipeline_options) -> bool:
+        """Adds ``no_use_multiple_sdk_containers`` for GPU workers; whether it was added."""
+        from apache_beam.options.pipeline_options import DebugOptions
+
+        debug = pipeline_options.view_as(DebugOptions)
+        if not self or ONE_SDK_PROCESS_EXPERIMENT in (debug.experiments or []):
+            return False
+        debug.add_experiment(ONE_SDK_PROCESS_EXPERIMENT)
+        return True
 
 
 def processes_per_machine(pipeline_options, runner: str | None = None) -> int:
