@@ -269,3 +269,21 @@ def imagenet_mobilenet_v2():
     from keras_cache import write_mobilenet_v2_weights
 
     return write_mobilenet_v2_weights(_KERAS_HOME)
+
+
+@pytest.fixture(scope="session")
+def nightly_models(tmp_path_factory) -> dict[str, str]:
+    """One small network saved as version 1 and version 2 of the model ``nightly`` (classes a, b, c)."""
+    from beamvision.models import create_model
+    from beamvision.models.artifact import new_manifest, save_artifact
+
+    model = create_model("mobilenet_v2", num_classes=3, input_size=32)
+    root = tmp_path_factory.mktemp("nightly-models")
+    uris = {}
+    for version in ("1", "2"):
+        uris[version] = str(root / f"v{version}")
+        manifest = new_manifest(
+            model, "mobilenet_v2", ["a", "b", "c"], "none", name="nightly", version=version
+        )
+        save_artifact(model, manifest, uris[version])
+    return uris

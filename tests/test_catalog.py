@@ -16,27 +16,11 @@ import pytest
 from photos import write_photo_classes
 
 from beamvision import storage
-from beamvision.models import create_model
-from beamvision.models.artifact import new_manifest, save_artifact
 from beamvision.pipelines.cli import main
 from beamvision.transforms import catalog_lock, compaction
 from beamvision.transforms.outputs import LOCK_FILE
 
-LABELS = ["a", "b", "c"]
 ROW_COLUMNS = ["image_uri", "label", "score", "processed_at", "file_size"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """One small network saved as version 1 and version 2 of the model ``nightly``."""
-    model = create_model("mobilenet_v2", num_classes=len(LABELS), input_size=32)
-    root = tmp_path_factory.mktemp("models")
-    uris = {}
-    for version in ("1", "2"):
-        uris[version] = str(root / f"v{version}")
-        manifest = new_manifest(model, "mobilenet_v2", LABELS, "none", name="nightly", version=version)
-        save_artifact(model, manifest, uris[version])
-    return uris
 
 
 def _night(root: str, images: str, model: str, run_id: str) -> dict:
@@ -73,14 +57,16 @@ def _bucket(folder, count: int) -> None:
 
 
 @pytest.mark.slow
-def test_compact_folds_nights_losslessly_and_later_nights_skip_what_they_classified(models, tmp_path, capsys):
+def test_compact_folds_nights_losslessly_and_later_nights_skip_what_they_classified(
+    nightly_models, tmp_path, capsys
+):
     images, root = tmp_path / "bucket", str(tmp_path / "catalog")
     _bucket(images / "first", 2)
     (images / "broken.jpg").write_bytes(b"not a jpeg")
-    first = _night(root, str(images), models["1"], "20261201T030000Z")
+    first = _night(root, str(images), nightly_models["1"], "20261201T030000Z")
     _bucket(images / "second", 2)
-    second = _night(root, str(images), models["1"], "20261202T030000Z")
-    other_model = _night(root, str(images), models["2"], "20261203T030000Z")
+    second = _night(root, str(images), nightly_models["1"], "20261202T030000Z")
+    other_model = _night(root, str(images), nightly_models["2"], "20261203T030000Z")
     assert (first["errors"], second["skipped"], other_model["skipped"]) == (1, first["inputs"], 0)
     results, errors, latest = _rows(root), _rows(root, "errors"), _latest_labels(root)
     capsys.readouterr()
@@ -102,7 +88,7 @@ def test_compact_folds_nights_losslessly_and_later_nights_skip_what_they_classif
 
     # The next night reads the compacted run: only the new files are classified, the broken one not retried.
     _bucket(images / "third", 1)
-    third = _night(root, str(images), models["1"], "20261204T030000Z")
+    third = _night(root, str(images), nightly_models["1"], "20261204T030000Z")
     new_files = len(glob.glob(str(images / "third" / "*" / "*.jpg")))
     assert (third["results"], third["errors"], third["skipped"]) == (new_files, 0, second["inputs"])
 
@@ -120,13 +106,13 @@ def test_compact_folds_nights_losslessly_and_later_nights_skip_what_they_classif
 
 
 def test_a_cut_compaction_keeps_every_row_and_the_same_command_finishes_it(
-    models, tmp_path, capsys, monkeypatch
+    nightly_models, tmp_path, capsys, monkeypatch
 ):
     images, root = tmp_path / "bucket", str(tmp_path / "catalog")
     _bucket(images / "first", 1)
-    _night(root, str(images), models["1"], "r1")
+    _night(root, str(images), nightly_models["1"], "r1")
     _bucket(images / "second", 1)
-    _night(root, str(images), models["1"], "r2")
+    _night(root, str(images), nightly_models["1"], "r2")
     results = _rows(root)
     real_delete = compaction.delete_runs
 
@@ -140,7 +126,7 @@ def test_a_cut_compaction_keeps_every_row_and_the_same_command_finishes_it(
     assert line.startswith("beamvision compact: interrupted (SIGINT); every row is kept"), line
     assert not os.path.exists(os.path.join(root, LOCK_FILE))  # let go on the interrupt
     # Folded and still in place: a night skips the same files either way.
-    night = _night(root, str(images), models["1"], "r3")
+    night = _night(root, str(images), nightly_models["1"], "r3")
     assert (night["results"], night["skipped"]) == (0, night["inputs"])
 
     monkeypatch.setattr(compaction, "delete_runs", real_delete)
@@ -152,10 +138,19 @@ def test_a_cut_compaction_keeps_every_row_and_the_same_command_finishes_it(
 
 
 @pytest.mark.slow
-def test_overlapping_nights_are_refused_while_one_holds_the_catalog(models, tmp_path, capsys):
+def test_overlapping_nights_are_refused_while_one_holds_the_catalog(nightly_models, tmp_path, capsys):
     images, root = tmp_path / "bucket", str(tmp_path / "catalog")
     _bucket(images, 60)
-    argv = ["classify", "--input", str(images), "--model", models["1"], "--output", root, "--incremental"]
+    argv = [
+        "classify",
+        "--input",
+        str(images),
+        "--model",
+        nightly_models["1"],
+        "--output",
+        root,
+        "--incremental",
+    ]
     night = subprocess.Popen(
         [sys.executable, "-m", "beamvision", *argv, "--run_id", "first"],
         stdout=subprocess.PIPE,
@@ -226,17 +221,17 @@ def test_compact_refuses_a_folder_that_is_no_catalog(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "nowhere")
 
 
-def test_compact_on_cloud_storage(models, gcs_bucket, tmp_path, capsys):
+def test_compact_on_cloud_storage(nightly_models, gcs_bucket, tmp_path, capsys):
     root = f"{gcs_bucket}/catalog"
     images = tmp_path / "bucket"
     _bucket(images / "first", 1)
-    _night(root, str(images), models["1"], "r1")
+    _night(root, str(images), nightly_models["1"], "r1")
     _bucket(images / "second", 1)
-    second = _night(root, str(images), models["1"], "r2")
+    second = _night(root, str(images), nightly_models["1"], "r2")
     assert main(["compact", "--catalog", root, "--shard_rows", "3"]) == 0  # 14 results: 5 buckets
     assert len(storage.match_sizes(f"{root}/run=compacted-r2/results-*")) == 5
     runs = {uri.rsplit("/", 2)[-2] for uri in storage.list_files(root)}
     assert runs == {"run=compacted-r2"}, runs
-    night = _night(root, str(images), models["1"], "r3")
+    night = _night(root, str(images), nightly_models["1"], "r3")
     assert (night["results"], night["skipped"]) == (0, second["inputs"])
     assert not storage.exists(f"{root}/{LOCK_FILE}")

@@ -13,24 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from beamvision import storage
-from beamvision.models import create_model
-from beamvision.models.artifact import new_manifest, save_artifact
 from beamvision.pipelines.cli import main
-
-LABELS = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """The same small network saved as version 1 and version 2 of one model."""
-    model = create_model("mobilenet_v2", num_classes=len(LABELS), input_size=32)
-    root = tmp_path_factory.mktemp("models")
-    uris = {}
-    for version in ("1", "2"):
-        uris[version] = str(root / f"v{version}")
-        manifest = new_manifest(model, "mobilenet_v2", LABELS, "none", name="nightly", version=version)
-        save_artifact(model, manifest, uris[version])
-    return uris
 
 
 def _jpeg(photo, variant: int = 0) -> bytes:
@@ -62,31 +45,31 @@ def _counts(summary: dict) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow
-def test_nightly_runs_classify_only_what_is_new_or_changed(models, photos, tmp_path, capsys):
+def test_nightly_runs_classify_only_what_is_new_or_changed(nightly_models, photos, tmp_path, capsys):
     images, root = str(tmp_path / "bucket"), str(tmp_path / "catalog")
     names = [f"photo_{i}.jpg" for i in range(6)]
     for i, name in enumerate(names):
         _write(os.path.join(images, name), _jpeg(photos[i % len(photos)]))
     _write(os.path.join(images, "broken.jpg"), b"not a jpeg")
 
-    assert _counts(_run(root, images, models["1"], "r1", capsys)) == (6, 1, 0)
+    assert _counts(_run(root, images, nightly_models["1"], "r1", capsys)) == (6, 1, 0)
     # Nothing changed: the decode failure is not retried either.
-    assert _counts(_run(root, images, models["1"], "r2", capsys)) == (0, 0, 7)
+    assert _counts(_run(root, images, nightly_models["1"], "r2", capsys)) == (0, 0, 7)
 
     for i in range(5):  # five new files, two rewritten (new bytes, new size and time)
         _write(os.path.join(images, f"new_{i}.jpg"), _jpeg(photos[i % len(photos)], variant=i + 1))
     for name in names[:2]:
         _write(os.path.join(images, name), _jpeg(photos[0], variant=30))
-    assert _counts(_run(root, images, models["1"], "r3", capsys)) == (7, 0, 5)
+    assert _counts(_run(root, images, nightly_models["1"], "r3", capsys)) == (7, 0, 5)
 
     # A run that died before its summary is ignored: its files are classified again.
     _write(os.path.join(images, "late.jpg"), _jpeg(photos[1], variant=7))
-    assert _counts(_run(root, images, models["1"], "r4", capsys)) == (1, 0, 12)
+    assert _counts(_run(root, images, nightly_models["1"], "r4", capsys)) == (1, 0, 12)
     os.remove(os.path.join(root, "run=r4", "summary.json"))
-    assert _counts(_run(root, images, models["1"], "r5", capsys)) == (1, 0, 12)
+    assert _counts(_run(root, images, nightly_models["1"], "r5", capsys)) == (1, 0, 12)
 
     # A new model version classifies everything.
-    assert _counts(_run(root, images, models["2"], "r6", capsys)) == (12, 1, 0)
+    assert _counts(_run(root, images, nightly_models["2"], "r6", capsys)) == (12, 1, 0)
 
     # One table: the latest label of every image, over every run (pandas / pyarrow).
     shards = sorted(glob.glob(os.path.join(root, "run=*", "results-*.parquet")))
@@ -109,25 +92,33 @@ def test_nightly_runs_classify_only_what_is_new_or_changed(models, photos, tmp_p
     assert set(first.image_uri) < set(rows.image_uri)
 
 
-def test_incremental_runs_on_gcs(models, photos, gcs_bucket, capsys):
+def test_incremental_runs_on_gcs(nightly_models, photos, gcs_bucket, capsys):
     images, root = f"{gcs_bucket}/photos", f"{gcs_bucket}/catalog"
     for i in range(3):
         _write(f"{images}/p{i}.jpg", _jpeg(photos[i]))
-    assert _counts(_run(root, images, models["1"], "n1", capsys)) == (3, 0, 0)
+    assert _counts(_run(root, images, nightly_models["1"], "n1", capsys)) == (3, 0, 0)
     _write(f"{images}/p3.jpg", _jpeg(photos[3]))
     _write(f"{images}/p0.jpg", _jpeg(photos[0], variant=5))  # a new generation
-    assert _counts(_run(root, images, models["1"], "n2", capsys)) == (2, 0, 2)
+    assert _counts(_run(root, images, nightly_models["1"], "n2", capsys)) == (2, 0, 2)
 
 
-def test_run_id_needs_incremental_and_a_safe_name(models, tmp_path, capsys):
-    argv = ["classify", "--input", str(tmp_path), "--model", models["1"], "--output", str(tmp_path / "o")]
+def test_run_id_needs_incremental_and_a_safe_name(nightly_models, tmp_path, capsys):
+    argv = [
+        "classify",
+        "--input",
+        str(tmp_path),
+        "--model",
+        nightly_models["1"],
+        "--output",
+        str(tmp_path / "o"),
+    ]
     assert main([*argv, "--run_id", "x"]) == 2
     assert "--run_id x: only with --incremental" in capsys.readouterr().err
     assert main([*argv, "--incremental", "--run_id", "../x"]) == 2
     assert "argument --run_id: expected letters, digits" in capsys.readouterr().err
 
 
-def test_an_inventory_lists_the_inputs(models, photos, tmp_path, capsys):
+def test_an_inventory_lists_the_inputs(nightly_models, photos, tmp_path, capsys):
     """--input_list as a CSV or Parquet inventory: the URI column named by --input_list_column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -144,9 +135,9 @@ def test_an_inventory_lists_the_inputs(models, photos, tmp_path, capsys):
     for inventory, column, count in (("inventory.csv", "name", 2), ("inventory.parquet", "object", 3)):
         output = str(tmp_path / f"out-{column}")
         argv = ["classify", "--input_list", str(tmp_path / inventory), "--input_list_column", column]
-        assert main([*argv, "--model", models["1"], "--output", output]) == 0
+        assert main([*argv, "--model", nightly_models["1"], "--output", output]) == 0
         assert f"classified {count} of {count} images" in capsys.readouterr().out
-    argv = ["classify", "--input_list", str(tmp_path / "inventory.csv"), "--model", models["1"]]
+    argv = ["classify", "--input_list", str(tmp_path / "inventory.csv"), "--model", nightly_models["1"]]
     assert main([*argv, "--output", str(tmp_path / "o"), "--input_list_column", "uri"]) == 2
     assert "--input_list " in capsys.readouterr().err
     assert main([*argv, "--output", str(tmp_path / "o")]) == 2  # default column: uri

@@ -68,7 +68,7 @@ from beamvision.transforms.outputs import (
     run_dir,
     summaries_pattern,
 )
-from beamvision.transforms.resume import PARQUET_OPTIONS, commit_run, remove_partial
+from beamvision.transforms.resume import PARQUET_OPTIONS, commit_run, count_rows, remove_partial
 
 # Rows per bucket (a compacted shard): a night's lookup of one bucket reads its key columns whole,
 # and a catalog's buckets are that many keys of the night's work (its parallelism on Dataflow).
@@ -185,7 +185,7 @@ def fold(
         run.run_id: {prefix: _shards(pattern, run.folder) for prefix, pattern in _KINDS.items()}
         for run in plan_.runs
     }
-    results = sum(_count_rows(shards[RESULTS_PREFIX]) for shards in sources.values())
+    results = sum(count_rows(shards[RESULTS_PREFIX]) for shards in sources.values())
     buckets = max(1, min(MAX_BUCKETS, math.ceil(results / shard_rows)))
     first = plan_.runs[0]
     schemas = {RESULTS_PREFIX: first.results_schema, ERRORS_PREFIX: first.errors_schema}
@@ -305,14 +305,6 @@ _KINDS = {RESULTS_PREFIX: results_pattern, ERRORS_PREFIX: errors_pattern}
 
 def _shards(pattern: Callable[[str], str], folder: str) -> list[str]:
     return [uri for uri, _size in storage.match_sizes(pattern(glob.escape(folder)))]
-
-
-def _count_rows(shards: list[str]) -> int:
-    total = 0
-    for uri in shards:
-        with FileSystems.open(uri) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
 
 
 def _batches(shards: list[str]) -> Iterator[pa.RecordBatch]:
