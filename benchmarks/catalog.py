@@ -40,12 +40,12 @@ import pyarrow.dataset as ds  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from common import BEAMVISION, cpu_description, make_jpegs, random_model, run_process  # noqa: E402
 
+from beamvision.transforms import incremental  # noqa: E402
 from beamvision.transforms.rows import ERROR_SCHEMA, result_schema  # noqa: E402
 
 SHARDS_PER_NIGHT = 4
 ERRORS_PER_NIGHT = 12
-KEY_COLUMNS = {"results": ["image_uri", "file_size", "file_modified"]}
-KEY_COLUMNS["errors"] = [*KEY_COLUMNS["results"], "stage", "error_type"]
+KEY_COLUMNS = {"results": incremental.KEY_COLUMNS, "errors": incremental.ERROR_KEY_COLUMNS}
 
 
 def _night(catalog: str, night: int, rows: int) -> None:

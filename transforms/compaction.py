@@ -10,11 +10,14 @@ threshold) and by their rows' layout (with or without ``--embeddings``), so
 each compacted table has one schema; a compacted partition is itself folded
 again with later runs. Nothing is lost: every row is kept, with a
 ``source_run`` column naming the run that made it (the partition's ``run``
-is the compaction's). A night reads one summary.json and a few large shards
-where it read hundreds of each; the latest-label query is unchanged.
+is the compaction's). The rows are hash-partitioned by URI into buckets of
+about ``shard_rows`` result rows (``incremental.uri_bucket``): a night reads
+one summary.json and, per bucket its files fall in, that bucket's key
+columns, where it joined every earlier row; the latest-label query is unchanged.
 
-Rows are streamed, a Parquet batch at a time: memory stays that of one batch
-whatever the catalog's size. Each step can be cut (an interrupt, a lost
+Rows are read a Parquet batch at a time and wait per bucket until it has
+``BATCH_ROWS``: memory grows with the bucket count (about 1 GB at 37
+buckets), not with the rows. Each step can be cut (an interrupt, a lost
 machine) without harm:
 
 1. The shards are written to ``ROOT/_partial/run=compacted-ID/``, which no

@@ -59,7 +59,8 @@ from beamvision.transforms.rows import METRICS_NAMESPACE, file_identity
 # (DecompressionBomb under another --max_pixels, OutOfMemory on another worker,
 # unexpected exceptions) are retried, as read and inference errors are.
 FINAL_DECODE_ERRORS = ("EmptyFile", "NotAnImage", "UnsupportedFormat", "CorruptImage")
-_KEY_COLUMNS = ["image_uri", "file_size", "file_modified"]  # what a night reads of earlier rows
+KEY_COLUMNS = ["image_uri", "file_size", "file_modified"]  # what a night reads of earlier result rows
+ERROR_KEY_COLUMNS = [*KEY_COLUMNS, "stage", "error_type"]  # and of earlier error rows (is_final_error)
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -172,8 +173,8 @@ class _BucketLookUpFn(beam.DoFn):
         uris = pa.array(sorted({f.uri for f in files}), pa.string())
         versions: dict[str, set] = collections.defaultdict(set)
         for prefix, columns, keep in (
-            (RESULTS_PREFIX, _KEY_COLUMNS, None),
-            (ERRORS_PREFIX, [*_KEY_COLUMNS, "stage", "error_type"], is_final_error),
+            (RESULTS_PREFIX, KEY_COLUMNS, None),
+            (ERRORS_PREFIX, ERROR_KEY_COLUMNS, is_final_error),
         ):
             shard = storage.join(self._run.folder, shard_name(prefix, bucket, self._run.buckets))
             with FileSystems.open(shard) as f:
@@ -183,11 +184,7 @@ class _BucketLookUpFn(beam.DoFn):
                 if keep is None or keep(row):
                     versions[row["image_uri"]].add(file_version(row["file_size"], row["file_modified"]))
         for image_file in files:
-            if file_version(image_file.size_bytes, image_file.modified) in versions.get(image_file.uri, ()):
-                self._skipped.inc()
-                yield beam.pvalue.TaggedOutput("skipped", image_file)
-            else:
-                yield image_file
+            yield from _skip_or_keep(image_file, versions.get(image_file.uri, ()), self._skipped)
 
 
 class _JoinRuns(beam.PTransform):
@@ -202,12 +199,12 @@ class _JoinRuns(beam.PTransform):
         results = (
             pipeline
             | "ResultShards" >> beam.Create([results_pattern(r) for r in self._runs])
-            | "ReadResults" >> beam.io.ReadAllFromParquet(columns=_KEY_COLUMNS)
+            | "ReadResults" >> beam.io.ReadAllFromParquet(columns=KEY_COLUMNS)
         )
         errors = (
             pipeline
             | "ErrorShards" >> beam.Create([errors_pattern(r) for r in self._runs])
-            | "ReadErrors" >> beam.io.ReadAllFromParquet(columns=[*_KEY_COLUMNS, "stage", "error_type"])
+            | "ReadErrors" >> beam.io.ReadAllFromParquet(columns=ERROR_KEY_COLUMNS)
             | "FinalErrors" >> beam.Filter(is_final_error)
         )
         earlier = (
@@ -240,8 +237,13 @@ class _SkipFn(beam.DoFn):
         _uri, grouped = element
         versions = {v for v in grouped["before"] if v is not None}
         for image_file in grouped["now"]:
-            if file_version(image_file.size_bytes, image_file.modified) in versions:
-                self._skipped.inc()
-                yield beam.pvalue.TaggedOutput("skipped", image_file)
-            else:
-                yield image_file
+            yield from _skip_or_keep(image_file, versions, self._skipped)
+
+
+def _skip_or_keep(image_file, versions, skipped):
+    """The file to ``skipped`` (counted) if an earlier row has its version, else to the main output."""
+    if file_version(image_file.size_bytes, image_file.modified) in versions:
+        skipped.inc()
+        yield beam.pvalue.TaggedOutput("skipped", image_file)
+    else:
+        yield image_file
