@@ -435,7 +435,7 @@ class _SplitEveryClass(beam.PTransform):
     def expand(self, files):
         config = self._config
 
-        def placed(image_file: ImageFile) -> tuple[str, tuple[float, str]]:
+        def placed(image_file: ImageFile) -> tuple[Label, tuple[float, str]]:  # a label set, multi-label
             key = relative_key(image_file.uri, config.input)
             return image_file.label, (split_position(key, config.seed), key)
 
