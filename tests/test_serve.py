@@ -80,6 +80,19 @@ class Server:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
 
+    def logged(self, wanted, timeout: float = 10) -> bool:
+        """Whether a line for which ``wanted(line)`` is true comes within ``timeout`` seconds.
+
+        The server writes a request's log line as it answers it: the line may reach the reader
+        thread after the response reached the test.
+        """
+        deadline = time.monotonic() + timeout
+        while not any(wanted(line) for line in self.lines):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
@@ -390,7 +403,7 @@ def test_label_studio_setup_and_predict_answer_choices_for_its_tasks(
     elsewhere = label_studio_host.replace("127.0.0.1", "localhost") + f"/data/upload/1/{uploaded}"
     foreign = _predict(server, [{"id": 5, "data": {"image": elsewhere}}]).json()["results"]
     assert foreign[0]["result"] == []
-    assert any("NotAllowed" in line and elsewhere in line for line in server.lines)
+    assert server.logged(lambda line: "NotAllowed" in line and elsewhere in line)
 
 
 def test_label_studio_annotations_reach_a_labels_file_that_prepare_reads(
