@@ -43,6 +43,9 @@ MANIFEST_FILE = "manifest.json"
 IMPORTED = "imported"
 # An imported SavedModel: the format's name in ``origin``, and the folder of its files in the artifact.
 SAVEDMODEL = SAVEDMODEL_DIR = "savedmodel"
+# The outputs of the inference function and of the converted models an artifact stores, by name:
+# every class's probability (what the engines rank labels by), and the pooled features.
+PROBABILITIES, EMBEDDING = "probabilities", "embedding"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -233,29 +233,39 @@ def shard_prefix(prefix: str, split: str) -> str:
 
 
 def calibration_sample(shards: list[str], image_size: int, total: int, size: int, seed: int) -> np.ndarray:
-    """``size`` images of a split (all of them if it has fewer), drawn by ``seed``.
+    """``size`` images of a split (all of them if it has fewer), drawn by ``seed`` (``split_sample``)."""
+    return split_sample(shards, image_size, total, size, seed)[0]
+
+
+def split_sample(
+    shards: list[str], image_size: int, total: int, size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` images of a split (all of them if it has fewer) and their labels, drawn by ``seed``.
 
     The draw depends on nothing but the seed, the split's size and its record
     order (shards sorted by name, records in file order), so a rerun with the
-    same seed calibrates on the same images; only the chosen ones are decoded.
+    same seed draws the same images; only the chosen ones are decoded.
 
     Args:
-        shards: local paths of the split's TFRecord shards.
+        shards: local paths of the split's TFRecord shards (single-label).
         image_size: the prepared image side.
         total: the number of records in ``shards`` (stats.json's count).
         size: how many to draw.
         seed: seed of the draw.
 
     Returns:
-        uint8 images [n, image_size, image_size, 3], exactly as classify feeds the model.
+        uint8 images [n, image_size, image_size, 3], exactly as classify feeds the model, and the index
+        of each one's label among the data's labels [n], in record order.
     """
     import tensorflow as tf
 
     wanted = set(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False).tolist())
-    images = []
+    images, labels = [], []
     for index, record in enumerate(tf.data.TFRecordDataset(sorted(shards))):  # one reader: a fixed order
         if index in wanted:
-            images.append(parse_example(record, image_size)[0].numpy())
+            image, label = parse_example(record, image_size)
+            images.append(image.numpy())
+            labels.append(int(label))
             if len(images) == len(wanted):
                 break
-    return np.stack(images)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+# Top-k accuracy is reported for this k, where there are more labels than k.
+TOP_K = 5
+
 
 def classification_metrics(
     y_true: np.ndarray, ranked: np.ndarray, labels: list[str], top5: bool | None = None
@@ -49,8 +52,8 @@ def classification_metrics(
         "examples": len(y_true),
         "accuracy": float(np.mean(y_pred == y_true)) if len(y_true) else None,
     }
-    if (n_classes > 5) if top5 is None else top5:
-        top5 = ranked[:, :5]
+    if (n_classes > TOP_K) if top5 is None else top5:
+        top5 = ranked[:, :TOP_K]
         metrics["top5_accuracy"] = (
             float(np.mean(np.any(top5 == y_true[:, None], axis=1))) if len(y_true) else None
         )

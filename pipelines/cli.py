@@ -29,7 +29,7 @@ COMMANDS = {
     "prepare": ("prepare", "labelled images to split TFRecord shards for training (Beam)"),
     "train": ("train", "prepared TFRecords to a trained, evaluated model artifact (Keras)"),
     "tune": ("tune", "search train's flags: trials train side by side in Beam workers, best kept"),
-    "optimize": ("optimize", "a model artifact to one that runs INT8 on OpenVINO (NNCF post-training)"),
+    "optimize": ("optimize", "a model to one that runs INT8 on OpenVINO, within --max_drop of fp32 (NNCF)"),
     "convert": ("convert", "a model artifact for serving: SavedModel (TF Serving, Vertex AI), TFLite, ONNX"),
     "serve": ("serve", "a model artifact over HTTP: classify endpoint and Label Studio ML backend"),
     "classify": ("classify", "classify image collections in storage into Parquet results (Beam)"),

@@ -63,6 +63,7 @@ positive_int = value_type(values.positive_int, "positive_int")
 fraction = value_type(values.fraction, "fraction")
 positive_float = value_type(values.positive_float, "positive_float")
 share = value_type(values.share, "share")
+accuracy_points = value_type(values.accuracy_points, "accuracy_points")
 # Real buckets hold a few corrupt or odd files in a thousand; a systematic fault (no
 # permission, a wrong model or --input, a full disk) fails most inputs. One in ten is far from both.
 DEFAULT_MAX_ERROR_RATE = 0.1

@@ -25,6 +25,7 @@ from beamvision.transforms.engines import (
     TensorFlowEngine,
     native_bf16,
     resolve_precision,
+    saturating_int8,
 )
 
 # TensorFlow bf16 first: the fp32 runs after it in this process must not inherit its graph rewrite.
@@ -37,6 +38,20 @@ def test_auto_precision_follows_the_cpu_flags():
     assert native_bf16(with_bf16) and not native_bf16(without)
     assert resolve_precision("auto", with_bf16) == "bf16" and resolve_precision("auto", without) == "fp32"
     assert resolve_precision("fp32", with_bf16) == "fp32"
+
+
+def test_int8_saturates_on_x86_without_vnni_or_amx():
+    cpus = {
+        "AVX2 (this project's EPYC)": ("fpu sse sse4_1 avx avx2 fma", True),
+        "AVX-512 before Cascade Lake": ("fpu sse sse4_1 avx2 avx512f avx512bw", True),
+        "AVX-512 VNNI": ("fpu sse sse4_1 avx2 avx512f avx512_vnni", False),
+        "AVX-VNNI": ("fpu sse sse4_1 avx2 avx_vnni", False),
+        "AMX": ("fpu sse sse4_1 avx2 avx512f amx_int8 amx_tile", False),
+    }
+    for name, (flags, saturates) in cpus.items():
+        assert saturating_int8(f"processor: 0\nflags\t\t: {flags}\n") is saturates, name
+    # An Arm CPU lists Features, not flags: its INT8 kernels are not the x86 ones.
+    assert saturating_int8("processor: 0\nFeatures\t: fp asimd asimddp i8mm\n") is False
 
 
 def _manifest(files=(), quantization=None) -> Manifest:

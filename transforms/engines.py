@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from beamvision.models.artifact import EMBEDDING, PROBABILITIES
 from beamvision.models.metrics import DEFAULT_THRESHOLD  # a label's threshold where the manifest gives none
 
 if TYPE_CHECKING:  # the engines' libraries are imported where a model is built
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # the engines' libraries are imported where a model is built
 
 AUTO_PRECISION = "auto"  # --precision: bf16 where the CPU computes it natively, else fp32
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+_EXACT_INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # 8-bit products summed in 32 bits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,19 +92,35 @@ def chosen_labels(labels: np.ndarray, probabilities: np.ndarray, thresholds: np.
     return chosen
 
 
-def native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), from ``/proc/cpuinfo``."""
+def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """This x86 CPU's feature flags, from ``/proc/cpuinfo`` (or its text); empty where it has none."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
                 cpuinfo = f.read()
         except OSError:
-            return False
+            return set()
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[-1].split())
-    return any(flag in flags for flag in _BF16_CPU_FLAGS)
+    return flags
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), from ``/proc/cpuinfo``."""
+    return any(flag in _cpu_flags(cpuinfo) for flag in _BF16_CPU_FLAGS)
+
+
+def saturating_int8(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU's INT8 kernels add uint8 x int8 products in saturating 16-bit pairs.
+
+    x86 without VNNI or AMX does (VPMADDUBSW): there two products of full-range
+    int8 weights can overflow, which 7-bit weights (``optimize --overflow_fix
+    enable``) cannot.
+    """
+    flags = _cpu_flags(cpuinfo)
+    return "sse4_1" in flags and not any(flag in flags for flag in _EXACT_INT8_CPU_FLAGS)
 
 
 def resolve_precision(precision: str, cpuinfo: str | None = None) -> str:
@@ -134,7 +152,7 @@ def inference_function(artifact, batch_size: int | None, embeddings: bool):
     def predict(images):
         result = model(images, training=False)
         probabilities, *rest = result if isinstance(result, (list, tuple)) else [result]
-        return {"probabilities": probabilities, **({"embedding": rest[0]} if rest else {})}
+        return {PROBABILITIES: probabilities, **({EMBEDDING: rest[0]} if rest else {})}
 
     return predict
 
@@ -314,9 +332,9 @@ class TensorFlowEngine(Engine):
         @tf.function(input_signature=predict.input_signature)
         def top(images):
             out = predict(images)
-            probabilities = tf.cast(out["probabilities"], tf.float32)
+            probabilities = tf.cast(out[PROBABILITIES], tf.float32)
             best = tf.math.top_k(probabilities, k=k)
-            extra = [tf.cast(out["embedding"], tf.float32)] if "embedding" in out else []
+            extra = [tf.cast(out[EMBEDDING], tf.float32)] if EMBEDDING in out else []
             return [best.values, best.indices, probabilities if every else best.values, *extra]
 
         self._predict = top
@@ -419,9 +437,10 @@ class OpenVINOEngine(Engine):
         thresholds: np.ndarray | None = None,
     ):
         super().__init__(artifact, batch_size, top_k, embeddings, precision, threads, thresholds)
+        _warn_if_int8_saturates(artifact)
         self._compiled = self.compile(self._model(artifact, batch_size, embeddings), precision, threads)
-        self._probabilities = self._compiled.output("probabilities")
-        self._embedding = self._compiled.output("embedding") if embeddings else None
+        self._probabilities = self._compiled.output(PROBABILITIES)
+        self._embedding = self._compiled.output(EMBEDDING) if embeddings else None
         # An infer request runs one batch at a time, and one model serves several threads: the
         # bundle threads of a process, and every process of a machine with --model_copies.
         self._requests = threading.local()
@@ -435,6 +454,22 @@ class OpenVINOEngine(Engine):
         scores = np.take_along_axis(probabilities, indices, axis=1)
         embedding = None if self._embedding is None else np.asarray(outputs[self._embedding], np.float32)
         return self._predictions(len(images), scores, indices, embedding, probabilities)
+
+
+def _warn_if_int8_saturates(artifact: Artifact) -> None:
+    """A warning where this CPU would compute an INT8 model other than the one optimize measured."""
+    from beamvision.models.quantization import SATURATION_FREE, overflow_fix
+
+    record = artifact.manifest.quantization
+    if record and overflow_fix(record) != SATURATION_FREE and saturating_int8():
+        logging.getLogger("beamvision").warning(
+            "%s: its INT8 weights take the full 8 bits (NNCF's overflow fix: %s) and this CPU has no "
+            "VNNI, so its sums can saturate: labels may differ from the accuracy optimize measured; "
+            "quantise it again with optimize --overflow_fix %s",
+            artifact.uri,
+            overflow_fix(record),
+            SATURATION_FREE,
+        )
 
 
 DEFAULT_ENGINE = TensorFlowEngine.name

@@ -184,6 +184,10 @@ def is_quiet() -> bool:
     return _state.quiet
 
 
+def is_verbose() -> bool:
+    return _state.verbose
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """Writes log records to whatever ``sys.stderr`` is when they are emitted."""
 

@@ -54,6 +54,7 @@ positive_int = checked(_whole, lambda v: v >= 1, "a positive integer")
 fraction = checked(_real, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
 share = checked(_real, lambda v: 0.0 <= v <= 1.0, "a share in [0, 1]")
 non_negative_float = checked(_real, lambda v: v >= 0.0, "a non-negative number")
+accuracy_points = checked(_real, lambda v: 0.0 <= v <= 100.0, "points of accuracy in [0, 100]")
 positive_float = checked(_real, lambda v: v > 0.0 and not math.isinf(v), "a positive number")
 
 
